@@ -1,0 +1,108 @@
+//! The library's error type: every failure is a value that says what was wrong,
+//! where, and (where it applies) what is allowed.
+
+use std::path::PathBuf;
+
+/// Errors returned by the llm-pool library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A model file or directory could not be read or is malformed.
+    #[error("model at {path}: {message}")]
+    ModelFile { path: PathBuf, message: String },
+
+    /// The architecture found in a model's metadata is not one llm-pool supports.
+    #[error("model at {path}: unsupported architecture {found:?}; supported: {supported}")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        found: String,
+        supported: String,
+    },
+
+    /// A model configuration value (config.json or GGUF metadata) is invalid.
+    #[error("model config {key}: {message}")]
+    ModelConfig { key: String, message: String },
+
+    /// A device string could not be parsed or the device is not available in this build.
+    #[error("device {device:?}: {message}")]
+    Device { device: String, message: String },
+
+    /// A request parameter is invalid.
+    #[error("invalid parameter {param}: {message}")]
+    InvalidParameter { param: String, message: String },
+
+    /// The model was asked for a position that does not follow its cache.
+    #[error("position {got} does not follow the {cached} tokens in the KV cache; reset the cache or continue at position {cached}")]
+    Position { got: usize, cached: usize },
+
+    /// The prompt (plus requested tokens) does not fit in the model's context window.
+    #[error("context length exceeded: {needed} tokens requested but model {model} has a context of {context} tokens")]
+    ContextLength {
+        model: String,
+        needed: usize,
+        context: usize,
+    },
+
+    /// The tokenizer failed or is missing.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A tensor operation failed inside candle.
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    /// A panic was caught at a model boundary.
+    #[error("panic in {context}: {message}")]
+    Panic { context: String, message: String },
+
+    /// Filesystem I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn model_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::ModelFile {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::ModelConfig {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Turns a caught panic payload into an error.
+    pub(crate) fn from_panic(
+        context: impl Into<String>,
+        payload: Box<dyn std::any::Any + Send>,
+    ) -> Self {
+        let message = if let Some(s) = payload.downcast_ref::<&str>() {
+            (*s).to_string()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "unknown panic payload".to_string()
+        };
+        Error::Panic {
+            context: context.into(),
+            message,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! GGUF files as llama.cpp writes them: opening with validation (a truncated or corrupt file is
+//! a clear error before any tensor is read) and typed metadata getters.
+
+use crate::error::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use std::fs::File;
+use std::io::{BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// An opened and validated GGUF file.
+pub struct GgufFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Metadata and tensor directory.
+    pub content: Content,
+    /// A reader positioned anywhere; adapters pass it to candle's `from_gguf`.
+    pub reader: BufReader<File>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Opens `path`, reads the header, and checks that every tensor lies inside the file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader = BufReader::new(file);
+        let file_size = reader
+            .seek(SeekFrom::End(0))
+            .and_then(|n| reader.seek(SeekFrom::Start(0)).map(|_| n))
+            .map_err(|e| Error::io(path, e))?;
+        let content = Content::read(&mut reader)
+            .map_err(|e| Error::model_file(path, format!("not a valid GGUF file: {e}")))?;
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            if block == 0 || elems % block != 0 {
+                return Err(Error::model_file(
+                    path,
+                    format!("tensor {name}: {elems} elements is not a multiple of the {:?} block size {block}", info.ggml_dtype),
+                ));
+            }
+            let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = content
+                .tensor_data_offset
+                .saturating_add(info.offset)
+                .saturating_add(bytes);
+            if end > file_size {
+                return Err(Error::model_file(
+                    path,
+                    format!("file is truncated: tensor {name} ends at byte {end} but the file has {file_size} bytes"),
+                ));
+            }
+        }
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Result<String> {
+        Ok(self.string("general.architecture")?.to_string())
+    }
+
+    /// A raw metadata value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn err(&self, key: &str, message: String) -> Error {
+        Error::config(
+            format!("{} (GGUF metadata): {key}", self.path.display()),
+            message,
+        )
+    }
+
+    /// A required string.
+    pub fn string(&self, key: &str) -> Result<&str> {
+        match self.get(key) {
+            None => Err(self.err(key, "is missing".into())),
+            Some(v) => v
+                .to_string()
+                .map(String::as_str)
+                .map_err(|_| self.err(key, format!("must be a string, found {v:?}"))),
+        }
+    }
+
+    /// An optional unsigned integer (any integer width).
+    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => value_u64(v).map(Some).ok_or_else(|| {
+                self.err(key, format!("must be a non-negative integer, found {v:?}"))
+            }),
+        }
+    }
+
+    /// A required unsigned integer.
+    pub fn u64(&self, key: &str) -> Result<u64> {
+        self.opt_u64(key)?
+            .ok_or_else(|| self.err(key, "is missing".into()))
+    }
+
+    /// An optional float.
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::F32(v)) => Ok(Some(*v as f64)),
+            Some(Value::F64(v)) => Ok(Some(*v)),
+            Some(v) => value_u64(v)
+                .map(|n| Some(n as f64))
+                .ok_or_else(|| self.err(key, format!("must be a number, found {v:?}"))),
+        }
+    }
+
+    /// The vocabulary size: `tokenizer.ggml.tokens` length, else `{arch}.vocab_size`, else the
+    /// rows of the embedding table.
+    pub fn vocab_size(&self, arch: &str) -> Result<usize> {
+        if let Some(Value::Array(tokens)) = self.get("tokenizer.ggml.tokens") {
+            return Ok(tokens.len());
+        }
+        if let Some(n) = self.opt_u64(&format!("{arch}.vocab_size"))? {
+            return Ok(n as usize);
+        }
+        match self.content.tensor_infos.get("token_embd.weight") {
+            Some(info) => Ok(info.shape.dims()[0]),
+            None => Err(self.err(
+                "tokenizer.ggml.tokens",
+                "is missing, and so are vocab_size and token_embd.weight".into(),
+            )),
+        }
+    }
+
+    /// `{arch}.context_length`, capped by what the candle implementation can address.
+    pub fn context_length(&self, arch: &str, implementation_limit: usize) -> Result<usize> {
+        let declared = self
+            .opt_u64(&format!("{arch}.context_length"))?
+            .map(|n| n as usize)
+            .unwrap_or(implementation_limit);
+        Ok(declared.min(implementation_limit))
+    }
+
+    /// The end-of-sequence id from `tokenizer.ggml.eos_token_id`.
+    pub fn eos_token_ids(&self) -> Result<Vec<u32>> {
+        Ok(self
+            .opt_u64("tokenizer.ggml.eos_token_id")?
+            .map(|id| vec![id as u32])
+            .unwrap_or_default())
+    }
+
+    /// The beginning-of-sequence id from `tokenizer.ggml.bos_token_id`.
+    pub fn bos_token_id(&self) -> Result<Option<u32>> {
+        Ok(self
+            .opt_u64("tokenizer.ggml.bos_token_id")?
+            .map(|id| id as u32))
+    }
+}
+
+fn value_u64(v: &Value) -> Option<u64> {
+    match *v {
+        Value::U8(n) => Some(n as u64),
+        Value::U16(n) => Some(n as u64),
+        Value::U32(n) => Some(n as u64),
+        Value::U64(n) => Some(n),
+        Value::I8(n) => u64::try_from(n).ok(),
+        Value::I16(n) => u64::try_from(n).ok(),
+        Value::I32(n) => u64::try_from(n).ok(),
+        Value::I64(n) => u64::try_from(n).ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,508 @@
+//! Hugging Face model directories: config.json (both the legacy layout and the one
+//! transformers >= 5 writes), generation_config.json, RoPE settings, and safetensors weights
+//! (single or sharded through `model.safetensors.index.json`).
+//!
+//! Adapters read config.json through [`HfConfig`], whose getters fail with an error naming the
+//! key, the bad value and what is allowed, instead of relying on candle's `Deserialize` impls,
+//! which reject many real configs (`sliding_window: null`, private fields, no impl at all).
+
+use super::LoadOptions;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// An opened Hugging Face model directory.
+#[derive(Debug, Clone)]
+pub struct HfModelDir {
+    /// The directory.
+    pub dir: PathBuf,
+    /// config.json.
+    pub config: HfConfig,
+    /// generation_config.json, when present.
+    pub generation_config: Option<Value>,
+    /// The safetensors files that hold the weights, every one checked to exist.
+    pub weight_files: Vec<PathBuf>,
+}
+
+impl HfModelDir {
+    /// Opens `dir`: reads config.json and finds the weight files.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::model_file(
+                dir,
+                "no config.json: a model directory needs config.json plus *.safetensors (or pass a .gguf file)",
+            ));
+        }
+        let config = HfConfig::from_file(&config_path)?;
+        let generation_config = match dir.join("generation_config.json") {
+            p if p.is_file() => Some(read_json(&p)?),
+            _ => None,
+        };
+        let weight_files = find_weight_files(dir)?;
+        Ok(HfModelDir {
+            dir: dir.to_path_buf(),
+            config,
+            generation_config,
+            weight_files,
+        })
+    }
+
+    /// The dtype to compute in: the caller's choice, else F32 on CPU (BF16 matmul is about 18x
+    /// slower there), else the checkpoint's `dtype` / `torch_dtype`.
+    pub fn dtype(&self, options: &LoadOptions) -> Result<DType> {
+        if let Some(dtype) = options.dtype {
+            return Ok(dtype);
+        }
+        if options.device.is_cpu() {
+            return Ok(DType::F32);
+        }
+        let declared = self
+            .config
+            .get("dtype")
+            .or_else(|| self.config.get("torch_dtype"));
+        Ok(match declared.and_then(Value::as_str) {
+            Some("bfloat16") => DType::BF16,
+            Some("float16") => DType::F16,
+            _ => DType::F32,
+        })
+    }
+
+    /// A var builder over the memory-mapped weight files.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        // SAFETY: the files are memory-mapped read-only; like every mmap-based loader we rely
+        // on nobody truncating them while the model is loaded.
+        unsafe { VarBuilder::from_mmaped_safetensors(&self.weight_files, dtype, device) }
+            .map_err(|e| Error::model_file(&self.dir, format!("reading safetensors weights: {e}")))
+    }
+
+    /// End-of-sequence ids from config.json and generation_config.json (each an int or a list).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids = BTreeSet::new();
+        collect_ids(self.config.get("eos_token_id"), &mut ids);
+        if let Some(gen) = &self.generation_config {
+            collect_ids(gen.get("eos_token_id"), &mut ids);
+        }
+        ids.into_iter().collect()
+    }
+
+    /// The beginning-of-sequence id, when declared.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.config
+            .get("bos_token_id")
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    }
+}
+
+fn collect_ids(v: Option<&Value>, out: &mut BTreeSet<u32>) {
+    match v {
+        Some(Value::Number(n)) => {
+            if let Some(id) = n.as_u64().and_then(|v| u32::try_from(v).ok()) {
+                out.insert(id);
+            }
+        }
+        Some(Value::Array(items)) => {
+            for item in items {
+                collect_ids(Some(item), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::model_file(path, format!("invalid JSON: {e}")))
+}
+
+fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let json = read_json(&index)?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::model_file(&index, "no `weight_map` object"))?;
+        let names: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+        if names.is_empty() {
+            return Err(Error::model_file(&index, "`weight_map` lists no files"));
+        }
+        let mut files = Vec::new();
+        for name in names {
+            // Shard names come from a file; refuse anything that would leave the directory.
+            if name.contains('/') || name.contains('\\') || name.contains("..") {
+                return Err(Error::model_file(
+                    &index,
+                    format!("shard name {name:?} must be a plain file name in the model directory"),
+                ));
+            }
+            let path = dir.join(name);
+            if !path.is_file() {
+                return Err(Error::model_file(
+                    &index,
+                    format!("missing shard {name} listed in weight_map"),
+                ));
+            }
+            files.push(path);
+        }
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::model_file(
+            dir,
+            "no *.safetensors weights (and no model.safetensors.index.json)",
+        ));
+    }
+    Ok(files)
+}
+
+/// config.json, with typed getters whose errors name the key and what is allowed.
+#[derive(Debug, Clone)]
+pub struct HfConfig {
+    path: PathBuf,
+    value: Value,
+}
+
+impl HfConfig {
+    /// Reads and parses a config.json file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let value = read_json(path)?;
+        if !value.is_object() {
+            return Err(Error::model_file(path, "config.json must be a JSON object"));
+        }
+        Ok(HfConfig {
+            path: path.to_path_buf(),
+            value,
+        })
+    }
+
+    /// Wraps an in-memory config (used for nested configs such as Gemma 3's `text_config`).
+    pub fn from_value(path: &Path, value: Value) -> Self {
+        HfConfig {
+            path: path.to_path_buf(),
+            value,
+        }
+    }
+
+    /// The raw JSON.
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    /// A raw key, treating `null` as absent.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.value.get(key).filter(|v| !v.is_null())
+    }
+
+    fn err(&self, key: &str, message: String) -> Error {
+        Error::config(format!("{}: {key}", self.path.display()), message)
+    }
+
+    /// `model_type`, when present.
+    pub fn model_type(&self) -> Option<&str> {
+        self.get("model_type").and_then(Value::as_str)
+    }
+
+    /// A required positive integer.
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| self.err(key, "is required (a positive integer)".into()))
+    }
+
+    /// An optional non-negative integer.
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.err(key, format!("must be a non-negative integer, found {v}"))),
+        }
+    }
+
+    /// An integer with a default when absent.
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        Ok(self.opt_usize(key)?.unwrap_or(default))
+    }
+
+    /// A required number.
+    pub fn f64(&self, key: &str) -> Result<f64> {
+        self.opt_f64(key)?
+            .ok_or_else(|| self.err(key, "is required (a number)".into()))
+    }
+
+    /// An optional number.
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("must be a number, found {v}"))),
+        }
+    }
+
+    /// A number with a default when absent.
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        Ok(self.opt_f64(key)?.unwrap_or(default))
+    }
+
+    /// A boolean with a default when absent.
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, format!("must be true or false, found {v}"))),
+        }
+    }
+
+    /// An optional string.
+    pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("must be a string, found {v}"))),
+        }
+    }
+
+    /// The activation function, read from `hidden_act` or `hidden_activation` (Gemma configs set
+    /// either or both), checked against the ones the family supports.
+    pub fn activation(&self, allowed: &[&str], default: &str) -> Result<String> {
+        let act = match self.opt_str("hidden_activation")? {
+            Some(a) => a,
+            None => self.opt_str("hidden_act")?.unwrap_or(default),
+        };
+        if allowed.contains(&act) {
+            Ok(act.to_string())
+        } else {
+            Err(self.err(
+                "hidden_act",
+                format!("{act:?} is not supported; allowed: {}", allowed.join(", ")),
+            ))
+        }
+    }
+
+    /// Fails unless the key is absent or has the given boolean value; for features of a
+    /// checkpoint that the candle model cannot compute (a bias it has no weights for, say).
+    pub fn require_bool(&self, key: &str, supported: bool, family: &str) -> Result<()> {
+        let found = self.bool_or(key, supported)?;
+        if found != supported {
+            return Err(self.err(
+                key,
+                format!("{found} is not supported for {family}; only {supported} is"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `head_dim`, checked to equal `hidden_size / num_attention_heads` for models whose candle
+    /// implementation derives it.
+    pub fn require_derived_head_dim(&self) -> Result<usize> {
+        let hidden = self.usize("hidden_size")?;
+        let heads = self.usize("num_attention_heads")?;
+        if heads == 0 || hidden % heads != 0 {
+            return Err(self.err(
+                "num_attention_heads",
+                format!("{heads} must divide hidden_size {hidden}"),
+            ));
+        }
+        let derived = hidden / heads;
+        if let Some(hd) = self.opt_usize("head_dim")? {
+            if hd != derived {
+                return Err(self.err(
+                    "head_dim",
+                    format!("{hd} is not supported; this architecture needs hidden_size / num_attention_heads = {derived}"),
+                ));
+            }
+        }
+        Ok(derived)
+    }
+
+    /// The RoPE settings, from either config layout.
+    ///
+    /// - legacy: top-level `rope_theta` (absent means `default_theta`, as in transformers),
+    ///   `rope_scaling` and `partial_rotary_factor`;
+    /// - transformers >= 5: `rope_parameters` holding `rope_type`, `rope_theta` and the scaling
+    ///   fields, either flat or nested per layer type (`full_attention`, `sliding_attention`,
+    ///   as Gemma 3 writes it), selected with `layer_type`.
+    ///
+    /// A setting present but unreadable is an error, never a silent default.
+    pub fn rope(&self, layer_type: Option<&str>, default_theta: f64) -> Result<Rope> {
+        if let Some(params) = self.get("rope_parameters") {
+            let obj = params.as_object().ok_or_else(|| {
+                self.err(
+                    "rope_parameters",
+                    format!("must be an object, found {params}"),
+                )
+            })?;
+            let flat = obj.contains_key("rope_type") || obj.contains_key("rope_theta");
+            let (key, params) = if flat {
+                ("rope_parameters".to_string(), params)
+            } else {
+                let lt = layer_type.ok_or_else(|| {
+                    self.err(
+                        "rope_parameters",
+                        "has neither rope_type nor rope_theta at its top level".into(),
+                    )
+                })?;
+                let nested = obj.get(lt).ok_or_else(|| {
+                    self.err(
+                        "rope_parameters",
+                        format!(
+                            "has no entry for layer type {lt:?}; found: {}",
+                            obj.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                })?;
+                (format!("rope_parameters.{lt}"), nested)
+            };
+            let theta = match params.get("rope_theta") {
+                None | Some(Value::Null) => default_theta,
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    self.err(
+                        &format!("{key}.rope_theta"),
+                        format!("must be a number, found {v}"),
+                    )
+                })?,
+            };
+            let scaling = self.parse_scaling(&key, params)?;
+            let partial = match params.get("partial_rotary_factor") {
+                None | Some(Value::Null) => self.opt_f64("partial_rotary_factor")?,
+                Some(v) => Some(v.as_f64().ok_or_else(|| {
+                    self.err(
+                        &format!("{key}.partial_rotary_factor"),
+                        format!("must be a number, found {v}"),
+                    )
+                })?),
+            };
+            return Ok(Rope {
+                theta,
+                scaling,
+                partial_rotary_factor: partial,
+            });
+        }
+        let theta = self.f64_or("rope_theta", default_theta)?;
+        let scaling = match self.get("rope_scaling") {
+            None => RopeScaling::None,
+            Some(v) => self.parse_scaling("rope_scaling", v)?,
+        };
+        Ok(Rope {
+            theta,
+            scaling,
+            partial_rotary_factor: self.opt_f64("partial_rotary_factor")?,
+        })
+    }
+
+    fn parse_scaling(&self, key: &str, v: &Value) -> Result<RopeScaling> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| self.err(key, format!("must be an object, found {v}")))?;
+        let rope_type = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let num = |field: &str| -> Result<f64> {
+            obj.get(field).and_then(Value::as_f64).ok_or_else(|| {
+                self.err(
+                    &format!("{key}.{field}"),
+                    format!("is required (a number) for rope_type {rope_type:?}"),
+                )
+            })
+        };
+        Ok(match rope_type {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: num("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            },
+            other => RopeScaling::Other {
+                rope_type: other.to_string(),
+                params: v.clone(),
+            },
+        })
+    }
+
+    /// An error for a RoPE setting this architecture cannot compute.
+    pub fn unsupported_rope(&self, rope: &Rope, family: &str, allowed: &[&str]) -> Error {
+        self.err(
+            "rope_scaling",
+            format!(
+                "rope_type {:?} is not supported for {family}; allowed: {}",
+                rope.scaling.name(),
+                allowed.join(", ")
+            ),
+        )
+    }
+}
+
+/// RoPE settings read from config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    /// The base frequency.
+    pub theta: f64,
+    /// The scaling rule.
+    pub scaling: RopeScaling,
+    /// The fraction of each head that is rotated, when the config states one.
+    pub partial_rotary_factor: Option<f64>,
+}
+
+/// A RoPE scaling rule.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// No scaling (`default`).
+    None,
+    /// Positions divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3's frequency-dependent scaling.
+    Llama3 {
+        /// Scaling factor.
+        factor: f64,
+        /// Low-frequency factor.
+        low_freq_factor: f64,
+        /// High-frequency factor.
+        high_freq_factor: f64,
+        /// Context the model was trained with before scaling.
+        original_max_position_embeddings: usize,
+    },
+    /// A rule the caller must accept or reject by name (`yarn`, `longrope`, `su`, ...).
+    Other {
+        /// The `rope_type` / `type` string.
+        rope_type: String,
+        /// The whole scaling object.
+        params: Value,
+    },
+}
+
+impl RopeScaling {
+    /// The rule's `rope_type` name.
+    pub fn name(&self) -> &str {
+        match self {
+            RopeScaling::None => "default",
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Llama3 { .. } => "llama3",
+            RopeScaling::Other { rope_type, .. } => rope_type,
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Llama (and Llama 3 with `rope_scaling`, tied embeddings) from a Hugging Face directory.
+//!
+//! candle's llama takes an external `Cache` and builds its RoPE tables inside it, so the
+//! reset swaps in a clone of the cache made at load time: empty KV, same tables.
+
+use super::common::{last_position_f32, token_set};
+use super::hf::RopeScaling;
+use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::error::Result;
+use candle_core::Tensor;
+use candle_transformers::models::llama as candle_llama;
+
+/// A Llama model with its KV cache.
+pub struct Llama {
+    model: candle_llama::Llama,
+    cache: candle_llama::Cache,
+    pristine_cache: candle_llama::Cache,
+    info: ModelInfo,
+}
+
+impl Architecture for Llama {
+    const NAME: &'static str = "llama";
+    const FORMAT: WeightFormat = WeightFormat::Safetensors;
+    const MODEL_TYPES: &'static [&'static str] = &["llama"];
+    const HF_CLASSES: &'static [&'static str] = &["LlamaForCausalLM"];
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+        Self::load_as(Self::NAME, source, options)
+    }
+}
+
+impl Llama {
+    /// Loads a Llama-shaped checkpoint, reporting `architecture` as its name (Yi reuses this).
+    pub(crate) fn load_as(
+        architecture: &'static str,
+        source: ModelSource,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let dir = source.into_hf(architecture)?;
+        let c = &dir.config;
+        c.require_derived_head_dim()?;
+        c.require_bool("attention_bias", false, architecture)?;
+        c.require_bool("mlp_bias", false, architecture)?;
+        c.activation(&["silu"], "silu")?;
+        let rope = c.rope(None, 10_000.0)?;
+        if rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+            return Err(c.unsupported_rope(&rope, architecture, &["default", "llama3"]));
+        }
+        let rope_scaling = match &rope.scaling {
+            RopeScaling::None => None,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => Some(candle_llama::Llama3RopeConfig {
+                factor: *factor as f32,
+                low_freq_factor: *low_freq_factor as f32,
+                high_freq_factor: *high_freq_factor as f32,
+                original_max_position_embeddings: *original_max_position_embeddings,
+                rope_type: candle_llama::Llama3RopeType::Llama3,
+            }),
+            _ => return Err(c.unsupported_rope(&rope, architecture, &["default", "llama3"])),
+        };
+        let num_attention_heads = c.usize("num_attention_heads")?;
+        let max_position_embeddings = c.usize_or("max_position_embeddings", 4096)?;
+        let vocab_size = c.usize("vocab_size")?;
+        let config = candle_llama::Config {
+            hidden_size: c.usize("hidden_size")?,
+            intermediate_size: c.usize("intermediate_size")?,
+            vocab_size,
+            num_hidden_layers: c.usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads: c.usize_or("num_key_value_heads", num_attention_heads)?,
+            use_flash_attn: false,
+            rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta: rope.theta as f32,
+            bos_token_id: None,
+            eos_token_id: None,
+            rope_scaling,
+            max_position_embeddings,
+            tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
+        };
+        let dtype = dir.dtype(options)?;
+        let vb = dir.var_builder(dtype, &options.device)?;
+        let model = candle_llama::Llama::load(vb, &config)?;
+        let cache = candle_llama::Cache::new(true, dtype, &config, &options.device)?;
+        Ok(Llama {
+            model,
+            pristine_cache: cache.clone(),
+            cache,
+            info: ModelInfo {
+                architecture,
+                vocab_size,
+                max_context: max_position_embeddings,
+                eos_token_ids: token_set(dir.eos_token_ids()),
+                bos_token_id: dir.bos_token_id(),
+                dtype,
+            },
+        })
+    }
+}
+
+impl LanguageModel for Llama {
+    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+        last_position_f32(self.model.forward(input_ids, position, &mut self.cache)?)
+    }
+
+    fn reset_cache(&mut self) -> Result<()> {
+        self.cache = self.pristine_cache.clone();
+        Ok(())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}

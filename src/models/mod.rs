@@ -1,0 +1,422 @@
+//! The model layer: every architecture behind one trait.
+//!
+//! Every architecture implements [`LanguageModel`] (the runtime face: one `forward`
+//! signature for all, a `reset_cache` that really resets, and a [`ModelInfo`]) and
+//! [`Architecture`] (how it is detected and loaded). The [`register_architectures!`]
+//! list at the bottom of this file generates the [`AnyArchitecture`] enum, its dispatch,
+//! and the [`ARCHITECTURES`] table that detection walks.
+//!
+//! # Adding an architecture
+//!
+//! 1. Write one module in `src/models/`, say `falcon.rs`, holding a struct that
+//!    implements [`LanguageModel`] and [`Architecture`]. Use the helpers in [`hf`] (config.json
+//!    fields, RoPE settings, safetensors) or [`gguf`] (metadata, tensors) and in
+//!    [`common`] (last-position logits, pristine-clone resets).
+//! 2. Add one line `Falcon => falcon::Falcon,` to the `register_architectures!` list below.
+//!
+//! No other file changes. The macro declares the module, so a line without its module, or a
+//! module whose struct lacks either trait impl, does not compile. The generic tests in
+//! `tests/model_conformance.rs` walk [`ARCHITECTURES`], so the new line is covered by the cache
+//! conformance test at once (and fails until its fixture exists).
+//!
+//! # The contract every adapter keeps
+//!
+//! - `forward(input_ids, position)`: `input_ids` is a `(batch, seq)` u32 tensor, `position` the
+//!   number of tokens already in the KV cache. The result is `(batch, vocab)` F32 logits of the
+//!   last position. [`Model`] checks that `position` follows the cache, so adapters may rely on it.
+//! - `reset_cache()`: afterwards the model computes exactly what a freshly loaded one would.
+//!   Adapters use the mechanism that really works for their candle model (a fresh cache object,
+//!   a pristine clone sharing the weights, or a reload) and return an error if it cannot be done.
+
+pub mod common;
+pub mod detect;
+pub mod gguf;
+pub mod hf;
+
+use crate::device::DeviceSpec;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// What the rest of llm-pool knows about a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The registered architecture name (for example `llama` or `quantized_gemma3`).
+    pub architecture: &'static str,
+    /// Number of rows in the logits.
+    pub vocab_size: usize,
+    /// The longest sequence (prompt plus generated tokens) the model accepts.
+    pub max_context: usize,
+    /// End-of-sequence token ids declared by the model files (sorted, deduplicated).
+    pub eos_token_ids: Vec<u32>,
+    /// Beginning-of-sequence token id, when the model declares one.
+    pub bos_token_id: Option<u32>,
+    /// The dtype the weights are computed in.
+    pub dtype: DType,
+}
+
+/// The weight format an architecture loads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// A Hugging Face directory: config.json plus `*.safetensors` (sharded or not).
+    Safetensors,
+    /// A GGUF file as llama.cpp writes it.
+    Gguf,
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightFormat::Safetensors => "safetensors",
+            WeightFormat::Gguf => "gguf",
+        })
+    }
+}
+
+/// The runtime face of a model: the one interface the engine and the pool use.
+pub trait LanguageModel: Send {
+    /// Runs `input_ids` (`(batch, seq)`, u32) starting at `position` and returns `(batch, vocab)`
+    /// F32 logits for the last position of each sequence.
+    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor>;
+
+    /// Restores the state of a freshly loaded model, or returns an error. Never a silent no-op.
+    fn reset_cache(&mut self) -> Result<()>;
+
+    /// Architecture name, vocabulary size, context length and end-of-sequence ids.
+    fn info(&self) -> &ModelInfo;
+}
+
+/// How an architecture is detected and loaded. Implemented once per module in `src/models/`.
+pub trait Architecture: LanguageModel + Sized + 'static {
+    /// The registered name, unique across the list.
+    const NAME: &'static str;
+    /// Which files it loads from.
+    const FORMAT: WeightFormat;
+    /// Names it is detected by: config.json `model_type` values for safetensors, or GGUF
+    /// `general.architecture` values.
+    const MODEL_TYPES: &'static [&'static str];
+    /// config.json `architectures[0]` class names, the fallback when `model_type` is absent.
+    const HF_CLASSES: &'static [&'static str] = &[];
+
+    /// Loads the model from its detected source.
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self>;
+}
+
+/// The files an architecture loads from, already opened and validated by detection.
+pub enum ModelSource {
+    /// A Hugging Face model directory.
+    Hf(hf::HfModelDir),
+    /// A GGUF file.
+    Gguf(gguf::GgufFile),
+}
+
+impl ModelSource {
+    /// The path the model was loaded from.
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::Hf(d) => &d.dir,
+            ModelSource::Gguf(g) => &g.path,
+        }
+    }
+
+    /// The Hugging Face directory, or an error naming the architecture that needs one.
+    pub fn into_hf(self, architecture: &str) -> Result<hf::HfModelDir> {
+        match self {
+            ModelSource::Hf(d) => Ok(d),
+            ModelSource::Gguf(g) => Err(Error::model_file(
+                g.path,
+                format!("architecture {architecture} loads from a safetensors directory, not a GGUF file"),
+            )),
+        }
+    }
+
+    /// The GGUF file, or an error naming the architecture that needs one.
+    pub fn into_gguf(self, architecture: &str) -> Result<gguf::GgufFile> {
+        match self {
+            ModelSource::Gguf(g) => Ok(g),
+            ModelSource::Hf(d) => Err(Error::model_file(
+                d.dir,
+                format!("architecture {architecture} loads from a GGUF file, not a directory"),
+            )),
+        }
+    }
+}
+
+/// Where and how to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The device, as configured.
+    pub device_spec: DeviceSpec,
+    /// The opened candle device.
+    pub device: Device,
+    /// The compute dtype for safetensors weights. `None` picks F32 on CPU (BF16 matmul is about
+    /// 18x slower there) and the checkpoint's own dtype on GPUs. GGUF weights keep their
+    /// quantization whatever this says.
+    pub dtype: Option<DType>,
+}
+
+impl LoadOptions {
+    /// Options for the host CPU with the default dtype.
+    pub fn cpu() -> Self {
+        LoadOptions {
+            device_spec: DeviceSpec::Cpu,
+            device: Device::Cpu,
+            dtype: None,
+        }
+    }
+
+    /// Options for a device string such as `cpu` or `cuda:0`.
+    pub fn for_device(spec: DeviceSpec) -> Result<Self> {
+        Ok(LoadOptions {
+            device: spec.open()?,
+            device_spec: spec,
+            dtype: None,
+        })
+    }
+}
+
+/// One row of the registration table: what detection needs to know about an architecture.
+pub struct ArchitectureEntry {
+    /// The registered name.
+    pub name: &'static str,
+    /// Which files it loads from.
+    pub format: WeightFormat,
+    /// `model_type` / `general.architecture` names it is detected by.
+    pub model_types: &'static [&'static str],
+    /// config.json `architectures[0]` fallbacks.
+    pub hf_classes: &'static [&'static str],
+    /// Loads it into the enum.
+    pub load: fn(ModelSource, &LoadOptions) -> Result<AnyArchitecture>,
+}
+
+impl std::fmt::Debug for ArchitectureEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchitectureEntry")
+            .field("name", &self.name)
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+/// Generates the enum over all architectures, its [`LanguageModel`] dispatch, and the
+/// [`ARCHITECTURES`] table, from one list of `Variant => module::Type` lines.
+macro_rules! register_architectures {
+    ($($variant:ident => $module:ident :: $ty:ident),+ $(,)?) => {
+        $(pub mod $module;)+
+
+        /// One loaded model of any registered architecture.
+        pub enum AnyArchitecture {
+            $(
+                #[allow(missing_docs)]
+                $variant($module::$ty),
+            )+
+        }
+
+        impl LanguageModel for AnyArchitecture {
+            fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+                match self {
+                    $(AnyArchitecture::$variant(m) => LanguageModel::forward(m, input_ids, position),)+
+                }
+            }
+
+            fn reset_cache(&mut self) -> Result<()> {
+                match self {
+                    $(AnyArchitecture::$variant(m) => LanguageModel::reset_cache(m),)+
+                }
+            }
+
+            fn info(&self) -> &ModelInfo {
+                match self {
+                    $(AnyArchitecture::$variant(m) => LanguageModel::info(m),)+
+                }
+            }
+        }
+
+        /// Every registered architecture, in registration order.
+        pub static ARCHITECTURES: &[ArchitectureEntry] = &[
+            $(ArchitectureEntry {
+                name: <$module::$ty as Architecture>::NAME,
+                format: <$module::$ty as Architecture>::FORMAT,
+                model_types: <$module::$ty as Architecture>::MODEL_TYPES,
+                hf_classes: <$module::$ty as Architecture>::HF_CLASSES,
+                load: |source, options| {
+                    Ok(AnyArchitecture::$variant(<$module::$ty as Architecture>::load(source, options)?))
+                },
+            },)+
+        ];
+    };
+}
+
+// The registration list. One line per architecture; see the module docs.
+register_architectures! {
+    // Hugging Face safetensors directories.
+    Llama => llama::Llama,
+    Yi => yi::Yi,
+
+    // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
+
+    // GGUF files.
+    QuantizedLlama => quantized_llama::QuantizedLlama,
+}
+
+/// Looks an architecture up by its registered name.
+pub fn architecture(name: &str) -> Option<&'static ArchitectureEntry> {
+    ARCHITECTURES.iter().find(|a| a.name == name)
+}
+
+/// A loaded model: any architecture, plus the bookkeeping that keeps every caller honest
+/// about positions. This is what the engine and the workers hold.
+pub struct Model {
+    inner: AnyArchitecture,
+    path: PathBuf,
+    device: Device,
+    /// Tokens currently in the KV cache.
+    cached: usize,
+    /// Set when a forward failed part way: the cache may hold partial state until a reset.
+    needs_reset: bool,
+}
+
+impl Model {
+    /// Detects the architecture of `path` (a model directory or a `.gguf` file) and loads it.
+    ///
+    /// ```no_run
+    /// use llm_pool::models::{LoadOptions, Model};
+    /// let mut model = Model::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &LoadOptions::cpu())?;
+    /// let logits = model.forward_ids(&[1, 4093, 198], 0)?;
+    /// assert_eq!(logits.len(), model.info().vocab_size);
+    /// # Ok::<(), llm_pool::Error>(())
+    /// ```
+    pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let (source, entry) = detect::detect(path)?;
+        Self::load_detected(source, entry, options)
+    }
+
+    /// Loads an already detected source with the given architecture.
+    pub fn load_detected(
+        source: ModelSource,
+        entry: &'static ArchitectureEntry,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let path = source.path().to_path_buf();
+        let started = std::time::Instant::now();
+        // candle's loaders can panic on malformed weights (some call `unwrap`); a model file
+        // must never take the process down, so the panic becomes an error naming the file.
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            (entry.load)(source, options)
+        }))
+        .map_err(|p| {
+            Error::from_panic(format!("loading {} from {}", entry.name, path.display()), p)
+        })?;
+        let inner = loaded.map_err(|e| match e {
+            Error::Candle(c) => Error::model_file(&path, format!("loading {}: {c}", entry.name)),
+            other => other,
+        })?;
+        tracing::info!(
+            architecture = entry.name,
+            path = %path.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        Ok(Model {
+            inner,
+            path,
+            device: options.device.clone(),
+            cached: 0,
+            needs_reset: false,
+        })
+    }
+
+    /// The path the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Architecture name, vocabulary size, context length and end-of-sequence ids.
+    pub fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+
+    /// Number of tokens in the KV cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+
+    /// Runs a single sequence of token ids at `position` and returns its last-position logits.
+    pub fn forward_ids(&mut self, ids: &[u32], position: usize) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(Error::InvalidParameter {
+                param: "input_ids".into(),
+                message: "at least one token is needed".into(),
+            });
+        }
+        let vocab = self.info().vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::InvalidParameter {
+                param: "input_ids".into(),
+                message: format!("token id {bad} is outside the vocabulary (size {vocab})"),
+            });
+        }
+        let device = self.device();
+        let input = Tensor::from_slice(ids, (1, ids.len()), &device)?;
+        let logits = self.forward(&input, position)?;
+        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+}
+
+impl LanguageModel for Model {
+    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+        if self.needs_reset {
+            return Err(Error::InvalidParameter {
+                param: "position".into(),
+                message: "an earlier forward failed part way and the KV cache may hold partial state; call reset_cache first".into(),
+            });
+        }
+        if position != self.cached {
+            return Err(Error::Position {
+                got: position,
+                cached: self.cached,
+            });
+        }
+        let (_batch, seq_len) = input_ids.dims2()?;
+        let info = self.inner.info();
+        if position + seq_len > info.max_context {
+            return Err(Error::ContextLength {
+                model: info.architecture.to_string(),
+                needed: position + seq_len,
+                context: info.max_context,
+            });
+        }
+        // A panic inside candle (a shape bug, an out-of-range index) must not unwind through
+        // the caller's thread: it becomes an error and the cache is marked for reset.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.forward(input_ids, position)
+        }))
+        .unwrap_or_else(|p| Err(Error::from_panic("model forward", p)));
+        match result {
+            Ok(logits) => {
+                self.cached += seq_len;
+                Ok(logits)
+            }
+            Err(e) => {
+                self.needs_reset = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn reset_cache(&mut self) -> Result<()> {
+        self.inner.reset_cache()?;
+        self.cached = 0;
+        self.needs_reset = false;
+        Ok(())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+}

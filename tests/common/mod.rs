@@ -1,0 +1,142 @@
+//! Shared test support: fixture paths, tiny GGUF writers, logits comparison.
+#![allow(dead_code)]
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn hf_fixture(name: &str) -> PathBuf {
+    fixtures().join("hf").join(name)
+}
+
+/// Largest absolute difference between two logit vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "logit vectors differ in length");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// One tensor of a tiny GGUF file: name and candle shape (rows first).
+pub struct TinyTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Norm weights are set near 1, everything else random.
+    pub norm: bool,
+}
+
+pub fn t(name: impl Into<String>, shape: &[usize]) -> TinyTensor {
+    TinyTensor {
+        name: name.into(),
+        shape: shape.to_vec(),
+        norm: false,
+    }
+}
+
+pub fn norm(name: impl Into<String>, shape: &[usize]) -> TinyTensor {
+    TinyTensor {
+        name: name.into(),
+        shape: shape.to_vec(),
+        norm: true,
+    }
+}
+
+/// Writes a GGUF file with random F32 tensors (deterministic for a given seed).
+pub fn write_gguf(path: &Path, metadata: Vec<(&str, Value)>, tensors: &[TinyTensor], seed: u64) {
+    let dev = Device::Cpu;
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = || {
+        // xorshift: deterministic without depending on candle's RNG.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
+    };
+    let qtensors: Vec<(String, QTensor)> = tensors
+        .iter()
+        .map(|spec| {
+            let n: usize = spec.shape.iter().product();
+            let data: Vec<f32> = (0..n)
+                .map(|_| {
+                    if spec.norm {
+                        1.0 + 0.1 * next()
+                    } else {
+                        0.15 * next()
+                    }
+                })
+                .collect();
+            let tensor = Tensor::from_vec(data, spec.shape.as_slice(), &dev).unwrap();
+            (
+                spec.name.clone(),
+                QTensor::quantize(&tensor, GgmlDType::F32).unwrap(),
+            )
+        })
+        .collect();
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let ts: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    candle_core::quantized::gguf_file::write(&mut f, &md, &ts).unwrap();
+}
+
+pub const TINY_VOCAB: usize = 96;
+pub const TINY_HIDDEN: usize = 32;
+pub const TINY_HEADS: usize = 4;
+pub const TINY_KV_HEADS: usize = 2;
+pub const TINY_FF: usize = 64;
+pub const TINY_LAYERS: usize = 2;
+
+fn tokenizer_md(md: &mut Vec<(&'static str, Value)>) {
+    md.push(("tokenizer.ggml.eos_token_id", Value::U32(2)));
+    md.push(("tokenizer.ggml.bos_token_id", Value::U32(1)));
+}
+
+/// Writes the tiny GGUF file for a registered GGUF architecture, or returns None when this
+/// table has no writer for it (the conformance test then fails, naming the architecture).
+pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
+    let (h, heads, kv, ff, v) = (TINY_HIDDEN, TINY_HEADS, TINY_KV_HEADS, TINY_FF, TINY_VOCAB);
+    let hd = h / heads;
+    let mut md: Vec<(&'static str, Value)> = Vec::new();
+    let mut tensors = vec![
+        t("token_embd.weight", &[v, h]),
+        norm("output_norm.weight", &[h]),
+    ];
+    let path = dir.join(format!("{architecture}.gguf"));
+    match architecture {
+        "quantized_llama" => {
+            md.push(("general.architecture", Value::String("llama".into())));
+            md.push(("llama.attention.head_count", Value::U32(heads as u32)));
+            md.push(("llama.attention.head_count_kv", Value::U32(kv as u32)));
+            md.push(("llama.block_count", Value::U32(TINY_LAYERS as u32)));
+            md.push(("llama.embedding_length", Value::U32(h as u32)));
+            md.push(("llama.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("llama.rope.dimension_count", Value::U32(hd as u32)));
+            md.push(("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)));
+            md.push(("llama.rope.freq_base", Value::F32(10000.0)));
+            md.push(("llama.context_length", Value::U32(256)));
+            tokenizer_md(&mut md);
+            tensors.push(t("output.weight", &[v, h]));
+            for l in 0..TINY_LAYERS {
+                tensors.push(t(format!("blk.{l}.attn_q.weight"), &[heads * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_k.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_v.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, heads * hd]));
+                tensors.push(t(format!("blk.{l}.ffn_gate.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
+            }
+        }
+        _ => return None,
+    }
+    write_gguf(&path, md, &tensors, 7);
+    Some(path)
+}
