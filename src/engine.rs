@@ -1,10 +1,15 @@
-//! One generation over a loaded model: prefill, then the decode loop with sampling and stop
-//! conditions. This and `models/` are the only places that touch tensors.
+//! One generation over a loaded model: prefill, then the decode loop with sampling, stop
+//! conditions and streaming text. This and `models/` are the only places that touch tensors.
 
 use crate::error::{Error, Result};
 use crate::models::{LanguageModel, Model};
 use crate::text::sampling::{Sampler, SamplingParams};
+use crate::text::stream::{StopMatcher, StreamDecoder};
+use crate::text::ModelText;
 use std::time::{Duration, Instant};
+
+/// The most stop strings one request may give (OpenAI allows 4; llama.cpp more).
+pub const MAX_STOP_STRINGS: usize = 16;
 
 /// What a generation is asked to do.
 #[derive(Debug, Clone)]
@@ -13,7 +18,9 @@ pub struct GenerateParams {
     pub max_tokens: usize,
     /// How to pick each token.
     pub sampling: SamplingParams,
-    /// Extra token ids that end the generation, on top of the model's end-of-sequence set.
+    /// Strings that end the generation; they are never part of the output.
+    pub stop: Vec<String>,
+    /// Extra token ids that end the generation, on top of the model's stop set.
     pub extra_stop_ids: Vec<u32>,
 }
 
@@ -22,15 +29,39 @@ impl Default for GenerateParams {
         GenerateParams {
             max_tokens: 128,
             sampling: SamplingParams::default(),
+            stop: Vec::new(),
             extra_stop_ids: Vec::new(),
         }
+    }
+}
+
+impl GenerateParams {
+    /// Checks the parameters that do not depend on the model.
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate()?;
+        if self.max_tokens == 0 {
+            return Err(Error::InvalidParameter {
+                param: "max_tokens".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(Error::InvalidParameter {
+                param: "stop".into(),
+                message: format!(
+                    "{} stop sequences given; at most {MAX_STOP_STRINGS} are allowed",
+                    self.stop.len()
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// An end-of-sequence token (or a stop sequence) was produced.
+    /// An end-of-sequence token or a stop string was produced.
     Stop,
     /// `max_tokens` were generated.
     Length,
@@ -49,16 +80,29 @@ impl FinishReason {
     }
 }
 
+/// One generated token, as streamed.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenEvent<'a> {
+    /// The token id.
+    pub id: u32,
+    /// The text this token completes (may be empty: part of a character, a held-back prefix of
+    /// a stop string, or a special token).
+    pub text: &'a str,
+}
+
 /// The result of a generation.
 #[derive(Debug, Clone)]
 pub struct GenerateOutput {
-    /// Generated ids; an end-of-sequence token that stopped the generation is included.
+    /// Generated ids, including an end-of-sequence token that stopped the generation.
     pub token_ids: Vec<u32>,
+    /// The generated text (when there is a tokenizer): exactly the streamed deltas joined,
+    /// without special tokens and cut before any stop string.
+    pub text: Option<String>,
     /// Why it ended.
     pub finish_reason: FinishReason,
     /// Number of prompt tokens.
     pub prompt_tokens: usize,
-    /// Time spent on the prompt (including the first token's logits).
+    /// Time to the first token (the prompt's prefill plus one sampling step).
     pub prefill: Duration,
     /// Time spent on the decode steps after the first token.
     pub decode: Duration,
@@ -71,40 +115,50 @@ impl GenerateOutput {
     }
 }
 
-/// Generates from `prompt` after resetting the model's cache. `on_token` sees each new token id
-/// and returns `false` to stop (cancellation).
+/// Generates from `prompt` after resetting the model's cache.
+///
+/// `text` (the model's tokenizer and stop set) is needed for text output and stop strings.
+/// `on_token` sees each token with its text delta and returns `false` to cancel.
 pub fn generate(
     model: &mut Model,
+    text: Option<&ModelText>,
     prompt: &[u32],
     params: &GenerateParams,
-    mut on_token: impl FnMut(u32) -> bool,
+    mut on_token: impl FnMut(TokenEvent<'_>) -> bool,
 ) -> Result<GenerateOutput> {
-    params.sampling.validate()?;
+    params.validate()?;
     if prompt.is_empty() {
         return Err(Error::InvalidParameter {
             param: "prompt".into(),
             message: "the prompt has no tokens".into(),
         });
     }
-    if params.max_tokens == 0 {
-        return Err(Error::InvalidParameter {
-            param: "max_tokens".into(),
-            message: "must be at least 1".into(),
-        });
-    }
     let context = model.info().max_context;
     if prompt.len() + params.max_tokens > context {
         return Err(Error::ContextLength {
             model: model.info().architecture.to_string(),
-            needed: prompt.len() + params.max_tokens,
+            prompt_tokens: prompt.len(),
+            max_tokens: params.max_tokens,
             context,
         });
     }
+    if !params.stop.is_empty() && text.is_none() {
+        return Err(Error::InvalidParameter {
+            param: "stop".into(),
+            message: "stop strings need a tokenizer, and this model has none".into(),
+        });
+    }
     let mut stop_ids = model.info().eos_token_ids.clone();
+    if let Some(t) = text {
+        stop_ids.extend_from_slice(&t.stop_token_ids);
+    }
     stop_ids.extend_from_slice(&params.extra_stop_ids);
 
     model.reset_cache()?;
     let mut sampler = Sampler::new(params.sampling.clone(), prompt);
+    let mut detokenizer = StreamDecoder::new();
+    let mut stops = StopMatcher::new(&params.stop);
+    let mut out_text = String::new();
     let started = Instant::now();
     let mut logits = model.forward_ids(prompt, 0)?;
     let mut position = prompt.len();
@@ -117,13 +171,39 @@ pub fn generate(
         if token_ids.len() == 1 {
             prefill = started.elapsed();
         }
-        if !on_token(next) {
+        let is_stop_id = stop_ids.contains(&next);
+        let is_last = is_stop_id || token_ids.len() >= params.max_tokens;
+        let mut delta = String::new();
+        let mut stopped_by_string = false;
+        if let Some(t) = text {
+            // An end-of-sequence token adds no text. On the last token, release what was held
+            // back (an incomplete character, text that might have begun a stop string).
+            let mut piece = if is_stop_id {
+                String::new()
+            } else {
+                detokenizer.push(&t.tokenizer, next)?
+            };
+            if is_last {
+                piece.push_str(&detokenizer.finish(&t.tokenizer)?);
+            }
+            let step = stops.push(&piece);
+            delta = step.text;
+            stopped_by_string = step.stopped;
+            if is_last && !stopped_by_string {
+                delta.push_str(&stops.finish());
+            }
+        }
+        out_text.push_str(&delta);
+        if !on_token(TokenEvent {
+            id: next,
+            text: &delta,
+        }) {
             break FinishReason::Cancelled;
         }
-        if stop_ids.contains(&next) {
+        if is_stop_id || stopped_by_string {
             break FinishReason::Stop;
         }
-        if token_ids.len() >= params.max_tokens {
+        if is_last {
             break FinishReason::Length;
         }
         logits = model.forward_ids(&[next], position)?;
@@ -131,6 +211,7 @@ pub fn generate(
     };
     Ok(GenerateOutput {
         token_ids,
+        text: text.map(|_| out_text),
         finish_reason,
         prompt_tokens: prompt.len(),
         prefill,

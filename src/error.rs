@@ -34,11 +34,12 @@ pub enum Error {
     #[error("position {got} does not follow the {cached} tokens in the KV cache; reset the cache or continue at position {cached}")]
     Position { got: usize, cached: usize },
 
-    /// The prompt (plus requested tokens) does not fit in the model's context window.
-    #[error("context length exceeded: {needed} tokens requested but model {model} has a context of {context} tokens")]
+    /// The prompt plus the requested tokens do not fit in the model's context window.
+    #[error("context length exceeded: the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}, {} in all, but model {model} has a context of {context} tokens", prompt_tokens + max_tokens)]
     ContextLength {
         model: String,
-        needed: usize,
+        prompt_tokens: usize,
+        max_tokens: usize,
         context: usize,
     },
 

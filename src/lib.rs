@@ -6,7 +6,7 @@
 //!
 //! - [`models`]: every architecture behind one trait ([`models::LanguageModel`]), registered in
 //!   one list, detected from config.json or GGUF metadata;
-//! - [`text`]: tokenizers and sampling;
+//! - [`text`]: tokenizers from every source, chat templates, sampling, streaming text;
 //! - [`engine`]: one generation (prefill, decode loop, stop conditions) over a loaded model.
 //!
 //! ```no_run
@@ -15,7 +15,7 @@
 //!
 //! let mut model = Model::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &LoadOptions::cpu())?;
 //! let params = GenerateParams { max_tokens: 8, ..GenerateParams::default() };
-//! let output = generate(&mut model, &[6403, 1980, 253, 655], &params, |_| true)?;
+//! let output = generate(&mut model, None, &[6403, 1980, 253, 655], &params, |_| true)?;
 //! println!("{:?} ({:?})", output.token_ids, output.finish_reason);
 //! # Ok::<(), llm_pool::Error>(())
 //! ```
@@ -24,6 +24,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod models;
+pub mod resources;
 pub mod text;
 
 pub use device::DeviceSpec;

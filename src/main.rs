@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use llm_pool::engine::{generate, GenerateParams};
 use llm_pool::models::{LoadOptions, Model};
 use llm_pool::text::sampling::SamplingParams;
-use llm_pool::text::tokenizer;
+use llm_pool::text::{ChatMessage, ModelText};
 use llm_pool::DeviceSpec;
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,7 +14,8 @@ use std::path::PathBuf;
 #[command(
     name = "llm-pool",
     version,
-    about = "A multi-model LLM inference worker pool on candle"
+    about = "A multi-model LLM inference worker pool on candle",
+    after_help = "Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=llm_pool=debug) to see more."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -24,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate from one prompt with one model, then exit.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Serve the models of a config file over an OpenAI-compatible HTTP API.
     Serve {
         /// The config file.
@@ -38,28 +39,61 @@ struct GenerateArgs {
     /// A model directory (config.json + *.safetensors) or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// The prompt text (needs a tokenizer).
+    /// The prompt text (needs a tokenizer). With --chat, the user's message.
     #[arg(
         long,
         conflicts_with = "prompt_ids",
         required_unless_present = "prompt_ids"
     )]
     prompt: Option<String>,
-    /// The prompt as comma-separated token ids, e.g. 1,2,3.
+    /// The prompt as comma-separated token ids, e.g. 1,2,3 (works without a tokenizer).
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
+    /// Treat --prompt as a user message and render it through the model's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// A system message to put before the user's (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// A chat template (Jinja) file to use instead of the model's own.
+    #[arg(long, requires = "chat")]
+    template: Option<PathBuf>,
+    /// A string that ends the generation (not included in the output); repeatable.
+    #[arg(long)]
+    stop: Vec<String>,
     /// The most tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
+    /// Sampling temperature, 0 to 2; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
-    /// Random seed for sampling.
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Drop tokens less likely than MIN_P times the most likely one, in [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f64,
+    /// Penalise tokens already seen (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    /// Subtracted once from the logit of each token already generated, -2 to 2.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f64,
+    /// Subtracted per occurrence from the logit of each token already generated, -2 to 2.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f64,
+    /// Random seed for sampling; the same seed gives the same output.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Device: cpu, cuda:N or metal:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Print text as it is generated.
+    #[arg(long, conflicts_with = "json")]
+    stream: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -75,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Generate(args) => run_generate(args),
+        Command::Generate(args) => run_generate(*args),
         Command::Serve { .. } => {
             bail!("`serve` is not built yet: the HTTP host lands with the pool")
         }
@@ -87,20 +121,40 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let options = LoadOptions::for_device(device)?;
     let mut model = Model::load(&args.model, &options)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    let tokenizer = tokenizer::load_for_model(&args.model)?;
+    let template = match &args.template {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the chat template {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let text = ModelText::load(&args.model, model.info(), template.as_deref())?;
     let prompt_ids = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => {
-            let Some(tok) = &tokenizer else {
+        (None, Some(prompt)) => {
+            let Some(text) = &text else {
                 bail!(
-                    "{} has no tokenizer.json; pass --prompt-ids instead of --prompt",
+                    "{} has no tokenizer; pass --prompt-ids instead of --prompt",
                     args.model.display()
                 );
             };
-            tok.encode(text.as_str(), true)
-                .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?
-                .get_ids()
-                .to_vec()
+            if args.chat {
+                let Some(template) = &text.chat_template else {
+                    bail!(
+                        "{} has no chat template (a base model?); drop --chat, or pass --template FILE",
+                        args.model.display()
+                    );
+                };
+                let mut messages = Vec::new();
+                if let Some(system) = &args.system {
+                    messages.push(ChatMessage::new("system", system));
+                }
+                messages.push(ChatMessage::new("user", prompt));
+                let rendered = template.render(&messages, true)?;
+                text.encode(&rendered, false)?
+            } else {
+                text.encode(prompt, true)?
+            }
         }
         (None, None) => bail!("pass --prompt or --prompt-ids"),
     };
@@ -108,54 +162,67 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
             temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
             seed: args.seed,
-            ..SamplingParams::default()
         },
+        stop: args.stop.clone(),
         ..GenerateParams::default()
     };
-    let output = generate(&mut model, &prompt_ids, &params, |_| true)?;
-    let text = match &tokenizer {
-        Some(tok) => Some(
-            tok.decode(&output.token_ids, true)
-                .map_err(|e| anyhow::anyhow!("decoding: {e}"))?,
-        ),
-        None => None,
-    };
+    let stream = args.stream;
+    let mut stdout = std::io::stdout().lock();
+    let output = generate(&mut model, text.as_ref(), &prompt_ids, &params, |event| {
+        if stream {
+            if event.text.is_empty() && text.is_none() {
+                let _ = write!(stdout, "{} ", event.id);
+            } else {
+                let _ = write!(stdout, "{}", event.text);
+            }
+            let _ = stdout.flush();
+        }
+        true
+    })?;
     let decode_tokens = output.completion_tokens().saturating_sub(1);
     let prefill_s = output.prefill.as_secs_f64();
     let decode_s = output.decode.as_secs_f64();
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     if args.json {
         let json = serde_json::json!({
             "model": args.model.display().to_string(),
             "architecture": model.info().architecture,
+            "prompt_ids": prompt_ids,
             "token_ids": output.token_ids,
-            "text": text,
+            "text": output.text,
             "finish_reason": output.finish_reason.as_str(),
             "prompt_tokens": output.prompt_tokens,
             "completion_tokens": output.completion_tokens(),
             "prefill_ms": prefill_s * 1e3,
             "decode_ms": decode_s * 1e3,
-            "prefill_tokens_per_s": if prefill_s > 0.0 { output.prompt_tokens as f64 / prefill_s } else { 0.0 },
-            "decode_tokens_per_s": if decode_s > 0.0 { decode_tokens as f64 / decode_s } else { 0.0 },
+            "prefill_tokens_per_s": rate(output.prompt_tokens, prefill_s),
+            "decode_tokens_per_s": rate(decode_tokens, decode_s),
+            "peak_rss_bytes": llm_pool::resources::peak_rss_bytes(),
         });
-        println!("{json}");
+        writeln!(stdout, "{json}")?;
     } else {
-        let mut out = std::io::stdout().lock();
-        match text {
-            Some(t) => writeln!(out, "{t}")?,
-            None => writeln!(out, "{:?}", output.token_ids)?,
+        if stream {
+            writeln!(stdout)?;
+        } else {
+            match &output.text {
+                Some(t) => writeln!(stdout, "{t}")?,
+                None => writeln!(stdout, "{:?}", output.token_ids)?,
+            }
         }
         eprintln!(
-            "{} prompt tokens, {} generated ({}); prefill {:.1} ms, decode {:.1} tok/s",
+            "{} prompt tokens, {} generated ({}); time to first token {:.1} ms, decode {:.1} tok/s",
             output.prompt_tokens,
             output.completion_tokens(),
             output.finish_reason.as_str(),
             prefill_s * 1e3,
-            if decode_s > 0.0 {
-                decode_tokens as f64 / decode_s
-            } else {
-                0.0
-            }
+            rate(decode_tokens, decode_s)
         );
     }
     Ok(())

@@ -387,7 +387,8 @@ impl LanguageModel for Model {
         if position + seq_len > info.max_context {
             return Err(Error::ContextLength {
                 model: info.architecture.to_string(),
-                needed: position + seq_len,
+                prompt_tokens: position + seq_len,
+                max_tokens: 0,
                 context: info.max_context,
             });
         }

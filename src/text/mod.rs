@@ -1,4 +1,11 @@
-//! Text in, text out: tokenizers and sampling.
+//! Text in, text out: tokenizers from every source, chat templates, sampling, streaming
+//! detokenization and stop strings.
 
+pub mod chat;
+pub mod gguf_tokenizer;
 pub mod sampling;
+pub mod stream;
 pub mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use tokenizer::ModelText;

@@ -140,3 +140,19 @@ pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
     write_gguf(&path, md, &tensors, 7);
     Some(path)
 }
+
+/// A real demo model fetched by scripts/fetch-models; fails with the fix when it is missing.
+pub fn real_model(file: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models first",
+        path.display()
+    );
+    path
+}
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
