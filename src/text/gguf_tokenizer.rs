@@ -68,13 +68,15 @@ pub fn from_gguf(file: &GgufFile) -> Result<Option<Tokenizer>> {
     let mut tokenizer = match model.as_str() {
         "gpt2" => byte_level_bpe(file, &tokens)?,
         "llama" => sentencepiece_bpe(file, &tokens)?,
-        other => return Err(bad(
-            file,
-            "tokenizer.ggml.model",
-            &format!(
+        other => {
+            return Err(bad(
+                file,
+                "tokenizer.ggml.model",
+                &format!(
                 "{other:?} is not supported; allowed: gpt2 (byte-level BPE), llama (SentencePiece)"
             ),
-        )),
+            ))
+        }
     };
 
     let mut special = Vec::new();
