@@ -124,97 +124,217 @@ pub fn generate(
     text: Option<&ModelText>,
     prompt: &[u32],
     params: &GenerateParams,
-    mut on_token: impl FnMut(TokenEvent<'_>) -> bool,
+    on_token: impl FnMut(TokenEvent<'_>) -> bool,
 ) -> Result<GenerateOutput> {
-    params.validate()?;
-    if prompt.is_empty() {
-        return Err(Error::InvalidParameter {
-            param: "prompt".into(),
-            message: "the prompt has no tokens".into(),
-        });
-    }
-    let context = model.info().max_context;
-    if prompt.len() + params.max_tokens > context {
-        return Err(Error::ContextLength {
-            model: model.info().architecture.to_string(),
-            prompt_tokens: prompt.len(),
-            max_tokens: params.max_tokens,
-            context,
-        });
-    }
-    if !params.stop.is_empty() && text.is_none() {
-        return Err(Error::InvalidParameter {
-            param: "stop".into(),
-            message: "stop strings need a tokenizer, and this model has none".into(),
-        });
-    }
-    let mut stop_ids = model.info().eos_token_ids.clone();
-    if let Some(t) = text {
-        stop_ids.extend_from_slice(&t.stop_token_ids);
-    }
-    stop_ids.extend_from_slice(&params.extra_stop_ids);
+    let mut session = Session::new(model);
+    session.policy = CachePolicy::AlwaysReset;
+    session.generate(text, prompt, params, on_token)
+}
 
-    model.reset_cache()?;
-    let mut sampler = Sampler::new(params.sampling.clone(), prompt);
-    let mut detokenizer = StreamDecoder::new();
-    let mut stops = StopMatcher::new(&params.stop);
-    let mut out_text = String::new();
-    let started = Instant::now();
-    let mut logits = model.forward_ids(prompt, 0)?;
-    let mut position = prompt.len();
-    let mut prefill = Duration::ZERO;
-    let mut token_ids = Vec::with_capacity(params.max_tokens);
-    let finish_reason = loop {
-        let next = sampler.sample(&mut logits);
-        sampler.accept(next);
-        token_ids.push(next);
-        if token_ids.len() == 1 {
-            prefill = started.elapsed();
+/// Whether a session may keep its KV cache between generations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePolicy {
+    /// Reset before every generation.
+    AlwaysReset,
+    /// Reuse the cache when the new prompt starts with exactly the tokens it holds (multi-turn
+    /// chat); reset otherwise.
+    ReusePrefix,
+}
+
+/// How a generation used the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheUse {
+    /// The cache was reset first, for this reason (`policy`, `new_prompt`, `after_error`).
+    Reset(&'static str),
+    /// This many prompt tokens were already in the cache and were not computed again.
+    PrefixHit(usize),
+}
+
+/// A model plus the token sequence its KV cache holds: the unit a worker owns.
+pub struct Session<'m> {
+    model: &'m mut Model,
+    /// Exactly the tokens whose keys and values are in the model's cache.
+    cached: Vec<u32>,
+    /// Whether the cache may be reused between generations.
+    pub policy: CachePolicy,
+    /// What the last generation did with the cache.
+    pub last_cache_use: Option<CacheUse>,
+}
+
+impl<'m> Session<'m> {
+    /// A session over a model whose cache is treated as unknown (it is reset before first use).
+    pub fn new(model: &'m mut Model) -> Self {
+        Session {
+            model,
+            cached: Vec::new(),
+            policy: CachePolicy::ReusePrefix,
+            last_cache_use: None,
         }
-        let is_stop_id = stop_ids.contains(&next);
-        let is_last = is_stop_id || token_ids.len() >= params.max_tokens;
-        let mut delta = String::new();
-        let mut stopped_by_string = false;
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        self.model
+    }
+
+    /// Tokens currently in the cache.
+    pub fn cached_tokens(&self) -> &[u32] {
+        &self.cached
+    }
+
+    /// Resets the model's cache.
+    pub fn reset(&mut self) -> Result<()> {
+        self.cached.clear();
+        self.model.reset_cache()
+    }
+
+    /// Generates from `prompt`, reusing the cache where the policy and the prompt allow.
+    pub fn generate(
+        &mut self,
+        text: Option<&ModelText>,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_token: impl FnMut(TokenEvent<'_>) -> bool,
+    ) -> Result<GenerateOutput> {
+        // Whatever happens below, the cache contents are only known again on success.
+        let previous = std::mem::take(&mut self.cached);
+        let result = self.generate_inner(&previous, text, prompt, params, on_token);
+        if result.is_err() {
+            // A failed forward can leave partial state; the next request starts clean.
+            let _ = self.model.reset_cache();
+        }
+        result
+    }
+
+    fn generate_inner(
+        &mut self,
+        previous: &[u32],
+        text: Option<&ModelText>,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut on_token: impl FnMut(TokenEvent<'_>) -> bool,
+    ) -> Result<GenerateOutput> {
+        let model = &mut *self.model;
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(Error::InvalidParameter {
+                param: "prompt".into(),
+                message: "the prompt has no tokens".into(),
+            });
+        }
+        let context = model.info().max_context;
+        if prompt.len() + params.max_tokens > context {
+            return Err(Error::ContextLength {
+                model: model.info().architecture.to_string(),
+                prompt_tokens: prompt.len(),
+                max_tokens: params.max_tokens,
+                context,
+            });
+        }
+        if !params.stop.is_empty() && text.is_none() {
+            return Err(Error::InvalidParameter {
+                param: "stop".into(),
+                message: "stop strings need a tokenizer, and this model has none".into(),
+            });
+        }
+        let mut stop_ids = model.info().eos_token_ids.clone();
         if let Some(t) = text {
-            // An end-of-sequence token adds no text. On the last token, release what was held
-            // back (an incomplete character, text that might have begun a stop string).
-            let mut piece = if is_stop_id {
-                String::new()
-            } else {
-                detokenizer.push(&t.tokenizer, next)?
-            };
+            stop_ids.extend_from_slice(&t.stop_token_ids);
+        }
+        stop_ids.extend_from_slice(&params.extra_stop_ids);
+
+        // Reuse the cache only when it holds a proper prefix of the prompt and the model's own
+        // count agrees: at least one new token is needed to get logits.
+        let reuse = match self.policy {
+            CachePolicy::ReusePrefix
+                if !previous.is_empty()
+                    && previous.len() < prompt.len()
+                    && prompt.starts_with(previous)
+                    && model.cached_tokens() == previous.len() =>
+            {
+                previous.len()
+            }
+            _ => 0,
+        };
+        if reuse == 0 {
+            model.reset_cache()?;
+        }
+        self.last_cache_use = Some(if reuse > 0 {
+            CacheUse::PrefixHit(reuse)
+        } else if self.policy == CachePolicy::AlwaysReset {
+            CacheUse::Reset("policy")
+        } else {
+            CacheUse::Reset("new_prompt")
+        });
+        let mut sampler = Sampler::new(params.sampling.clone(), prompt);
+        let mut detokenizer = StreamDecoder::new();
+        let mut stops = StopMatcher::new(&params.stop);
+        let mut out_text = String::new();
+        let started = Instant::now();
+        let mut logits = model.forward_ids(&prompt[reuse..], reuse)?;
+        let mut position = prompt.len();
+        let mut prefill = Duration::ZERO;
+        let mut token_ids = Vec::with_capacity(params.max_tokens);
+        let finish_reason = loop {
+            let next = sampler.sample(&mut logits);
+            sampler.accept(next);
+            token_ids.push(next);
+            if token_ids.len() == 1 {
+                prefill = started.elapsed();
+            }
+            let is_stop_id = stop_ids.contains(&next);
+            let is_last = is_stop_id || token_ids.len() >= params.max_tokens;
+            let mut delta = String::new();
+            let mut stopped_by_string = false;
+            if let Some(t) = text {
+                // An end-of-sequence token adds no text. On the last token, release what was held
+                // back (an incomplete character, text that might have begun a stop string).
+                let mut piece = if is_stop_id {
+                    String::new()
+                } else {
+                    detokenizer.push(&t.tokenizer, next)?
+                };
+                if is_last {
+                    piece.push_str(&detokenizer.finish(&t.tokenizer)?);
+                }
+                let step = stops.push(&piece);
+                delta = step.text;
+                stopped_by_string = step.stopped;
+                if is_last && !stopped_by_string {
+                    delta.push_str(&stops.finish());
+                }
+            }
+            out_text.push_str(&delta);
+            if !on_token(TokenEvent {
+                id: next,
+                text: &delta,
+            }) {
+                break FinishReason::Cancelled;
+            }
+            if is_stop_id || stopped_by_string {
+                break FinishReason::Stop;
+            }
             if is_last {
-                piece.push_str(&detokenizer.finish(&t.tokenizer)?);
+                break FinishReason::Length;
             }
-            let step = stops.push(&piece);
-            delta = step.text;
-            stopped_by_string = step.stopped;
-            if is_last && !stopped_by_string {
-                delta.push_str(&stops.finish());
-            }
+            logits = model.forward_ids(&[next], position)?;
+            position += 1;
+        };
+        // The cache now holds the prompt and every generated token but the last (never fed).
+        if finish_reason != FinishReason::Cancelled {
+            self.cached.reserve(position);
+            self.cached.extend_from_slice(prompt);
+            self.cached
+                .extend_from_slice(&token_ids[..token_ids.len() - 1]);
+            debug_assert_eq!(self.cached.len(), model.cached_tokens());
         }
-        out_text.push_str(&delta);
-        if !on_token(TokenEvent {
-            id: next,
-            text: &delta,
-        }) {
-            break FinishReason::Cancelled;
-        }
-        if is_stop_id || stopped_by_string {
-            break FinishReason::Stop;
-        }
-        if is_last {
-            break FinishReason::Length;
-        }
-        logits = model.forward_ids(&[next], position)?;
-        position += 1;
-    };
-    Ok(GenerateOutput {
-        token_ids,
-        text: text.map(|_| out_text),
-        finish_reason,
-        prompt_tokens: prompt.len(),
-        prefill,
-        decode: started.elapsed().saturating_sub(prefill),
-    })
+        Ok(GenerateOutput {
+            token_ids,
+            text: text.map(|_| out_text),
+            finish_reason,
+            prompt_tokens: prompt.len(),
+            prefill,
+            decode: started.elapsed().saturating_sub(prefill),
+        })
+    }
 }

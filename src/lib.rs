@@ -20,9 +20,11 @@
 //! # Ok::<(), llm_pool::Error>(())
 //! ```
 
+pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod models;
 pub mod resources;
 pub mod text;

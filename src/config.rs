@@ -1,0 +1,322 @@
+//! Configuration: `config/default.toml`, an optional local file, and environment overrides
+//! `LLM_POOL__SECTION__KEY` (for example `LLM_POOL__POOL__MAX_LOADED_MODELS=2`), merged by the
+//! `config` crate and validated here. Unknown keys are rejected, so a misspelled key is an
+//! error instead of a silently ignored setting.
+
+use crate::device::DeviceSpec;
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Pool-wide settings.
+    #[serde(default)]
+    pub pool: PoolSettings,
+    /// The HTTP host (used by `llm-pool serve`).
+    #[serde(default)]
+    pub server: ServerSettings,
+    /// The model catalog.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+/// Pool-wide settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// The most models loaded at once; 0 means no limit. Over it, the least recently used
+    /// idle model is unloaded.
+    pub max_loaded_models: usize,
+    /// Memory budget for loaded weights in MiB (estimated from file sizes); 0 means no limit.
+    pub memory_budget_mb: u64,
+    /// Consecutive failures (crashes or failed loads) after which a model is marked failed.
+    pub max_consecutive_failures: u32,
+    /// First restart delay in milliseconds; doubles with each consecutive failure.
+    pub restart_backoff_ms: u64,
+    /// Cap on the restart delay in milliseconds.
+    pub restart_backoff_max_ms: u64,
+    /// Directory that admin loads by relative path may read from (issue-free default: none).
+    pub models_dir: Option<PathBuf>,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            max_loaded_models: 0,
+            memory_budget_mb: 0,
+            max_consecutive_failures: 3,
+            restart_backoff_ms: 100,
+            restart_backoff_max_ms: 10_000,
+            models_dir: None,
+        }
+    }
+}
+
+/// The HTTP host's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address to listen on.
+    pub listen: String,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+/// When a model is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadPolicy {
+    /// At start.
+    #[default]
+    Eager,
+    /// On its first request.
+    Lazy,
+}
+
+/// One model of the catalog.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name requests use.
+    pub name: String,
+    /// A model directory or a `.gguf` file; relative paths are relative to the working directory.
+    pub path: PathBuf,
+    /// `cpu`, `cuda:N` or `metal:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `auto` (F32 on CPU, the checkpoint's dtype on GPUs), `f32`, `f16` or `bf16`.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Worker threads, each with its own copy of the KV cache.
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// Requests that may wait for a worker; more get an `overloaded` error at once.
+    #[serde(default = "default_queue")]
+    pub queue_size: usize,
+    /// `eager` or `lazy`.
+    #[serde(default)]
+    pub load: LoadPolicy,
+    /// Unload after this long idle, e.g. "5m", "30s", "1h"; "0" or absent keeps it loaded.
+    #[serde(default)]
+    pub keep_alive: Option<String>,
+    /// Cap on the context length (0 = the model's own).
+    #[serde(default)]
+    pub max_context: usize,
+    /// A chat template (Jinja source) to use instead of the model's own.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// Default sampling for requests that do not set their own.
+    #[serde(default)]
+    pub defaults: SamplingDefaults,
+}
+
+/// Per-model default sampling parameters.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    /// Default `max_tokens`.
+    pub max_tokens: Option<usize>,
+    /// Default temperature.
+    pub temperature: Option<f64>,
+    /// Default top_p.
+    pub top_p: Option<f64>,
+    /// Default top_k.
+    pub top_k: Option<usize>,
+    /// Default min_p.
+    pub min_p: Option<f64>,
+    /// Default repetition penalty.
+    pub repetition_penalty: Option<f64>,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_dtype() -> String {
+    "auto".into()
+}
+fn one() -> usize {
+    1
+}
+fn default_queue() -> usize {
+    64
+}
+
+impl Config {
+    /// Loads `path`, then `local` if given and present, then `LLM_POOL__…` environment
+    /// variables, and validates the result.
+    pub fn load(path: &Path, local: Option<&Path>) -> Result<Config> {
+        if !path.is_file() {
+            return Err(Error::config(
+                path.display().to_string(),
+                "config file not found".to_string(),
+            ));
+        }
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml));
+        if let Some(local) = local {
+            builder = builder.add_source(
+                config::File::from(local)
+                    .format(config::FileFormat::Toml)
+                    .required(false),
+            );
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("LLM_POOL")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let merged = builder
+            .build()
+            .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+        let config: Config = merged
+            .try_deserialize()
+            .map_err(|e| Error::config(path.display().to_string(), e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML string (no environment overrides) and validates it.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        let merged = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| Error::config("config", e.to_string()))?;
+        let config: Config = merged
+            .try_deserialize()
+            .map_err(|e| Error::config("config", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; errors name the key, the bad value and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |field: &str| format!("models[{i}] ({}).{field}", m.name);
+            if m.name.is_empty()
+                || !m
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c))
+            {
+                return Err(Error::config(
+                    format!("models[{i}].name"),
+                    format!("{:?} is not allowed; use letters, digits and . _ - :", m.name),
+                ));
+            }
+            if !names.insert(m.name.as_str()) {
+                return Err(Error::config(
+                    key("name"),
+                    format!("{:?} is used by two models; names must be unique", m.name),
+                ));
+            }
+            m.device_spec()
+                .map_err(|e| Error::config(key("device"), e.to_string()))?;
+            m.dtype()
+                .map_err(|e| Error::config(key("dtype"), e.to_string()))?;
+            if !m.path.exists() {
+                return Err(Error::config(
+                    key("path"),
+                    format!("{} does not exist", m.path.display()),
+                ));
+            }
+            if m.replicas == 0 {
+                return Err(Error::config(key("replicas"), "must be at least 1".to_string()));
+            }
+            if m.queue_size == 0 {
+                return Err(Error::config(key("queue_size"), "must be at least 1".to_string()));
+            }
+            m.keep_alive()
+                .map_err(|e| Error::config(key("keep_alive"), e))?;
+        }
+        if self.pool.max_consecutive_failures == 0 {
+            return Err(Error::config(
+                "pool.max_consecutive_failures",
+                "must be at least 1".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    /// A config for `path` with every default, named `name`.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        ModelConfig {
+            name: name.into(),
+            path: path.into(),
+            device: default_device(),
+            dtype: default_dtype(),
+            replicas: 1,
+            queue_size: default_queue(),
+            load: LoadPolicy::Eager,
+            keep_alive: None,
+            max_context: 0,
+            chat_template: None,
+            defaults: SamplingDefaults::default(),
+        }
+    }
+
+    /// The parsed device.
+    pub fn device_spec(&self) -> Result<DeviceSpec> {
+        self.device.parse()
+    }
+
+    /// The parsed dtype (`None` = auto).
+    pub fn dtype(&self) -> Result<Option<candle_core::DType>> {
+        use candle_core::DType;
+        match self.dtype.to_ascii_lowercase().as_str() {
+            "auto" => Ok(None),
+            "f32" | "float32" => Ok(Some(DType::F32)),
+            "f16" | "float16" => Ok(Some(DType::F16)),
+            "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
+            other => Err(Error::InvalidParameter {
+                param: "dtype".into(),
+                message: format!("{other:?} is not allowed; allowed: auto, f32, f16, bf16"),
+            }),
+        }
+    }
+
+    /// The parsed keep-alive (`None` = never unload).
+    pub fn keep_alive(&self) -> std::result::Result<Option<Duration>, String> {
+        match self.keep_alive.as_deref() {
+            None => Ok(None),
+            Some(s) => parse_duration(s).map(|d| (!d.is_zero()).then_some(d)),
+        }
+    }
+}
+
+/// Parses "90", "90s", "5m", "1h", "250ms".
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| t.split_at(i))
+        .unwrap_or((t, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. 30s, 5m, 1h, 250ms or 0"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "{s:?} has unit {unit:?}; allowed units: ms, s, m, h"
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
+}

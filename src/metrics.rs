@@ -1,0 +1,187 @@
+//! Every metric llm-pool exports, in one place, with the helpers that record them.
+//!
+//! Names are prefixed `llm_pool_`; every per-model series carries the label `model`. The
+//! recorder is a process-wide Prometheus exporter from `metrics-exporter-prometheus`, installed
+//! on first use; [`render`] gives the text `/metrics` serves.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Requests by outcome (`ok`, `error`, `cancelled`, `overloaded`, `unavailable`, `restarted`).
+pub const REQUESTS_TOTAL: &str = "llm_pool_requests_total";
+/// Prompt tokens processed.
+pub const PROMPT_TOKENS_TOTAL: &str = "llm_pool_prompt_tokens_total";
+/// Tokens generated; throughput is `rate()` of this.
+pub const GENERATED_TOKENS_TOTAL: &str = "llm_pool_generated_tokens_total";
+/// Whole request time, from enqueue to the last token.
+pub const REQUEST_DURATION: &str = "llm_pool_request_duration_seconds";
+/// From enqueue to the first generated token.
+pub const TIME_TO_FIRST_TOKEN: &str = "llm_pool_time_to_first_token_seconds";
+/// Decode time per generated token after the first.
+pub const TIME_PER_OUTPUT_TOKEN: &str = "llm_pool_time_per_output_token_seconds";
+/// Time a request waited in its model's queue.
+pub const QUEUE_WAIT: &str = "llm_pool_queue_wait_seconds";
+/// Requests waiting in a model's queue.
+pub const QUEUE_DEPTH: &str = "llm_pool_queue_depth";
+/// Models loaded, by device (label `device`).
+pub const MODELS_LOADED: &str = "llm_pool_models_loaded";
+/// KV-cache resets by reason (`new_prompt`, `policy`).
+pub const CACHE_RESETS_TOTAL: &str = "llm_pool_cache_resets_total";
+/// Requests that reused a cached prompt prefix.
+pub const PREFIX_CACHE_HITS_TOTAL: &str = "llm_pool_prefix_cache_hits_total";
+/// Prompt tokens not recomputed thanks to the prefix cache.
+pub const PREFIX_CACHE_TOKENS_REUSED_TOTAL: &str = "llm_pool_prefix_cache_tokens_reused_total";
+/// Worker restarts after a crash or an unrecoverable error.
+pub const WORKER_RESTARTS_TOTAL: &str = "llm_pool_worker_restarts_total";
+/// Time to load a model (each worker's load).
+pub const MODEL_LOAD_DURATION: &str = "llm_pool_model_load_duration_seconds";
+
+/// Every metric name, for documentation and tests.
+pub const ALL: &[&str] = &[
+    REQUESTS_TOTAL,
+    PROMPT_TOKENS_TOTAL,
+    GENERATED_TOKENS_TOTAL,
+    REQUEST_DURATION,
+    TIME_TO_FIRST_TOKEN,
+    TIME_PER_OUTPUT_TOKEN,
+    QUEUE_WAIT,
+    QUEUE_DEPTH,
+    MODELS_LOADED,
+    CACHE_RESETS_TOTAL,
+    PREFIX_CACHE_HITS_TOTAL,
+    PREFIX_CACHE_TOKENS_REUSED_TOTAL,
+    WORKER_RESTARTS_TOTAL,
+    MODEL_LOAD_DURATION,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns its handle. `None` when
+/// another recorder was installed first by the embedding program.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 120.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe_all();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    install().map(|h| h.render()).unwrap_or_default()
+}
+
+fn describe_all() {
+    describe_counter!(REQUESTS_TOTAL, "Requests by model and outcome");
+    describe_counter!(PROMPT_TOKENS_TOTAL, Unit::Count, "Prompt tokens processed");
+    describe_counter!(GENERATED_TOKENS_TOTAL, Unit::Count, "Tokens generated");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Request time from enqueue to the last token");
+    describe_histogram!(TIME_TO_FIRST_TOKEN, Unit::Seconds, "Time from enqueue to the first token");
+    describe_histogram!(TIME_PER_OUTPUT_TOKEN, Unit::Seconds, "Decode time per token after the first");
+    describe_histogram!(QUEUE_WAIT, Unit::Seconds, "Time spent waiting in the model's queue");
+    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting in the model's queue");
+    describe_gauge!(MODELS_LOADED, Unit::Count, "Models loaded, by device");
+    describe_counter!(CACHE_RESETS_TOTAL, "KV-cache resets by reason");
+    describe_counter!(PREFIX_CACHE_HITS_TOTAL, "Requests that reused a cached prompt prefix");
+    describe_counter!(PREFIX_CACHE_TOKENS_REUSED_TOTAL, Unit::Count, "Prompt tokens reused from the cache");
+    describe_counter!(WORKER_RESTARTS_TOTAL, "Worker restarts after a crash or unrecoverable error");
+    describe_histogram!(MODEL_LOAD_DURATION, Unit::Seconds, "Model load time");
+}
+
+/// Registers every per-model series at zero, so that a scrape shows the model before traffic.
+pub fn register_model(model: &str) {
+    install();
+    let m = model.to_string();
+    for outcome in ["ok", "error", "cancelled", "overloaded", "unavailable", "restarted"] {
+        counter!(REQUESTS_TOTAL, "model" => m.clone(), "outcome" => outcome).absolute(0);
+    }
+    counter!(PROMPT_TOKENS_TOTAL, "model" => m.clone()).absolute(0);
+    counter!(GENERATED_TOKENS_TOTAL, "model" => m.clone()).absolute(0);
+    for reason in ["new_prompt", "policy"] {
+        counter!(CACHE_RESETS_TOTAL, "model" => m.clone(), "reason" => reason).absolute(0);
+    }
+    counter!(PREFIX_CACHE_HITS_TOTAL, "model" => m.clone()).absolute(0);
+    counter!(PREFIX_CACHE_TOKENS_REUSED_TOTAL, "model" => m.clone()).absolute(0);
+    counter!(WORKER_RESTARTS_TOTAL, "model" => m.clone()).absolute(0);
+    gauge!(QUEUE_DEPTH, "model" => m.clone()).set(0.0);
+    // Histograms appear with their first observation; touching them registers the series.
+    let _ = histogram!(REQUEST_DURATION, "model" => m.clone());
+    let _ = histogram!(TIME_TO_FIRST_TOKEN, "model" => m.clone());
+    let _ = histogram!(TIME_PER_OUTPUT_TOKEN, "model" => m.clone());
+    let _ = histogram!(QUEUE_WAIT, "model" => m.clone());
+    let _ = histogram!(MODEL_LOAD_DURATION, "model" => m);
+}
+
+/// Counts a finished request.
+pub fn request(model: &str, outcome: &'static str) {
+    counter!(REQUESTS_TOTAL, "model" => model.to_string(), "outcome" => outcome).increment(1);
+}
+
+/// Records a completed generation's tokens and timings.
+pub fn generation(
+    model: &str,
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    total: Duration,
+    first_token: Duration,
+    decode: Duration,
+) {
+    let m = model.to_string();
+    counter!(PROMPT_TOKENS_TOTAL, "model" => m.clone()).increment(prompt_tokens as u64);
+    counter!(GENERATED_TOKENS_TOTAL, "model" => m.clone()).increment(generated_tokens as u64);
+    histogram!(REQUEST_DURATION, "model" => m.clone()).record(total.as_secs_f64());
+    histogram!(TIME_TO_FIRST_TOKEN, "model" => m.clone()).record(first_token.as_secs_f64());
+    if generated_tokens > 1 {
+        histogram!(TIME_PER_OUTPUT_TOKEN, "model" => m)
+            .record(decode.as_secs_f64() / (generated_tokens - 1) as f64);
+    }
+}
+
+/// Records the time a request waited in the queue.
+pub fn queue_wait(model: &str, wait: Duration) {
+    histogram!(QUEUE_WAIT, "model" => model.to_string()).record(wait.as_secs_f64());
+}
+
+/// Sets a model's queue depth.
+pub fn queue_depth(model: &str, depth: usize) {
+    gauge!(QUEUE_DEPTH, "model" => model.to_string()).set(depth as f64);
+}
+
+/// Adjusts the models-loaded gauge of a device.
+pub fn model_loaded(device: &str, delta: f64) {
+    gauge!(MODELS_LOADED, "device" => device.to_string()).increment(delta);
+}
+
+/// Counts a cache reset.
+pub fn cache_reset(model: &str, reason: &'static str) {
+    counter!(CACHE_RESETS_TOTAL, "model" => model.to_string(), "reason" => reason).increment(1);
+}
+
+/// Counts a prefix-cache hit and the tokens it saved.
+pub fn prefix_hit(model: &str, tokens: usize) {
+    counter!(PREFIX_CACHE_HITS_TOTAL, "model" => model.to_string()).increment(1);
+    counter!(PREFIX_CACHE_TOKENS_REUSED_TOTAL, "model" => model.to_string()).increment(tokens as u64);
+}
+
+/// Counts a worker restart.
+pub fn worker_restart(model: &str) {
+    counter!(WORKER_RESTARTS_TOTAL, "model" => model.to_string()).increment(1);
+}
+
+/// Records a model load.
+pub fn model_load(model: &str, took: Duration) {
+    histogram!(MODEL_LOAD_DURATION, "model" => model.to_string()).record(took.as_secs_f64());
+}
