@@ -252,6 +252,7 @@ register_architectures! {
     // Hugging Face safetensors directories.
     Llama => llama::Llama,
     Yi => yi::Yi,
+    Mistral => mistral::Mistral,
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
 
