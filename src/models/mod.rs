@@ -253,6 +253,7 @@ register_architectures! {
     Llama => llama::Llama,
     Yi => yi::Yi,
     Mistral => mistral::Mistral,
+    Mixtral => mixtral::Mixtral,
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
 
