@@ -254,6 +254,7 @@ register_architectures! {
     Yi => yi::Yi,
     Mistral => mistral::Mistral,
     Mixtral => mixtral::Mixtral,
+    Qwen2 => qwen2::Qwen2,
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
 
