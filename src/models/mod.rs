@@ -255,6 +255,7 @@ register_architectures! {
     Mistral => mistral::Mistral,
     Mixtral => mixtral::Mixtral,
     Qwen2 => qwen2::Qwen2,
+    Qwen3 => qwen3::Qwen3,
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
 
