@@ -256,6 +256,7 @@ register_architectures! {
     Mixtral => mixtral::Mixtral,
     Qwen2 => qwen2::Qwen2,
     Qwen3 => qwen3::Qwen3,
+    Starcoder2 => starcoder2::Starcoder2,
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
 
