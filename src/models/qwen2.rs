@@ -20,7 +20,7 @@
 //! when `use_sliding_window` is set. The KV cache keeps every position; the mask, not the cache,
 //! enforces the window.
 //!
-//! Reset: a fresh, empty [`KvCache`]. The weights sit in an immutable network (`forward` takes
+//! Reset: a fresh, empty `KvCache`. The weights sit in an immutable network (`forward` takes
 //! `&self`) and the cache is a separate value holding all the state there is, so replacing it
 //! restores exactly the freshly loaded model.
 
