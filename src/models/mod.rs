@@ -252,6 +252,11 @@ register_architectures! {
     // Hugging Face safetensors directories.
     Llama => llama::Llama,
     Yi => yi::Yi,
+    Mistral => mistral::Mistral,
+    Mixtral => mixtral::Mixtral,
+    Qwen2 => qwen2::Qwen2,
+    Qwen3 => qwen3::Qwen3,
+    Starcoder2 => starcoder2::Starcoder2,
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
 

@@ -1,0 +1,309 @@
+//! Mistral from a Hugging Face directory, on candle's `mistral` model.
+//!
+//! What this adapter hides:
+//!
+//! - candle's sliding-window mask is wrong in two ways: it lets a query see `sliding_window + 1`
+//!   keys (transformers: `sliding_window`, the query included), and it does not mask cached keys
+//!   at all: a single-token decode gets no mask and a prefill at a non-zero position sees the
+//!   whole cache. This adapter never lets candle build the mask: it embeds the tokens itself and
+//!   calls `forward_embeds` with the transformers mask, built here for every forward.
+//! - candle always loads `lm_head.weight`; tied checkpoints (`tie_word_embeddings: true`) have
+//!   none, so the var builder reads the embedding matrix under that name instead.
+//! - candle's `Config` derives `Deserialize` but rejects real configs (it needs
+//!   `max_position_embeddings`, `rope_theta` and `rms_norm_eps` at the top level, which
+//!   transformers >= 5 moves into `rope_parameters`); it is filled from [`HfConfig`] getters.
+//!
+//! Reset: a [`Pristine`] clone taken at load time. candle's model is `Clone`, its weights are
+//! reference-counted tensors that nothing writes in place, and its only state, the per-layer
+//! `Option<(k, v)>` cache, is `None` in the pristine copy and grows by concatenation (new
+//! tensors), so a clone of the pristine copy is exactly the freshly loaded model.
+
+use super::common::{last_position_f32, token_set, Pristine};
+use super::hf::{HfConfig, RopeScaling};
+use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Activation;
+use candle_transformers::models::mistral as candle_mistral;
+use serde_json::Value;
+
+/// A Mistral model with its KV cache.
+pub struct Mistral {
+    model: Pristine<candle_mistral::Model>,
+    sliding_window: Option<usize>,
+    info: ModelInfo,
+}
+
+/// What config.json says, mapped to candle's config.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct MistralSettings {
+    pub config: candle_mistral::Config,
+    pub tie_word_embeddings: bool,
+}
+
+/// Maps config.json to candle's Mistral config, refusing what candle cannot compute.
+pub(crate) fn settings_from_hf(c: &HfConfig) -> Result<MistralSettings> {
+    const FAMILY: &str = "mistral";
+    let hidden_size = c.usize("hidden_size")?;
+    let num_attention_heads = c.usize_or("num_attention_heads", 32)?;
+    let num_key_value_heads = c.usize_or("num_key_value_heads", 8)?;
+    check_heads(c, hidden_size, num_attention_heads, num_key_value_heads)?;
+    // transformers: `head_dim or hidden_size // num_attention_heads`; candle honours an
+    // explicit head_dim (Mistral NeMo's 128 with hidden_size 5120 and 32 heads).
+    let head_dim = match c.opt_usize("head_dim")? {
+        Some(0) | None => None,
+        Some(hd) => Some(hd),
+    };
+    c.activation(&["silu"], "silu")?;
+    let rope = c.rope(None, 10_000.0)?;
+    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
+    {
+        return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
+    }
+    // transformers' MistralConfig: an absent sliding_window means 4096, an explicit null none.
+    let sliding_window = match c.value().get("sliding_window") {
+        None => Some(4096),
+        Some(Value::Null) => None,
+        Some(_) => match c.opt_usize("sliding_window")? {
+            Some(0) => {
+                return Err(Error::config(
+                    "sliding_window",
+                    "0 is not a valid window; use null for full attention",
+                ))
+            }
+            w => w,
+        },
+    };
+    let config = candle_mistral::Config {
+        vocab_size: c.usize("vocab_size")?,
+        hidden_size,
+        intermediate_size: c.usize("intermediate_size")?,
+        num_hidden_layers: c.usize("num_hidden_layers")?,
+        num_attention_heads,
+        head_dim,
+        num_key_value_heads,
+        hidden_act: Activation::Silu,
+        // transformers' MistralConfig default.
+        max_position_embeddings: c.usize_or("max_position_embeddings", 4096 * 32)?,
+        rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
+        rope_theta: rope.theta,
+        sliding_window,
+        use_flash_attn: false,
+    };
+    Ok(MistralSettings {
+        config,
+        tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
+    })
+}
+
+fn check_heads(c: &HfConfig, hidden: usize, heads: usize, kv_heads: usize) -> Result<()> {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(Error::config(
+            "num_key_value_heads",
+            format!("{kv_heads} must be positive and divide num_attention_heads {heads}"),
+        ));
+    }
+    if c.opt_usize("head_dim")?.unwrap_or(0) == 0 && !hidden.is_multiple_of(heads) {
+        return Err(Error::config(
+            "num_attention_heads",
+            format!("{heads} must divide hidden_size {hidden} when head_dim is not given"),
+        ));
+    }
+    Ok(())
+}
+
+/// The additive mask transformers applies: query at absolute position `p` sees key `k` when
+/// `k <= p` and, with a window `w`, `p - k < w` (the window counts the query itself).
+/// `None` when nothing would be masked (a single-token step that sees every key).
+fn attention_mask(
+    seq_len: usize,
+    position: usize,
+    window: Option<usize>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let kv_len = position + seq_len;
+    let window = window.unwrap_or(usize::MAX);
+    if seq_len == 1 && kv_len <= window {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            let q = position + i;
+            (0..kv_len).map(move |k| {
+                if k > q || q - k >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(
+        Tensor::from_vec(mask, (1, 1, seq_len, kv_len), device)?.to_dtype(dtype)?,
+    ))
+}
+
+impl Architecture for Mistral {
+    const NAME: &'static str = "mistral";
+    const FORMAT: WeightFormat = WeightFormat::Safetensors;
+    const MODEL_TYPES: &'static [&'static str] = &["mistral"];
+    const HF_CLASSES: &'static [&'static str] = &["MistralForCausalLM"];
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+        let dir = source.into_hf(Self::NAME)?;
+        let settings = settings_from_hf(&dir.config)?;
+        let dtype = dir.dtype(options)?;
+        let mut vb = dir.var_builder(dtype, &options.device)?;
+        if settings.tie_word_embeddings {
+            // Tied checkpoints store no lm_head; candle's Mistral always reads one.
+            vb = vb.rename_f(|name| {
+                if name == "lm_head.weight" {
+                    "model.embed_tokens.weight".to_string()
+                } else {
+                    name.to_string()
+                }
+            });
+        }
+        let model = candle_mistral::Model::new(&settings.config, vb)?;
+        let config = &settings.config;
+        Ok(Mistral {
+            model: Pristine::new(model),
+            sliding_window: config.sliding_window,
+            info: ModelInfo {
+                architecture: Self::NAME,
+                vocab_size: config.vocab_size,
+                // candle's RoPE table has exactly this many rows.
+                max_context: config.max_position_embeddings,
+                eos_token_ids: token_set(dir.eos_token_ids()),
+                bos_token_id: dir.bos_token_id(),
+                dtype,
+            },
+        })
+    }
+}
+
+impl LanguageModel for Mistral {
+    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+        let (_batch, seq_len) = input_ids.dims2()?;
+        let model = self.model.live();
+        let embeds = model.embed_tokens().forward(input_ids)?;
+        let mask = attention_mask(
+            seq_len,
+            position,
+            self.sliding_window,
+            input_ids.device(),
+            embeds.dtype(),
+        )?;
+        last_position_f32(model.forward_embeds(&embeds, mask.as_ref(), position)?)
+    }
+
+    fn reset_cache(&mut self) -> Result<()> {
+        self.model.reset();
+        Ok(())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn settings(file: &str) -> MistralSettings {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(file);
+        settings_from_hf(&HfConfig::from_file(&path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn real_configs_map() {
+        let s = settings("real_configs/mistral-Mistral-7B-v0.1.json");
+        assert_eq!(s.config.hidden_size, 4096);
+        assert_eq!(s.config.num_attention_heads, 32);
+        assert_eq!(s.config.num_key_value_heads, 8);
+        assert_eq!(s.config.head_dim, None);
+        assert_eq!(s.config.rope_theta, 10_000.0);
+        assert_eq!(s.config.sliding_window, Some(4096));
+        assert_eq!(s.config.max_position_embeddings, 32768);
+        assert!(!s.tie_word_embeddings);
+
+        let s = settings("real_configs/mistral-Mistral-7B-Instruct-v0.3.json");
+        assert_eq!(s.config.vocab_size, 32768);
+        assert_eq!(s.config.rope_theta, 1_000_000.0);
+        assert_eq!(s.config.sliding_window, None);
+    }
+
+    #[test]
+    fn both_fixture_layouts_map_alike() {
+        let new = settings("hf/mistral/config.json");
+        assert_eq!(new, settings("hf/mistral/config.legacy.json"));
+        assert_eq!(new.config.sliding_window, Some(6));
+    }
+
+    #[test]
+    fn an_absent_window_is_transformers_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/real_configs/mistral-Mistral-7B-v0.1.json");
+        let mut value = HfConfig::from_file(&path).unwrap().value().clone();
+        value.as_object_mut().unwrap().remove("sliding_window");
+        let c = HfConfig::from_value(&path, value);
+        assert_eq!(settings_from_hf(&c).unwrap().config.sliding_window, Some(4096));
+    }
+
+    /// The Llama fixture is a tied checkpoint (no `lm_head.weight`) of the same network as a
+    /// Mistral without a window, so loading it as Mistral must reproduce its reference logits.
+    #[test]
+    fn tied_checkpoints_read_the_embeddings_as_lm_head() {
+        use crate::models::{LoadOptions, Model};
+        let llama = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            llama.join("model.safetensors"),
+            tmp.path().join("model.safetensors"),
+        )
+        .unwrap();
+        let mut cfg = HfConfig::from_file(&llama.join("config.json"))
+            .unwrap()
+            .value()
+            .clone();
+        cfg["model_type"] = serde_json::json!("mistral");
+        cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        cfg["sliding_window"] = Value::Null;
+        assert_eq!(cfg["tie_word_embeddings"], serde_json::json!(true));
+        std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+        let reference: Value = serde_json::from_str(
+            &std::fs::read_to_string(llama.join("reference.json")).unwrap(),
+        )
+        .unwrap();
+        let prompt: Vec<u32> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
+        let expected: Vec<Vec<f32>> =
+            serde_json::from_value(reference["step_logits"].clone()).unwrap();
+
+        let mut model = Model::load(tmp.path(), &LoadOptions::cpu()).unwrap();
+        assert_eq!(model.info().architecture, "mistral");
+        let logits = model.forward_ids(&prompt, 0).unwrap();
+        let diff = logits
+            .iter()
+            .zip(&expected[0])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-4, "tied Mistral differs from the reference by {diff}");
+    }
+
+    #[test]
+    fn the_mask_follows_transformers_window() {
+        let m = attention_mask(1, 7, Some(6), &Device::Cpu, DType::F32)
+            .unwrap()
+            .unwrap();
+        let row: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        // Position 7 sees keys 2..=7: six keys, itself included.
+        let visible: Vec<usize> = (0..8).filter(|&k| row[k] == 0.0).collect();
+        assert_eq!(visible, vec![2, 3, 4, 5, 6, 7]);
+        assert!(attention_mask(1, 5, Some(6), &Device::Cpu, DType::F32)
+            .unwrap()
+            .is_none());
+    }
+}
