@@ -159,6 +159,8 @@ pub struct Session<'m> {
     pub policy: CachePolicy,
     /// What the last generation did with the cache.
     pub last_cache_use: Option<CacheUse>,
+    /// Set when a failed generation could not reset the cache: the model must be reloaded.
+    poisoned: bool,
 }
 
 impl<'m> Session<'m> {
@@ -169,12 +171,18 @@ impl<'m> Session<'m> {
             cached: Vec::new(),
             policy: CachePolicy::ReusePrefix,
             last_cache_use: None,
+            poisoned: false,
         }
     }
 
     /// The model.
     pub fn model(&self) -> &Model {
         self.model
+    }
+
+    /// True when the model's state is unknown after a failure and it must be reloaded.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
     }
 
     /// Tokens currently in the cache.
@@ -200,8 +208,9 @@ impl<'m> Session<'m> {
         let previous = std::mem::take(&mut self.cached);
         let result = self.generate_inner(&previous, text, prompt, params, on_token);
         if result.is_err() {
-            // A failed forward can leave partial state; the next request starts clean.
-            let _ = self.model.reset_cache();
+            // A failed forward can leave partial state; the next request starts clean, or, if
+            // even the reset fails, the session is poisoned and its owner must reload.
+            self.poisoned = self.model.reset_cache().is_err();
         }
         result
     }

@@ -55,6 +55,23 @@ pub enum Error {
     #[error("panic in {context}: {message}")]
     Panic { context: String, message: String },
 
+    /// No model of that name is configured.
+    #[error("unknown model {name:?}; available models: {available}")]
+    UnknownModel { name: String, available: String },
+
+    /// The model's queue is full.
+    #[error("model {model} is overloaded: its queue of {queue_size} requests is full; retry later")]
+    Overloaded { model: String, queue_size: usize },
+
+    /// The model cannot serve requests (failed, unloaded, or the pool is shutting down).
+    #[error("model {model} is unavailable: {reason}")]
+    Unavailable { model: String, reason: String },
+
+    /// The worker serving the request crashed; the request was not completed. The worker is
+    /// being restarted and queued requests are kept.
+    #[error("the worker for model {model} crashed while serving this request and is restarting: {cause}")]
+    WorkerRestarted { model: String, cause: String },
+
     /// Filesystem I/O failed.
     #[error("{path}: {source}")]
     Io {

@@ -26,6 +26,7 @@ pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod models;
+pub mod pool;
 pub mod resources;
 pub mod text;
 

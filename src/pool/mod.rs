@@ -1,0 +1,463 @@
+//! The pool: several models at once, each served by its own workers.
+//!
+//! - [`Pool`] is the handle programs use (`Clone + Send + Sync`, works from any tokio program);
+//! - `registry` maps model names to handles, each with a bounded queue (crossbeam);
+//! - `supervisor` is the actix actor that starts, restarts, loads, unloads and evicts;
+//! - `worker` is one OS thread per replica that owns a model and its KV cache.
+//!
+//! ```no_run
+//! # async fn demo() -> llm_pool::Result<()> {
+//! use llm_pool::config::{Config, ModelConfig};
+//! use llm_pool::pool::{GenerateRequest, Pool};
+//!
+//! let mut config = Config::default();
+//! config.models.push(ModelConfig::new("smollm2", "models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+//! let pool = Pool::start(config).await?;
+//! let result = pool.generate("smollm2", GenerateRequest::text("Once upon a time").max_tokens(16)).await?;
+//! println!("{}", result.text.unwrap_or_default());
+//! pool.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod registry;
+mod supervisor;
+mod worker;
+
+pub use worker::DEFAULT_MAX_TOKENS;
+
+use crate::config::Config;
+use crate::engine::{CacheUse, FinishReason};
+use crate::error::{Error, Result};
+use crate::text::ChatMessage;
+use registry::{Job, ModelHandle, Registry};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use supervisor::{Load, Shutdown, Supervisor, Unload};
+use tokio::sync::mpsc;
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Raw text, tokenized with the model's tokenizer (BOS added where the model wants it).
+    Text(String),
+    /// Token ids.
+    Ids(Vec<u32>),
+    /// Chat messages, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// A generation request. Unset fields take the model's configured defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The most tokens to generate (default: as many as fit, up to [`DEFAULT_MAX_TOKENS`]).
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature (0 = greedy, the default).
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    pub top_p: Option<f64>,
+    /// Top-k sampling.
+    pub top_k: Option<usize>,
+    /// Min-p sampling.
+    pub min_p: Option<f64>,
+    /// Repetition penalty.
+    pub repetition_penalty: Option<f64>,
+    /// Presence penalty.
+    pub presence_penalty: Option<f64>,
+    /// Frequency penalty.
+    pub frequency_penalty: Option<f64>,
+    /// Seed (random when unset).
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Vec<String>,
+}
+
+impl GenerateRequest {
+    fn new(prompt: Prompt) -> Self {
+        GenerateRequest {
+            prompt,
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            min_p: None,
+            repetition_penalty: None,
+            presence_penalty: None,
+            frequency_penalty: None,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+
+    /// A request for raw text.
+    pub fn text(prompt: impl Into<String>) -> Self {
+        Self::new(Prompt::Text(prompt.into()))
+    }
+
+    /// A request for token ids.
+    pub fn ids(ids: Vec<u32>) -> Self {
+        Self::new(Prompt::Ids(ids))
+    }
+
+    /// A chat request.
+    pub fn chat(messages: Vec<ChatMessage>) -> Self {
+        Self::new(Prompt::Chat(messages))
+    }
+
+    /// Sets `max_tokens`.
+    pub fn max_tokens(mut self, n: usize) -> Self {
+        self.max_tokens = Some(n);
+        self
+    }
+
+    /// Sets the temperature.
+    pub fn temperature(mut self, t: f64) -> Self {
+        self.temperature = Some(t);
+        self
+    }
+
+    /// Sets the seed.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Adds a stop string.
+    pub fn stop(mut self, s: impl Into<String>) -> Self {
+        self.stop.push(s.into());
+        self
+    }
+}
+
+/// One event of a streamed generation.
+#[derive(Debug, Clone)]
+pub enum GenerationEvent {
+    /// A generated token and the text it completes (possibly empty).
+    Token {
+        /// The token id.
+        id: u32,
+        /// The text delta.
+        text: String,
+    },
+    /// The generation ended.
+    Done(GenerationResult),
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct GenerationResult {
+    /// The text (when the model has a tokenizer).
+    pub text: Option<String>,
+    /// Generated token ids.
+    pub token_ids: Vec<u32>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// From enqueue to the first token.
+    pub time_to_first_token: Duration,
+    /// From enqueue to the end.
+    pub duration: Duration,
+    /// Whether the KV cache was reused or reset.
+    pub cache: CacheUse,
+}
+
+/// A model's lifecycle state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelState {
+    /// Not in memory; a request loads it.
+    Unloaded,
+    /// Being loaded (or restarted).
+    Loading,
+    /// Serving.
+    Ready,
+    /// Failed too often; the reason of the last failure.
+    Failed(String),
+}
+
+impl ModelState {
+    /// The state's name: `unloaded`, `loading`, `ready` or `failed`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ModelState::Unloaded => "unloaded",
+            ModelState::Loading => "loading",
+            ModelState::Ready => "ready",
+            ModelState::Failed(_) => "failed",
+        }
+    }
+}
+
+/// What an operator sees of a model.
+#[derive(Debug, Clone)]
+pub struct ModelStatus {
+    /// The configured name.
+    pub name: String,
+    /// Its state.
+    pub state: ModelState,
+    /// Its device.
+    pub device: String,
+    /// The detected architecture, once loaded.
+    pub architecture: Option<&'static str>,
+    /// Worker restarts so far.
+    pub restarts: u64,
+    /// Requests waiting.
+    pub queue_depth: usize,
+    /// Requests being served.
+    pub in_flight: usize,
+    /// Workers with the model loaded.
+    pub ready_workers: usize,
+}
+
+/// A stream of generation events. Dropping it cancels the generation within one token.
+pub struct GenerationStream {
+    receiver: mpsc::UnboundedReceiver<Result<GenerationEvent>>,
+}
+
+impl futures::Stream for GenerationStream {
+    type Item = Result<GenerationEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.receiver.poll_recv(cx)
+    }
+}
+
+struct PoolInner {
+    registry: Arc<Registry>,
+    supervisor: actix::Addr<Supervisor>,
+    system: Mutex<Option<(actix::System, std::thread::JoinHandle<()>)>>,
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        if let Ok(mut system) = self.system.lock() {
+            if let Some((system, thread)) = system.take() {
+                self.supervisor.do_send(Shutdown);
+                system.stop();
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// The embedding handle: a pool of models served by supervised workers.
+///
+/// It is `Clone + Send + Sync` and works from any tokio runtime: the actix system runs on a
+/// thread of its own, and model compute on the workers' threads.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+impl Pool {
+    /// Starts the pool and loads eager models in the background.
+    pub fn new(config: Config) -> Result<Pool> {
+        config.validate()?;
+        crate::metrics::install();
+        let registry = Arc::new(Registry::default());
+        for model in config.models {
+            registry.insert(ModelHandle::new(model)?);
+        }
+        let settings = config.pool.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reg = Arc::clone(&registry);
+        let thread = std::thread::Builder::new()
+            .name("llm-pool-supervisor".into())
+            .spawn(move || {
+                let system = actix::System::new();
+                let addr = system.block_on(async move {
+                    actix::Actor::start(Supervisor::new(reg, settings))
+                });
+                let _ = tx.send((addr, actix::System::current()));
+                let _ = system.run();
+            })
+            .map_err(|e| Error::Unavailable {
+                model: "*".into(),
+                reason: format!("cannot start the supervisor thread: {e}"),
+            })?;
+        let (supervisor, system) = rx.recv().map_err(|_| Error::Unavailable {
+            model: "*".into(),
+            reason: "the supervisor thread died at start".into(),
+        })?;
+        Ok(Pool {
+            inner: Arc::new(PoolInner {
+                registry,
+                supervisor,
+                system: Mutex::new(Some((system, thread))),
+            }),
+        })
+    }
+
+    /// Starts the pool and waits until every eager model is ready (or one failed).
+    pub async fn start(config: Config) -> Result<Pool> {
+        let eager: Vec<String> = config
+            .models
+            .iter()
+            .filter(|m| m.load == crate::config::LoadPolicy::Eager)
+            .map(|m| m.name.clone())
+            .collect();
+        let pool = Pool::new(config)?;
+        for name in eager {
+            pool.wait_for(&name).await?;
+        }
+        Ok(pool)
+    }
+
+    /// Loads a configuration file and starts the pool.
+    pub async fn from_config_file(path: &std::path::Path) -> Result<Pool> {
+        Pool::start(Config::load(path, None)?).await
+    }
+
+    /// Waits until the model is ready; fails when it fails or is unloaded meanwhile.
+    pub async fn wait_for(&self, name: &str) -> Result<()> {
+        let handle = self.inner.registry.get(name)?;
+        let mut states = handle.state.subscribe();
+        loop {
+            let state = states.borrow_and_update().clone();
+            match state {
+                ModelState::Ready => return Ok(()),
+                ModelState::Failed(reason) => {
+                    return Err(Error::Unavailable {
+                        model: name.to_string(),
+                        reason,
+                    })
+                }
+                ModelState::Unloaded | ModelState::Loading => {}
+            }
+            if states.changed().await.is_err() {
+                return Err(Error::Unavailable {
+                    model: name.to_string(),
+                    reason: "the pool shut down".into(),
+                });
+            }
+        }
+    }
+
+    /// Enqueues a request and returns its event stream. Fails at once for an unknown model, a
+    /// failed one, or a full queue (`Overloaded`). An unloaded model is loaded on demand.
+    pub fn generate_stream(&self, model: &str, request: GenerateRequest) -> Result<GenerationStream> {
+        let handle = self.inner.registry.get(model)?;
+        match handle.state() {
+            ModelState::Failed(reason) => {
+                crate::metrics::request(model, "unavailable");
+                return Err(Error::Unavailable {
+                    model: model.to_string(),
+                    reason: format!("it failed: {reason}"),
+                });
+            }
+            ModelState::Unloaded => self.inner.supervisor.do_send(Load {
+                name: model.to_string(),
+            }),
+            ModelState::Loading | ModelState::Ready => {}
+        }
+        let (events, receiver) = mpsc::unbounded_channel();
+        handle
+            .enqueue(Job {
+                request,
+                events,
+                enqueued: Instant::now(),
+            })
+            .inspect_err(|e| {
+                if matches!(e, Error::Overloaded { .. }) {
+                    crate::metrics::request(model, "overloaded");
+                }
+            })?;
+        Ok(GenerationStream { receiver })
+    }
+
+    /// Generates and waits for the whole result.
+    pub async fn generate(&self, model: &str, request: GenerateRequest) -> Result<GenerationResult> {
+        use futures::StreamExt;
+        let mut stream = self.generate_stream(model, request)?;
+        while let Some(event) = stream.next().await {
+            if let GenerationEvent::Done(result) = event? {
+                return Ok(result);
+            }
+        }
+        Err(Error::Unavailable {
+            model: model.to_string(),
+            reason: "the worker stopped without finishing the request".into(),
+        })
+    }
+
+    /// Loads a model and waits until it is ready.
+    pub async fn load(&self, model: &str) -> Result<()> {
+        self.send(Load {
+            name: model.to_string(),
+        })
+        .await?;
+        self.wait_for(model).await
+    }
+
+    /// Unloads a model; requests in flight finish first, and queued ones reload it.
+    pub async fn unload(&self, model: &str) -> Result<()> {
+        self.send(Unload {
+            name: model.to_string(),
+            reason: "unload requested",
+        })
+        .await
+    }
+
+    async fn send<M>(&self, msg: M) -> Result<()>
+    where
+        M: actix::Message<Result = Result<()>> + Send + 'static,
+        Supervisor: actix::Handler<M>,
+    {
+        self.inner
+            .supervisor
+            .send(msg)
+            .await
+            .map_err(|e| Error::Unavailable {
+                model: "*".into(),
+                reason: format!("the supervisor is not running: {e}"),
+            })?
+    }
+
+    /// Every configured model with its status.
+    pub fn models(&self) -> Vec<ModelStatus> {
+        self.inner
+            .registry
+            .all()
+            .into_iter()
+            .map(|h| ModelStatus {
+                name: h.name().to_string(),
+                state: h.state(),
+                device: h.device.to_string(),
+                architecture: h.architecture.lock().ok().and_then(|a| *a),
+                restarts: h.restarts.load(Ordering::SeqCst),
+                queue_depth: h.queue_rx.len(),
+                in_flight: h.in_flight.load(Ordering::SeqCst),
+                ready_workers: h.ready_workers.load(Ordering::SeqCst),
+            })
+            .collect()
+    }
+
+    /// The status of one model.
+    pub fn model(&self, name: &str) -> Result<ModelStatus> {
+        self.inner.registry.get(name)?;
+        self.models()
+            .into_iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| Error::UnknownModel {
+                name: name.to_string(),
+                available: self.inner.registry.names().join(", "),
+            })
+    }
+
+    /// Stops every worker (after its current request), fails queued requests, and stops the
+    /// supervisor.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.supervisor.send(Shutdown).await;
+        let taken = self.inner.system.lock().ok().and_then(|mut s| s.take());
+        if let Some((system, thread)) = taken {
+            system.stop();
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The supervisor: an actix actor that owns the registry's lifecycle. It starts each model's
+//! workers, restarts a crashed worker at once (with exponential backoff and a cap), marks a
+//! model failed after too many consecutive failures, loads and unloads models on request,
+//! unloads idle models after their keep-alive, and evicts the least recently used idle model
+//! when `max_loaded_models` or the memory budget would be exceeded.
+//!
+//! actix's own `Supervisor` restarts an actor on `ctx.stop()` but not on a panic (a panic
+//! closes the mailbox), and model compute must not run on the actor's thread anyway: workers
+//! are plain threads that report their exit here with [`WorkerExited`].
+
+use super::registry::{ModelHandle, Registry};
+use super::worker;
+use super::ModelState;
+use crate::config::PoolSettings;
+use crate::error::{Error, Result};
+use actix::prelude::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often idle models are checked against their keep-alive.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Why a worker thread ended.
+#[derive(Debug, Clone)]
+pub(crate) enum ExitCause {
+    /// Told to stop (unload, eviction, shutdown).
+    Stopped,
+    /// Loading the model failed.
+    LoadFailed(String),
+    /// A panic or an unrecoverable error while serving.
+    Crashed(String),
+}
+
+/// A worker thread ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct WorkerExited {
+    pub name: String,
+    pub replica: usize,
+    pub generation: u64,
+    pub cause: ExitCause,
+}
+
+/// Load a model (no-op when it is loaded or loading).
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(crate) struct Load {
+    pub name: String,
+}
+
+/// Unload a model once its requests in flight finish.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(crate) struct Unload {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+/// Stop every worker and fail queued requests.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Shutdown;
+
+pub(crate) struct Supervisor {
+    registry: Arc<Registry>,
+    settings: PoolSettings,
+}
+
+impl Supervisor {
+    pub fn new(registry: Arc<Registry>, settings: PoolSettings) -> Self {
+        Supervisor { registry, settings }
+    }
+
+    fn spawn_workers(&self, handle: &Arc<ModelHandle>, generation: u64, ctx: &mut Context<Self>) {
+        for replica in 0..handle.config.replicas {
+            self.spawn_worker(handle, replica, generation, ctx);
+        }
+    }
+
+    fn spawn_worker(
+        &self,
+        handle: &Arc<ModelHandle>,
+        replica: usize,
+        generation: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        if let Err(e) = worker::spawn(Arc::clone(handle), replica, generation, ctx.address()) {
+            tracing::error!(model = handle.name(), error = %e, "cannot start a worker thread");
+            ctx.address().do_send(WorkerExited {
+                name: handle.name().to_string(),
+                replica,
+                generation,
+                cause: ExitCause::Crashed(format!("cannot start a worker thread: {e}")),
+            });
+        }
+    }
+
+    /// Models that hold (or are about to hold) memory.
+    fn loaded(&self) -> Vec<Arc<ModelHandle>> {
+        self.registry
+            .all()
+            .into_iter()
+            .filter(|h| matches!(h.state(), ModelState::Ready | ModelState::Loading))
+            .collect()
+    }
+
+    /// Makes room for `incoming` under max_loaded_models and the memory budget by unloading
+    /// least recently used idle models; fails when only busy models could make room.
+    fn make_room(&mut self, incoming: &ModelHandle) -> Result<()> {
+        let max_models = self.settings.max_loaded_models;
+        let budget = self.settings.memory_budget_mb * 1024 * 1024;
+        loop {
+            let loaded = self.loaded();
+            let used: u64 = loaded.iter().map(|h| h.estimated_bytes).sum();
+            let over_count = max_models > 0 && loaded.len() >= max_models;
+            let over_memory = budget > 0 && used + incoming.estimated_bytes > budget;
+            if !over_count && !over_memory {
+                return Ok(());
+            }
+            let victim = loaded
+                .iter()
+                .filter(|h| h.state() == ModelState::Ready && h.is_idle())
+                .max_by_key(|h| h.idle_for());
+            let Some(victim) = victim else {
+                let limit = if over_count {
+                    format!("max_loaded_models ({max_models}) is reached")
+                } else {
+                    format!(
+                        "the memory budget ({} MiB) would be exceeded",
+                        self.settings.memory_budget_mb
+                    )
+                };
+                return Err(Error::Unavailable {
+                    model: incoming.name().to_string(),
+                    reason: format!("{limit} and every loaded model is busy; retry later"),
+                });
+            };
+            tracing::info!(evicted = victim.name(), for_model = incoming.name(), "evicting the least recently used idle model");
+            self.stop_model(victim, ModelState::Unloaded, "evicted");
+        }
+    }
+
+    fn start_model(&mut self, handle: &Arc<ModelHandle>, ctx: &mut Context<Self>) -> Result<()> {
+        if matches!(handle.state(), ModelState::Ready | ModelState::Loading) {
+            return Ok(());
+        }
+        self.make_room(handle)?;
+        tracing::info!(model = handle.name(), device = %handle.device, path = %handle.config.path.display(), "loading model");
+        handle.consecutive_failures.store(0, Ordering::SeqCst);
+        handle.set_state(ModelState::Loading);
+        crate::metrics::model_loaded(&handle.device.to_string(), 1.0);
+        let generation = handle.next_generation();
+        handle.touch();
+        self.spawn_workers(handle, generation, ctx);
+        Ok(())
+    }
+
+    fn stop_model(&self, handle: &ModelHandle, state: ModelState, reason: &str) {
+        let was_loaded = matches!(handle.state(), ModelState::Ready | ModelState::Loading);
+        handle.next_generation();
+        handle.set_state(state);
+        if was_loaded {
+            crate::metrics::model_loaded(&handle.device.to_string(), -1.0);
+            tracing::info!(model = handle.name(), reason, "model unloaded");
+        }
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        for handle in self.registry.all() {
+            if handle.config.load == crate::config::LoadPolicy::Eager {
+                if let Err(e) = self.start_model(&handle, ctx) {
+                    tracing::error!(model = handle.name(), error = %e, "cannot load model");
+                    handle.set_state(ModelState::Failed(e.to_string()));
+                }
+            }
+        }
+        ctx.run_interval(TICK, |act, _ctx| {
+            for handle in act.registry.all() {
+                crate::metrics::queue_depth(handle.name(), handle.queue_rx.len());
+                let Ok(Some(keep_alive)) = handle.config.keep_alive() else {
+                    continue;
+                };
+                if handle.state() == ModelState::Ready
+                    && handle.is_idle()
+                    && handle.idle_for() >= keep_alive
+                {
+                    act.stop_model(&handle, ModelState::Unloaded, "keep_alive expired");
+                }
+            }
+        });
+    }
+}
+
+impl Handler<Load> for Supervisor {
+    type Result = Result<()>;
+
+    fn handle(&mut self, msg: Load, ctx: &mut Self::Context) -> Self::Result {
+        let handle = self.registry.get(&msg.name)?;
+        self.start_model(&handle, ctx)
+    }
+}
+
+impl Handler<Unload> for Supervisor {
+    type Result = Result<()>;
+
+    fn handle(&mut self, msg: Unload, _ctx: &mut Self::Context) -> Self::Result {
+        let handle = self.registry.get(&msg.name)?;
+        self.stop_model(&handle, ModelState::Unloaded, msg.reason);
+        Ok(())
+    }
+}
+
+impl Handler<Shutdown> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Shutdown, _ctx: &mut Self::Context) {
+        for handle in self.registry.all() {
+            self.stop_model(&handle, ModelState::Unloaded, "shutdown");
+            let name = handle.name().to_string();
+            handle.drain_queue(|| Error::Unavailable {
+                model: name.clone(),
+                reason: "the pool is shutting down".into(),
+            });
+        }
+    }
+}
+
+impl Handler<WorkerExited> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: WorkerExited, ctx: &mut Self::Context) {
+        let Ok(handle) = self.registry.get(&msg.name) else {
+            return;
+        };
+        let cause = match msg.cause {
+            ExitCause::Stopped => return,
+            ExitCause::LoadFailed(c) | ExitCause::Crashed(c) => c,
+        };
+        if msg.generation != handle.current_generation() {
+            // The model was unloaded or restarted meanwhile; this worker is history.
+            return;
+        }
+        crate::metrics::worker_restart(handle.name());
+        handle.restarts.fetch_add(1, Ordering::SeqCst);
+        let failures = handle.consecutive_failures.fetch_add(1, Ordering::SeqCst) + 1;
+        if failures >= self.settings.max_consecutive_failures {
+            tracing::error!(model = handle.name(), failures, %cause, "model marked failed");
+            self.stop_model(&handle, ModelState::Failed(cause.clone()), "failed");
+            let name = handle.name().to_string();
+            handle.drain_queue(|| Error::Unavailable {
+                model: name.clone(),
+                reason: format!("it failed {failures} times in a row; last error: {cause}"),
+            });
+            return;
+        }
+        if handle.ready_workers.load(Ordering::SeqCst) == 0 {
+            handle.set_state(ModelState::Loading);
+        }
+        let backoff = Duration::from_millis(
+            self.settings
+                .restart_backoff_ms
+                .saturating_mul(1 << (failures - 1).min(20))
+                .min(self.settings.restart_backoff_max_ms),
+        );
+        tracing::warn!(
+            model = handle.name(),
+            replica = msg.replica,
+            failures,
+            backoff_ms = backoff.as_millis() as u64,
+            %cause,
+            "worker failed; restarting"
+        );
+        let generation = msg.generation;
+        let replica = msg.replica;
+        ctx.run_later(backoff, move |act, ctx| {
+            if handle.current_generation() == generation {
+                act.spawn_worker(&handle, replica, generation, ctx);
+            }
+        });
+    }
+}

@@ -1,0 +1,274 @@
+//! A worker: one dedicated OS thread that owns one loaded model, its KV cache and its text side,
+//! and serves requests from its model's queue. Model compute never runs on an async runtime.
+//!
+//! Every model call runs inside `catch_unwind`. A panic, or a failure that leaves the model in
+//! an unknown state, ends the thread: the request in flight gets `WorkerRestarted`, the
+//! supervisor is told at once and starts a replacement, and the queue (owned by the model's
+//! handle, not the worker) keeps every waiting request for it.
+
+use super::registry::{dec, inc, Job, ModelHandle};
+use super::supervisor::{ExitCause, Supervisor, WorkerExited};
+use super::{GenerationEvent, GenerationResult, Prompt};
+use crate::engine::{CacheUse, FinishReason, GenerateParams, Session};
+use crate::error::{Error, Result};
+use crate::models::{LoadOptions, Model};
+use crate::text::sampling::SamplingParams;
+use crate::text::ModelText;
+use actix::Addr;
+use crossbeam_channel::RecvTimeoutError;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often an idle worker checks whether it has been told to stop.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Default `max_tokens` when neither the request nor the model's config sets one.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// Starts a worker thread for `replica` of the model.
+pub(crate) fn spawn(
+    handle: Arc<ModelHandle>,
+    replica: usize,
+    generation: u64,
+    supervisor: Addr<Supervisor>,
+) -> std::io::Result<()> {
+    let name = format!("llm-pool-{}-{replica}", handle.name());
+    std::thread::Builder::new().name(name).spawn(move || {
+        let cause = run(&handle, generation);
+        supervisor.do_send(WorkerExited {
+            name: handle.name().to_string(),
+            replica,
+            generation,
+            cause,
+        });
+    })?;
+    Ok(())
+}
+
+fn load(handle: &ModelHandle) -> Result<(Model, Option<ModelText>)> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(&format!("llm_pool_worker_load_{}", handle.name()), |_| {
+        Err(Error::Unavailable {
+            model: handle.name().to_string(),
+            reason: "failpoint: load failed".into(),
+        })
+    });
+    let mut options = LoadOptions::for_device(handle.device)?;
+    options.dtype = handle.config.dtype()?;
+    let model = Model::load(&handle.config.path, &options)?;
+    let text = ModelText::load(
+        &handle.config.path,
+        model.info(),
+        handle.config.chat_template.as_deref(),
+    )?;
+    Ok((model, text))
+}
+
+fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
+    let started = Instant::now();
+    let loaded = catch_unwind(AssertUnwindSafe(|| load(handle)))
+        .unwrap_or_else(|p| Err(Error::from_panic(format!("loading {}", handle.name()), p)));
+    let (mut model, text) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => return ExitCause::LoadFailed(e.to_string()),
+    };
+    crate::metrics::model_load(handle.name(), started.elapsed());
+    if let Ok(mut arch) = handle.architecture.lock() {
+        *arch = Some(model.info().architecture);
+    }
+    tracing::info!(
+        model = handle.name(),
+        device = %handle.device,
+        architecture = model.info().architecture,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "worker ready"
+    );
+    inc(&handle.ready_workers);
+    let _ready_guard = ReadyGuard(handle);
+    if handle.current_generation() == generation {
+        handle.set_state(super::ModelState::Ready);
+    }
+
+    let mut session = Session::new(&mut model);
+    loop {
+        if handle.current_generation() != generation {
+            return ExitCause::Stopped;
+        }
+        let job = match handle.queue_rx.recv_timeout(POLL) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return ExitCause::Stopped,
+        };
+        crate::metrics::queue_depth(handle.name(), handle.queue_rx.len());
+        if job.events.is_closed() {
+            // The caller went away while the request waited.
+            crate::metrics::request(handle.name(), "cancelled");
+            continue;
+        }
+        crate::metrics::queue_wait(handle.name(), job.enqueued.elapsed());
+        inc(&handle.in_flight);
+        let outcome = catch_unwind(AssertUnwindSafe(|| serve(handle, &mut session, text.as_ref(), &job)));
+        dec(&handle.in_flight);
+        handle.touch();
+        match outcome {
+            Ok(Ok(finish)) => {
+                handle.consecutive_failures.store(0, Ordering::SeqCst);
+                let outcome = if finish == FinishReason::Cancelled { "cancelled" } else { "ok" };
+                crate::metrics::request(handle.name(), outcome);
+            }
+            Ok(Err(e)) if session.is_poisoned() => {
+                let cause = e.to_string();
+                fail_in_flight(handle, &job, &cause);
+                return ExitCause::Crashed(cause);
+            }
+            Ok(Err(e)) => {
+                crate::metrics::request(handle.name(), "error");
+                let _ = job.events.send(Err(e));
+            }
+            Err(panic) => {
+                let cause = Error::from_panic("worker", panic).to_string();
+                tracing::error!(model = handle.name(), %cause, "worker panicked; restarting");
+                fail_in_flight(handle, &job, &cause);
+                return ExitCause::Crashed(cause);
+            }
+        }
+    }
+}
+
+fn fail_in_flight(handle: &ModelHandle, job: &Job, cause: &str) {
+    crate::metrics::request(handle.name(), "restarted");
+    let _ = job.events.send(Err(Error::WorkerRestarted {
+        model: handle.name().to_string(),
+        cause: cause.to_string(),
+    }));
+}
+
+/// Decrements the ready-worker count however the thread ends.
+struct ReadyGuard<'a>(&'a ModelHandle);
+
+impl Drop for ReadyGuard<'_> {
+    fn drop(&mut self) {
+        dec(&self.0.ready_workers);
+    }
+}
+
+fn prompt_ids(handle: &ModelHandle, text: Option<&ModelText>, prompt: &Prompt) -> Result<Vec<u32>> {
+    let no_tokenizer = || Error::InvalidParameter {
+        param: "prompt".into(),
+        message: format!(
+            "model {} has no tokenizer; send token ids instead of text",
+            handle.name()
+        ),
+    };
+    match prompt {
+        Prompt::Ids(ids) => Ok(ids.clone()),
+        Prompt::Text(s) => text.ok_or_else(no_tokenizer)?.encode(s, true),
+        Prompt::Chat(messages) => {
+            let text = text.ok_or_else(no_tokenizer)?;
+            let template = text.chat_template.as_ref().ok_or_else(|| Error::InvalidParameter {
+                param: "messages".into(),
+                message: format!(
+                    "model {} has no chat template (a base model?); send a plain prompt, or set chat_template in its config",
+                    handle.name()
+                ),
+            })?;
+            if messages.is_empty() {
+                return Err(Error::InvalidParameter {
+                    param: "messages".into(),
+                    message: "at least one message is needed".into(),
+                });
+            }
+            // The template writes BOS itself; encoding must not add another.
+            text.encode(&template.render(messages, true)?, false)
+        }
+    }
+}
+
+fn serve(
+    handle: &ModelHandle,
+    session: &mut Session<'_>,
+    text: Option<&ModelText>,
+    job: &Job,
+) -> Result<FinishReason> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(&format!("llm_pool_worker_generate_{}", handle.name()));
+
+    let request = &job.request;
+    let defaults = &handle.config.defaults;
+    let prompt = prompt_ids(handle, text, &request.prompt)?;
+    let model_context = session.model().info().max_context;
+    let context = match handle.config.max_context {
+        0 => model_context,
+        cap => cap.min(model_context),
+    };
+    let max_tokens = match request.max_tokens.or(defaults.max_tokens) {
+        Some(n) => n,
+        // Unset: as much as fits, up to a default.
+        None => DEFAULT_MAX_TOKENS.min(context.saturating_sub(prompt.len()).max(1)),
+    };
+    if prompt.len() + max_tokens > context {
+        return Err(Error::ContextLength {
+            model: handle.name().to_string(),
+            prompt_tokens: prompt.len(),
+            max_tokens,
+            context,
+        });
+    }
+    let params = GenerateParams {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: request.temperature.or(defaults.temperature).unwrap_or(0.0),
+            top_k: request.top_k.or(defaults.top_k).unwrap_or(0),
+            top_p: request.top_p.or(defaults.top_p).unwrap_or(1.0),
+            min_p: request.min_p.or(defaults.min_p).unwrap_or(0.0),
+            repetition_penalty: request
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(1.0),
+            presence_penalty: request.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: request.frequency_penalty.unwrap_or(0.0),
+            seed: request.seed.unwrap_or_else(rand::random),
+        },
+        stop: request.stop.clone(),
+        extra_stop_ids: Vec::new(),
+    };
+    let mut first_token: Option<Instant> = None;
+    let output = session.generate(text, &prompt, &params, |event| {
+        first_token.get_or_insert_with(Instant::now);
+        job.events
+            .send(Ok(GenerationEvent::Token {
+                id: event.id,
+                text: event.text.to_string(),
+            }))
+            .is_ok()
+    })?;
+    let cache = session.last_cache_use.unwrap_or(CacheUse::Reset("new_prompt"));
+    match cache {
+        CacheUse::Reset(reason) => crate::metrics::cache_reset(handle.name(), reason),
+        CacheUse::PrefixHit(n) => crate::metrics::prefix_hit(handle.name(), n),
+    }
+    let total = job.enqueued.elapsed();
+    let ttft = first_token.map(|t| t.duration_since(job.enqueued)).unwrap_or(total);
+    crate::metrics::generation(
+        handle.name(),
+        output.prompt_tokens,
+        output.completion_tokens(),
+        total,
+        ttft,
+        output.decode,
+    );
+    let finish = output.finish_reason;
+    let _ = job.events.send(Ok(GenerationEvent::Done(GenerationResult {
+        completion_tokens: output.completion_tokens(),
+        text: output.text,
+        token_ids: output.token_ids,
+        finish_reason: output.finish_reason,
+        prompt_tokens: output.prompt_tokens,
+        time_to_first_token: ttft,
+        duration: total,
+        cache,
+    })));
+    Ok(finish)
+}
