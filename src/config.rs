@@ -212,7 +212,10 @@ impl Config {
             {
                 return Err(Error::config(
                     format!("models[{i}].name"),
-                    format!("{:?} is not allowed; use letters, digits and . _ - :", m.name),
+                    format!(
+                        "{:?} is not allowed; use letters, digits and . _ - :",
+                        m.name
+                    ),
                 ));
             }
             if !names.insert(m.name.as_str()) {
@@ -232,10 +235,16 @@ impl Config {
                 ));
             }
             if m.replicas == 0 {
-                return Err(Error::config(key("replicas"), "must be at least 1".to_string()));
+                return Err(Error::config(
+                    key("replicas"),
+                    "must be at least 1".to_string(),
+                ));
             }
             if m.queue_size == 0 {
-                return Err(Error::config(key("queue_size"), "must be at least 1".to_string()));
+                return Err(Error::config(
+                    key("queue_size"),
+                    "must be at least 1".to_string(),
+                ));
             }
             m.keep_alive()
                 .map_err(|e| Error::config(key("keep_alive"), e))?;

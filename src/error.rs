@@ -60,7 +60,9 @@ pub enum Error {
     UnknownModel { name: String, available: String },
 
     /// The model's queue is full.
-    #[error("model {model} is overloaded: its queue of {queue_size} requests is full; retry later")]
+    #[error(
+        "model {model} is overloaded: its queue of {queue_size} requests is full; retry later"
+    )]
     Overloaded { model: String, queue_size: usize },
 
     /// The model cannot serve requests (failed, unloaded, or the pool is shutting down).

@@ -4,7 +4,9 @@
 //! recorder is a process-wide Prometheus exporter from `metrics-exporter-prometheus`, installed
 //! on first use; [`render`] gives the text `/metrics` serves.
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -88,16 +90,46 @@ fn describe_all() {
     describe_counter!(REQUESTS_TOTAL, "Requests by model and outcome");
     describe_counter!(PROMPT_TOKENS_TOTAL, Unit::Count, "Prompt tokens processed");
     describe_counter!(GENERATED_TOKENS_TOTAL, Unit::Count, "Tokens generated");
-    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Request time from enqueue to the last token");
-    describe_histogram!(TIME_TO_FIRST_TOKEN, Unit::Seconds, "Time from enqueue to the first token");
-    describe_histogram!(TIME_PER_OUTPUT_TOKEN, Unit::Seconds, "Decode time per token after the first");
-    describe_histogram!(QUEUE_WAIT, Unit::Seconds, "Time spent waiting in the model's queue");
-    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting in the model's queue");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Request time from enqueue to the last token"
+    );
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN,
+        Unit::Seconds,
+        "Time from enqueue to the first token"
+    );
+    describe_histogram!(
+        TIME_PER_OUTPUT_TOKEN,
+        Unit::Seconds,
+        "Decode time per token after the first"
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time spent waiting in the model's queue"
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Requests waiting in the model's queue"
+    );
     describe_gauge!(MODELS_LOADED, Unit::Count, "Models loaded, by device");
     describe_counter!(CACHE_RESETS_TOTAL, "KV-cache resets by reason");
-    describe_counter!(PREFIX_CACHE_HITS_TOTAL, "Requests that reused a cached prompt prefix");
-    describe_counter!(PREFIX_CACHE_TOKENS_REUSED_TOTAL, Unit::Count, "Prompt tokens reused from the cache");
-    describe_counter!(WORKER_RESTARTS_TOTAL, "Worker restarts after a crash or unrecoverable error");
+    describe_counter!(
+        PREFIX_CACHE_HITS_TOTAL,
+        "Requests that reused a cached prompt prefix"
+    );
+    describe_counter!(
+        PREFIX_CACHE_TOKENS_REUSED_TOTAL,
+        Unit::Count,
+        "Prompt tokens reused from the cache"
+    );
+    describe_counter!(
+        WORKER_RESTARTS_TOTAL,
+        "Worker restarts after a crash or unrecoverable error"
+    );
     describe_histogram!(MODEL_LOAD_DURATION, Unit::Seconds, "Model load time");
 }
 
@@ -105,7 +137,14 @@ fn describe_all() {
 pub fn register_model(model: &str) {
     install();
     let m = model.to_string();
-    for outcome in ["ok", "error", "cancelled", "overloaded", "unavailable", "restarted"] {
+    for outcome in [
+        "ok",
+        "error",
+        "cancelled",
+        "overloaded",
+        "unavailable",
+        "restarted",
+    ] {
         counter!(REQUESTS_TOTAL, "model" => m.clone(), "outcome" => outcome).absolute(0);
     }
     counter!(PROMPT_TOKENS_TOTAL, "model" => m.clone()).absolute(0);
@@ -173,7 +212,8 @@ pub fn cache_reset(model: &str, reason: &'static str) {
 /// Counts a prefix-cache hit and the tokens it saved.
 pub fn prefix_hit(model: &str, tokens: usize) {
     counter!(PREFIX_CACHE_HITS_TOTAL, "model" => model.to_string()).increment(1);
-    counter!(PREFIX_CACHE_TOKENS_REUSED_TOTAL, "model" => model.to_string()).increment(tokens as u64);
+    counter!(PREFIX_CACHE_TOKENS_REUSED_TOTAL, "model" => model.to_string())
+        .increment(tokens as u64);
 }
 
 /// Counts a worker restart.

@@ -271,9 +271,8 @@ impl Pool {
             .name("llm-pool-supervisor".into())
             .spawn(move || {
                 let system = actix::System::new();
-                let addr = system.block_on(async move {
-                    actix::Actor::start(Supervisor::new(reg, settings))
-                });
+                let addr = system
+                    .block_on(async move { actix::Actor::start(Supervisor::new(reg, settings)) });
                 let _ = tx.send((addr, actix::System::current()));
                 let _ = system.run();
             })
@@ -341,7 +340,11 @@ impl Pool {
 
     /// Enqueues a request and returns its event stream. Fails at once for an unknown model, a
     /// failed one, or a full queue (`Overloaded`). An unloaded model is loaded on demand.
-    pub fn generate_stream(&self, model: &str, request: GenerateRequest) -> Result<GenerationStream> {
+    pub fn generate_stream(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+    ) -> Result<GenerationStream> {
         let handle = self.inner.registry.get(model)?;
         match handle.state() {
             ModelState::Failed(reason) => {
@@ -372,7 +375,11 @@ impl Pool {
     }
 
     /// Generates and waits for the whole result.
-    pub async fn generate(&self, model: &str, request: GenerateRequest) -> Result<GenerationResult> {
+    pub async fn generate(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+    ) -> Result<GenerationResult> {
         use futures::StreamExt;
         let mut stream = self.generate_stream(model, request)?;
         while let Some(event) = stream.next().await {

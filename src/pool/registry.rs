@@ -2,7 +2,7 @@
 //! model (its bounded queue) and everything an operator sees (state, restarts, queue depth).
 //! The queue belongs to the handle, not to a worker, so requests survive worker restarts.
 
-use super::{GenerationEvent, GenerateRequest, ModelState};
+use super::{GenerateRequest, GenerationEvent, ModelState};
 use crate::config::ModelConfig;
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
@@ -94,7 +94,10 @@ impl ModelHandle {
     }
 
     pub fn idle_for(&self) -> Duration {
-        self.last_used.lock().map(|t| t.elapsed()).unwrap_or_default()
+        self.last_used
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
     }
 
     /// Enqueues a request, or fails at once when the queue is full.
@@ -182,7 +185,8 @@ impl Registry {
     }
 
     pub fn all(&self) -> Vec<Arc<ModelHandle>> {
-        let mut all: Vec<Arc<ModelHandle>> = self.models.iter().map(|e| Arc::clone(e.value())).collect();
+        let mut all: Vec<Arc<ModelHandle>> =
+            self.models.iter().map(|e| Arc::clone(e.value())).collect();
         all.sort_by(|a, b| a.name().cmp(b.name()));
         all
     }

@@ -136,7 +136,11 @@ impl Supervisor {
                     reason: format!("{limit} and every loaded model is busy; retry later"),
                 });
             };
-            tracing::info!(evicted = victim.name(), for_model = incoming.name(), "evicting the least recently used idle model");
+            tracing::info!(
+                evicted = victim.name(),
+                for_model = incoming.name(),
+                "evicting the least recently used idle model"
+            );
             self.stop_model(victim, ModelState::Unloaded, "evicted");
         }
     }

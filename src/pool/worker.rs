@@ -109,13 +109,19 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         }
         crate::metrics::queue_wait(handle.name(), job.enqueued.elapsed());
         inc(&handle.in_flight);
-        let outcome = catch_unwind(AssertUnwindSafe(|| serve(handle, &mut session, text.as_ref(), &job)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            serve(handle, &mut session, text.as_ref(), &job)
+        }));
         dec(&handle.in_flight);
         handle.touch();
         match outcome {
             Ok(Ok(finish)) => {
                 handle.consecutive_failures.store(0, Ordering::SeqCst);
-                let outcome = if finish == FinishReason::Cancelled { "cancelled" } else { "ok" };
+                let outcome = if finish == FinishReason::Cancelled {
+                    "cancelled"
+                } else {
+                    "ok"
+                };
                 crate::metrics::request(handle.name(), outcome);
             }
             Ok(Err(e)) if session.is_poisoned() => {
@@ -244,13 +250,17 @@ fn serve(
             }))
             .is_ok()
     })?;
-    let cache = session.last_cache_use.unwrap_or(CacheUse::Reset("new_prompt"));
+    let cache = session
+        .last_cache_use
+        .unwrap_or(CacheUse::Reset("new_prompt"));
     match cache {
         CacheUse::Reset(reason) => crate::metrics::cache_reset(handle.name(), reason),
         CacheUse::PrefixHit(n) => crate::metrics::prefix_hit(handle.name(), n),
     }
     let total = job.enqueued.elapsed();
-    let ttft = first_token.map(|t| t.duration_since(job.enqueued)).unwrap_or(total);
+    let ttft = first_token
+        .map(|t| t.duration_since(job.enqueued))
+        .unwrap_or(total);
     crate::metrics::generation(
         handle.name(),
         output.prompt_tokens,
