@@ -18,9 +18,10 @@ fn tiny(name: &str, fixture: &str) -> ModelConfig {
 }
 
 fn config(models: Vec<ModelConfig>) -> Config {
-    let mut c = Config::default();
-    c.models = models;
-    c
+    Config {
+        models,
+        ..Config::default()
+    }
 }
 
 /// Greedy ids computed directly with the engine, the reference for pool outputs.

@@ -1,0 +1,170 @@
+//! Fault injection (the `fail` crate, feature `failpoints`): crashes while requests are queued,
+//! repeated failures, failed loads. Run with `cargo test --features failpoints --test pool_faults`.
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use llm_pool::config::{Config, ModelConfig};
+use llm_pool::pool::{GenerateRequest, ModelState, Pool};
+use llm_pool::Error;
+use std::time::{Duration, Instant};
+
+fn tiny(name: &str, fixture: &str) -> ModelConfig {
+    ModelConfig::new(name, common::hf_fixture(fixture))
+}
+
+fn restarts_metric(model: &str) -> f64 {
+    let text = llm_pool::metrics::render();
+    text.lines()
+        .find(|l| {
+            l.starts_with("llm_pool_worker_restarts_total")
+                && l.contains(&format!("model=\"{model}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_restarts_the_worker_and_loses_no_queued_request() {
+    let _scenario = fail::FailScenario::setup();
+    let config = Config {
+        models: vec![tiny("fx-crash", "llama3"), tiny("fx-steady", "qwen2")],
+        ..Config::default()
+    };
+    let pool = Pool::start(config).await.unwrap();
+    // The next request on fx-crash panics once, inside the worker.
+    fail::cfg("llm_pool_worker_generate_fx-crash", "1*panic").unwrap();
+    let restarts_before = restarts_metric("fx-crash");
+    let mut streams = Vec::new();
+    for i in 0..6u32 {
+        let pool = pool.clone();
+        streams.push(tokio::spawn(async move {
+            pool.generate(
+                "fx-crash",
+                GenerateRequest::ids(vec![1, 2 + i]).max_tokens(4),
+            )
+            .await
+        }));
+    }
+    // The other model serves throughout.
+    let steady = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            for i in 0..10u32 {
+                pool.generate(
+                    "fx-steady",
+                    GenerateRequest::ids(vec![1, 3 + i]).max_tokens(3),
+                )
+                .await
+                .expect("the other model is unaffected");
+            }
+        })
+    };
+    let mut restarted = 0;
+    let mut completed = 0;
+    for s in streams {
+        match s.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.completion_tokens, 4);
+                completed += 1;
+            }
+            Err(Error::WorkerRestarted { model, cause }) => {
+                assert_eq!(model, "fx-crash");
+                assert!(cause.contains("panic"), "{cause}");
+                restarted += 1;
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!(
+        restarted, 1,
+        "exactly the in-flight request sees the restart"
+    );
+    assert_eq!(
+        completed, 5,
+        "every queued request completes after the restart"
+    );
+    steady.await.unwrap();
+    assert_eq!(restarts_metric("fx-crash") - restarts_before, 1.0);
+    let status = pool.model("fx-crash").unwrap();
+    assert_eq!(status.restarts, 1);
+    assert_eq!(status.state, ModelState::Ready);
+    assert_eq!(pool.model("fx-steady").unwrap().restarts, 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_crashes_mark_the_model_failed() {
+    let _scenario = fail::FailScenario::setup();
+    let mut config = Config {
+        models: vec![tiny("fx-broken", "llama3"), tiny("fx-fine", "qwen2")],
+        ..Config::default()
+    };
+    config.pool.max_consecutive_failures = 2;
+    config.pool.restart_backoff_ms = 10;
+    let pool = Pool::start(config).await.unwrap();
+    fail::cfg("llm_pool_worker_generate_fx-broken", "panic").unwrap();
+    let mut results = Vec::new();
+    for i in 0..4u32 {
+        let pool = pool.clone();
+        results.push(tokio::spawn(async move {
+            pool.generate(
+                "fx-broken",
+                GenerateRequest::ids(vec![1, 2 + i]).max_tokens(2),
+            )
+            .await
+        }));
+    }
+    for r in results {
+        let err = r.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::WorkerRestarted { .. } | Error::Unavailable { .. }
+            ),
+            "{err}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(
+        pool.model("fx-broken").unwrap().state,
+        ModelState::Failed(_)
+    ) {
+        assert!(Instant::now() < deadline, "model never marked failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = pool
+        .generate("fx-broken", GenerateRequest::ids(vec![1]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fx-broken is unavailable") && err.contains("failed"),
+        "{err}"
+    );
+    pool.generate("fx-fine", GenerateRequest::ids(vec![1, 2]).max_tokens(2))
+        .await
+        .unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_never_loads_is_marked_failed_with_the_cause() {
+    let _scenario = fail::FailScenario::setup();
+    fail::cfg("llm_pool_worker_load_fx-noload", "return").unwrap();
+    let mut config = Config {
+        models: vec![tiny("fx-noload", "llama3")],
+        ..Config::default()
+    };
+    config.pool.max_consecutive_failures = 3;
+    config.pool.restart_backoff_ms = 5;
+    let err = match Pool::start(config).await {
+        Ok(_) => panic!("the pool should report the failed model"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("fx-noload") && err.contains("load failed"),
+        "{err}"
+    );
+}
