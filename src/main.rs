@@ -26,12 +26,37 @@ struct Cli {
 enum Command {
     /// Generate from one prompt with one model, then exit.
     Generate(Box<GenerateArgs>),
+    /// Start the pool from a config file and generate from stdin, one prompt per line.
+    ///
+    /// A line goes to the first model of the catalog, or to NAME when it starts with
+    /// `@NAME `. Text streams to stdout as it is generated; with --json, one JSON object per
+    /// line instead.
+    Run(RunArgs),
     /// Serve the models of a config file over an OpenAI-compatible HTTP API.
     Serve {
         /// The config file.
         #[arg(long, default_value = "config/default.toml")]
         config: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The config file.
+    #[arg(long, default_value = "config/default.toml")]
+    config: PathBuf,
+    /// An optional local config file merged over it.
+    #[arg(long)]
+    local_config: Option<PathBuf>,
+    /// Send each line as a chat message (through the model's template) instead of raw text.
+    #[arg(long)]
+    chat: bool,
+    /// The most tokens to generate per line.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Print one JSON object per line instead of streaming text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -110,6 +135,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => run_generate(*args),
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            runtime.block_on(run_pool(args))
+        }
         Command::Serve { .. } => {
             bail!("`serve` is not built yet: the HTTP host lands with the pool")
         }
@@ -225,5 +257,103 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             rate(decode_tokens, decode_s)
         );
     }
+    Ok(())
+}
+
+async fn run_pool(args: RunArgs) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use llm_pool::pool::{GenerateRequest, GenerationEvent, Pool};
+    use tokio::io::AsyncBufReadExt;
+
+    let config = llm_pool::config::Config::load(&args.config, args.local_config.as_deref())
+        .with_context(|| format!("loading {}", args.config.display()))?;
+    let Some(default_model) = config.models.first().map(|m| m.name.clone()) else {
+        bail!("{} configures no models", args.config.display());
+    };
+    eprintln!(
+        "loading {} model(s): {}",
+        config.models.len(),
+        config
+            .models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let pool = Pool::start(config).await?;
+    for m in pool.models() {
+        eprintln!(
+            "  {:<16} {:<9} {:<6} {}",
+            m.name,
+            m.state.as_str(),
+            m.device,
+            m.architecture.unwrap_or("-")
+        );
+    }
+    eprintln!("ready: one prompt per line (prefix `@model ` to pick a model), Ctrl-D to end");
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (model, prompt) = match line.strip_prefix('@').and_then(|l| l.split_once(' ')) {
+            Some((model, prompt)) => (model.to_string(), prompt.to_string()),
+            None => (default_model.clone(), line.to_string()),
+        };
+        let mut request = if args.chat {
+            GenerateRequest::chat(vec![ChatMessage::new("user", prompt)])
+        } else {
+            GenerateRequest::text(prompt)
+        };
+        request.max_tokens = args.max_tokens;
+        let mut stream = match pool.generate_stream(&model, request) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        let mut stdout = std::io::stdout();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(GenerationEvent::Token { text, .. }) if !args.json => {
+                    print!("{text}");
+                    let _ = stdout.flush();
+                }
+                Ok(GenerationEvent::Token { .. }) => {}
+                Ok(GenerationEvent::Done(r)) => {
+                    if args.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "model": model,
+                                "text": r.text,
+                                "token_ids": r.token_ids,
+                                "finish_reason": r.finish_reason.as_str(),
+                                "prompt_tokens": r.prompt_tokens,
+                                "completion_tokens": r.completion_tokens,
+                                "time_to_first_token_ms": r.time_to_first_token.as_secs_f64() * 1e3,
+                                "duration_ms": r.duration.as_secs_f64() * 1e3,
+                            })
+                        );
+                    } else {
+                        println!();
+                        eprintln!(
+                            "[{}: {} prompt + {} generated tokens, {}, first token {:.0} ms, total {:.0} ms]",
+                            model,
+                            r.prompt_tokens,
+                            r.completion_tokens,
+                            r.finish_reason.as_str(),
+                            r.time_to_first_token.as_secs_f64() * 1e3,
+                            r.duration.as_secs_f64() * 1e3
+                        );
+                    }
+                }
+                Err(e) => eprintln!("error: {e}"),
+            }
+        }
+    }
+    pool.shutdown().await;
     Ok(())
 }
