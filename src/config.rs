@@ -22,6 +22,27 @@ pub struct Config {
     /// The model catalog.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// Tenants of the HTTP host; none means the host runs open (with a loud warning).
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// A tenant of the HTTP host: its API keys, models and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The tenant's name (the `tenant` label of request metrics).
+    pub name: String,
+    /// SHA-256 hashes (hex) of the tenant's API keys: `printf %s KEY | sha256sum`.
+    pub api_key_sha256: Vec<String>,
+    /// Models the tenant may use; `["*"]` means all.
+    pub models: Vec<String>,
+    /// Concurrent requests allowed; 0 = no limit.
+    #[serde(default)]
+    pub max_concurrent_requests: usize,
+    /// Prompt plus generated tokens allowed per minute; 0 = no limit.
+    #[serde(default)]
+    pub tokens_per_minute: u64,
 }
 
 /// Pool-wide settings.
@@ -60,14 +81,23 @@ impl Default for PoolSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
-    /// Address to listen on.
+    /// Address to listen on; port 0 picks a free port (the log says which).
     pub listen: String,
+    /// Largest request body in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// On SIGTERM / Ctrl-C, how long in-flight requests may take to finish, in seconds.
+    pub shutdown_timeout_secs: u64,
+    /// SHA-256 (hex) of the admin API key; absent disables the admin API.
+    pub admin_key_sha256: Option<String>,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 1024 * 1024,
+            shutdown_timeout_secs: 30,
+            admin_key_sha256: None,
         }
     }
 }
@@ -248,6 +278,37 @@ impl Config {
             }
             m.keep_alive()
                 .map_err(|e| Error::config(key("keep_alive"), e))?;
+        }
+        let is_sha256 = |h: &str| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit());
+        if let Some(h) = &self.server.admin_key_sha256 {
+            if !is_sha256(h) {
+                return Err(Error::config(
+                    "server.admin_key_sha256",
+                    "must be 64 hex digits: the SHA-256 of the key (printf %s KEY | sha256sum)".to_string(),
+                ));
+            }
+        }
+        let mut tenant_names = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let key = |field: &str| format!("tenants[{i}] ({}).{field}", t.name);
+            if !tenant_names.insert(t.name.as_str()) {
+                return Err(Error::config(key("name"), "tenant names must be unique".to_string()));
+            }
+            if t.api_key_sha256.is_empty() {
+                return Err(Error::config(key("api_key_sha256"), "at least one key hash is needed".to_string()));
+            }
+            if let Some(bad) = t.api_key_sha256.iter().find(|h| !is_sha256(h)) {
+                return Err(Error::config(
+                    key("api_key_sha256"),
+                    format!("{bad:?} must be 64 hex digits: the SHA-256 of the key (printf %s KEY | sha256sum)"),
+                ));
+            }
+            if let Some(bad) = t.models.iter().find(|m| *m != "*" && !names.contains(m.as_str())) {
+                return Err(Error::config(
+                    key("models"),
+                    format!("{bad:?} is not in the model catalog; allowed: {} or \"*\"", self.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")),
+                ));
+            }
         }
         if self.pool.max_consecutive_failures == 0 {
             return Err(Error::config(
