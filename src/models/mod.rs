@@ -254,6 +254,7 @@ register_architectures! {
     Yi => yi::Yi,
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
+    Gemma => gemma::Gemma,
 
     // GGUF files.
     QuantizedLlama => quantized_llama::QuantizedLlama,
