@@ -255,6 +255,7 @@ register_architectures! {
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
     Gemma => gemma::Gemma,
+    Phi => phi::Phi,
 
     // GGUF files.
     QuantizedLlama => quantized_llama::QuantizedLlama,
