@@ -256,6 +256,7 @@ register_architectures! {
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
     Gemma => gemma::Gemma,
     Phi => phi::Phi,
+    Gemma2 => gemma2::Gemma2,
 
     // GGUF files.
     QuantizedLlama => quantized_llama::QuantizedLlama,
