@@ -83,7 +83,11 @@ fn gemma2_config(c: &HfConfig) -> Result<Config> {
     };
     // Gemma 2 alternates sliding and full layers, starting with a sliding one.
     let sliding_layers = layer_types(c, num_hidden_layers, |i| (i + 1) % 2 != 0)?;
-    let sliding_window = c.opt_usize("sliding_window")?;
+    // transformers' default when the key is absent; an explicit null means no window.
+    let sliding_window = match c.value().get("sliding_window") {
+        None => Some(4096),
+        Some(_) => c.opt_usize("sliding_window")?,
+    };
     if sliding_layers.iter().any(|&s| s) && sliding_window.is_none_or(|w| w == 0) {
         return Err(Error::config(
             "sliding_window",
@@ -99,7 +103,7 @@ fn gemma2_config(c: &HfConfig) -> Result<Config> {
             v => Ok(v),
         }
     };
-    let query_pre_attn_scalar = c.f64_or("query_pre_attn_scalar", head_dim as f64)?;
+    let query_pre_attn_scalar = c.f64_or("query_pre_attn_scalar", 256.0)?;
     if query_pre_attn_scalar <= 0.0 {
         return Err(Error::config(
             "query_pre_attn_scalar",
