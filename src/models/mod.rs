@@ -257,6 +257,7 @@ register_architectures! {
     Gemma => gemma::Gemma,
     Phi => phi::Phi,
     Gemma2 => gemma2::Gemma2,
+    Gemma3 => gemma3::Gemma3,
 
     // GGUF files.
     QuantizedLlama => quantized_llama::QuantizedLlama,
