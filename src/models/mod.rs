@@ -256,6 +256,7 @@ register_architectures! {
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
     Gemma => gemma::Gemma,
     Phi => phi::Phi,
+    Phi3 => phi3::Phi3,
     Gemma2 => gemma2::Gemma2,
     Gemma3 => gemma3::Gemma3,
 
