@@ -259,6 +259,7 @@ register_architectures! {
     Phi3 => phi3::Phi3,
     Gemma2 => gemma2::Gemma2,
     Gemma3 => gemma3::Gemma3,
+    DeepSeek2 => deepseek2::DeepSeek2,
 
     // GGUF files.
     QuantizedLlama => quantized_llama::QuantizedLlama,
