@@ -442,8 +442,11 @@ impl Model {
         let vb_m = vb.pp("model");
         let embed_tokens =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, cfg.sliding_layers[i], vb_m.pp("layers").pp(i)))
+        let layers = cfg
+            .sliding_layers
+            .iter()
+            .enumerate()
+            .map(|(i, &sliding)| DecoderLayer::new(cfg, sliding, vb_m.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             lm_head: Linear::new(embed_tokens.embeddings().clone(), None),

@@ -254,9 +254,9 @@ register_architectures! {
     Yi => yi::Yi,
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
-    Gemma => gemma::Gemma,
     Phi => phi::Phi,
     Phi3 => phi3::Phi3,
+    Gemma => gemma::Gemma,
     Gemma2 => gemma2::Gemma2,
     Gemma3 => gemma3::Gemma3,
     DeepSeek2 => deepseek2::DeepSeek2,
