@@ -259,6 +259,12 @@ register_architectures! {
     Starcoder2 => starcoder2::Starcoder2,
 
     // Hugging Face safetensors directories: the Phi, Gemma and DeepSeek families.
+    Phi => phi::Phi,
+    Phi3 => phi3::Phi3,
+    Gemma => gemma::Gemma,
+    Gemma2 => gemma2::Gemma2,
+    Gemma3 => gemma3::Gemma3,
+    DeepSeek2 => deepseek2::DeepSeek2,
 
     // GGUF files.
     QuantizedLlama => quantized_llama::QuantizedLlama,

@@ -1,0 +1,912 @@
+//! DeepSeek-V2 (`DeepseekV2ForCausalLM`, `model_type: deepseek_v2`: DeepSeek-V2, V2-Lite,
+//! V2-Chat, DeepSeek-Coder-V2) from a Hugging Face directory.
+//!
+//! This module runs its own forward pass, adapted from candle-transformers' `deepseek2.rs`
+//! (multi-head latent attention, interleaved RoPE on the positional part of each head, a
+//! softmax-routed mixture of experts with shared experts), because candle's model gets the
+//! group-limited routing of the full DeepSeek-V2 wrong: it picks the top groups from the
+//! expert scores instead of the per-group maxima, then selects experts from the group mask
+//! rather than from the masked scores. Its config also has private fields, and its loader
+//! unwraps `num_experts_per_tok`. Here routing, YaRN and the softmax scale follow
+//! transformers:
+//!
+//! - routing: softmax over the routed experts in F32, top-k (`greedy`) or top-k within the
+//!   best `topk_group` of `n_group` groups (`group_limited_greedy`), weights scaled by
+//!   `routed_scaling_factor`;
+//! - YaRN: frequencies blended between interpolation and extrapolation, cos/sin scaled by the
+//!   attention factor, and the softmax scale multiplied by `mscale(factor, mscale_all_dim)^2`.
+//!
+//! Refused, because implementations disagree on them or candle cannot compute them:
+//! `norm_topk_prob: true` (transformers ignores it, DeepSeek's own code renormalises),
+//! `moe_layer_freq` other than 1 (transformers ignores it), scoring functions other than
+//! softmax, routing methods of later DeepSeek versions, `num_key_value_heads` other than
+//! `num_attention_heads`.
+//!
+//! The KV cache holds the keys and values expanded per head (as candle's model does), trading
+//! memory for not re-expanding the latent cache at every step.
+//!
+//! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
+//! is separate from the weights, so a new one is exactly the freshly loaded state.
+
+use super::common::{last_position_f32, token_set};
+use super::hf::{HfConfig, RopeScaling};
+use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{linear_b, linear_no_bias, Activation, Embedding, Linear, RmsNorm, VarBuilder};
+use serde_json::Value;
+
+/// How routed experts are chosen.
+#[derive(Debug, Clone, PartialEq)]
+enum TopkMethod {
+    Greedy,
+    GroupLimited { n_group: usize, topk_group: usize },
+}
+
+/// The mixture-of-experts settings.
+#[derive(Debug, Clone, PartialEq)]
+struct MoeConfig {
+    n_routed_experts: usize,
+    num_experts_per_tok: usize,
+    n_shared_experts: usize,
+    moe_intermediate_size: usize,
+    routed_scaling_factor: f64,
+    topk_method: TopkMethod,
+    /// Layers before this one use a dense MLP.
+    first_k_dense_replace: usize,
+}
+
+/// YaRN or plain RoPE over the `qk_rope_head_dim` positional dimensions.
+#[derive(Debug, Clone, PartialEq)]
+struct RopeConfig {
+    /// One inverse frequency per rotated pair.
+    inv_freq: Vec<f64>,
+    /// Multiplies cos and sin.
+    attention_factor: f64,
+    /// Multiplies the softmax scale.
+    softmax_scale_factor: f64,
+}
+
+/// The DeepSeek-V2 settings llm-pool reads from config.json.
+#[derive(Debug, Clone, PartialEq)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: usize,
+    qk_nope_head_dim: usize,
+    qk_rope_head_dim: usize,
+    v_head_dim: usize,
+    attention_bias: bool,
+    activation: Activation,
+    rms_norm_eps: f64,
+    rope: RopeConfig,
+    moe: Option<MoeConfig>,
+    tie_word_embeddings: bool,
+    max_position_embeddings: usize,
+}
+
+/// Maps config.json to [`Config`], refusing what this implementation cannot compute.
+fn deepseek2_config(c: &HfConfig) -> Result<Config> {
+    const FAMILY: &str = "deepseek2";
+    let activation = match c
+        .activation(&["silu", "gelu", "gelu_pytorch_tanh", "gelu_new"], "silu")?
+        .as_str()
+    {
+        "gelu" => Activation::Gelu,
+        "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluPytorchTanh,
+        _ => Activation::Silu,
+    };
+    c.require_bool("mlp_bias", false, FAMILY)?;
+    let num_hidden_layers = c.usize("num_hidden_layers")?;
+    let num_attention_heads = c.usize("num_attention_heads")?;
+    // Every head gets its own key and value out of the shared latent; transformers' grouped
+    // path would not even run with fewer key/value heads.
+    let kv_heads = c.usize_or("num_key_value_heads", num_attention_heads)?;
+    if kv_heads != num_attention_heads {
+        return Err(Error::config(
+            "num_key_value_heads",
+            format!("{kv_heads} is not supported; DeepSeek-V2 needs num_attention_heads ({num_attention_heads})"),
+        ));
+    }
+    let qk_rope_head_dim = c.usize("qk_rope_head_dim")?;
+    let qk_nope_head_dim = c.usize("qk_nope_head_dim")?;
+    if qk_rope_head_dim == 0 || !qk_rope_head_dim.is_multiple_of(2) {
+        return Err(Error::config(
+            "qk_rope_head_dim",
+            format!("{qk_rope_head_dim} must be even and positive"),
+        ));
+    }
+    let max_position_embeddings = c.usize_or("max_position_embeddings", 2048)?;
+    let rope = rope_config(c, qk_rope_head_dim)?;
+    let first_k_dense_replace = c.usize_or("first_k_dense_replace", 0)?;
+    let moe = if first_k_dense_replace >= num_hidden_layers {
+        None
+    } else {
+        Some(moe_config(c, first_k_dense_replace)?)
+    };
+    Ok(Config {
+        vocab_size: c.usize("vocab_size")?,
+        hidden_size: c.usize("hidden_size")?,
+        intermediate_size: c.usize("intermediate_size")?,
+        num_hidden_layers,
+        num_attention_heads,
+        q_lora_rank: c.opt_usize("q_lora_rank")?,
+        kv_lora_rank: c.usize("kv_lora_rank")?,
+        qk_nope_head_dim,
+        qk_rope_head_dim,
+        v_head_dim: c.usize("v_head_dim")?,
+        attention_bias: c.bool_or("attention_bias", false)?,
+        activation,
+        rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
+        rope,
+        moe,
+        tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
+        max_position_embeddings,
+    })
+}
+
+fn moe_config(c: &HfConfig, first_k_dense_replace: usize) -> Result<MoeConfig> {
+    const FAMILY: &str = "deepseek2";
+    // DeepSeek's own code renormalises the top-k weights when this is set; transformers
+    // ignores it. With no agreed meaning, only the common value is accepted.
+    c.require_bool("norm_topk_prob", false, FAMILY)?;
+    if let Some(freq) = c.opt_usize("moe_layer_freq")? {
+        if freq != 1 {
+            return Err(Error::config(
+                "moe_layer_freq",
+                format!("{freq} is not supported; only 1 (every layer after first_k_dense_replace is a MoE layer)"),
+            ));
+        }
+    }
+    if let Some(f) = c.opt_str("scoring_func")? {
+        if f != "softmax" {
+            return Err(Error::config(
+                "scoring_func",
+                format!("{f:?} is not supported for {FAMILY}; allowed: softmax"),
+            ));
+        }
+    }
+    let n_routed_experts = c.usize("n_routed_experts")?;
+    let num_experts_per_tok = c.usize("num_experts_per_tok")?;
+    if num_experts_per_tok == 0 || num_experts_per_tok > n_routed_experts {
+        return Err(Error::config(
+            "num_experts_per_tok",
+            format!("{num_experts_per_tok} must be between 1 and n_routed_experts ({n_routed_experts})"),
+        ));
+    }
+    let topk_method = match c.opt_str("topk_method")?.unwrap_or("greedy") {
+        "greedy" => TopkMethod::Greedy,
+        "group_limited_greedy" => {
+            let n_group = c.usize("n_group")?;
+            let topk_group = c.usize("topk_group")?;
+            if n_group == 0 || !n_routed_experts.is_multiple_of(n_group) {
+                return Err(Error::config(
+                    "n_group",
+                    format!("{n_group} must be positive and divide n_routed_experts ({n_routed_experts})"),
+                ));
+            }
+            if topk_group == 0 || topk_group > n_group {
+                return Err(Error::config(
+                    "topk_group",
+                    format!("{topk_group} must be between 1 and n_group ({n_group})"),
+                ));
+            }
+            TopkMethod::GroupLimited {
+                n_group,
+                topk_group,
+            }
+        }
+        other => {
+            return Err(Error::config(
+                "topk_method",
+                format!(
+                    "{other:?} is not supported for {FAMILY}; allowed: greedy, group_limited_greedy"
+                ),
+            ))
+        }
+    };
+    Ok(MoeConfig {
+        n_routed_experts,
+        num_experts_per_tok,
+        n_shared_experts: c.usize("n_shared_experts")?,
+        moe_intermediate_size: c.usize("moe_intermediate_size")?,
+        routed_scaling_factor: c.f64_or("routed_scaling_factor", 1.0)?,
+        topk_method,
+        first_k_dense_replace,
+    })
+}
+
+/// DeepSeek's `mscale`: `0.1 * m * ln(scale) + 1` past a scale of 1.
+fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
+}
+
+/// RoPE (default or YaRN) over `dim` dimensions, as transformers computes it for DeepSeek-V2.
+fn rope_config(c: &HfConfig, dim: usize) -> Result<RopeConfig> {
+    let rope = c.rope(None, 10_000.0)?;
+    if rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+        return Err(Error::config(
+            "partial_rotary_factor",
+            "is not supported for deepseek2: qk_rope_head_dim is the rotated part",
+        ));
+    }
+    let base = rope.theta;
+    let pos_freqs: Vec<f64> = (0..dim)
+        .step_by(2)
+        .map(|i| base.powf(i as f64 / dim as f64))
+        .collect();
+    let params = match &rope.scaling {
+        RopeScaling::None => {
+            return Ok(RopeConfig {
+                inv_freq: pos_freqs.iter().map(|p| 1.0 / p).collect(),
+                attention_factor: 1.0,
+                softmax_scale_factor: 1.0,
+            })
+        }
+        RopeScaling::Other { rope_type, params } if rope_type == "yarn" => params,
+        _ => return Err(c.unsupported_rope(&rope, "deepseek2", &["default", "yarn"])),
+    };
+    let field = |key: &str| -> Result<Option<f64>> {
+        match params.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                Error::config(
+                    format!("rope_scaling.{key}"),
+                    format!("must be a number, found {v}"),
+                )
+            }),
+        }
+    };
+    let required = |key: &str| -> Result<f64> {
+        field(key)?.ok_or_else(|| {
+            Error::config(
+                format!("rope_scaling.{key}"),
+                "is required (a number) for rope_type \"yarn\"",
+            )
+        })
+    };
+    let factor = required("factor")?;
+    let original = required("original_max_position_embeddings")?;
+    if factor <= 0.0 || original < 1.0 {
+        return Err(Error::config(
+            "rope_scaling",
+            format!("factor {factor} and original_max_position_embeddings {original} must be positive"),
+        ));
+    }
+    // transformers treats 0 / absent as "not given" for these (Python truthiness).
+    let beta_fast = field("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0);
+    let beta_slow = field("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0);
+    let mscale = field("mscale")?.filter(|&m| m != 0.0);
+    let mscale_all_dim = field("mscale_all_dim")?.filter(|&m| m != 0.0);
+    let truncate = match params.get("truncate") {
+        None | Some(Value::Null) => true,
+        Some(v) => v.as_bool().ok_or_else(|| {
+            Error::config("rope_scaling.truncate", format!("must be true or false, found {v}"))
+        })?,
+    };
+    let attention_factor = match (field("attention_factor")?, mscale, mscale_all_dim) {
+        (Some(a), _, _) => a,
+        (None, Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
+        (None, _, _) => yarn_mscale(factor, 1.0),
+    };
+    let correction_dim = |rotations: f64| {
+        dim as f64 * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+            / (2.0 * base.ln())
+    };
+    let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+    if truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    let inv_freq = pos_freqs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let extrapolation = 1.0 - ramp;
+            (1.0 / (factor * p)) * (1.0 - extrapolation) + (1.0 / p) * extrapolation
+        })
+        .collect();
+    let softmax_scale_factor = match mscale_all_dim {
+        Some(all) => yarn_mscale(factor, all).powi(2),
+        None => 1.0,
+    };
+    Ok(RopeConfig {
+        inv_freq,
+        attention_factor,
+        softmax_scale_factor,
+    })
+}
+
+/// RoPE tables for the positions of each forward.
+#[derive(Debug, Clone)]
+struct Rotary {
+    inv_freq: Tensor,
+    attention_factor: f64,
+}
+
+impl Rotary {
+    fn new(cfg: &RopeConfig, device: &Device) -> Result<Self> {
+        let inv: Vec<f32> = cfg.inv_freq.iter().map(|&f| f as f32).collect();
+        let n = inv.len();
+        Ok(Self {
+            inv_freq: Tensor::from_vec(inv, (1, n), device)?,
+            attention_factor: cfg.attention_factor,
+        })
+    }
+
+    /// `(cos, sin)`, each `(seq_len, dim / 2)`, for positions `offset..offset + seq_len`.
+    fn cos_sin(&self, offset: usize, seq_len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let t = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?
+            .to_dtype(DType::F32)?
+            .reshape((seq_len, 1))?;
+        let freqs = t.matmul(&self.inv_freq)?;
+        let cos = (freqs.cos()? * self.attention_factor)?;
+        let sin = (freqs.sin()? * self.attention_factor)?;
+        Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn new(hidden: usize, intermediate: usize, act: Activation, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gate_proj: linear_no_bias(hidden, intermediate, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(hidden, intermediate, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(intermediate, hidden, vb.pp("down_proj"))?,
+            act,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = xs.apply(&self.gate_proj)?.apply(&self.act)?;
+        (gate * xs.apply(&self.up_proj)?)?.apply(&self.down_proj)
+    }
+}
+
+/// Routed experts plus shared experts.
+#[derive(Debug, Clone)]
+struct Moe {
+    /// Router weights, `(n_routed_experts, hidden)`, in F32 as transformers keeps them.
+    gate: Tensor,
+    experts: Vec<Mlp>,
+    shared_experts: Option<Mlp>,
+    top_k: usize,
+    topk_method: TopkMethod,
+    routed_scaling_factor: f64,
+}
+
+impl Moe {
+    fn new(cfg: &Config, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        let experts = (0..moe.n_routed_experts)
+            .map(|i| {
+                Mlp::new(
+                    cfg.hidden_size,
+                    moe.moe_intermediate_size,
+                    cfg.activation,
+                    vb.pp("experts").pp(i),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shared_experts = if moe.n_shared_experts > 0 {
+            Some(Mlp::new(
+                cfg.hidden_size,
+                moe.moe_intermediate_size * moe.n_shared_experts,
+                cfg.activation,
+                vb.pp("shared_experts"),
+            )?)
+        } else {
+            None
+        };
+        let gate = vb
+            .pp("gate")
+            .set_dtype(DType::F32)
+            .get((moe.n_routed_experts, cfg.hidden_size), "weight")?;
+        Ok(Self {
+            gate,
+            experts,
+            shared_experts,
+            top_k: moe.num_experts_per_tok,
+            topk_method: moe.topk_method.clone(),
+            routed_scaling_factor: moe.routed_scaling_factor,
+        })
+    }
+
+    /// The experts of one token and their weights, from its routing scores.
+    fn route(&self, scores: &[f32]) -> Vec<(usize, f32)> {
+        let masked: Vec<f32> = match self.topk_method {
+            TopkMethod::Greedy => scores.to_vec(),
+            TopkMethod::GroupLimited {
+                n_group,
+                topk_group,
+            } => {
+                // Keep the experts of the `topk_group` groups with the highest best score.
+                let per_group = scores.len() / n_group;
+                let group_best: Vec<f32> = scores
+                    .chunks(per_group)
+                    .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                    .collect();
+                let kept = top_indices(&group_best, topk_group);
+                scores
+                    .iter()
+                    .enumerate()
+                    .map(|(e, &s)| if kept.contains(&(e / per_group)) { s } else { 0.0 })
+                    .collect()
+            }
+        };
+        top_indices(&masked, self.top_k)
+            .into_iter()
+            .map(|e| (e, masked[e] * self.routed_scaling_factor as f32))
+            .collect()
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let shape = xs.shape().clone();
+        let hidden = xs.dim(D::Minus1)?;
+        let flat = xs.reshape(((), hidden))?;
+        let logits = flat.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?;
+        let scores = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        // Tokens and weights per expert, then each expert runs once on its tokens.
+        let mut assigned: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
+        for (token, s) in scores.iter().enumerate() {
+            for (expert, weight) in self.route(s) {
+                assigned[expert].0.push(token as u32);
+                assigned[expert].1.push(weight);
+            }
+        }
+        let mut out = flat.zeros_like()?;
+        for (expert, (tokens, weights)) in self.experts.iter().zip(assigned) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let n = tokens.len();
+            let idx = Tensor::from_vec(tokens, n, flat.device())?;
+            let w = Tensor::from_vec(weights, (n, 1), flat.device())?;
+            let y = expert.forward(&flat.index_select(&idx, 0)?)?;
+            let y = y.to_dtype(DType::F32)?.broadcast_mul(&w)?.to_dtype(out.dtype())?;
+            out = out.index_add(&idx, &y, 0)?;
+        }
+        let out = out.reshape(shape)?;
+        Ok(match &self.shared_experts {
+            Some(shared) => (out + xs.apply(shared)?)?,
+            None => out,
+        })
+    }
+}
+
+/// Indices of the `k` largest values, largest first (earlier index first on ties).
+fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order
+}
+
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Moe(Box<Moe>),
+}
+
+/// The query projection: plain, or low-rank with a norm (`q_lora_rank`).
+#[derive(Debug, Clone)]
+enum QProj {
+    Plain(Linear),
+    Lora { a: Linear, norm: RmsNorm, b: Linear },
+}
+
+/// The KV cache: per layer, the keys and values (expanded per head) of the cached tokens.
+#[derive(Debug, Clone)]
+struct Cache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Cache {
+    fn new(layers: usize) -> Self {
+        Cache {
+            layers: vec![None; layers],
+        }
+    }
+}
+
+/// Multi-head latent attention.
+#[derive(Debug, Clone)]
+struct Attention {
+    q: QProj,
+    kv_a_proj_with_mqa: Linear,
+    kv_a_layernorm: RmsNorm,
+    kv_b_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    kv_lora_rank: usize,
+    qk_nope_head_dim: usize,
+    qk_rope_head_dim: usize,
+    v_head_dim: usize,
+    softmax_scale: f64,
+}
+
+impl Attention {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (h, nh, bias) = (cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias);
+        let q_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim;
+        let q = match cfg.q_lora_rank {
+            Some(rank) => QProj::Lora {
+                a: linear_b(h, rank, bias, vb.pp("q_a_proj"))?,
+                norm: candle_nn::rms_norm(rank, cfg.rms_norm_eps, vb.pp("q_a_layernorm"))?,
+                b: linear_no_bias(rank, nh * q_head_dim, vb.pp("q_b_proj"))?,
+            },
+            None => QProj::Plain(linear_no_bias(h, nh * q_head_dim, vb.pp("q_proj"))?),
+        };
+        Ok(Self {
+            q,
+            kv_a_proj_with_mqa: linear_b(
+                h,
+                cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                bias,
+                vb.pp("kv_a_proj_with_mqa"),
+            )?,
+            kv_a_layernorm: candle_nn::rms_norm(
+                cfg.kv_lora_rank,
+                cfg.rms_norm_eps,
+                vb.pp("kv_a_layernorm"),
+            )?,
+            kv_b_proj: linear_no_bias(
+                cfg.kv_lora_rank,
+                nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                vb.pp("kv_b_proj"),
+            )?,
+            o_proj: linear_b(nh * cfg.v_head_dim, h, bias, vb.pp("o_proj"))?,
+            num_heads: nh,
+            kv_lora_rank: cfg.kv_lora_rank,
+            qk_nope_head_dim: cfg.qk_nope_head_dim,
+            qk_rope_head_dim: cfg.qk_rope_head_dim,
+            v_head_dim: cfg.v_head_dim,
+            softmax_scale: cfg.rope.softmax_scale_factor / (q_head_dim as f64).sqrt(),
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, seq_len, _) = xs.dims3()?;
+        let (nope, rope, nh) = (self.qk_nope_head_dim, self.qk_rope_head_dim, self.num_heads);
+        let q = match &self.q {
+            QProj::Plain(l) => xs.apply(l)?,
+            QProj::Lora { a, norm, b } => xs.apply(a)?.apply(norm)?.apply(b)?,
+        };
+        let q = q.reshape((b, seq_len, nh, nope + rope))?.transpose(1, 2)?;
+        let q_nope = q.narrow(D::Minus1, 0, nope)?;
+        let q_pe = q.narrow(D::Minus1, nope, rope)?.contiguous()?;
+
+        let compressed = xs.apply(&self.kv_a_proj_with_mqa)?;
+        let kv_latent = compressed
+            .narrow(D::Minus1, 0, self.kv_lora_rank)?
+            .apply(&self.kv_a_layernorm)?;
+        let k_pe = compressed
+            .narrow(D::Minus1, self.kv_lora_rank, rope)?
+            .reshape((b, seq_len, 1, rope))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (cos, sin) = cos_sin;
+        // DeepSeek rotates interleaved pairs (complex multiplication in transformers).
+        let q_pe = candle_nn::rotary_emb::rope_i(&q_pe, cos, sin)?;
+        let k_pe = candle_nn::rotary_emb::rope_i(&k_pe, cos, sin)?;
+
+        let kv = kv_latent
+            .apply(&self.kv_b_proj)?
+            .reshape((b, seq_len, nh, nope + self.v_head_dim))?
+            .transpose(1, 2)?;
+        let k_nope = kv.narrow(D::Minus1, 0, nope)?;
+        let v = kv.narrow(D::Minus1, nope, self.v_head_dim)?.contiguous()?;
+        let q = Tensor::cat(&[&q_nope, &q_pe], D::Minus1)?;
+        let k = Tensor::cat(&[&k_nope, &k_pe.repeat((1, nh, 1, 1))?], D::Minus1)?;
+
+        let (k, v) = match cache.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        *cache = Some((k.clone(), v.clone()));
+
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * self.softmax_scale)?;
+        let scores = scores.to_dtype(DType::F32)?;
+        let scores = match mask {
+            None => scores,
+            Some(m) => scores.broadcast_add(m)?,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        Ok(probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, seq_len, ()))?
+            .apply(&self.o_proj)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: FeedForward,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &Config, layer: usize, vb: VarBuilder) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let mlp = match &cfg.moe {
+            Some(moe) if layer >= moe.first_k_dense_replace => {
+                FeedForward::Moe(Box::new(Moe::new(cfg, moe, vb.pp("mlp"))?))
+            }
+            _ => FeedForward::Dense(Mlp::new(
+                h,
+                cfg.intermediate_size,
+                cfg.activation,
+                vb.pp("mlp"),
+            )?),
+        };
+        Ok(Self {
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            mlp,
+            input_layernorm: candle_nn::rms_norm(h, eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: candle_nn::rms_norm(
+                h,
+                eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&xs.apply(&self.input_layernorm)?, cos_sin, mask, cache)?;
+        let xs = (h + xs)?;
+        let normed = xs.apply(&self.post_attention_layernorm)?;
+        let h = match &self.mlp {
+            FeedForward::Dense(mlp) => normed.apply(mlp)?,
+            FeedForward::Moe(moe) => moe.forward(&normed)?,
+        };
+        Ok((h + xs)?)
+    }
+}
+
+/// The causal mask for queries at `offset..offset + seq_len` over all cached and new keys;
+/// `None` for a single token, which sees everything.
+fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+    if seq_len == 1 {
+        return Ok(None);
+    }
+    let kv_len = offset + seq_len;
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (seq_len, kv_len), device)?))
+}
+
+/// The DeepSeek-V2 network.
+#[derive(Debug, Clone)]
+struct Model {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+}
+
+impl Model {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let vb_m = vb.pp("model");
+        let embed_tokens =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, i, vb_m.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
+            lm_head,
+            rotary: Rotary::new(&cfg.rope, vb.device())?,
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor, offset: usize, cache: &mut Cache) -> Result<Tensor> {
+        let (_b, seq_len) = input_ids.dims2()?;
+        let mut xs = self.embed_tokens.forward(input_ids)?;
+        let cos_sin = self.rotary.cos_sin(offset, seq_len, xs.dtype())?;
+        let mask = causal_mask(seq_len, offset, input_ids.device())?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, &cos_sin, mask.as_ref(), slot)?;
+        }
+        Ok(xs
+            .narrow(1, seq_len - 1, 1)?
+            .apply(&self.norm)?
+            .apply(&self.lm_head)?)
+    }
+}
+
+/// A DeepSeek-V2 model with its KV cache.
+pub struct DeepSeek2 {
+    model: Model,
+    cache: Cache,
+    info: ModelInfo,
+}
+
+impl Architecture for DeepSeek2 {
+    const NAME: &'static str = "deepseek2";
+    const FORMAT: WeightFormat = WeightFormat::Safetensors;
+    const MODEL_TYPES: &'static [&'static str] = &["deepseek_v2"];
+    const HF_CLASSES: &'static [&'static str] = &["DeepseekV2ForCausalLM"];
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+        let dir = source.into_hf(Self::NAME)?;
+        let cfg = deepseek2_config(&dir.config)?;
+        let dtype = dir.dtype(options)?;
+        let vb = dir.var_builder(dtype, &options.device)?;
+        let model = Model::new(&cfg, vb)?;
+        Ok(DeepSeek2 {
+            model,
+            cache: Cache::new(cfg.num_hidden_layers),
+            info: ModelInfo {
+                architecture: Self::NAME,
+                vocab_size: cfg.vocab_size,
+                max_context: cfg.max_position_embeddings,
+                eos_token_ids: token_set(dir.eos_token_ids()),
+                bos_token_id: dir.bos_token_id(),
+                dtype,
+            },
+        })
+    }
+}
+
+impl LanguageModel for DeepSeek2 {
+    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+        last_position_f32(self.model.forward(input_ids, position, &mut self.cache)?)
+    }
+
+    fn reset_cache(&mut self) -> Result<()> {
+        self.cache = Cache::new(self.model.layers.len());
+        Ok(())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn real(name: &str) -> HfConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/real_configs")
+            .join(name);
+        HfConfig::from_file(&path).unwrap()
+    }
+
+    #[test]
+    fn deepseek_v2_lite_maps() {
+        let c = deepseek2_config(&real("deepseek2-DeepSeek-V2-Lite.json")).unwrap();
+        assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads), (2048, 27, 16));
+        assert_eq!(c.q_lora_rank, None);
+        assert_eq!((c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim), (512, 128, 64, 128));
+        assert_eq!(c.max_position_embeddings, 163840);
+        let moe = c.moe.clone().unwrap();
+        assert_eq!((moe.n_routed_experts, moe.num_experts_per_tok, moe.n_shared_experts), (64, 6, 2));
+        assert_eq!((moe.moe_intermediate_size, moe.first_k_dense_replace), (1408, 1));
+        assert_eq!(moe.topk_method, TopkMethod::Greedy);
+        // YaRN with mscale == mscale_all_dim: no cos/sin scaling, softmax scale grows.
+        assert_eq!(c.rope.inv_freq.len(), 32);
+        assert!((c.rope.attention_factor - 1.0).abs() < 1e-12);
+        let m = 0.1 * 0.707 * 40f64.ln() + 1.0;
+        assert!((c.rope.softmax_scale_factor - m * m).abs() < 1e-12);
+    }
+
+    #[test]
+    fn deepseek_v2_maps_group_limited_routing() {
+        let c = deepseek2_config(&real("deepseek2-DeepSeek-V2.json")).unwrap();
+        assert_eq!(c.q_lora_rank, Some(1536));
+        let moe = c.moe.unwrap();
+        assert_eq!(moe.n_routed_experts, 160);
+        assert_eq!(moe.routed_scaling_factor, 16.0);
+        assert_eq!(
+            moe.topk_method,
+            TopkMethod::GroupLimited {
+                n_group: 8,
+                topk_group: 3
+            }
+        );
+    }
+
+    #[test]
+    fn norm_topk_prob_is_refused() {
+        let mut v = real("deepseek2-DeepSeek-V2-Lite.json").value().clone();
+        v["norm_topk_prob"] = true.into();
+        let err = deepseek2_config(&HfConfig::from_value(Path::new("config.json"), v))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("norm_topk_prob"), "{err}");
+    }
+
+    #[test]
+    fn group_limited_routing_picks_from_the_best_groups() {
+        let moe = Moe {
+            gate: Tensor::zeros((4, 1), DType::F32, &Device::Cpu).unwrap(),
+            experts: Vec::new(),
+            shared_experts: None,
+            top_k: 2,
+            topk_method: TopkMethod::GroupLimited {
+                n_group: 2,
+                topk_group: 1,
+            },
+            routed_scaling_factor: 2.0,
+        };
+        // Group 1 (experts 2, 3) holds the best expert, so both picks come from it even though
+        // expert 0 beats expert 3.
+        let routed = moe.route(&[0.3, 0.05, 0.4, 0.25]);
+        assert_eq!(routed, vec![(2, 0.8), (3, 0.5)]);
+    }
+
+    #[test]
+    fn a_chunk_after_a_non_empty_cache_equals_one_prefill() {
+        use crate::models::{LoadOptions, Model};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/deepseek2");
+        let ids = [1, 5, 9, 23, 42, 7, 100, 3, 77, 12];
+        let mut model = Model::load(&dir, &LoadOptions::cpu()).unwrap();
+        model.forward_ids(&ids[..4], 0).unwrap();
+        let chunked = model.forward_ids(&ids[4..], 4).unwrap();
+        model.reset_cache().unwrap();
+        let whole = model.forward_ids(&ids, 0).unwrap();
+        let diff = chunked
+            .iter()
+            .zip(&whole)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff <= 1e-5, "chunked prefill differs by {diff}");
+    }
+}

@@ -1,0 +1,164 @@
+//! Gemma (the first generation: gemma-2b, gemma-7b, CodeGemma) from a Hugging Face directory.
+//!
+//! candle's `gemma` model computes this family exactly as transformers does; the adapter hides:
+//!
+//! - its `Config` deserializer, which fails on the real configs that set both `hidden_act` and
+//!   `hidden_activation` (gemma-2b does). The config is built here from [`HfConfig`] getters, and
+//!   the legacy `hidden_act: "gelu"` is read as the tanh approximation, as transformers does for
+//!   Gemma (that is what the checkpoints were trained with);
+//! - features it silently ignores: RoPE scaling, an untied output head, bidirectional attention.
+//!   Those are errors here;
+//! - its output, `(b, 1, vocab)` in the model dtype, normalised to F32 `(b, vocab)`.
+//!
+//! Reset: [`Pristine`]. candle's `Model` is `Clone`; its only state is the per-layer KV cache,
+//! an `Option<(Tensor, Tensor)>` that is replaced (by `Tensor::cat`), never written in place, so
+//! a clone taken at load time shares the weights and stays the freshly loaded model.
+
+use super::common::{last_position_f32, token_set, Pristine};
+use super::hf::{HfConfig, RopeScaling};
+use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::error::{Error, Result};
+use candle_core::Tensor;
+use candle_nn::Activation;
+use candle_transformers::models::gemma as candle_gemma;
+
+/// A Gemma model with its KV cache.
+pub struct Gemma {
+    model: Pristine<candle_gemma::Model>,
+    info: ModelInfo,
+}
+
+/// Maps config.json to candle's Gemma config, refusing what candle cannot compute.
+fn gemma_config(c: &HfConfig) -> Result<candle_gemma::Config> {
+    const FAMILY: &str = "gemma";
+    // The original Gemma configs say "gelu" but mean the tanh approximation (what the
+    // checkpoints were trained with); transformers rewrites it the same way.
+    c.activation(&["gelu", "gelu_pytorch_tanh"], "gelu_pytorch_tanh")?;
+    let act = Activation::GeluPytorchTanh;
+    let rope = c.rope(None, 10_000.0)?;
+    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+        return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
+    }
+    // candle's Gemma always ties the output head to the embeddings.
+    c.require_bool("tie_word_embeddings", true, FAMILY)?;
+    c.require_bool("use_bidirectional_attention", false, FAMILY)?;
+    let num_attention_heads = c.usize("num_attention_heads")?;
+    let hidden_size = c.usize("hidden_size")?;
+    let num_key_value_heads = c.usize_or("num_key_value_heads", num_attention_heads)?;
+    check_heads(num_attention_heads, num_key_value_heads)?;
+    let head_dim = match c.opt_usize("head_dim")? {
+        Some(hd) => hd,
+        None => c.require_derived_head_dim()?,
+    };
+    Ok(candle_gemma::Config {
+        attention_bias: c.bool_or("attention_bias", false)?,
+        head_dim,
+        hidden_act: Some(act),
+        hidden_activation: None,
+        hidden_size,
+        intermediate_size: c.usize("intermediate_size")?,
+        num_attention_heads,
+        num_hidden_layers: c.usize("num_hidden_layers")?,
+        num_key_value_heads,
+        rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
+        rope_theta: rope.theta,
+        vocab_size: c.usize("vocab_size")?,
+        max_position_embeddings: c.usize_or("max_position_embeddings", 8192)?,
+    })
+}
+
+/// Grouped-query attention needs whole groups; candle would divide and silently truncate.
+fn check_heads(heads: usize, kv_heads: usize) -> Result<()> {
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(Error::config(
+            "num_key_value_heads",
+            format!("{kv_heads} must be positive and divide num_attention_heads {heads}"),
+        ));
+    }
+    Ok(())
+}
+
+impl Architecture for Gemma {
+    const NAME: &'static str = "gemma";
+    const FORMAT: WeightFormat = WeightFormat::Safetensors;
+    const MODEL_TYPES: &'static [&'static str] = &["gemma"];
+    const HF_CLASSES: &'static [&'static str] = &["GemmaForCausalLM"];
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+        let dir = source.into_hf(Self::NAME)?;
+        let config = gemma_config(&dir.config)?;
+        let dtype = dir.dtype(options)?;
+        let vb = dir.var_builder(dtype, &options.device)?;
+        let model = candle_gemma::Model::new(false, &config, vb)?;
+        Ok(Gemma {
+            model: Pristine::new(model),
+            info: ModelInfo {
+                architecture: Self::NAME,
+                vocab_size: config.vocab_size,
+                max_context: config.max_position_embeddings,
+                eos_token_ids: token_set(dir.eos_token_ids()),
+                bos_token_id: dir.bos_token_id(),
+                dtype,
+            },
+        })
+    }
+}
+
+impl LanguageModel for Gemma {
+    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+        last_position_f32(self.model.live().forward(input_ids, position)?)
+    }
+
+    fn reset_cache(&mut self) -> Result<()> {
+        self.model.reset();
+        Ok(())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn real(name: &str) -> HfConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/real_configs")
+            .join(name);
+        HfConfig::from_file(&path).unwrap()
+    }
+
+    #[test]
+    fn gemma_2b_with_both_activation_keys_maps() {
+        let c = gemma_config(&real("gemma-gemma-2b.json")).unwrap();
+        assert_eq!(c.hidden_act, Some(Activation::GeluPytorchTanh));
+        assert_eq!(c.hidden_activation, None);
+        assert_eq!((c.hidden_size, c.head_dim), (2048, 256));
+        assert_eq!((c.num_attention_heads, c.num_key_value_heads), (8, 1));
+        assert_eq!(c.num_hidden_layers, 18);
+        assert_eq!(c.vocab_size, 256000);
+        assert_eq!(c.max_position_embeddings, 8192);
+        assert_eq!(c.rope_theta, 10000.0);
+    }
+
+    #[test]
+    fn gemma_7b_legacy_gelu_is_the_tanh_approximation() {
+        let c = gemma_config(&real("gemma-gemma-7b.json")).unwrap();
+        assert_eq!(c.hidden_act, Some(Activation::GeluPytorchTanh));
+        // head_dim 256 is not hidden_size / heads (192): it must come from the config.
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.head_dim), (3072, 16, 256));
+    }
+
+    #[test]
+    fn rope_scaling_is_refused() {
+        let mut v = real("gemma-gemma-2b.json").value().clone();
+        v["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
+        let err = gemma_config(&HfConfig::from_value(Path::new("config.json"), v))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("linear") && err.contains("allowed: default"), "{err}");
+    }
+}
