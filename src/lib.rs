@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod models;
 pub mod pool;
 pub mod resources;
+pub mod server;
 pub mod text;
 
 pub use device::DeviceSpec;

@@ -37,6 +37,9 @@ enum Command {
         /// The config file.
         #[arg(long, default_value = "config/default.toml")]
         config: PathBuf,
+        /// An optional local config file merged over it.
+        #[arg(long)]
+        local_config: Option<PathBuf>,
     },
 }
 
@@ -142,8 +145,14 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the tokio runtime")?;
             runtime.block_on(run_pool(args))
         }
-        Command::Serve { .. } => {
-            bail!("`serve` is not built yet: the HTTP host lands with the pool")
+        Command::Serve {
+            config,
+            local_config,
+        } => {
+            let config = llm_pool::config::Config::load(&config, local_config.as_deref())
+                .with_context(|| format!("loading {}", config.display()))?;
+            actix_web::rt::System::new().block_on(llm_pool::server::serve(config))?;
+            Ok(())
         }
     }
 }

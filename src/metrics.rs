@@ -40,6 +40,13 @@ pub const WORKER_RESTARTS_TOTAL: &str = "llm_pool_worker_restarts_total";
 /// Time to load a model (each worker's load).
 pub const MODEL_LOAD_DURATION: &str = "llm_pool_model_load_duration_seconds";
 
+/// HTTP requests by route, status and tenant.
+pub const HTTP_REQUESTS_TOTAL: &str = "llm_pool_http_requests_total";
+/// HTTP request time by route (for streams: until the response headers).
+pub const HTTP_REQUEST_DURATION: &str = "llm_pool_http_request_duration_seconds";
+/// Clients that disconnected mid-stream (their generation is cancelled).
+pub const CLIENT_DISCONNECTS_TOTAL: &str = "llm_pool_client_disconnects_total";
+
 /// Every metric name, for documentation and tests.
 pub const ALL: &[&str] = &[
     REQUESTS_TOTAL,
@@ -131,6 +138,20 @@ fn describe_all() {
         "Worker restarts after a crash or unrecoverable error"
     );
     describe_histogram!(MODEL_LOAD_DURATION, Unit::Seconds, "Model load time");
+    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by route, status and tenant");
+    describe_histogram!(HTTP_REQUEST_DURATION, Unit::Seconds, "HTTP request time by route");
+    describe_counter!(CLIENT_DISCONNECTS_TOTAL, "Clients that disconnected mid-stream");
+}
+
+/// Counts an HTTP request.
+pub fn http_request(route: &str, status: u16, tenant: &str, took: Duration) {
+    counter!(HTTP_REQUESTS_TOTAL, "route" => route.to_string(), "status" => status.to_string(), "tenant" => tenant.to_string()).increment(1);
+    histogram!(HTTP_REQUEST_DURATION, "route" => route.to_string()).record(took.as_secs_f64());
+}
+
+/// Counts a client that went away mid-stream.
+pub fn client_disconnect(model: &str) {
+    counter!(CLIENT_DISCONNECTS_TOTAL, "model" => model.to_string()).increment(1);
 }
 
 /// Registers every per-model series at zero, so that a scrape shows the model before traffic.
@@ -155,6 +176,7 @@ pub fn register_model(model: &str) {
     counter!(PREFIX_CACHE_HITS_TOTAL, "model" => m.clone()).absolute(0);
     counter!(PREFIX_CACHE_TOKENS_REUSED_TOTAL, "model" => m.clone()).absolute(0);
     counter!(WORKER_RESTARTS_TOTAL, "model" => m.clone()).absolute(0);
+    counter!(CLIENT_DISCONNECTS_TOTAL, "model" => m.clone()).absolute(0);
     gauge!(QUEUE_DEPTH, "model" => m.clone()).set(0.0);
     // Histograms appear with their first observation; touching them registers the series.
     let _ = histogram!(REQUEST_DURATION, "model" => m.clone());

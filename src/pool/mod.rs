@@ -445,6 +445,33 @@ impl Pool {
             .collect()
     }
 
+    /// The names of every configured model, sorted.
+    pub fn model_names(&self) -> Vec<String> {
+        self.inner.registry.names()
+    }
+
+    /// The context length of a model, once it has been loaded.
+    pub fn context_of(&self, name: &str) -> Option<usize> {
+        let handle = self.inner.registry.get(name).ok()?;
+        let ctx = handle.max_context.load(Ordering::SeqCst);
+        (ctx > 0).then_some(ctx)
+    }
+
+    /// Adds a model to the catalog at run time (it loads on its first request or `load`).
+    pub fn register(&self, config: crate::config::ModelConfig) -> Result<()> {
+        if self.inner.registry.get(&config.name).is_ok() {
+            return Err(Error::InvalidParameter {
+                param: "name".into(),
+                message: format!("model {:?} already exists", config.name),
+            });
+        }
+        let mut check = Config::default();
+        check.models.push(config.clone());
+        check.validate()?;
+        self.inner.registry.insert(ModelHandle::new(config)?);
+        Ok(())
+    }
+
     /// The status of one model.
     pub fn model(&self, name: &str) -> Result<ModelStatus> {
         self.inner.registry.get(name)?;

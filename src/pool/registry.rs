@@ -37,6 +37,8 @@ pub(crate) struct ModelHandle {
     pub ready_workers: AtomicUsize,
     pub last_used: Mutex<Instant>,
     pub architecture: Mutex<Option<&'static str>>,
+    /// The loaded model's context length (0 until first loaded).
+    pub max_context: AtomicUsize,
 }
 
 impl ModelHandle {
@@ -58,6 +60,7 @@ impl ModelHandle {
             ready_workers: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
             architecture: Mutex::new(None),
+            max_context: AtomicUsize::new(0),
         })
     }
 

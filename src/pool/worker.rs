@@ -78,6 +78,11 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
     if let Ok(mut arch) = handle.architecture.lock() {
         *arch = Some(model.info().architecture);
     }
+    let context = match handle.config.max_context {
+        0 => model.info().max_context,
+        cap => cap.min(model.info().max_context),
+    };
+    handle.max_context.store(context, Ordering::SeqCst);
     tracing::info!(
         model = handle.name(),
         device = %handle.device,

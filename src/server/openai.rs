@@ -1,0 +1,507 @@
+//! The OpenAI-compatible routes: `GET /v1/models`, `POST /v1/chat/completions`,
+//! `POST /v1/completions`, with SSE streaming that ends in `data: [DONE]`.
+
+use super::body::{parse, read_value};
+use super::errors::ApiError;
+use super::tenants::{Permit, Tenant};
+use super::AppState;
+use crate::engine::FinishReason;
+use crate::pool::{GenerateRequest, GenerationEvent, GenerationResult, Prompt};
+use crate::text::ChatMessage;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Deserialize, Default)]
+struct Sampling {
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<usize>,
+    min_p: Option<f64>,
+    repetition_penalty: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    n: Option<u64>,
+    #[allow(dead_code)]
+    user: Option<String>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Option<Vec<Message>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: Option<CompletionPrompt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum CompletionPrompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// Validates the sampling fields and fills a pool request.
+fn apply_sampling(
+    mut request: GenerateRequest,
+    s: &Sampling,
+    context: Option<usize>,
+) -> Result<GenerateRequest, ApiError> {
+    if let Some(n) = s.n {
+        if n != 1 {
+            return Err(ApiError::invalid("n", format!("n = {n} is not supported; only n = 1 is")));
+        }
+    }
+    let max_tokens = s.max_completion_tokens.or(s.max_tokens);
+    if let Some(m) = max_tokens {
+        let param = if s.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+        if m == 0 {
+            return Err(ApiError::invalid(param, format!("{param} must be at least 1")));
+        }
+        if let Some(ctx) = context {
+            if m as usize >= ctx {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("{param} = {m} does not fit the model's context of {ctx} tokens"),
+                )
+                .code("context_length_exceeded"));
+            }
+        }
+        request.max_tokens = Some(m as usize);
+    }
+    if let Some(t) = s.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ApiError::invalid("temperature", format!("temperature = {t} is outside [0, 2]")));
+        }
+        request.temperature = Some(t);
+    }
+    if let Some(p) = s.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::invalid("top_p", format!("top_p = {p} is outside (0, 1]")));
+        }
+        request.top_p = Some(p);
+    }
+    for (name, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+        if let Some(v) = v {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::invalid(name, format!("{name} = {v} is outside [-2, 2]")));
+            }
+        }
+    }
+    request.presence_penalty = s.presence_penalty;
+    request.frequency_penalty = s.frequency_penalty;
+    request.top_k = s.top_k;
+    request.min_p = s.min_p;
+    request.repetition_penalty = s.repetition_penalty;
+    request.seed = s.seed.map(|v| v as u64);
+    request.stop = match &s.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if request.stop.len() > crate::engine::MAX_STOP_STRINGS {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "{} stop sequences given; at most {} are allowed",
+                request.stop.len(),
+                crate::engine::MAX_STOP_STRINGS
+            ),
+        ));
+    }
+    Ok(request)
+}
+
+fn chat_messages(messages: Option<Vec<Message>>) -> Result<Vec<ChatMessage>, ApiError> {
+    let messages = messages.ok_or_else(|| ApiError::invalid("messages", "messages is required"))?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must contain at least one message"));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("unknown role {:?}; allowed: {}", m.role, ROLES.join(", ")),
+                ));
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.into_iter().enumerate() {
+                        if p.kind != "text" {
+                            return Err(ApiError::invalid(
+                                format!("messages[{i}].content[{j}].type"),
+                                format!("content type {:?} is not supported; only text is", p.kind),
+                            ));
+                        }
+                        text.push_str(&p.text.unwrap_or_default());
+                    }
+                    text
+                }
+            };
+            // `developer` is OpenAI's newer name for the system role.
+            let role = if m.role == "developer" { "system".to_string() } else { m.role };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+struct Admitted {
+    model: String,
+    permit: Permit,
+}
+
+fn admit(state: &AppState, tenant: &Arc<Tenant>, model: Option<String>) -> Result<Admitted, ApiError> {
+    let model = model.ok_or_else(|| ApiError::invalid("model", "model is required"))?;
+    let names = state.pool.model_names();
+    if !names.contains(&model) {
+        let visible: Vec<&str> = names.iter().map(String::as_str).filter(|m| tenant.may_use(m)).collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("model {model:?} does not exist; available: {}", visible.join(", ")),
+        )
+        .code("model_not_found"));
+    }
+    let permit = tenant.admit(&model, &names)?;
+    Ok(Admitted { model, permit })
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let tenant = state.tenants.authenticate(&req)?;
+    let data: Vec<Value> = state
+        .pool
+        .models()
+        .into_iter()
+        .filter(|m| tenant.may_use(&m.name))
+        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "llm-pool"}))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = state.tenants.authenticate(&req)?;
+    let value = read_value(payload, state.max_body_bytes).await?;
+    let body: ChatRequest = parse(&value)?;
+    let sampling: Sampling = parse(&value)?;
+    let messages = chat_messages(body.messages)?;
+    let admitted = admit(&state, &tenant, body.model)?;
+    let context = state.pool.context_of(&admitted.model);
+    let request = apply_sampling(GenerateRequest::chat(messages), &sampling, context)?;
+    respond(state, admitted, request, &sampling, Kind::Chat).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = state.tenants.authenticate(&req)?;
+    let value = read_value(payload, state.max_body_bytes).await?;
+    let body: CompletionRequest = parse(&value)?;
+    let sampling: Sampling = parse(&value)?;
+    let prompt = match body.prompt {
+        None => return Err(ApiError::invalid("prompt", "prompt is required")),
+        Some(CompletionPrompt::Text(t)) => Prompt::Text(t),
+        Some(CompletionPrompt::Texts(mut v)) if v.len() == 1 => Prompt::Text(v.remove(0)),
+        Some(CompletionPrompt::Texts(v)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("{} prompts given; one prompt per request is supported", v.len()),
+            ))
+        }
+        Some(CompletionPrompt::Ids(ids)) => Prompt::Ids(ids),
+    };
+    if matches!(&prompt, Prompt::Text(t) if t.is_empty()) || matches!(&prompt, Prompt::Ids(v) if v.is_empty()) {
+        return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+    }
+    let admitted = admit(&state, &tenant, body.model)?;
+    let context = state.pool.context_of(&admitted.model);
+    let mut request = GenerateRequest::text(String::new());
+    request.prompt = prompt;
+    let request = apply_sampling(request, &sampling, context)?;
+    respond(state, admitted, request, &sampling, Kind::Completion).await
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+fn usage(r: &GenerationResult) -> Value {
+    json!({
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    })
+}
+
+async fn respond(
+    state: web::Data<AppState>,
+    admitted: Admitted,
+    request: GenerateRequest,
+    sampling: &Sampling,
+    kind: Kind,
+) -> Result<HttpResponse, ApiError> {
+    let Admitted { model, permit } = admitted;
+    let mut stream = state.pool.generate_stream(&model, request)?;
+    let created = now();
+    let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+    if !sampling.stream {
+        let mut result = None;
+        while let Some(event) = stream.next().await {
+            if let GenerationEvent::Done(r) = event? {
+                result = Some(r);
+            }
+        }
+        let r = result.ok_or_else(|| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the generation ended without a result")
+        })?;
+        permit.tenant.record_tokens((r.prompt_tokens + r.completion_tokens) as u64);
+        let text = r.text.clone().unwrap_or_default();
+        let choice = match kind {
+            Kind::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_str(r.finish_reason),
+                "logprobs": null,
+            }),
+            Kind::Completion => json!({
+                "index": 0,
+                "text": text,
+                "finish_reason": finish_str(r.finish_reason),
+                "logprobs": null,
+            }),
+        };
+        return Ok(HttpResponse::Ok().json(json!({
+            "id": id,
+            "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage(&r),
+        })));
+    }
+
+    let include_usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let sse = SseStream {
+        inner: Box::pin(stream),
+        kind,
+        id,
+        model,
+        created,
+        include_usage,
+        started: false,
+        finished: false,
+        pending: std::collections::VecDeque::new(),
+        permit: Some(permit),
+    };
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(sse))
+}
+
+/// Turns generation events into OpenAI SSE chunks. Dropped by actix when the client
+/// disconnects, which drops the generation stream and so cancels the generation.
+struct SseStream {
+    inner: Pin<Box<crate::pool::GenerationStream>>,
+    kind: Kind,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+    started: bool,
+    finished: bool,
+    pending: std::collections::VecDeque<web::Bytes>,
+    permit: Option<Permit>,
+}
+
+impl SseStream {
+    fn chunk(&self, delta_text: Option<&str>, finish: Option<&str>, role: bool) -> web::Bytes {
+        let choice = match self.kind {
+            Kind::Chat => {
+                let mut delta = serde_json::Map::new();
+                if role {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = delta_text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            }
+            Kind::Completion => {
+                json!({"index": 0, "text": delta_text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+            }
+        };
+        self.event(json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }))
+    }
+
+    fn event(&self, v: Value) -> web::Bytes {
+        web::Bytes::from(format!("data: {v}\n\n"))
+    }
+}
+
+impl Stream for SseStream {
+    type Item = Result<web::Bytes, actix_web::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(b)));
+            }
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            if !self.started && self.kind == Kind::Chat {
+                self.started = true;
+                let first = self.chunk(Some(""), None, true);
+                self.pending.push_back(first);
+                continue;
+            }
+            self.started = true;
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    self.finished = true;
+                    self.pending.push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
+                }
+                Poll::Ready(Some(Ok(GenerationEvent::Token { text, .. }))) => {
+                    if !text.is_empty() {
+                        let c = self.chunk(Some(&text), None, false);
+                        self.pending.push_back(c);
+                    }
+                }
+                Poll::Ready(Some(Ok(GenerationEvent::Done(r)))) => {
+                    let last = self.chunk(None, Some(finish_str(r.finish_reason)), false);
+                    self.pending.push_back(last);
+                    if self.include_usage {
+                        let u = self.event(json!({
+                            "id": self.id,
+                            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+                            "created": self.created,
+                            "model": self.model,
+                            "choices": [],
+                            "usage": usage(&r),
+                        }));
+                        self.pending.push_back(u);
+                    }
+                    if let Some(p) = self.permit.take() {
+                        p.tenant.record_tokens((r.prompt_tokens + r.completion_tokens) as u64);
+                    }
+                    self.finished = true;
+                    self.pending.push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let api: ApiError = e.into();
+                    let err = self.event(json!({"error": {
+                        "message": api.message, "type": api.kind, "param": api.param, "code": api.code,
+                    }}));
+                    self.pending.push_back(err);
+                    self.finished = true;
+                    self.pending.push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SseStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            crate::metrics::client_disconnect(&self.model);
+            tracing::info!(model = %self.model, id = %self.id, "client disconnected mid-stream; generation cancelled");
+        }
+    }
+}
