@@ -51,13 +51,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 print!("{text}");
                 std::io::stdout().flush()?;
             }
-            GenerationEvent::Done(r) => println!("\n({} tokens, finish: {})", r.completion_tokens, r.finish_reason.as_str()),
+            GenerationEvent::Done(r) => println!(
+                "\n({} tokens, finish: {})",
+                r.completion_tokens,
+                r.finish_reason.as_str()
+            ),
         }
     }
     assert!(streamed > 0, "the stream produced no tokens");
 
     for model in pool.models() {
-        println!("{}: {} on {}, {} restarts", model.name, model.state.as_str(), model.device, model.restarts);
+        println!(
+            "{}: {} on {}, {} restarts",
+            model.name,
+            model.state.as_str(),
+            model.device,
+            model.restarts
+        );
     }
     pool.shutdown().await;
     Ok(())

@@ -21,8 +21,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pool = Pool::start(config).await?;
     let started = Instant::now();
     let (a, b) = tokio::join!(
-        pool.generate("smollm2", GenerateRequest::text("Once upon a time").max_tokens(32)),
-        pool.generate("gemma3", GenerateRequest::text("Once upon a time").max_tokens(32)),
+        pool.generate(
+            "smollm2",
+            GenerateRequest::text("Once upon a time").max_tokens(32)
+        ),
+        pool.generate(
+            "gemma3",
+            GenerateRequest::text("Once upon a time").max_tokens(32)
+        ),
     );
     let elapsed = started.elapsed();
     for (name, result) in [("smollm2", a?), ("gemma3", b?)] {

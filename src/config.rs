@@ -284,7 +284,8 @@ impl Config {
             if !is_sha256(h) {
                 return Err(Error::config(
                     "server.admin_key_sha256",
-                    "must be 64 hex digits: the SHA-256 of the key (printf %s KEY | sha256sum)".to_string(),
+                    "must be 64 hex digits: the SHA-256 of the key (printf %s KEY | sha256sum)"
+                        .to_string(),
                 ));
             }
         }
@@ -292,10 +293,16 @@ impl Config {
         for (i, t) in self.tenants.iter().enumerate() {
             let key = |field: &str| format!("tenants[{i}] ({}).{field}", t.name);
             if !tenant_names.insert(t.name.as_str()) {
-                return Err(Error::config(key("name"), "tenant names must be unique".to_string()));
+                return Err(Error::config(
+                    key("name"),
+                    "tenant names must be unique".to_string(),
+                ));
             }
             if t.api_key_sha256.is_empty() {
-                return Err(Error::config(key("api_key_sha256"), "at least one key hash is needed".to_string()));
+                return Err(Error::config(
+                    key("api_key_sha256"),
+                    "at least one key hash is needed".to_string(),
+                ));
             }
             if let Some(bad) = t.api_key_sha256.iter().find(|h| !is_sha256(h)) {
                 return Err(Error::config(
@@ -303,10 +310,21 @@ impl Config {
                     format!("{bad:?} must be 64 hex digits: the SHA-256 of the key (printf %s KEY | sha256sum)"),
                 ));
             }
-            if let Some(bad) = t.models.iter().find(|m| *m != "*" && !names.contains(m.as_str())) {
+            if let Some(bad) = t
+                .models
+                .iter()
+                .find(|m| *m != "*" && !names.contains(m.as_str()))
+            {
                 return Err(Error::config(
                     key("models"),
-                    format!("{bad:?} is not in the model catalog; allowed: {} or \"*\"", self.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")),
+                    format!(
+                        "{bad:?} is not in the model catalog; allowed: {} or \"*\"",
+                        self.models
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 ));
             }
         }

@@ -138,9 +138,19 @@ fn describe_all() {
         "Worker restarts after a crash or unrecoverable error"
     );
     describe_histogram!(MODEL_LOAD_DURATION, Unit::Seconds, "Model load time");
-    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by route, status and tenant");
-    describe_histogram!(HTTP_REQUEST_DURATION, Unit::Seconds, "HTTP request time by route");
-    describe_counter!(CLIENT_DISCONNECTS_TOTAL, "Clients that disconnected mid-stream");
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests by route, status and tenant"
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "HTTP request time by route"
+    );
+    describe_counter!(
+        CLIENT_DISCONNECTS_TOTAL,
+        "Clients that disconnected mid-stream"
+    );
 }
 
 /// Counts an HTTP request.

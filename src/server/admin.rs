@@ -23,7 +23,11 @@ fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     };
     match bearer(req) {
         Some(key) if key_matches(key, hash) => Ok(()),
-        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid admin key")),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid admin key",
+        )),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -71,14 +75,21 @@ pub async fn load(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &state)?;
     let name = name.into_inner();
-    let body: LoadBody = if req.headers().get("content-length").is_some_and(|v| v != "0") {
+    let body: LoadBody = if req
+        .headers()
+        .get("content-length")
+        .is_some_and(|v| v != "0")
+    {
         read_json(payload, state.max_body_bytes).await?
     } else {
         LoadBody::default()
     };
     if let Some(rel) = body.path {
         if state.pool.model_names().contains(&name) {
-            return Err(ApiError::invalid("name", format!("model {name:?} already exists in the catalog")));
+            return Err(ApiError::invalid(
+                "name",
+                format!("model {name:?} already exists in the catalog"),
+            ));
         }
         let dir = state.models_dir.as_ref().ok_or_else(|| {
             ApiError::new(
@@ -99,8 +110,13 @@ pub async fn load(
 fn resolve_under(dir: &Path, rel: &str) -> Result<std::path::PathBuf, ApiError> {
     let bad = |m: &str| ApiError::invalid("path", format!("{rel:?}: {m}"));
     let rel_path = Path::new(rel);
-    if rel_path.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(bad("must be a relative path inside models_dir, without `..`"));
+    if rel_path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(bad(
+            "must be a relative path inside models_dir, without `..`",
+        ));
     }
     let base = dir
         .canonicalize()

@@ -9,7 +9,10 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
 /// Reads and parses a JSON body of at most `limit` bytes.
-pub async fn read_json<T: DeserializeOwned>(payload: web::Payload, limit: usize) -> Result<T, ApiError> {
+pub async fn read_json<T: DeserializeOwned>(
+    payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
     let value = read_value(payload, limit).await?;
     parse(&value)
 }
@@ -28,10 +31,14 @@ pub fn parse<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiErr
 }
 
 /// Reads a JSON body of at most `limit` bytes into a value.
-pub async fn read_value(mut payload: web::Payload, limit: usize) -> Result<serde_json::Value, ApiError> {
+pub async fn read_value(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<serde_json::Value, ApiError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid("body", format!("reading the body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid("body", format!("reading the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -96,8 +96,10 @@ impl From<Error> for ApiError {
             Error::ContextLength { .. } => {
                 ApiError::invalid("messages", message).code("context_length_exceeded")
             }
-            Error::UnknownModel { .. } => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
-                .code("model_not_found"),
+            Error::UnknownModel { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+                    .code("model_not_found")
+            }
             Error::Overloaded { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
                     .code("overloaded")

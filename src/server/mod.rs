@@ -54,7 +54,8 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
     if not_ready.is_empty() {
         HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
     } else {
-        HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "not ready", "models": not_ready}))
+        HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"status": "not ready", "models": not_ready}))
     }
 }
 
@@ -78,7 +79,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/ready", web::get().to(ready))
         .route("/metrics", web::get().to(metrics))
         .route("/v1/models", web::get().to(openai::list_models))
-        .route("/v1/chat/completions", web::post().to(openai::chat_completions))
+        .route(
+            "/v1/chat/completions",
+            web::post().to(openai::chat_completions),
+        )
         .route("/v1/completions", web::post().to(openai::completions))
         .route("/admin/models", web::get().to(admin::list))
         .route("/admin/models/{name}/load", web::post().to(admin::load))
@@ -124,7 +128,12 @@ pub async fn serve(config: Config) -> Result<()> {
                 let fut = srv.call(req);
                 async move {
                     let res = fut.await?;
-                    crate::metrics::http_request(&route, res.status().as_u16(), &tenant, started.elapsed());
+                    crate::metrics::http_request(
+                        &route,
+                        res.status().as_u16(),
+                        &tenant,
+                        started.elapsed(),
+                    );
                     Ok(res)
                 }
             })

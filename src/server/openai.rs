@@ -114,14 +114,24 @@ fn apply_sampling(
 ) -> Result<GenerateRequest, ApiError> {
     if let Some(n) = s.n {
         if n != 1 {
-            return Err(ApiError::invalid("n", format!("n = {n} is not supported; only n = 1 is")));
+            return Err(ApiError::invalid(
+                "n",
+                format!("n = {n} is not supported; only n = 1 is"),
+            ));
         }
     }
     let max_tokens = s.max_completion_tokens.or(s.max_tokens);
     if let Some(m) = max_tokens {
-        let param = if s.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+        let param = if s.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
         if m == 0 {
-            return Err(ApiError::invalid(param, format!("{param} must be at least 1")));
+            return Err(ApiError::invalid(
+                param,
+                format!("{param} must be at least 1"),
+            ));
         }
         if let Some(ctx) = context {
             if m as usize >= ctx {
@@ -136,20 +146,32 @@ fn apply_sampling(
     }
     if let Some(t) = s.temperature {
         if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::invalid("temperature", format!("temperature = {t} is outside [0, 2]")));
+            return Err(ApiError::invalid(
+                "temperature",
+                format!("temperature = {t} is outside [0, 2]"),
+            ));
         }
         request.temperature = Some(t);
     }
     if let Some(p) = s.top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid("top_p", format!("top_p = {p} is outside (0, 1]")));
+            return Err(ApiError::invalid(
+                "top_p",
+                format!("top_p = {p} is outside (0, 1]"),
+            ));
         }
         request.top_p = Some(p);
     }
-    for (name, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+    for (name, v) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
         if let Some(v) = v {
             if !(-2.0..=2.0).contains(&v) {
-                return Err(ApiError::invalid(name, format!("{name} = {v} is outside [-2, 2]")));
+                return Err(ApiError::invalid(
+                    name,
+                    format!("{name} = {v} is outside [-2, 2]"),
+                ));
             }
         }
     }
@@ -180,7 +202,10 @@ fn apply_sampling(
 fn chat_messages(messages: Option<Vec<Message>>) -> Result<Vec<ChatMessage>, ApiError> {
     let messages = messages.ok_or_else(|| ApiError::invalid("messages", "messages is required"))?;
     if messages.is_empty() {
-        return Err(ApiError::invalid("messages", "messages must contain at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "messages must contain at least one message",
+        ));
     }
     messages
         .into_iter()
@@ -210,7 +235,11 @@ fn chat_messages(messages: Option<Vec<Message>>) -> Result<Vec<ChatMessage>, Api
                 }
             };
             // `developer` is OpenAI's newer name for the system role.
-            let role = if m.role == "developer" { "system".to_string() } else { m.role };
+            let role = if m.role == "developer" {
+                "system".to_string()
+            } else {
+                m.role
+            };
             Ok(ChatMessage { role, content })
         })
         .collect()
@@ -221,15 +250,26 @@ struct Admitted {
     permit: Permit,
 }
 
-fn admit(state: &AppState, tenant: &Arc<Tenant>, model: Option<String>) -> Result<Admitted, ApiError> {
+fn admit(
+    state: &AppState,
+    tenant: &Arc<Tenant>,
+    model: Option<String>,
+) -> Result<Admitted, ApiError> {
     let model = model.ok_or_else(|| ApiError::invalid("model", "model is required"))?;
     let names = state.pool.model_names();
     if !names.contains(&model) {
-        let visible: Vec<&str> = names.iter().map(String::as_str).filter(|m| tenant.may_use(m)).collect();
+        let visible: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|m| tenant.may_use(m))
+            .collect();
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("model {model:?} does not exist; available: {}", visible.join(", ")),
+            format!(
+                "model {model:?} does not exist; available: {}",
+                visible.join(", ")
+            ),
         )
         .code("model_not_found"));
     }
@@ -238,7 +278,10 @@ fn admit(state: &AppState, tenant: &Arc<Tenant>, model: Option<String>) -> Resul
 }
 
 /// `GET /v1/models`.
-pub async fn list_models(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn list_models(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let tenant = state.tenants.authenticate(&req)?;
     let data: Vec<Value> = state
         .pool
@@ -284,12 +327,17 @@ pub async fn completions(
         Some(CompletionPrompt::Texts(v)) => {
             return Err(ApiError::invalid(
                 "prompt",
-                format!("{} prompts given; one prompt per request is supported", v.len()),
+                format!(
+                    "{} prompts given; one prompt per request is supported",
+                    v.len()
+                ),
             ))
         }
         Some(CompletionPrompt::Ids(ids)) => Prompt::Ids(ids),
     };
-    if matches!(&prompt, Prompt::Text(t) if t.is_empty()) || matches!(&prompt, Prompt::Ids(v) if v.is_empty()) {
+    if matches!(&prompt, Prompt::Text(t) if t.is_empty())
+        || matches!(&prompt, Prompt::Ids(v) if v.is_empty())
+    {
         return Err(ApiError::invalid("prompt", "prompt must not be empty"));
     }
     let admitted = admit(&state, &tenant, body.model)?;
@@ -331,7 +379,11 @@ async fn respond(
     let Admitted { model, permit } = admitted;
     let mut stream = state.pool.generate_stream(&model, request)?;
     let created = now();
-    let id = request_id(if kind == Kind::Chat { "chatcmpl" } else { "cmpl" });
+    let id = request_id(if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
     if !sampling.stream {
         let mut result = None;
         while let Some(event) = stream.next().await {
@@ -340,9 +392,15 @@ async fn respond(
             }
         }
         let r = result.ok_or_else(|| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the generation ended without a result")
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the generation ended without a result",
+            )
         })?;
-        permit.tenant.record_tokens((r.prompt_tokens + r.completion_tokens) as u64);
+        permit
+            .tenant
+            .record_tokens((r.prompt_tokens + r.completion_tokens) as u64);
         let text = r.text.clone().unwrap_or_default();
         let choice = match kind {
             Kind::Chat => json!({
@@ -368,7 +426,10 @@ async fn respond(
         })));
     }
 
-    let include_usage = sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let include_usage = sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
     let sse = SseStream {
         inner: Box::pin(stream),
         kind,
@@ -455,7 +516,8 @@ impl Stream for SseStream {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     self.finished = true;
-                    self.pending.push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
+                    self.pending
+                        .push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
                 }
                 Poll::Ready(Some(Ok(GenerationEvent::Token { text, .. }))) => {
                     if !text.is_empty() {
@@ -478,10 +540,12 @@ impl Stream for SseStream {
                         self.pending.push_back(u);
                     }
                     if let Some(p) = self.permit.take() {
-                        p.tenant.record_tokens((r.prompt_tokens + r.completion_tokens) as u64);
+                        p.tenant
+                            .record_tokens((r.prompt_tokens + r.completion_tokens) as u64);
                     }
                     self.finished = true;
-                    self.pending.push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
+                    self.pending
+                        .push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     let api: ApiError = e.into();
@@ -490,7 +554,8 @@ impl Stream for SseStream {
                     }}));
                     self.pending.push_back(err);
                     self.finished = true;
-                    self.pending.push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
+                    self.pending
+                        .push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
                 }
             }
         }

@@ -67,7 +67,11 @@ impl Tenant {
     /// is dropped.
     pub fn admit(self: &Arc<Self>, model: &str, available: &[String]) -> Result<Permit, ApiError> {
         if !self.may_use(model) {
-            let allowed: Vec<&str> = available.iter().map(String::as_str).filter(|m| self.may_use(m)).collect();
+            let allowed: Vec<&str> = available
+                .iter()
+                .map(String::as_str)
+                .filter(|m| self.may_use(m))
+                .collect();
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "permission_error",
@@ -82,7 +86,10 @@ impl Tenant {
         if self.tokens_per_minute > 0 {
             let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            while usage.front().is_some_and(|(t, _)| now.duration_since(*t) > WINDOW) {
+            while usage
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > WINDOW)
+            {
                 usage.pop_front();
             }
             let used: u64 = usage.iter().map(|(_, n)| n).sum();
@@ -159,7 +166,10 @@ impl Tenants {
             }
         } else {
             Tenants {
-                tenants: configs.iter().map(|c| Arc::new(Tenant::from_config(c))).collect(),
+                tenants: configs
+                    .iter()
+                    .map(|c| Arc::new(Tenant::from_config(c)))
+                    .collect(),
                 open: None,
             }
         }
@@ -179,9 +189,8 @@ impl Tenants {
             ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", message)
                 .code("invalid_api_key")
         };
-        let key = bearer(req).ok_or_else(|| {
-            unauthorized("no API key: send `Authorization: Bearer YOUR_KEY`")
-        })?;
+        let key = bearer(req)
+            .ok_or_else(|| unauthorized("no API key: send `Authorization: Bearer YOUR_KEY`"))?;
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         // Compare against every key, without stopping early, in constant time.
         let mut found = None;
