@@ -820,18 +820,13 @@ impl LanguageModel for DeepSeek2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::real_config;
     use std::path::Path;
 
-    fn real(name: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/real_configs")
-            .join(name);
-        HfConfig::from_file(&path).unwrap()
-    }
 
     #[test]
     fn deepseek_v2_lite_maps() {
-        let c = deepseek2_config(&real("deepseek2-DeepSeek-V2-Lite.json")).unwrap();
+        let c = deepseek2_config(&real_config("deepseek2-DeepSeek-V2-Lite.json")).unwrap();
         assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads), (2048, 27, 16));
         assert_eq!(c.q_lora_rank, None);
         assert_eq!((c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim), (512, 128, 64, 128));
@@ -849,7 +844,7 @@ mod tests {
 
     #[test]
     fn deepseek_v2_maps_group_limited_routing() {
-        let c = deepseek2_config(&real("deepseek2-DeepSeek-V2.json")).unwrap();
+        let c = deepseek2_config(&real_config("deepseek2-DeepSeek-V2.json")).unwrap();
         assert_eq!(c.q_lora_rank, Some(1536));
         let moe = c.moe.unwrap();
         assert_eq!(moe.n_routed_experts, 160);
@@ -865,7 +860,7 @@ mod tests {
 
     #[test]
     fn norm_topk_prob_is_refused() {
-        let mut v = real("deepseek2-DeepSeek-V2-Lite.json").value().clone();
+        let mut v = real_config("deepseek2-DeepSeek-V2-Lite.json").value().clone();
         v["norm_topk_prob"] = true.into();
         let err = deepseek2_config(&HfConfig::from_value(Path::new("config.json"), v))
             .unwrap_err()

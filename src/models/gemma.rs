@@ -122,18 +122,13 @@ impl LanguageModel for Gemma {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::real_config;
     use std::path::Path;
 
-    fn real(name: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/real_configs")
-            .join(name);
-        HfConfig::from_file(&path).unwrap()
-    }
 
     #[test]
     fn gemma_2b_with_both_activation_keys_maps() {
-        let c = gemma_config(&real("gemma-gemma-2b.json")).unwrap();
+        let c = gemma_config(&real_config("gemma-gemma-2b.json")).unwrap();
         assert_eq!(c.hidden_act, Some(Activation::GeluPytorchTanh));
         assert_eq!(c.hidden_activation, None);
         assert_eq!((c.hidden_size, c.head_dim), (2048, 256));
@@ -146,7 +141,7 @@ mod tests {
 
     #[test]
     fn gemma_7b_legacy_gelu_is_the_tanh_approximation() {
-        let c = gemma_config(&real("gemma-gemma-7b.json")).unwrap();
+        let c = gemma_config(&real_config("gemma-gemma-7b.json")).unwrap();
         assert_eq!(c.hidden_act, Some(Activation::GeluPytorchTanh));
         // head_dim 256 is not hidden_size / heads (192): it must come from the config.
         assert_eq!((c.hidden_size, c.num_attention_heads, c.head_dim), (3072, 16, 256));
@@ -154,7 +149,7 @@ mod tests {
 
     #[test]
     fn rope_scaling_is_refused() {
-        let mut v = real("gemma-gemma-2b.json").value().clone();
+        let mut v = real_config("gemma-gemma-2b.json").value().clone();
         v["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
         let err = gemma_config(&HfConfig::from_value(Path::new("config.json"), v))
             .unwrap_err()

@@ -546,18 +546,13 @@ impl LanguageModel for Gemma2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::real_config;
     use std::path::Path;
 
-    fn real(name: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/real_configs")
-            .join(name);
-        HfConfig::from_file(&path).unwrap()
-    }
 
     #[test]
     fn gemma_2_2b_maps() {
-        let c = gemma2_config(&real("gemma2-gemma-2-2b.json")).unwrap();
+        let c = gemma2_config(&real_config("gemma2-gemma-2-2b.json")).unwrap();
         assert_eq!((c.hidden_size, c.head_dim, c.num_hidden_layers), (2304, 256, 26));
         assert_eq!((c.num_attention_heads, c.num_key_value_heads), (8, 4));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
@@ -573,7 +568,7 @@ mod tests {
 
     #[test]
     fn gemma_2_27b_query_scale_differs_from_head_dim() {
-        let c = gemma2_config(&real("gemma2-gemma-2-27b.json")).unwrap();
+        let c = gemma2_config(&real_config("gemma2-gemma-2-27b.json")).unwrap();
         assert_eq!((c.head_dim, c.query_pre_attn_scalar), (128, 144.0));
         assert_eq!(c.sliding_layers.len(), 46);
     }

@@ -602,18 +602,13 @@ impl LanguageModel for Gemma3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::real_config;
     use std::path::Path;
 
-    fn real(name: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/real_configs")
-            .join(name);
-        HfConfig::from_file(&path).unwrap()
-    }
 
     #[test]
     fn gemma_3_270m_with_layer_types_maps() {
-        let c = gemma3_config(&real("gemma3-gemma-3-270m.json")).unwrap();
+        let c = gemma3_config(&real_config("gemma3-gemma-3-270m.json")).unwrap();
         assert_eq!((c.hidden_size, c.head_dim, c.num_hidden_layers), (640, 256, 18));
         assert_eq!((c.num_attention_heads, c.num_key_value_heads), (4, 1));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
@@ -629,7 +624,7 @@ mod tests {
 
     #[test]
     fn gemma_3_1b_with_sliding_window_pattern_maps() {
-        let c = gemma3_config(&real("gemma3-gemma-3-1b-it.json")).unwrap();
+        let c = gemma3_config(&real_config("gemma3-gemma-3-1b-it.json")).unwrap();
         assert_eq!((c.hidden_size, c.num_hidden_layers), (1152, 26));
         let full: Vec<usize> = (0..26).filter(|&i| !c.sliding_layers[i]).collect();
         assert_eq!(full, vec![5, 11, 17, 23]);
@@ -638,7 +633,7 @@ mod tests {
 
     #[test]
     fn nested_rope_parameters_give_each_layer_type_its_own_rope() {
-        let mut v = real("gemma3-gemma-3-270m.json").value().clone();
+        let mut v = real_config("gemma3-gemma-3-270m.json").value().clone();
         let o = v.as_object_mut().unwrap();
         o.remove("rope_theta");
         o.remove("rope_scaling");

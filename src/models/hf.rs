@@ -506,3 +506,15 @@ impl RopeScaling {
         }
     }
 }
+
+/// Test support: a real hub config.json from `tests/fixtures/real_configs/`.
+#[cfg(test)]
+pub(crate) fn real_config(name: &str) -> HfConfig {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/real_configs")
+        .join(name);
+    match HfConfig::from_file(&path) {
+        Ok(c) => c,
+        Err(e) => panic!("{}: {e}", path.display()),
+    }
+}

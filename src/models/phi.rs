@@ -412,18 +412,13 @@ impl LanguageModel for Phi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::real_config;
     use std::path::Path;
 
-    fn real(name: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/real_configs")
-            .join(name);
-        HfConfig::from_file(&path).unwrap()
-    }
 
     #[test]
     fn phi_2_maps() {
-        let c = phi_config(&real("phi-phi-2.json")).unwrap();
+        let c = phi_config(&real_config("phi-phi-2.json")).unwrap();
         assert_eq!((c.hidden_size, c.num_hidden_layers, c.head_dim), (2560, 32, 80));
         assert_eq!((c.num_attention_heads, c.num_key_value_heads), (32, 32));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
@@ -436,7 +431,7 @@ mod tests {
 
     #[test]
     fn phi_1_5_with_null_kv_heads_maps() {
-        let c = phi_config(&real("phi-phi-1_5.json")).unwrap();
+        let c = phi_config(&real_config("phi-phi-1_5.json")).unwrap();
         assert_eq!(c.num_key_value_heads, 32);
         assert_eq!(c.rotary_dim, 32);
     }

@@ -551,18 +551,13 @@ impl LanguageModel for Phi3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::real_config;
     use std::path::Path;
 
-    fn real(name: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/real_configs")
-            .join(name);
-        HfConfig::from_file(&path).unwrap()
-    }
 
     #[test]
     fn phi_3_mini_4k_maps() {
-        let c = phi3_config(&real("phi3-Phi-3-mini-4k-instruct.json")).unwrap();
+        let c = phi3_config(&real_config("phi3-Phi-3-mini-4k-instruct.json")).unwrap();
         assert_eq!((c.hidden_size, c.head_dim, c.num_hidden_layers), (3072, 96, 32));
         assert_eq!((c.num_attention_heads, c.num_key_value_heads), (32, 32));
         assert_eq!(c.activation, Activation::Silu);
@@ -576,7 +571,7 @@ mod tests {
 
     #[test]
     fn phi_3_mini_128k_longrope_maps_and_limits_the_context() {
-        let c = phi3_config(&real("phi3-Phi-3-mini-128k-instruct.json")).unwrap();
+        let c = phi3_config(&real_config("phi3-Phi-3-mini-128k-instruct.json")).unwrap();
         let short = c.rope.factors.clone().unwrap();
         assert_eq!(short.len(), 48);
         assert_eq!(short[0], 1.05);
@@ -587,7 +582,7 @@ mod tests {
 
     #[test]
     fn transformers_5_longrope_layout_maps() {
-        let mut v = real("phi3-Phi-3-mini-128k-instruct.json").value().clone();
+        let mut v = real_config("phi3-Phi-3-mini-128k-instruct.json").value().clone();
         let mut scaling = v["rope_scaling"].clone();
         let o = v.as_object_mut().unwrap();
         o.remove("rope_scaling");
