@@ -406,3 +406,19 @@ fn the_shipped_config_is_valid() {
     let config = Config::load(&path, None).unwrap();
     assert!(config.models.iter().any(|m| m.name == "smollm2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_evicts_an_idle_model_to_make_room() {
+    // Each tiny fixture is about 0.4 MB on disk, counted twice as F32 on CPU: one fits in 1 MiB.
+    let mut c = config(vec![tiny("mem-a", "llama3"), tiny("mem-b", "qwen2")]);
+    c.models[1].load = LoadPolicy::Lazy;
+    c.pool.memory_budget_mb = 1;
+    let pool = Pool::start(c).await.unwrap();
+    assert_eq!(pool.model("mem-a").unwrap().state, ModelState::Ready);
+    pool.generate("mem-b", GenerateRequest::ids(vec![1, 2]).max_tokens(2))
+        .await
+        .unwrap();
+    assert_eq!(pool.model("mem-a").unwrap().state, ModelState::Unloaded);
+    assert_eq!(pool.model("mem-b").unwrap().state, ModelState::Ready);
+    pool.shutdown().await;
+}
