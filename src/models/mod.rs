@@ -257,6 +257,7 @@ register_architectures! {
 
     // GGUF files.
     QuantizedLlama => quantized_llama::QuantizedLlama,
+    QuantizedPhi2 => quantized_phi2::QuantizedPhi2,
 }
 
 /// Looks an architecture up by its registered name.

@@ -135,6 +135,36 @@ pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
                 tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
             }
         }
+        "quantized_phi2" => {
+            // llama.cpp's phi2 layout: LayerNorms with biases, a fused QKV projection with a
+            // bias, parallel attention and MLP, partial rotary (half the head here). candle's
+            // phi2 has no grouped-query attention, so kv heads = heads.
+            md.push(("general.architecture", Value::String("phi2".into())));
+            md.push(("phi2.context_length", Value::U32(256)));
+            md.push(("phi2.embedding_length", Value::U32(h as u32)));
+            md.push(("phi2.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("phi2.block_count", Value::U32(TINY_LAYERS as u32)));
+            md.push(("phi2.attention.head_count", Value::U32(heads as u32)));
+            md.push(("phi2.attention.head_count_kv", Value::U32(heads as u32)));
+            md.push(("phi2.attention.layer_norm_epsilon", Value::F32(1e-5)));
+            md.push(("phi2.rope.dimension_count", Value::U32((hd / 2) as u32)));
+            tokenizer_md(&mut md);
+            tensors.push(t("output_norm.bias", &[h]));
+            tensors.push(t("output.weight", &[v, h]));
+            tensors.push(t("output.bias", &[v]));
+            for l in 0..TINY_LAYERS {
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(t(format!("blk.{l}.attn_norm.bias"), &[h]));
+                tensors.push(t(format!("blk.{l}.attn_qkv.weight"), &[3 * h, h]));
+                tensors.push(t(format!("blk.{l}.attn_qkv.bias"), &[3 * h]));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, h]));
+                tensors.push(t(format!("blk.{l}.attn_output.bias"), &[h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.bias"), &[ff]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+                tensors.push(t(format!("blk.{l}.ffn_down.bias"), &[h]));
+            }
+        }
         _ => return None,
     }
     write_gguf(&path, md, &tensors, 7);
