@@ -258,6 +258,7 @@ register_architectures! {
     // GGUF files.
     QuantizedLlama => quantized_llama::QuantizedLlama,
     QuantizedPhi2 => quantized_phi2::QuantizedPhi2,
+    QuantizedPhi3 => quantized_phi3::QuantizedPhi3,
 }
 
 /// Looks an architecture up by its registered name.

@@ -165,6 +165,32 @@ pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
                 tensors.push(t(format!("blk.{l}.ffn_down.bias"), &[h]));
             }
         }
+        "quantized_phi3" => {
+            // llama.cpp's phi3 layout: fused QKV (with GQA here), fused gate+up (gate first).
+            md.push(("general.architecture", Value::String("phi3".into())));
+            md.push(("phi3.context_length", Value::U32(256)));
+            md.push(("phi3.embedding_length", Value::U32(h as u32)));
+            md.push(("phi3.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("phi3.block_count", Value::U32(TINY_LAYERS as u32)));
+            md.push(("phi3.attention.head_count", Value::U32(heads as u32)));
+            md.push(("phi3.attention.head_count_kv", Value::U32(kv as u32)));
+            md.push(("phi3.attention.layer_norm_rms_epsilon", Value::F32(1e-5)));
+            md.push(("phi3.rope.dimension_count", Value::U32(hd as u32)));
+            md.push(("phi3.rope.freq_base", Value::F32(10000.0)));
+            tokenizer_md(&mut md);
+            tensors.push(t("output.weight", &[v, h]));
+            for l in 0..TINY_LAYERS {
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(t(
+                    format!("blk.{l}.attn_qkv.weight"),
+                    &[(heads + 2 * kv) * hd, h],
+                ));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, heads * hd]));
+                tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[2 * ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+            }
+        }
         _ => return None,
     }
     write_gguf(&path, md, &tensors, 7);
