@@ -259,6 +259,7 @@ register_architectures! {
     QuantizedLlama => quantized_llama::QuantizedLlama,
     QuantizedPhi2 => quantized_phi2::QuantizedPhi2,
     QuantizedPhi3 => quantized_phi3::QuantizedPhi3,
+    QuantizedQwen2 => quantized_qwen2::QuantizedQwen2,
 }
 
 /// Looks an architecture up by its registered name.

@@ -191,6 +191,34 @@ pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
                 tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
             }
         }
+        "quantized_qwen2" => {
+            // llama.cpp's qwen2 layout: Q/K/V biases, GQA, tied embeddings (no output.weight,
+            // as in Qwen2-0.5B).
+            md.push(("general.architecture", Value::String("qwen2".into())));
+            md.push(("qwen2.context_length", Value::U32(256)));
+            md.push(("qwen2.embedding_length", Value::U32(h as u32)));
+            md.push(("qwen2.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("qwen2.block_count", Value::U32(TINY_LAYERS as u32)));
+            md.push(("qwen2.attention.head_count", Value::U32(heads as u32)));
+            md.push(("qwen2.attention.head_count_kv", Value::U32(kv as u32)));
+            md.push(("qwen2.attention.layer_norm_rms_epsilon", Value::F32(1e-6)));
+            md.push(("qwen2.rope.freq_base", Value::F32(1_000_000.0)));
+            tokenizer_md(&mut md);
+            for l in 0..TINY_LAYERS {
+                tensors.push(t(format!("blk.{l}.attn_q.weight"), &[heads * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_q.bias"), &[heads * hd]));
+                tensors.push(t(format!("blk.{l}.attn_k.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_k.bias"), &[kv * hd]));
+                tensors.push(t(format!("blk.{l}.attn_v.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_v.bias"), &[kv * hd]));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, heads * hd]));
+                tensors.push(t(format!("blk.{l}.ffn_gate.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
+            }
+        }
         _ => return None,
     }
     write_gguf(&path, md, &tensors, 7);
