@@ -219,6 +219,37 @@ pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
                 tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
             }
         }
+        "quantized_qwen3" => {
+            // llama.cpp's qwen3 layout: per-head Q/K RMSNorm, no biases, GQA, and a head size
+            // (key_length) that is not hidden / heads, as in the real models.
+            let hd = 2 * hd;
+            md.push(("general.architecture", Value::String("qwen3".into())));
+            md.push(("qwen3.context_length", Value::U32(256)));
+            md.push(("qwen3.embedding_length", Value::U32(h as u32)));
+            md.push(("qwen3.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("qwen3.block_count", Value::U32(TINY_LAYERS as u32)));
+            md.push(("qwen3.attention.head_count", Value::U32(heads as u32)));
+            md.push(("qwen3.attention.head_count_kv", Value::U32(kv as u32)));
+            md.push(("qwen3.attention.key_length", Value::U32(hd as u32)));
+            md.push(("qwen3.attention.value_length", Value::U32(hd as u32)));
+            md.push(("qwen3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)));
+            md.push(("qwen3.rope.freq_base", Value::F32(1_000_000.0)));
+            tokenizer_md(&mut md);
+            tensors.push(t("output.weight", &[v, h]));
+            for l in 0..TINY_LAYERS {
+                tensors.push(t(format!("blk.{l}.attn_q.weight"), &[heads * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_k.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_v.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, heads * hd]));
+                tensors.push(norm(format!("blk.{l}.attn_q_norm.weight"), &[hd]));
+                tensors.push(norm(format!("blk.{l}.attn_k_norm.weight"), &[hd]));
+                tensors.push(t(format!("blk.{l}.ffn_gate.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
+            }
+        }
         _ => return None,
     }
     write_gguf(&path, md, &tensors, 7);
