@@ -250,6 +250,42 @@ pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
                 tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
             }
         }
+        "quantized_gemma3" => {
+            // llama.cpp's gemma3 layout: QK-norm, post-attention and post-FFN norms, tied
+            // embeddings, a head size (key_length) that is not hidden / heads, GQA. Six layers
+            // give llama.cpp's pattern (5 sliding, then 1 global), and the window (4) is
+            // shorter than the conformance prompts (7 tokens plus decode steps).
+            let hd = 2 * hd;
+            let layers = 6;
+            md.push(("general.architecture", Value::String("gemma3".into())));
+            md.push(("gemma3.context_length", Value::U32(256)));
+            md.push(("gemma3.embedding_length", Value::U32(h as u32)));
+            md.push(("gemma3.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("gemma3.block_count", Value::U32(layers)));
+            md.push(("gemma3.attention.head_count", Value::U32(heads as u32)));
+            md.push(("gemma3.attention.head_count_kv", Value::U32(kv as u32)));
+            md.push(("gemma3.attention.key_length", Value::U32(hd as u32)));
+            md.push(("gemma3.attention.value_length", Value::U32(hd as u32)));
+            md.push(("gemma3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)));
+            md.push(("gemma3.attention.sliding_window", Value::U32(4)));
+            md.push(("gemma3.rope.freq_base", Value::F32(1_000_000.0)));
+            tokenizer_md(&mut md);
+            for l in 0..layers {
+                tensors.push(t(format!("blk.{l}.attn_q.weight"), &[heads * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_k.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_v.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, heads * hd]));
+                tensors.push(norm(format!("blk.{l}.attn_q_norm.weight"), &[hd]));
+                tensors.push(norm(format!("blk.{l}.attn_k_norm.weight"), &[hd]));
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.post_attention_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.post_ffw_norm.weight"), &[h]));
+                tensors.push(t(format!("blk.{l}.ffn_gate.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+            }
+        }
         _ => return None,
     }
     write_gguf(&path, md, &tensors, 7);
