@@ -268,6 +268,11 @@ register_architectures! {
 
     // GGUF files.
     QuantizedLlama => quantized_llama::QuantizedLlama,
+    QuantizedPhi2 => quantized_phi2::QuantizedPhi2,
+    QuantizedPhi3 => quantized_phi3::QuantizedPhi3,
+    QuantizedQwen2 => quantized_qwen2::QuantizedQwen2,
+    QuantizedQwen3 => quantized_qwen3::QuantizedQwen3,
+    QuantizedGemma3 => quantized_gemma3::QuantizedGemma3,
 }
 
 /// Looks an architecture up by its registered name.

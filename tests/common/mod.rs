@@ -135,6 +135,157 @@ pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
                 tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
             }
         }
+        "quantized_phi2" => {
+            // llama.cpp's phi2 layout: LayerNorms with biases, a fused QKV projection with a
+            // bias, parallel attention and MLP, partial rotary (half the head here). candle's
+            // phi2 has no grouped-query attention, so kv heads = heads.
+            md.push(("general.architecture", Value::String("phi2".into())));
+            md.push(("phi2.context_length", Value::U32(256)));
+            md.push(("phi2.embedding_length", Value::U32(h as u32)));
+            md.push(("phi2.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("phi2.block_count", Value::U32(TINY_LAYERS as u32)));
+            md.push(("phi2.attention.head_count", Value::U32(heads as u32)));
+            md.push(("phi2.attention.head_count_kv", Value::U32(heads as u32)));
+            md.push(("phi2.attention.layer_norm_epsilon", Value::F32(1e-5)));
+            md.push(("phi2.rope.dimension_count", Value::U32((hd / 2) as u32)));
+            tokenizer_md(&mut md);
+            tensors.push(t("output_norm.bias", &[h]));
+            tensors.push(t("output.weight", &[v, h]));
+            tensors.push(t("output.bias", &[v]));
+            for l in 0..TINY_LAYERS {
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(t(format!("blk.{l}.attn_norm.bias"), &[h]));
+                tensors.push(t(format!("blk.{l}.attn_qkv.weight"), &[3 * h, h]));
+                tensors.push(t(format!("blk.{l}.attn_qkv.bias"), &[3 * h]));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, h]));
+                tensors.push(t(format!("blk.{l}.attn_output.bias"), &[h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.bias"), &[ff]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+                tensors.push(t(format!("blk.{l}.ffn_down.bias"), &[h]));
+            }
+        }
+        "quantized_phi3" => {
+            // llama.cpp's phi3 layout: fused QKV (with GQA here), fused gate+up (gate first).
+            md.push(("general.architecture", Value::String("phi3".into())));
+            md.push(("phi3.context_length", Value::U32(256)));
+            md.push(("phi3.embedding_length", Value::U32(h as u32)));
+            md.push(("phi3.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("phi3.block_count", Value::U32(TINY_LAYERS as u32)));
+            md.push(("phi3.attention.head_count", Value::U32(heads as u32)));
+            md.push(("phi3.attention.head_count_kv", Value::U32(kv as u32)));
+            md.push(("phi3.attention.layer_norm_rms_epsilon", Value::F32(1e-5)));
+            md.push(("phi3.rope.dimension_count", Value::U32(hd as u32)));
+            md.push(("phi3.rope.freq_base", Value::F32(10000.0)));
+            tokenizer_md(&mut md);
+            tensors.push(t("output.weight", &[v, h]));
+            for l in 0..TINY_LAYERS {
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(t(
+                    format!("blk.{l}.attn_qkv.weight"),
+                    &[(heads + 2 * kv) * hd, h],
+                ));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, heads * hd]));
+                tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[2 * ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+            }
+        }
+        "quantized_qwen2" => {
+            // llama.cpp's qwen2 layout: Q/K/V biases, GQA, tied embeddings (no output.weight,
+            // as in Qwen2-0.5B).
+            md.push(("general.architecture", Value::String("qwen2".into())));
+            md.push(("qwen2.context_length", Value::U32(256)));
+            md.push(("qwen2.embedding_length", Value::U32(h as u32)));
+            md.push(("qwen2.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("qwen2.block_count", Value::U32(TINY_LAYERS as u32)));
+            md.push(("qwen2.attention.head_count", Value::U32(heads as u32)));
+            md.push(("qwen2.attention.head_count_kv", Value::U32(kv as u32)));
+            md.push(("qwen2.attention.layer_norm_rms_epsilon", Value::F32(1e-6)));
+            md.push(("qwen2.rope.freq_base", Value::F32(1_000_000.0)));
+            tokenizer_md(&mut md);
+            for l in 0..TINY_LAYERS {
+                tensors.push(t(format!("blk.{l}.attn_q.weight"), &[heads * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_q.bias"), &[heads * hd]));
+                tensors.push(t(format!("blk.{l}.attn_k.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_k.bias"), &[kv * hd]));
+                tensors.push(t(format!("blk.{l}.attn_v.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_v.bias"), &[kv * hd]));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, heads * hd]));
+                tensors.push(t(format!("blk.{l}.ffn_gate.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
+            }
+        }
+        "quantized_qwen3" => {
+            // llama.cpp's qwen3 layout: per-head Q/K RMSNorm, no biases, GQA, and a head size
+            // (key_length) that is not hidden / heads, as in the real models.
+            let hd = 2 * hd;
+            md.push(("general.architecture", Value::String("qwen3".into())));
+            md.push(("qwen3.context_length", Value::U32(256)));
+            md.push(("qwen3.embedding_length", Value::U32(h as u32)));
+            md.push(("qwen3.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("qwen3.block_count", Value::U32(TINY_LAYERS as u32)));
+            md.push(("qwen3.attention.head_count", Value::U32(heads as u32)));
+            md.push(("qwen3.attention.head_count_kv", Value::U32(kv as u32)));
+            md.push(("qwen3.attention.key_length", Value::U32(hd as u32)));
+            md.push(("qwen3.attention.value_length", Value::U32(hd as u32)));
+            md.push(("qwen3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)));
+            md.push(("qwen3.rope.freq_base", Value::F32(1_000_000.0)));
+            tokenizer_md(&mut md);
+            tensors.push(t("output.weight", &[v, h]));
+            for l in 0..TINY_LAYERS {
+                tensors.push(t(format!("blk.{l}.attn_q.weight"), &[heads * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_k.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_v.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, heads * hd]));
+                tensors.push(norm(format!("blk.{l}.attn_q_norm.weight"), &[hd]));
+                tensors.push(norm(format!("blk.{l}.attn_k_norm.weight"), &[hd]));
+                tensors.push(t(format!("blk.{l}.ffn_gate.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
+            }
+        }
+        "quantized_gemma3" => {
+            // llama.cpp's gemma3 layout: QK-norm, post-attention and post-FFN norms, tied
+            // embeddings, a head size (key_length) that is not hidden / heads, GQA. Six layers
+            // give llama.cpp's pattern (5 sliding, then 1 global), and the window (4) is
+            // shorter than the conformance prompts (7 tokens plus decode steps).
+            let hd = 2 * hd;
+            let layers = 6;
+            md.push(("general.architecture", Value::String("gemma3".into())));
+            md.push(("gemma3.context_length", Value::U32(256)));
+            md.push(("gemma3.embedding_length", Value::U32(h as u32)));
+            md.push(("gemma3.feed_forward_length", Value::U32(ff as u32)));
+            md.push(("gemma3.block_count", Value::U32(layers)));
+            md.push(("gemma3.attention.head_count", Value::U32(heads as u32)));
+            md.push(("gemma3.attention.head_count_kv", Value::U32(kv as u32)));
+            md.push(("gemma3.attention.key_length", Value::U32(hd as u32)));
+            md.push(("gemma3.attention.value_length", Value::U32(hd as u32)));
+            md.push(("gemma3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)));
+            md.push(("gemma3.attention.sliding_window", Value::U32(4)));
+            md.push(("gemma3.rope.freq_base", Value::F32(1_000_000.0)));
+            tokenizer_md(&mut md);
+            for l in 0..layers {
+                tensors.push(t(format!("blk.{l}.attn_q.weight"), &[heads * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_k.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_v.weight"), &[kv * hd, h]));
+                tensors.push(t(format!("blk.{l}.attn_output.weight"), &[h, heads * hd]));
+                tensors.push(norm(format!("blk.{l}.attn_q_norm.weight"), &[hd]));
+                tensors.push(norm(format!("blk.{l}.attn_k_norm.weight"), &[hd]));
+                tensors.push(norm(format!("blk.{l}.attn_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.post_attention_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.ffn_norm.weight"), &[h]));
+                tensors.push(norm(format!("blk.{l}.post_ffw_norm.weight"), &[h]));
+                tensors.push(t(format!("blk.{l}.ffn_gate.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_up.weight"), &[ff, h]));
+                tensors.push(t(format!("blk.{l}.ffn_down.weight"), &[h, ff]));
+            }
+        }
         _ => return None,
     }
     write_gguf(&path, md, &tensors, 7);

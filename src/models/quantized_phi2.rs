@@ -1,0 +1,181 @@
+//! Phi-2 GGUF files (`general.architecture = phi2`), run by candle's `quantized_phi`.
+//!
+//! What this adapter hides about candle's model:
+//!
+//! - It has no `clear_kv_cache`, and its causal-mask cache grows with every new
+//!   `(prompt length, cache length)` pair. The reset therefore swaps in a pristine clone taken
+//!   at load time ([`Pristine`]): the clone shares the weights, RoPE tables and the `-inf`
+//!   constant (all read-only: candle never writes them in place), and brings back an empty KV
+//!   cache (`Option`, replaced rather than written on every step) and an empty mask cache.
+//! - Its RoPE table is fixed at 4096 positions and its RoPE base at 10000, whatever the file
+//!   says. The context reported here is capped at the table, and a file declaring another base
+//!   or a RoPE scaling is refused instead of silently computing something else.
+//! - It splits the fused `attn_qkv` projection as `(3, heads, head_dim)`, so it cannot run
+//!   grouped-query attention, and it needs the fused tensor (files converted from the newer
+//!   Hugging Face layout carry separate `attn_q`/`attn_k`/`attn_v`). Both are checked here so
+//!   the error names the problem instead of a shape mismatch deep in a forward pass.
+
+use super::common::{last_position_f32, token_set, Pristine};
+use super::gguf::GgufFile;
+use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor};
+use candle_transformers::models::quantized_phi as candle_phi;
+
+/// `general.architecture` of the files this adapter loads.
+const ARCH: &str = "phi2";
+/// The RoPE base candle's `quantized_phi` hard-codes.
+const ROPE_BASE: f64 = 10_000.0;
+
+/// A quantized Phi-2 model with its KV cache.
+pub struct QuantizedPhi2 {
+    model: Pristine<candle_phi::ModelWeights>,
+    info: ModelInfo,
+}
+
+fn config_error(file: &GgufFile, key: &str, message: impl Into<String>) -> Error {
+    Error::config(
+        format!("{} (GGUF metadata): {key}", file.path.display()),
+        message,
+    )
+}
+
+/// A required, non-zero count.
+fn count(file: &GgufFile, key: &str) -> Result<usize> {
+    match file.u64(key)? {
+        0 => Err(config_error(file, key, "must be at least 1")),
+        n => Ok(n as usize),
+    }
+}
+
+/// Checks everything candle's loader reads (and what it silently ignores) before it runs.
+fn check_metadata(file: &GgufFile) -> Result<()> {
+    let heads = count(file, "phi2.attention.head_count")?;
+    let kv_heads = count(file, "phi2.attention.head_count_kv")?;
+    count(file, "phi2.block_count")?;
+    let hidden = count(file, "phi2.embedding_length")?;
+    let rope_dim = count(file, "phi2.rope.dimension_count")?;
+    if file
+        .opt_f64("phi2.attention.layer_norm_epsilon")?
+        .is_none()
+    {
+        return Err(config_error(
+            file,
+            "phi2.attention.layer_norm_epsilon",
+            "is missing",
+        ));
+    }
+    if kv_heads != heads {
+        return Err(config_error(
+            file,
+            "phi2.attention.head_count_kv",
+            format!("is {kv_heads} but candle's quantized phi2 needs it equal to head_count ({heads}): it has no grouped-query attention"),
+        ));
+    }
+    if hidden % heads != 0 {
+        return Err(config_error(
+            file,
+            "phi2.embedding_length",
+            format!("{hidden} is not a multiple of head_count {heads}"),
+        ));
+    }
+    let head_dim = hidden / heads;
+    if rope_dim > head_dim || rope_dim % 2 != 0 {
+        return Err(config_error(
+            file,
+            "phi2.rope.dimension_count",
+            format!("must be even and at most the head size {head_dim}, found {rope_dim}"),
+        ));
+    }
+    if let Some(base) = file.opt_f64("phi2.rope.freq_base")? {
+        if (base - ROPE_BASE).abs() > 1e-3 {
+            return Err(config_error(
+                file,
+                "phi2.rope.freq_base",
+                format!("is {base}, but candle's quantized phi2 hard-codes {ROPE_BASE}"),
+            ));
+        }
+    }
+    if let Some(kind) = file.get("phi2.rope.scaling.type") {
+        if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
+            return Err(config_error(
+                file,
+                "phi2.rope.scaling.type",
+                format!("{kind:?} is not supported by candle's quantized phi2 (allowed: none)"),
+            ));
+        }
+    }
+    if !file.content.tensor_infos.contains_key("blk.0.attn_qkv.weight")
+        && file.content.tensor_infos.contains_key("blk.0.attn_q.weight")
+    {
+        return Err(Error::model_file(
+            &file.path,
+            "this phi2 file has separate attn_q/attn_k/attn_v tensors; candle's quantized phi2 needs the fused blk.N.attn_qkv layout",
+        ));
+    }
+    Ok(())
+}
+
+/// Rows of the logits: `output.weight` (phi2 always has its own output projection).
+fn check_vocab(file: &GgufFile, vocab: usize) -> Result<()> {
+    for name in ["token_embd.weight", "output.weight"] {
+        let rows = match file.content.tensor_infos.get(name) {
+            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+            None => {
+                return Err(Error::model_file(
+                    &file.path,
+                    format!("tensor {name} is missing"),
+                ))
+            }
+        };
+        if rows != vocab {
+            return Err(Error::model_file(
+                &file.path,
+                format!("tensor {name} has {rows} rows but the vocabulary has {vocab} tokens"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Architecture for QuantizedPhi2 {
+    const NAME: &'static str = "quantized_phi2";
+    const FORMAT: WeightFormat = WeightFormat::Gguf;
+    const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+        let mut file = source.into_gguf(Self::NAME)?;
+        check_metadata(&file)?;
+        let vocab_size = file.vocab_size(ARCH)?;
+        check_vocab(&file, vocab_size)?;
+        let info = ModelInfo {
+            architecture: Self::NAME,
+            vocab_size,
+            max_context: file.context_length(ARCH, candle_phi::MAX_SEQ_LEN)?,
+            eos_token_ids: token_set(file.eos_token_ids()?),
+            bos_token_id: file.bos_token_id()?,
+            dtype: DType::F32,
+        };
+        let model =
+            candle_phi::ModelWeights::from_gguf(file.content, &mut file.reader, &options.device)?;
+        Ok(QuantizedPhi2 {
+            model: Pristine::new(model),
+            info,
+        })
+    }
+}
+
+impl LanguageModel for QuantizedPhi2 {
+    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+        last_position_f32(self.model.live().forward(input_ids, position)?)
+    }
+
+    fn reset_cache(&mut self) -> Result<()> {
+        self.model.reset();
+        Ok(())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}

@@ -1,0 +1,203 @@
+//! Phi-3 GGUF files (`general.architecture = phi3`), run by candle's `quantized_phi3`.
+//!
+//! What this adapter hides about candle's model:
+//!
+//! - It has no `clear_kv_cache`, and its causal-mask cache grows with every new
+//!   `(prompt length, cache length)` pair. The reset therefore swaps in a pristine clone taken
+//!   at load time ([`Pristine`]). That is sound here: the clone shares the weights, RoPE tables
+//!   and the `-inf` constant, which candle only reads; the per-layer `KvCache` writes in place
+//!   (`slice_set`) but allocates its buffer on the first append, so the pristine copy, never
+//!   run, holds no buffer for the live model to write into.
+//! - That `KvCache` preallocates `phi3.context_length` positions per layer on its first append,
+//!   and the RoPE table has exactly that many rows. The context is capped at
+//!   [`MAX_CONTEXT`] and written back into the metadata before candle reads it, so a file
+//!   declaring a huge context cannot make every first forward allocate gigabytes.
+//! - Its RoPE base is hard-coded to 10000, it rotates the whole head (no partial rotary) and
+//!   it knows nothing of the `longrope` factors of the 128k Phi-3/3.5/4-mini files. Such
+//!   files are refused with the reason rather than run with silently wrong positions.
+//! - llama.cpp currently ignores Phi-3's sliding window (`phi3.attention.sliding_window`), and
+//!   so does candle; results match llama.cpp's, not a windowed reference, past the window.
+
+use super::common::{last_position_f32, token_set, Pristine};
+use super::gguf::GgufFile;
+use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::error::{Error, Result};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{DType, Tensor};
+use candle_transformers::models::quantized_phi3 as candle_phi3;
+
+/// `general.architecture` of the files this adapter loads.
+const ARCH: &str = "phi3";
+/// The RoPE base candle's `quantized_phi3` hard-codes.
+const ROPE_BASE: f64 = 10_000.0;
+/// The longest context run here. Phi-3 files without `longrope` factors are trained at 4k
+/// (medium at 4k too); the cap only bounds what a malformed file can make candle allocate.
+pub const MAX_CONTEXT: usize = 32_768;
+
+/// A quantized Phi-3 model with its KV cache.
+pub struct QuantizedPhi3 {
+    model: Pristine<candle_phi3::ModelWeights>,
+    info: ModelInfo,
+}
+
+fn config_error(file: &GgufFile, key: &str, message: impl Into<String>) -> Error {
+    Error::config(
+        format!("{} (GGUF metadata): {key}", file.path.display()),
+        message,
+    )
+}
+
+/// A required, non-zero count.
+fn count(file: &GgufFile, key: &str) -> Result<usize> {
+    match file.u64(key)? {
+        0 => Err(config_error(file, key, "must be at least 1")),
+        n => Ok(n as usize),
+    }
+}
+
+/// Checks everything candle's loader reads (and what it silently ignores) before it runs.
+fn check_metadata(file: &GgufFile) -> Result<()> {
+    let heads = count(file, "phi3.attention.head_count")?;
+    let kv_heads = count(file, "phi3.attention.head_count_kv")?;
+    count(file, "phi3.block_count")?;
+    count(file, "phi3.feed_forward_length")?;
+    count(file, "phi3.context_length")?;
+    let hidden = count(file, "phi3.embedding_length")?;
+    let rope_dim = count(file, "phi3.rope.dimension_count")?;
+    if file
+        .opt_f64("phi3.attention.layer_norm_rms_epsilon")?
+        .is_none()
+    {
+        return Err(config_error(
+            file,
+            "phi3.attention.layer_norm_rms_epsilon",
+            "is missing",
+        ));
+    }
+    if hidden % heads != 0 {
+        return Err(config_error(
+            file,
+            "phi3.embedding_length",
+            format!("{hidden} is not a multiple of head_count {heads}"),
+        ));
+    }
+    if heads % kv_heads != 0 {
+        return Err(config_error(
+            file,
+            "phi3.attention.head_count_kv",
+            format!("{kv_heads} does not divide head_count {heads}"),
+        ));
+    }
+    let head_dim = hidden / heads;
+    if rope_dim != head_dim {
+        return Err(config_error(
+            file,
+            "phi3.rope.dimension_count",
+            format!("is {rope_dim}, but candle's quantized phi3 rotates the whole head ({head_dim}): partial rotary embeddings are not supported"),
+        ));
+    }
+    if let Some(base) = file.opt_f64("phi3.rope.freq_base")? {
+        if (base - ROPE_BASE).abs() > 1e-3 {
+            return Err(config_error(
+                file,
+                "phi3.rope.freq_base",
+                format!("is {base}, but candle's quantized phi3 hard-codes {ROPE_BASE}"),
+            ));
+        }
+    }
+    if let Some(kind) = file.get("phi3.rope.scaling.type") {
+        if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
+            return Err(config_error(
+                file,
+                "phi3.rope.scaling.type",
+                format!("{kind:?} is not supported by candle's quantized phi3 (allowed: none)"),
+            ));
+        }
+    }
+    // The 128k Phi-3 files (and Phi-3.5/Phi-4-mini) scale RoPE with per-dimension `longrope`
+    // factors, stored as these tensors; llama.cpp applies them at every length.
+    for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+        if file.content.tensor_infos.contains_key(name) {
+            return Err(Error::model_file(
+                &file.path,
+                format!("this phi3 file uses longrope RoPE scaling (tensor {name}), which candle's quantized phi3 does not implement"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The logits have `output.weight`'s rows; ids index `token_embd.weight`. Both must match the
+/// vocabulary, or ids and logits would disagree about what a token is.
+fn check_vocab(file: &GgufFile, vocab: usize) -> Result<()> {
+    for name in ["token_embd.weight", "output.weight"] {
+        let rows = match file.content.tensor_infos.get(name) {
+            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+            None => {
+                return Err(Error::model_file(
+                    &file.path,
+                    format!("tensor {name} is missing"),
+                ))
+            }
+        };
+        if rows != vocab {
+            return Err(Error::model_file(
+                &file.path,
+                format!("tensor {name} has {rows} rows but the vocabulary has {vocab} tokens"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Architecture for QuantizedPhi3 {
+    const NAME: &'static str = "quantized_phi3";
+    const FORMAT: WeightFormat = WeightFormat::Gguf;
+    const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+        let mut file = source.into_gguf(Self::NAME)?;
+        check_metadata(&file)?;
+        let vocab_size = file.vocab_size(ARCH)?;
+        check_vocab(&file, vocab_size)?;
+        let max_context = file.context_length(ARCH, MAX_CONTEXT)?;
+        let info = ModelInfo {
+            architecture: Self::NAME,
+            vocab_size,
+            max_context,
+            eos_token_ids: token_set(file.eos_token_ids()?),
+            bos_token_id: file.bos_token_id()?,
+            dtype: DType::F32,
+        };
+        // candle sizes both the RoPE table and each layer's KV buffer from this key.
+        file.content.metadata.insert(
+            "phi3.context_length".to_string(),
+            Value::U32(max_context as u32),
+        );
+        let model = candle_phi3::ModelWeights::from_gguf(
+            false,
+            file.content,
+            &mut file.reader,
+            &options.device,
+        )?;
+        Ok(QuantizedPhi3 {
+            model: Pristine::new(model),
+            info,
+        })
+    }
+}
+
+impl LanguageModel for QuantizedPhi3 {
+    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+        last_position_f32(self.model.live().forward(input_ids, position)?)
+    }
+
+    fn reset_cache(&mut self) -> Result<()> {
+        self.model.reset();
+        Ok(())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}

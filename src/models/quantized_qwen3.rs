@@ -1,0 +1,227 @@
+//! Qwen3 GGUF files (`general.architecture = qwen3`), run by candle's `quantized_qwen3`.
+//!
+//! What this adapter hides about candle's model:
+//!
+//! - Its caches never restart by themselves: a prefill at position 0 appends to whatever the
+//!   previous request left and silently returns wrong logits. Every forward at position 0
+//!   therefore clears the cache first, and so does the reset.
+//! - The reset is candle's `clear_kv_cache`, checked complete: the only mutable state is the
+//!   three per-layer caches it empties (the concatenating GPU cache, and the CPU path's
+//!   interleaved and raw caches); the RoPE tables sit behind an `Arc` and are never written,
+//!   and there is no mask cache (masks are built per forward). A pristine clone would work
+//!   too but costs more: the raw cache is a plain `Vec` preallocated for 4096 positions per
+//!   layer, so every clone would copy (and make resident) hundreds of MiB of zeros.
+//! - On CPU its decode step (one token) writes only the raw cache, while a multi-token forward
+//!   attends over the interleaved cache, which then lacks the decoded tokens: a prompt chunk
+//!   after a decode step would silently ignore them. Such chunks are fed one token at a time,
+//!   which only uses the raw cache that has every token.
+//! - On CPU it supports only batch 1 (it unwraps a cache it only builds for GPUs): a larger
+//!   batch is refused with an error instead of a caught panic.
+//! - It builds its RoPE tables in F16 unless the (non-standard, never written by llama.cpp)
+//!   `general.dtype` key says F32. F16 cannot hold the angles: positions above 2048 are not
+//!   even representable exactly, and at position 1000 the angle is off by up to a quarter
+//!   radian. The key is set to F32 in the metadata handed to candle, which only uses it for
+//!   the RoPE tables and the GPU mask.
+//! - The RoPE table has `qwen3.context_length` rows (kept four times: tensors and flat
+//!   copies), so the context is capped at [`MAX_CONTEXT`] and written back before loading.
+
+use super::common::{last_position_f32, token_set};
+use super::gguf::GgufFile;
+use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::error::{Error, Result};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{DType, Tensor};
+use candle_transformers::models::quantized_qwen3 as candle_qwen3;
+
+/// `general.architecture` of the files this adapter loads.
+const ARCH: &str = "qwen3";
+/// The longest context run here (Qwen3 files declare 32k or 40k; 128k needs YaRN, refused).
+pub const MAX_CONTEXT: usize = 131_072;
+
+/// A quantized Qwen3 model with its KV cache.
+pub struct QuantizedQwen3 {
+    model: candle_qwen3::ModelWeights,
+    info: ModelInfo,
+    on_cpu: bool,
+    /// Whether a single-token step ran since the last clear (CPU path): the interleaved cache
+    /// then lacks tokens, so multi-token chunks must go one token at a time.
+    decoded: bool,
+}
+
+fn config_error(file: &GgufFile, key: &str, message: impl Into<String>) -> Error {
+    Error::config(
+        format!("{} (GGUF metadata): {key}", file.path.display()),
+        message,
+    )
+}
+
+/// A required, non-zero count.
+fn count(file: &GgufFile, key: &str) -> Result<usize> {
+    match file.u64(key)? {
+        0 => Err(config_error(file, key, "must be at least 1")),
+        n => Ok(n as usize),
+    }
+}
+
+/// Checks everything candle's loader reads (and what it silently ignores) before it runs.
+fn check_metadata(file: &GgufFile) -> Result<()> {
+    let heads = count(file, "qwen3.attention.head_count")?;
+    let kv_heads = count(file, "qwen3.attention.head_count_kv")?;
+    let head_dim = count(file, "qwen3.attention.key_length")?;
+    count(file, "qwen3.block_count")?;
+    count(file, "qwen3.embedding_length")?;
+    count(file, "qwen3.context_length")?;
+    for key in [
+        "qwen3.attention.layer_norm_rms_epsilon",
+        "qwen3.rope.freq_base",
+    ] {
+        match file.opt_f64(key)? {
+            None => return Err(config_error(file, key, "is missing")),
+            Some(v) if v.is_nan() || v <= 0.0 => {
+                return Err(config_error(file, key, format!("must be positive, found {v}")))
+            }
+            Some(_) => {}
+        }
+    }
+    if heads % kv_heads != 0 {
+        return Err(config_error(
+            file,
+            "qwen3.attention.head_count_kv",
+            format!("{kv_heads} does not divide head_count {heads}"),
+        ));
+    }
+    if head_dim % 2 != 0 {
+        return Err(config_error(
+            file,
+            "qwen3.attention.key_length",
+            format!("the head size {head_dim} must be even for RoPE"),
+        ));
+    }
+    if let Some(v) = file.opt_u64("qwen3.attention.value_length")? {
+        if v as usize != head_dim {
+            return Err(config_error(
+                file,
+                "qwen3.attention.value_length",
+                format!("is {v}, but candle's quantized qwen3 needs it equal to key_length ({head_dim})"),
+            ));
+        }
+    }
+    if let Some(kind) = file.get("qwen3.rope.scaling.type") {
+        if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
+            return Err(config_error(
+                file,
+                "qwen3.rope.scaling.type",
+                format!("{kind:?} is not supported by candle's quantized qwen3 (allowed: none)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The logits have the output projection's rows (`output.weight`, or the tied
+/// `token_embd.weight`), and ids index `token_embd.weight`: both must match the vocabulary.
+fn check_vocab(file: &GgufFile, vocab: usize) -> Result<()> {
+    for name in ["token_embd.weight", "output.weight"] {
+        let rows = match file.content.tensor_infos.get(name) {
+            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+            None if name == "output.weight" => continue,
+            None => {
+                return Err(Error::model_file(
+                    &file.path,
+                    format!("tensor {name} is missing"),
+                ))
+            }
+        };
+        if rows != vocab {
+            return Err(Error::model_file(
+                &file.path,
+                format!("tensor {name} has {rows} rows but the vocabulary has {vocab} tokens"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Architecture for QuantizedQwen3 {
+    const NAME: &'static str = "quantized_qwen3";
+    const FORMAT: WeightFormat = WeightFormat::Gguf;
+    const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+        let mut file = source.into_gguf(Self::NAME)?;
+        check_metadata(&file)?;
+        let vocab_size = file.vocab_size(ARCH)?;
+        check_vocab(&file, vocab_size)?;
+        let max_context = file.context_length(ARCH, MAX_CONTEXT)?;
+        let info = ModelInfo {
+            architecture: Self::NAME,
+            vocab_size,
+            max_context,
+            eos_token_ids: token_set(file.eos_token_ids()?),
+            bos_token_id: file.bos_token_id()?,
+            dtype: DType::F32,
+        };
+        let metadata = &mut file.content.metadata;
+        // candle sizes its RoPE table from this key.
+        metadata.insert(
+            "qwen3.context_length".to_string(),
+            Value::U32(max_context as u32),
+        );
+        // 0 is candle's code for F32 RoPE tables (see the module docs).
+        metadata.insert("general.dtype".to_string(), Value::U32(0));
+        let model =
+            candle_qwen3::ModelWeights::from_gguf(file.content, &mut file.reader, &options.device)?;
+        Ok(QuantizedQwen3 {
+            model,
+            info,
+            on_cpu: options.device.is_cpu(),
+            decoded: false,
+        })
+    }
+}
+
+impl LanguageModel for QuantizedQwen3 {
+    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+        let (batch, seq_len) = input_ids.dims2()?;
+        if self.on_cpu && batch != 1 {
+            return Err(Error::InvalidParameter {
+                param: "input_ids".into(),
+                message: format!(
+                    "candle's quantized qwen3 runs batch 1 on CPU, got a batch of {batch}"
+                ),
+            });
+        }
+        if position == 0 {
+            self.reset_cache()?;
+        }
+        if self.on_cpu && seq_len > 1 && self.decoded {
+            let mut logits = None;
+            for i in 0..seq_len {
+                let token = input_ids.narrow(1, i, 1)?;
+                logits = Some(self.model.forward(&token, position + i)?);
+            }
+            return match logits {
+                Some(l) => last_position_f32(l),
+                None => Err(Error::InvalidParameter {
+                    param: "input_ids".into(),
+                    message: "at least one token is needed".into(),
+                }),
+            };
+        }
+        let logits = self.model.forward(input_ids, position)?;
+        if self.on_cpu && seq_len == 1 {
+            self.decoded = true;
+        }
+        last_position_f32(logits)
+    }
+
+    fn reset_cache(&mut self) -> Result<()> {
+        self.model.clear_kv_cache();
+        self.decoded = false;
+        Ok(())
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
