@@ -1,0 +1,1304 @@
+//! Benchmarks: raw candle against llm-pool's layers (model, engine, in-process pool, HTTP host),
+//! plus concurrency, multi-model and per-request pool overhead.
+//!
+//! Every figure is measured with warm-up runs and several repetitions, and reported as the
+//! median with its spread (min-max, and p50/p90/p99 where latencies are concerned). Results go
+//! to stdout as JSON lines (one object per figure); a human-readable line per figure goes to
+//! stderr.
+//!
+//! ```sh
+//! cargo build --release --bin llm-pool --example bench
+//! # everything, with a few tokens and one repetition (CI):
+//! target/release/examples/bench all --smoke
+//! # one part, real sizes; candle's CPU thread pool is global, so set the thread count per process:
+//! CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1 target/release/examples/bench raw --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+//! # the same HTTP client against another OpenAI-compatible server (e.g. llama-server):
+//! target/release/examples/bench http --url http://127.0.0.1:8081 --server-pid 1234 --label llama.cpp
+//! ```
+//!
+//! `scripts/bench` runs the whole comparison (with llama.cpp) and writes docs/BENCHMARKS.md.
+//!
+//! Subcommands:
+//! - `raw`: candle-transformers directly (`ModelWeights::from_gguf`, `forward`, argmax);
+//! - `layers`: llm-pool's `Model::forward_ids` loop, `engine::generate` without and with the
+//!   tokenizer (streamed detokenization), to attribute costs layer by layer;
+//! - `pool`: the in-process `Pool` API (one model, one replica, greedy, token-id prompts);
+//! - `overhead`: a 1-token prompt with `max_tokens = 1` through the pool against a direct
+//!   `Model::forward_ids` call and a raw candle forward (per-request routing and actor hops);
+//! - `concurrency`: 1, 4 and 8 concurrent streams to one model, replicas 1 and replicas = streams;
+//! - `multi`: two models generating at once in one pool, against each alone;
+//! - `http`: `llm-pool serve` (started with a temporary config on port 0) or any server given by
+//!   `--url`, streamed `/v1/completions`: TTFT, decode tok/s, aggregate tok/s under concurrency;
+//! - `all`: every one of the above in this process.
+//!
+//! Test names follow llama-bench: `tg128` generates 128 tokens (128 single-token forwards from a
+//! 1-token prompt), `pp64` / `pp512` run one prompt of 64 / 512 tokens. Prompts are fixed,
+//! deterministic token ids, the same for every implementation.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor, D};
+use candle_transformers::models::quantized_gemma3 as qgemma3;
+use candle_transformers::models::quantized_llama as qllama;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use llm_pool::config::{Config, ModelConfig};
+use llm_pool::engine::{generate, GenerateParams};
+use llm_pool::models::{LanguageModel, LoadOptions, Model};
+use llm_pool::pool::{GenerateRequest, GenerationEvent, Pool};
+use llm_pool::text::sampling::{argmax, SamplingParams};
+use llm_pool::text::ModelText;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "llm-pool benchmarks (JSON lines on stdout, text on stderr)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+enum Cmd {
+    /// candle-transformers directly.
+    Raw,
+    /// llm-pool's Model::forward_ids and engine::generate (without and with the tokenizer).
+    Layers,
+    /// The in-process Pool API.
+    Pool,
+    /// Per-request pool overhead against direct calls.
+    Overhead,
+    /// Concurrent streams to one model (replicas 1 and replicas = streams).
+    Concurrency,
+    /// Two models at once in one pool.
+    Multi,
+    /// Streamed /v1/completions over HTTP (llm-pool serve, or --url).
+    Http,
+    /// Everything above, in this process.
+    All,
+}
+
+#[derive(Args, Clone)]
+struct Opts {
+    /// The GGUF model.
+    #[arg(
+        long,
+        global = true,
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    model: PathBuf,
+    /// The model's label in the results (default: the file name without .gguf).
+    #[arg(long, global = true)]
+    name: Option<String>,
+    /// The second model of `multi` (falls back to a second copy of --model if it fails to load).
+    #[arg(long, global = true, default_value = "models/gemma-3-270m-q4_k_m.gguf")]
+    model2: PathBuf,
+    /// Few tokens, one repetition: everything in well under a minute.
+    #[arg(long, global = true)]
+    smoke: bool,
+    /// Measured repetitions per figure [default: 5, smoke: 1].
+    #[arg(long, global = true)]
+    reps: Option<usize>,
+    /// Warm-up runs before the measured ones [default: 1].
+    #[arg(long, global = true)]
+    warmup: Option<usize>,
+    /// Tokens generated by the tg test [default: 128, smoke: 8].
+    #[arg(long, global = true)]
+    tg: Option<usize>,
+    /// Prompt lengths of the pp tests [default: 64,512, smoke: 16].
+    #[arg(long, global = true, value_delimiter = ',')]
+    pp: Option<Vec<usize>>,
+    /// Tokens generated per stream in concurrency, multi and HTTP load tests [default: 64, smoke: 4].
+    #[arg(long, global = true)]
+    gen: Option<usize>,
+    /// Concurrent streams [default: 1,4,8, smoke: 1,4].
+    #[arg(long, global = true, value_delimiter = ',')]
+    streams: Option<Vec<usize>>,
+    /// Concurrency: only replicas = 1 (skip replicas = streams).
+    #[arg(long, global = true)]
+    no_replica_match: bool,
+    /// Repetitions of the overhead test [default: 100, smoke: 5].
+    #[arg(long, global = true)]
+    overhead_reps: Option<usize>,
+    /// The llm-pool binary for `http` [default: llm-pool next to this example's directory].
+    #[arg(long, global = true)]
+    server_bin: Option<PathBuf>,
+    /// Replicas of the model in the `http` server's config.
+    #[arg(long, global = true, default_value_t = 1)]
+    server_replicas: usize,
+    /// Benchmark an already running OpenAI-compatible server instead of starting llm-pool.
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// The pid of the --url server, for its peak RSS.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// The implementation's label for `http` results [default: llm-pool].
+    #[arg(long, global = true)]
+    label: Option<String>,
+}
+
+/// Resolved settings.
+struct Bench {
+    o: Opts,
+    model_name: String,
+    threads: usize,
+    reps: usize,
+    warmup: usize,
+    tg: usize,
+    pp: Vec<usize>,
+    gen: usize,
+    streams: Vec<usize>,
+    overhead_reps: usize,
+}
+
+impl Bench {
+    fn new(o: Opts) -> Self {
+        let smoke = o.smoke;
+        Bench {
+            model_name: o.name.clone().unwrap_or_else(|| label_of(&o.model)),
+            threads: candle_core::utils::get_num_threads(),
+            reps: o.reps.unwrap_or(if smoke { 1 } else { 5 }).max(1),
+            warmup: o.warmup.unwrap_or(1),
+            tg: o.tg.unwrap_or(if smoke { 8 } else { 128 }).max(1),
+            pp: o
+                .pp
+                .clone()
+                .unwrap_or(if smoke { vec![16] } else { vec![64, 512] }),
+            gen: o.gen.unwrap_or(if smoke { 4 } else { 64 }).max(1),
+            streams: o
+                .streams
+                .clone()
+                .unwrap_or(if smoke { vec![1, 4] } else { vec![1, 4, 8] }),
+            overhead_reps: o
+                .overhead_reps
+                .unwrap_or(if smoke { 5 } else { 100 })
+                .max(1),
+            o,
+        }
+    }
+
+    fn runs(&self) -> usize {
+        self.warmup + self.reps
+    }
+
+    /// Prints one figure: a JSON line on stdout, a text line on stderr.
+    fn emit(
+        &self,
+        imp: &str,
+        bench: &str,
+        model: &str,
+        test: &str,
+        unit: &str,
+        samples: &[f64],
+        extra: Value,
+    ) {
+        let s = Stats::of(samples);
+        let mut line = json!({
+            "impl": imp,
+            "bench": bench,
+            "model": model,
+            "threads": self.threads,
+            "test": test,
+            "unit": unit,
+            "median": s.median,
+            "min": s.min,
+            "max": s.max,
+            "p10": s.p10,
+            "p90": s.p90,
+            "p99": s.p99,
+            "n": samples.len(),
+            "smoke": self.o.smoke,
+        });
+        if let (Some(m), Value::Object(e)) = (line.as_object_mut(), extra) {
+            m.extend(e);
+        }
+        println!("{line}");
+        eprintln!(
+            "{imp:<10} {bench:<11} {model:<26} t={} {test:<22} {:>10.2} {unit:<5} (min {:.2}, max {:.2}, p90 {:.2}, n={})",
+            self.threads,
+            s.median,
+            s.min,
+            s.max,
+            s.p90,
+            samples.len()
+        );
+    }
+
+    fn emit_rss(&self, imp: &str, bench: &str, model: &str, bytes: Option<u64>) {
+        if let Some(b) = bytes {
+            let mib = b as f64 / (1024.0 * 1024.0);
+            self.emit(imp, bench, model, "peak_rss", "MiB", &[mib], json!({}));
+        }
+    }
+
+    fn skip(&self, imp: &str, bench: &str, model: &str, reason: &str) {
+        println!(
+            "{}",
+            json!({"impl": imp, "bench": bench, "model": model, "threads": self.threads,
+                   "skipped": reason, "smoke": self.o.smoke})
+        );
+        eprintln!("{imp:<10} {bench:<11} {model:<26} skipped: {reason}");
+    }
+}
+
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+    p10: f64,
+    p90: f64,
+    p99: f64,
+}
+
+impl Stats {
+    fn of(samples: &[f64]) -> Stats {
+        let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return Stats {
+                median: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+                p10: f64::NAN,
+                p90: f64::NAN,
+                p99: f64::NAN,
+            };
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let pct = |p: f64| {
+            // Linear interpolation between closest ranks.
+            let r = p * (v.len() - 1) as f64;
+            let (lo, hi) = (r.floor() as usize, r.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (r - lo as f64)
+        };
+        Stats {
+            median: pct(0.5),
+            min: v[0],
+            max: v[v.len() - 1],
+            p10: pct(0.1),
+            p90: pct(0.9),
+            p99: pct(0.99),
+        }
+    }
+}
+
+fn label_of(path: &Path) -> String {
+    path.file_name()
+        .map(|s| s.to_string_lossy().trim_end_matches(".gguf").to_string())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// Fixed, deterministic prompt ids (inside every supported vocabulary), the same for all
+/// implementations. The first one alone is the tg prompt.
+fn prompt_ids(n: usize) -> Vec<u32> {
+    (0..n).map(|i| 1000 + ((i as u32 * 7919) % 20000)).collect()
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw candle
+
+/// A candle-transformers quantized model, called directly.
+#[derive(Clone)]
+enum RawModel {
+    Llama(qllama::ModelWeights),
+    Gemma3(qgemma3::ModelWeights),
+}
+
+impl RawModel {
+    fn load(path: &Path) -> Result<RawModel> {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| e.with_path(path))?;
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        Ok(match arch.as_str() {
+            "llama" => RawModel::Llama(qllama::ModelWeights::from_gguf(
+                content,
+                &mut file,
+                &Device::Cpu,
+            )?),
+            "gemma3" => RawModel::Gemma3(qgemma3::ModelWeights::from_gguf(
+                content,
+                &mut file,
+                &Device::Cpu,
+            )?),
+            other => bail!("raw candle baseline: unsupported GGUF architecture {other:?}"),
+        })
+    }
+
+    /// One forward over `ids` at `pos`, then greedy argmax of the last position.
+    fn step(&mut self, ids: &[u32], pos: usize) -> Result<u32> {
+        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let logits = match self {
+            RawModel::Llama(m) => m.forward(&input, pos)?,
+            RawModel::Gemma3(m) => m.forward(&input, pos)?,
+        };
+        Ok(logits.squeeze(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?)
+    }
+}
+
+fn bench_raw(b: &Bench) -> Result<()> {
+    let name = &b.model_name;
+    let pristine = match RawModel::load(&b.o.model) {
+        Ok(m) => m,
+        Err(e) => {
+            b.skip("candle", "raw", name, &format!("{e:#}"));
+            return Ok(());
+        }
+    };
+    let ids = prompt_ids(b.pp.iter().copied().max().unwrap_or(1).max(1));
+    // tg: b.tg single-token forwards from a 1-token prompt (a fresh KV cache each run).
+    let mut tps = Vec::new();
+    for run in 0..b.runs() {
+        let mut m = pristine.clone();
+        let t = Instant::now();
+        let mut tok = m.step(&ids[..1], 0)?;
+        for pos in 1..b.tg {
+            tok = m.step(&[tok], pos)?;
+        }
+        let dt = t.elapsed();
+        if run >= b.warmup {
+            tps.push(b.tg as f64 / secs(dt));
+        }
+    }
+    b.emit(
+        "candle",
+        "raw",
+        name,
+        &format!("tg{}", b.tg),
+        "tok/s",
+        &tps,
+        json!({}),
+    );
+    for &n in &b.pp {
+        let mut tps = Vec::new();
+        let mut ttft = Vec::new();
+        for run in 0..b.runs() {
+            let mut m = pristine.clone();
+            let t = Instant::now();
+            m.step(&ids[..n], 0)?;
+            let dt = t.elapsed();
+            if run >= b.warmup {
+                tps.push(n as f64 / secs(dt));
+                ttft.push(ms(dt));
+            }
+        }
+        b.emit(
+            "candle",
+            "raw",
+            name,
+            &format!("pp{n}"),
+            "tok/s",
+            &tps,
+            json!({}),
+        );
+        b.emit(
+            "candle",
+            "raw",
+            name,
+            &format!("ttft_pp{n}"),
+            "ms",
+            &ttft,
+            json!({}),
+        );
+    }
+    b.emit_rss("candle", "raw", name, llm_pool::resources::peak_rss_bytes());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// llm-pool layers without the pool: Model::forward_ids, engine::generate
+
+fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        ..GenerateParams::default()
+    }
+}
+
+fn bench_layers(b: &Bench) -> Result<()> {
+    let name = &b.model_name;
+    let mut model = match Model::load(&b.o.model, &LoadOptions::cpu()) {
+        Ok(m) => m,
+        Err(e) => {
+            b.skip("llm-pool", "layers", name, &e.to_string());
+            return Ok(());
+        }
+    };
+    let text = ModelText::load(&b.o.model, model.info(), None)?;
+    let ids = prompt_ids(b.pp.iter().copied().max().unwrap_or(1).max(1));
+
+    // Model::forward_ids + argmax over the returned Vec<f32>.
+    let mut tps = Vec::new();
+    for run in 0..b.runs() {
+        model.reset_cache()?;
+        let t = Instant::now();
+        let mut tok = argmax(&model.forward_ids(&ids[..1], 0)?);
+        for pos in 1..b.tg {
+            tok = argmax(&model.forward_ids(&[tok], pos)?);
+        }
+        let dt = t.elapsed();
+        if run >= b.warmup {
+            tps.push(b.tg as f64 / secs(dt));
+        }
+    }
+    b.emit(
+        "llm-pool",
+        "model",
+        name,
+        &format!("tg{}", b.tg),
+        "tok/s",
+        &tps,
+        json!({}),
+    );
+    for &n in &b.pp {
+        let mut tps = Vec::new();
+        for run in 0..b.runs() {
+            model.reset_cache()?;
+            let t = Instant::now();
+            argmax(&model.forward_ids(&ids[..n], 0)?);
+            let dt = t.elapsed();
+            if run >= b.warmup {
+                tps.push(n as f64 / secs(dt));
+            }
+        }
+        b.emit(
+            "llm-pool",
+            "model",
+            name,
+            &format!("pp{n}"),
+            "tok/s",
+            &tps,
+            json!({}),
+        );
+    }
+
+    // engine::generate (reset + prefill + decode loop + sampler), without and with the tokenizer.
+    for (bench, text) in [("engine", None), ("engine+text", text.as_ref())] {
+        let mut tps = Vec::new();
+        let mut tokens = 0;
+        for run in 0..b.runs() {
+            let t = Instant::now();
+            let out = generate(&mut model, text, &ids[..1], &greedy(b.tg), |_| true)?;
+            let dt = t.elapsed();
+            tokens = out.completion_tokens();
+            if run >= b.warmup {
+                // One forward per generated token (the prompt's, then one per token but the last).
+                tps.push(out.completion_tokens() as f64 / secs(dt));
+            }
+        }
+        b.emit(
+            "llm-pool",
+            bench,
+            name,
+            &format!("tg{}", b.tg),
+            "tok/s",
+            &tps,
+            json!({"tokens": tokens}),
+        );
+        for &n in &b.pp {
+            let mut tps = Vec::new();
+            for run in 0..b.runs() {
+                let t = Instant::now();
+                generate(&mut model, text, &ids[..n], &greedy(1), |_| true)?;
+                let dt = t.elapsed();
+                if run >= b.warmup {
+                    tps.push(n as f64 / secs(dt));
+                }
+            }
+            b.emit(
+                "llm-pool",
+                bench,
+                name,
+                &format!("pp{n}"),
+                "tok/s",
+                &tps,
+                json!({}),
+            );
+        }
+    }
+    b.emit_rss(
+        "llm-pool",
+        "layers",
+        name,
+        llm_pool::resources::peak_rss_bytes(),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-process pool
+
+fn model_config(name: &str, path: &Path, replicas: usize) -> ModelConfig {
+    let mut m = ModelConfig::new(name, path);
+    m.replicas = replicas;
+    m.queue_size = 256;
+    m
+}
+
+async fn start_pool(models: Vec<ModelConfig>) -> Result<Pool> {
+    let config = Config {
+        models,
+        ..Config::default()
+    };
+    Ok(Pool::start(config).await?)
+}
+
+/// One streamed generation through the pool, timed from the enqueue.
+struct Timed {
+    ttft: Duration,
+    total: Duration,
+    tokens: usize,
+    /// Time from `t0` (a shared start) to the end, for concurrent runs.
+    end_since: Duration,
+}
+
+async fn pool_run(
+    pool: &Pool,
+    model: &str,
+    prompt: &[u32],
+    max_tokens: usize,
+    t0: Instant,
+) -> Result<Timed> {
+    let started = Instant::now();
+    let request = GenerateRequest::ids(prompt.to_vec())
+        .max_tokens(max_tokens)
+        .temperature(0.0)
+        .seed(0);
+    let mut stream = pool.generate_stream(model, request)?;
+    let mut ttft = None;
+    while let Some(event) = stream.next().await {
+        match event? {
+            GenerationEvent::Token { .. } => {
+                ttft.get_or_insert_with(|| started.elapsed());
+            }
+            GenerationEvent::Done(r) => {
+                let total = started.elapsed();
+                return Ok(Timed {
+                    ttft: ttft.unwrap_or(total),
+                    total,
+                    tokens: r.completion_tokens,
+                    end_since: t0.elapsed(),
+                });
+            }
+        }
+    }
+    bail!("the stream ended without a result")
+}
+
+async fn bench_pool(b: &Bench) -> Result<()> {
+    let name = &b.model_name;
+    let pool = match start_pool(vec![model_config("m", &b.o.model, 1)]).await {
+        Ok(p) => p,
+        Err(e) => {
+            b.skip("llm-pool", "pool", name, &format!("{e:#}"));
+            return Ok(());
+        }
+    };
+    let ids = prompt_ids(b.pp.iter().copied().max().unwrap_or(1).max(1));
+    let (mut tps, mut ttft, mut decode) = (Vec::new(), Vec::new(), Vec::new());
+    let mut tokens = 0;
+    for run in 0..b.runs() {
+        let r = pool_run(&pool, "m", &ids[..1], b.tg, Instant::now()).await?;
+        tokens = r.tokens;
+        if run >= b.warmup {
+            tps.push(r.tokens as f64 / secs(r.total));
+            ttft.push(ms(r.ttft));
+            if r.tokens > 1 {
+                decode.push((r.tokens - 1) as f64 / secs(r.total - r.ttft));
+            }
+        }
+    }
+    let tg = format!("tg{}", b.tg);
+    b.emit(
+        "llm-pool",
+        "pool",
+        name,
+        &tg,
+        "tok/s",
+        &tps,
+        json!({"tokens": tokens}),
+    );
+    b.emit(
+        "llm-pool",
+        "pool",
+        name,
+        &format!("{tg}_decode"),
+        "tok/s",
+        &decode,
+        json!({}),
+    );
+    b.emit(
+        "llm-pool",
+        "pool",
+        name,
+        &format!("ttft_{tg}"),
+        "ms",
+        &ttft,
+        json!({}),
+    );
+    for &n in &b.pp {
+        let (mut tps, mut ttft) = (Vec::new(), Vec::new());
+        for run in 0..b.runs() {
+            let r = pool_run(&pool, "m", &ids[..n], 1, Instant::now()).await?;
+            if run >= b.warmup {
+                tps.push(n as f64 / secs(r.total));
+                ttft.push(ms(r.ttft));
+            }
+        }
+        b.emit(
+            "llm-pool",
+            "pool",
+            name,
+            &format!("pp{n}"),
+            "tok/s",
+            &tps,
+            json!({}),
+        );
+        b.emit(
+            "llm-pool",
+            "pool",
+            name,
+            &format!("ttft_pp{n}"),
+            "ms",
+            &ttft,
+            json!({}),
+        );
+    }
+    pool.shutdown().await;
+    b.emit_rss(
+        "llm-pool",
+        "pool",
+        name,
+        llm_pool::resources::peak_rss_bytes(),
+    );
+    Ok(())
+}
+
+async fn bench_overhead(b: &Bench) -> Result<()> {
+    let name = &b.model_name;
+    let pool = match start_pool(vec![model_config("m", &b.o.model, 1)]).await {
+        Ok(p) => p,
+        Err(e) => {
+            b.skip("llm-pool", "overhead", name, &format!("{e:#}"));
+            return Ok(());
+        }
+    };
+    let mut model = Model::load(&b.o.model, &LoadOptions::cpu())?;
+    let raw = RawModel::load(&b.o.model).ok();
+    let tok = prompt_ids(1);
+    let (mut direct, mut via_pool, mut raw_us) = (Vec::new(), Vec::new(), Vec::new());
+    let warm = 5.max(b.warmup);
+    // Interleaved, so that drift (other load, frequency) hits all three alike.
+    for run in 0..warm + b.overhead_reps {
+        let t = Instant::now();
+        model.reset_cache()?;
+        argmax(&model.forward_ids(&tok, 0)?);
+        let d = t.elapsed();
+        let t = Instant::now();
+        let r = pool_run(&pool, "m", &tok, 1, t).await?;
+        let p = t.elapsed();
+        anyhow::ensure!(r.tokens == 1, "expected 1 token");
+        let rw = match &raw {
+            Some(raw) => {
+                let t = Instant::now();
+                let mut m = raw.clone();
+                m.step(&tok, 0)?;
+                Some(t.elapsed())
+            }
+            None => None,
+        };
+        if run >= warm {
+            direct.push(d.as_secs_f64() * 1e6);
+            via_pool.push(p.as_secs_f64() * 1e6);
+            if let Some(rw) = rw {
+                raw_us.push(rw.as_secs_f64() * 1e6);
+            }
+        }
+    }
+    let diff: Vec<f64> = via_pool.iter().zip(&direct).map(|(p, d)| p - d).collect();
+    b.emit(
+        "llm-pool",
+        "overhead",
+        name,
+        "request_1tok_direct",
+        "us",
+        &direct,
+        json!({"what": "reset_cache + Model::forward_ids(1 token) + argmax"}),
+    );
+    b.emit(
+        "llm-pool",
+        "overhead",
+        name,
+        "request_1tok_pool",
+        "us",
+        &via_pool,
+        json!({"what": "Pool::generate_stream, 1-token prompt, max_tokens 1, until Done"}),
+    );
+    b.emit(
+        "llm-pool",
+        "overhead",
+        name,
+        "request_1tok_pool_minus_direct",
+        "us",
+        &diff,
+        json!({"what": "per-request routing, queue, worker hop, engine setup, events"}),
+    );
+    if !raw_us.is_empty() {
+        b.emit(
+            "candle",
+            "overhead",
+            name,
+            "request_1tok_raw",
+            "us",
+            &raw_us,
+            json!({"what": "clone pristine ModelWeights + forward(1 token) + argmax"}),
+        );
+    }
+    pool.shutdown().await;
+    Ok(())
+}
+
+async fn bench_concurrency(b: &Bench) -> Result<()> {
+    let name = &b.model_name;
+    let prompt = prompt_ids(8);
+    let mut replica_sets = vec![1usize];
+    if !b.o.no_replica_match {
+        for &s in &b.streams {
+            if s > 1 && !replica_sets.contains(&s) {
+                replica_sets.push(s);
+            }
+        }
+    }
+    for replicas in replica_sets {
+        let pool = match start_pool(vec![model_config("m", &b.o.model, replicas)]).await {
+            Ok(p) => p,
+            Err(e) => {
+                b.skip("llm-pool", "concurrency", name, &format!("{e:#}"));
+                return Ok(());
+            }
+        };
+        let streams: Vec<usize> = if replicas == 1 {
+            b.streams.clone()
+        } else {
+            vec![replicas]
+        };
+        for n in streams {
+            let (mut agg, mut ttft, mut per_stream) = (Vec::new(), Vec::new(), Vec::new());
+            for run in 0..b.runs() {
+                let t0 = Instant::now();
+                let runs = futures::future::join_all(
+                    (0..n).map(|_| pool_run(&pool, "m", &prompt, b.gen, t0)),
+                )
+                .await;
+                let wall = t0.elapsed();
+                let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
+                if run >= b.warmup {
+                    let tokens: usize = runs.iter().map(|r| r.tokens).sum();
+                    agg.push(tokens as f64 / secs(wall));
+                    for r in &runs {
+                        ttft.push(ms(r.ttft));
+                        per_stream.push(r.tokens as f64 / secs(r.end_since));
+                    }
+                }
+            }
+            let tag = format!("c{n}_r{replicas}");
+            b.emit(
+                "llm-pool",
+                "concurrency",
+                name,
+                &format!("{tag}_aggregate"),
+                "tok/s",
+                &agg,
+                json!({"streams": n, "replicas": replicas, "gen": b.gen}),
+            );
+            b.emit(
+                "llm-pool",
+                "concurrency",
+                name,
+                &format!("{tag}_ttft"),
+                "ms",
+                &ttft,
+                json!({"streams": n, "replicas": replicas}),
+            );
+            b.emit(
+                "llm-pool",
+                "concurrency",
+                name,
+                &format!("{tag}_per_stream"),
+                "tok/s",
+                &per_stream,
+                json!({"streams": n, "replicas": replicas}),
+            );
+        }
+        pool.shutdown().await;
+    }
+    b.emit_rss(
+        "llm-pool",
+        "concurrency",
+        name,
+        llm_pool::resources::peak_rss_bytes(),
+    );
+    Ok(())
+}
+
+async fn bench_multi(b: &Bench) -> Result<()> {
+    let name_a = b.model_name.clone();
+    let mut name_b = label_of(&b.o.model2);
+    let pool = match start_pool(vec![
+        model_config("a", &b.o.model, 1),
+        model_config("b", &b.o.model2, 1),
+    ])
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            b.skip(
+                "llm-pool",
+                "multi",
+                &name_b,
+                &format!("second model fails to load ({e:#}); using two copies of {name_a}"),
+            );
+            name_b = format!("{name_a} (2nd copy)");
+            start_pool(vec![
+                model_config("a", &b.o.model, 1),
+                model_config("b", &b.o.model, 1),
+            ])
+            .await?
+        }
+    };
+    let prompt = prompt_ids(8);
+    let pair = format!("{name_a} + {name_b}");
+    let (mut alone_a, mut alone_b, mut tog_a, mut tog_b, mut agg) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..b.runs() {
+        let a = pool_run(&pool, "a", &prompt, b.gen, Instant::now()).await?;
+        let bb = pool_run(&pool, "b", &prompt, b.gen, Instant::now()).await?;
+        let t0 = Instant::now();
+        let (x, y) = tokio::join!(
+            pool_run(&pool, "a", &prompt, b.gen, t0),
+            pool_run(&pool, "b", &prompt, b.gen, t0)
+        );
+        let wall = t0.elapsed();
+        let (x, y) = (x?, y?);
+        if run >= b.warmup {
+            alone_a.push(a.tokens as f64 / secs(a.total));
+            alone_b.push(bb.tokens as f64 / secs(bb.total));
+            tog_a.push(x.tokens as f64 / secs(x.total));
+            tog_b.push(y.tokens as f64 / secs(y.total));
+            agg.push((x.tokens + y.tokens) as f64 / secs(wall));
+        }
+    }
+    let g = b.gen;
+    b.emit(
+        "llm-pool",
+        "multi",
+        &name_a,
+        &format!("alone_tg{g}"),
+        "tok/s",
+        &alone_a,
+        json!({}),
+    );
+    b.emit(
+        "llm-pool",
+        "multi",
+        &name_b,
+        &format!("alone_tg{g}"),
+        "tok/s",
+        &alone_b,
+        json!({}),
+    );
+    b.emit(
+        "llm-pool",
+        "multi",
+        &name_a,
+        &format!("together_tg{g}"),
+        "tok/s",
+        &tog_a,
+        json!({}),
+    );
+    b.emit(
+        "llm-pool",
+        "multi",
+        &name_b,
+        &format!("together_tg{g}"),
+        "tok/s",
+        &tog_b,
+        json!({}),
+    );
+    b.emit(
+        "llm-pool",
+        "multi",
+        &pair,
+        &format!("together_aggregate_tg{g}"),
+        "tok/s",
+        &agg,
+        json!({}),
+    );
+    pool.shutdown().await;
+    b.emit_rss(
+        "llm-pool",
+        "multi",
+        &pair,
+        llm_pool::resources::peak_rss_bytes(),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+/// `llm-pool serve` with a temporary config on port 0.
+struct Server {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn default_server_bin() -> PathBuf {
+    // target/release/examples/bench -> target/release/llm-pool
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent()?.parent().map(|d| d.join("llm-pool")))
+        .unwrap_or_else(|| PathBuf::from("target/release/llm-pool"))
+}
+
+fn start_server(bin: &Path, model: &Path, replicas: usize) -> Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("bench.toml");
+    let model =
+        std::fs::canonicalize(model).with_context(|| format!("model {}", model.display()))?;
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\npath = {:?}\nreplicas = {replicas}\nqueue_size = 256\n",
+            model.display().to_string()
+        ),
+    )?;
+    let mut child = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        }
+    });
+    let url = rx.recv_timeout(Duration::from_secs(60));
+    let server = Server {
+        child,
+        url: url.clone().unwrap_or_default(),
+        _dir: dir,
+    };
+    if url.is_err() {
+        bail!("{} did not print its address", bin.display());
+    }
+    Ok(server)
+}
+
+async fn wait_ready(client: &reqwest::Client, url: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        for path in ["/ready", "/health"] {
+            if let Ok(r) = client.get(format!("{url}{path}")).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{url} not ready after 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct HttpRun {
+    ttft: Duration,
+    total: Duration,
+    tokens: usize,
+    end_since: Duration,
+}
+
+/// One streamed /v1/completions request: the time of the first non-empty text chunk, of the
+/// end, and the completion tokens (from `usage`, or llama-server's `timings`, or chunks counted).
+async fn http_run(
+    client: &reqwest::Client,
+    url: &str,
+    prompt: &[u32],
+    max_tokens: usize,
+    t0: Instant,
+) -> Result<HttpRun> {
+    let body = json!({
+        "model": "m",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "seed": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let started = Instant::now();
+    let resp = client
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        bail!(
+            "{url}/v1/completions: {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let (mut first, mut chunks, mut usage) = (None, 0usize, None);
+    while let Some(bytes) = body.next().await {
+        buf.extend_from_slice(&bytes?);
+        while let Some(nl) = buf.iter().position(|&c| c == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let line = String::from_utf8_lossy(&line);
+            let Some(data) = line.trim().strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.trim();
+            if data == "[DONE]" || data.is_empty() {
+                continue;
+            }
+            let v: Value =
+                serde_json::from_str(data).with_context(|| format!("SSE data {data:?}"))?;
+            let has_text = v["choices"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["text"].as_str().is_some_and(|t| !t.is_empty()))
+            });
+            if has_text {
+                first.get_or_insert_with(|| started.elapsed());
+                chunks += 1;
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                usage = Some(n as usize);
+            }
+            if let Some(n) = v["timings"]["predicted_n"].as_u64() {
+                usage.get_or_insert(n as usize);
+            }
+        }
+    }
+    let total = started.elapsed();
+    Ok(HttpRun {
+        ttft: first.unwrap_or(total),
+        total,
+        tokens: usage.unwrap_or(chunks),
+        end_since: t0.elapsed(),
+    })
+}
+
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+async fn bench_http(b: &Bench) -> Result<()> {
+    let name = &b.model_name;
+    let imp = b.o.label.clone().unwrap_or_else(|| "llm-pool".into());
+    let (server, url, pid) = match &b.o.url {
+        Some(url) => (None, url.trim_end_matches('/').to_string(), b.o.server_pid),
+        None => {
+            let bin = b.o.server_bin.clone().unwrap_or_else(default_server_bin);
+            if !bin.is_file() {
+                b.skip(
+                    &imp,
+                    "http",
+                    name,
+                    &format!(
+                        "{} not built (cargo build --release --bin llm-pool)",
+                        bin.display()
+                    ),
+                );
+                return Ok(());
+            }
+            let s = start_server(&bin, &b.o.model, b.o.server_replicas)?;
+            let (url, pid) = (s.url.clone(), s.child.id());
+            (Some(s), url, Some(pid))
+        }
+    };
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    if let Err(e) = wait_ready(&client, &url).await {
+        b.skip(&imp, "http", name, &format!("{e:#}"));
+        return Ok(());
+    }
+    let extra = json!({"server_replicas": if b.o.url.is_some() { Value::Null } else { json!(b.o.server_replicas) }});
+    // Single stream, tg tokens: TTFT and decode speed.
+    let one = prompt_ids(1);
+    let (mut ttft, mut decode, mut tps) = (vec![], vec![], vec![]);
+    let mut tokens = 0;
+    for run in 0..b.runs() {
+        let r = http_run(&client, &url, &one, b.tg, Instant::now()).await?;
+        tokens = r.tokens;
+        if run >= b.warmup {
+            ttft.push(ms(r.ttft));
+            tps.push(r.tokens as f64 / secs(r.total));
+            if r.tokens > 1 {
+                decode.push((r.tokens - 1) as f64 / secs(r.total - r.ttft));
+            }
+        }
+    }
+    let tg = format!("tg{}", b.tg);
+    let mut e = extra.clone();
+    e["tokens"] = json!(tokens);
+    b.emit(&imp, "http", name, &tg, "tok/s", &tps, e);
+    b.emit(
+        &imp,
+        "http",
+        name,
+        &format!("{tg}_decode"),
+        "tok/s",
+        &decode,
+        extra.clone(),
+    );
+    b.emit(
+        &imp,
+        "http",
+        name,
+        &format!("ttft_{tg}"),
+        "ms",
+        &ttft,
+        extra.clone(),
+    );
+    // Concurrent streams.
+    let prompt = prompt_ids(8);
+    for &n in &b.streams {
+        let (mut agg, mut ttft, mut per_stream) = (vec![], vec![], vec![]);
+        for run in 0..b.runs() {
+            let t0 = Instant::now();
+            let runs = futures::future::join_all(
+                (0..n).map(|_| http_run(&client, &url, &prompt, b.gen, t0)),
+            )
+            .await;
+            let wall = t0.elapsed();
+            let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
+            if run >= b.warmup {
+                agg.push(runs.iter().map(|r| r.tokens).sum::<usize>() as f64 / secs(wall));
+                for r in &runs {
+                    ttft.push(ms(r.ttft));
+                    per_stream.push(r.tokens as f64 / secs(r.end_since));
+                }
+            }
+        }
+        let mut e = extra.clone();
+        e["streams"] = json!(n);
+        e["gen"] = json!(b.gen);
+        b.emit(
+            &imp,
+            "http",
+            name,
+            &format!("c{n}_aggregate"),
+            "tok/s",
+            &agg,
+            e.clone(),
+        );
+        b.emit(
+            &imp,
+            "http",
+            name,
+            &format!("c{n}_ttft"),
+            "ms",
+            &ttft,
+            e.clone(),
+        );
+        b.emit(
+            &imp,
+            "http",
+            name,
+            &format!("c{n}_per_stream"),
+            "tok/s",
+            &per_stream,
+            e,
+        );
+    }
+    if let Some(pid) = pid {
+        b.emit_rss(&imp, "http", name, vm_hwm(pid));
+    }
+    drop(server);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let b = Bench::new(cli.opts);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let cmds: Vec<Cmd> = match cli.command {
+        Cmd::All => vec![
+            Cmd::Raw,
+            Cmd::Layers,
+            Cmd::Pool,
+            Cmd::Overhead,
+            Cmd::Concurrency,
+            Cmd::Multi,
+            Cmd::Http,
+        ],
+        c => vec![c],
+    };
+    for cmd in cmds {
+        match cmd {
+            Cmd::Raw => bench_raw(&b)?,
+            Cmd::Layers => bench_layers(&b)?,
+            Cmd::Pool => rt.block_on(bench_pool(&b))?,
+            Cmd::Overhead => rt.block_on(bench_overhead(&b))?,
+            Cmd::Concurrency => rt.block_on(bench_concurrency(&b))?,
+            Cmd::Multi => rt.block_on(bench_multi(&b))?,
+            Cmd::Http => rt.block_on(bench_http(&b))?,
+            Cmd::All => unreachable!(),
+        }
+    }
+    eprintln!("bench: done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
