@@ -74,11 +74,53 @@ impl GgufFile {
         self.content.metadata.get(key)
     }
 
-    fn err(&self, key: &str, message: String) -> Error {
+    /// An error about a metadata key of this file.
+    pub fn config_error(&self, key: &str, message: impl Into<String>) -> Error {
         Error::config(
             format!("{} (GGUF metadata): {key}", self.path.display()),
             message,
         )
+    }
+
+    fn err(&self, key: &str, message: String) -> Error {
+        self.config_error(key, message)
+    }
+
+    /// A required, non-zero count (heads, layers, lengths).
+    pub fn count(&self, key: &str) -> Result<usize> {
+        match self.u64(key)? {
+            0 => Err(self.config_error(key, "must be at least 1")),
+            n => Ok(n as usize),
+        }
+    }
+
+    /// Reads a tensor after checking it exists with the expected (rows-first) shape, so a
+    /// mismatched file fails at load with the tensor's name, not in a matmul later.
+    pub fn read_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        device: &candle_core::Device,
+    ) -> Result<candle_core::quantized::QTensor> {
+        match self.content.tensor_infos.get(name) {
+            None => {
+                return Err(Error::model_file(
+                    &self.path,
+                    format!("tensor {name} is missing"),
+                ))
+            }
+            Some(info) if info.shape.dims() != shape => {
+                return Err(Error::model_file(
+                    &self.path,
+                    format!(
+                        "tensor {name} has shape {:?}, expected {shape:?}",
+                        info.shape.dims()
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        Ok(self.content.tensor(&mut self.reader, name, device)?)
     }
 
     /// A required string.

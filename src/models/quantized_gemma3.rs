@@ -43,7 +43,7 @@ use super::common::{last_position_f32, token_set};
 use super::gguf::GgufFile;
 use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::Activation;
 use candle_transformers::quantized_nn::RmsNorm;
@@ -63,53 +63,17 @@ const DEFAULT_GLOBAL_ROPE_BASE: f64 = 1_000_000.0;
 /// The layer count by which llama.cpp recognises Gemma 3 27B (see the module docs).
 const LAYERS_27B: usize = 62;
 
-fn config_error(file: &GgufFile, key: &str, message: impl Into<String>) -> Error {
-    Error::config(
-        format!("{} (GGUF metadata): {key}", file.path.display()),
-        message,
-    )
-}
 
-/// A required, non-zero count.
-fn count(file: &GgufFile, key: &str) -> Result<usize> {
-    match file.u64(key)? {
-        0 => Err(config_error(file, key, "must be at least 1")),
-        n => Ok(n as usize),
-    }
-}
 
 /// An optional positive number, with a default.
 fn positive(file: &GgufFile, key: &str, default: f64) -> Result<f64> {
     match file.opt_f64(key)? {
         None => Ok(default),
         Some(v) if v > 0.0 && v.is_finite() => Ok(v),
-        Some(v) => Err(config_error(file, key, format!("must be positive, found {v}"))),
+        Some(v) => Err(file.config_error(key, format!("must be positive, found {v}"))),
     }
 }
 
-/// Reads a tensor after checking it exists with the expected (rows-first) shape, so a
-/// mismatched file fails at load with the tensor's name, not in a matmul later.
-fn read(file: &mut GgufFile, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
-    match file.content.tensor_infos.get(name) {
-        None => {
-            return Err(Error::model_file(
-                &file.path,
-                format!("tensor {name} is missing"),
-            ))
-        }
-        Some(info) if info.shape.dims() != shape => {
-            return Err(Error::model_file(
-                &file.path,
-                format!(
-                    "tensor {name} has shape {:?}, expected {shape:?}",
-                    info.shape.dims()
-                ),
-            ))
-        }
-        Some(_) => {}
-    }
-    Ok(file.content.tensor(&mut file.reader, name, device)?)
-}
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
@@ -136,38 +100,32 @@ struct Config {
 
 impl Config {
     fn read(file: &GgufFile) -> Result<Self> {
-        let heads = count(file, "gemma3.attention.head_count")?;
-        let kv_heads = count(file, "gemma3.attention.head_count_kv")?;
-        let head_dim = count(file, "gemma3.attention.key_length")?;
-        let hidden = count(file, "gemma3.embedding_length")?;
-        let ffn = count(file, "gemma3.feed_forward_length")?;
-        let layers = count(file, "gemma3.block_count")?;
-        let window = count(file, "gemma3.attention.sliding_window")?;
-        count(file, "gemma3.context_length")?;
+        let heads = file.count("gemma3.attention.head_count")?;
+        let kv_heads = file.count("gemma3.attention.head_count_kv")?;
+        let head_dim = file.count("gemma3.attention.key_length")?;
+        let hidden = file.count("gemma3.embedding_length")?;
+        let ffn = file.count("gemma3.feed_forward_length")?;
+        let layers = file.count("gemma3.block_count")?;
+        let window = file.count("gemma3.attention.sliding_window")?;
+        file.count("gemma3.context_length")?;
         let eps = file
             .opt_f64("gemma3.attention.layer_norm_rms_epsilon")?
             .ok_or_else(|| {
-                config_error(file, "gemma3.attention.layer_norm_rms_epsilon", "is missing")
+                file.config_error("gemma3.attention.layer_norm_rms_epsilon", "is missing")
             })?;
         if heads % kv_heads != 0 {
-            return Err(config_error(
-                file,
-                "gemma3.attention.head_count_kv",
+            return Err(file.config_error("gemma3.attention.head_count_kv",
                 format!("{kv_heads} does not divide head_count {heads}"),
             ));
         }
         if head_dim % 2 != 0 {
-            return Err(config_error(
-                file,
-                "gemma3.attention.key_length",
+            return Err(file.config_error("gemma3.attention.key_length",
                 format!("the head size {head_dim} must be even for RoPE"),
             ));
         }
         if let Some(v) = file.opt_u64("gemma3.attention.value_length")? {
             if v as usize != head_dim {
-                return Err(config_error(
-                    file,
-                    "gemma3.attention.value_length",
+                return Err(file.config_error("gemma3.attention.value_length",
                     format!("is {v}, but must equal key_length ({head_dim})"),
                 ));
             }
@@ -175,9 +133,7 @@ impl Config {
         let pattern = match file.opt_u64("gemma3.attention.sliding_window_type")? {
             None => DEFAULT_SLIDING_PATTERN,
             Some(0) => {
-                return Err(config_error(
-                    file,
-                    "gemma3.attention.sliding_window_type",
+                return Err(file.config_error("gemma3.attention.sliding_window_type",
                     "must be at least 1",
                 ))
             }
@@ -185,9 +141,7 @@ impl Config {
         };
         let global_rope_scale = match file.get("gemma3.rope.scaling.type") {
             Some(kind) if !matches!(kind.to_string().map(String::as_str), Ok("none" | "linear")) => {
-                return Err(config_error(
-                    file,
-                    "gemma3.rope.scaling.type",
+                return Err(file.config_error("gemma3.rope.scaling.type",
                     format!("{kind:?} is not supported (allowed: none, linear)"),
                 ))
             }
@@ -300,7 +254,7 @@ impl Weights {
     fn load(file: &mut GgufFile, cfg: Config, device: &Device) -> Result<Self> {
         let (h, hd, ff) = (cfg.hidden, cfg.head_dim, cfg.ffn);
         let (q_dim, kv_dim) = (cfg.heads * hd, cfg.kv_heads * hd);
-        let embed = read(file, "token_embd.weight", &[cfg.vocab, h], device)?;
+        let embed = file.read_tensor("token_embd.weight", &[cfg.vocab, h], device)?;
         let block = embed.dtype().block_size();
         if h % block != 0 {
             return Err(Error::model_file(
@@ -313,18 +267,18 @@ impl Weights {
         }
         let embed = Arc::new(embed);
         let output = if file.content.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(read(file, "output.weight", &[cfg.vocab, h], device)?)?
+            QMatMul::from_qtensor(file.read_tensor("output.weight", &[cfg.vocab, h], device)?)?
         } else {
             // Tied embeddings (every Gemma 3): the one quantized tensor serves both.
             QMatMul::from_arc(embed.clone())?
         };
-        let norm = RmsNorm::from_qtensor(read(file, "output_norm.weight", &[h], device)?, cfg.eps)?;
+        let norm = RmsNorm::from_qtensor(file.read_tensor("output_norm.weight", &[h], device)?, cfg.eps)?;
         let local = Rope::new(&cfg, cfg.local_rope_base, 1.0, device)?;
         let global = Rope::new(&cfg, cfg.global_rope_base, cfg.global_rope_scale, device)?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let mut qm = |name: &str, shape: &[usize]| -> Result<QMatMul> {
-                let t = read(file, &format!("blk.{i}.{name}.weight"), shape, device)?;
+                let t = file.read_tensor(&format!("blk.{i}.{name}.weight"), shape, device)?;
                 Ok(QMatMul::from_qtensor(t)?)
             };
             let wq = qm("attn_q", &[q_dim, h])?;
@@ -335,7 +289,7 @@ impl Weights {
             let up = qm("ffn_up", &[ff, h])?;
             let down = qm("ffn_down", &[h, ff])?;
             let mut norm = |name: &str, size: usize| -> Result<RmsNorm> {
-                let t = read(file, &format!("blk.{i}.{name}.weight"), &[size], device)?;
+                let t = file.read_tensor(&format!("blk.{i}.{name}.weight"), &[size], device)?;
                 Ok(RmsNorm::from_qtensor(t, cfg.eps)?)
             };
             let q_norm = norm("attn_q_norm", hd)?;

@@ -33,74 +33,49 @@ pub struct QuantizedPhi2 {
     info: ModelInfo,
 }
 
-fn config_error(file: &GgufFile, key: &str, message: impl Into<String>) -> Error {
-    Error::config(
-        format!("{} (GGUF metadata): {key}", file.path.display()),
-        message,
-    )
-}
 
-/// A required, non-zero count.
-fn count(file: &GgufFile, key: &str) -> Result<usize> {
-    match file.u64(key)? {
-        0 => Err(config_error(file, key, "must be at least 1")),
-        n => Ok(n as usize),
-    }
-}
 
 /// Checks everything candle's loader reads (and what it silently ignores) before it runs.
 fn check_metadata(file: &GgufFile) -> Result<()> {
-    let heads = count(file, "phi2.attention.head_count")?;
-    let kv_heads = count(file, "phi2.attention.head_count_kv")?;
-    count(file, "phi2.block_count")?;
-    let hidden = count(file, "phi2.embedding_length")?;
-    let rope_dim = count(file, "phi2.rope.dimension_count")?;
+    let heads = file.count("phi2.attention.head_count")?;
+    let kv_heads = file.count("phi2.attention.head_count_kv")?;
+    file.count("phi2.block_count")?;
+    let hidden = file.count("phi2.embedding_length")?;
+    let rope_dim = file.count("phi2.rope.dimension_count")?;
     if file
         .opt_f64("phi2.attention.layer_norm_epsilon")?
         .is_none()
     {
-        return Err(config_error(
-            file,
-            "phi2.attention.layer_norm_epsilon",
+        return Err(file.config_error("phi2.attention.layer_norm_epsilon",
             "is missing",
         ));
     }
     if kv_heads != heads {
-        return Err(config_error(
-            file,
-            "phi2.attention.head_count_kv",
+        return Err(file.config_error("phi2.attention.head_count_kv",
             format!("is {kv_heads} but candle's quantized phi2 needs it equal to head_count ({heads}): it has no grouped-query attention"),
         ));
     }
     if hidden % heads != 0 {
-        return Err(config_error(
-            file,
-            "phi2.embedding_length",
+        return Err(file.config_error("phi2.embedding_length",
             format!("{hidden} is not a multiple of head_count {heads}"),
         ));
     }
     let head_dim = hidden / heads;
     if rope_dim > head_dim || rope_dim % 2 != 0 {
-        return Err(config_error(
-            file,
-            "phi2.rope.dimension_count",
+        return Err(file.config_error("phi2.rope.dimension_count",
             format!("must be even and at most the head size {head_dim}, found {rope_dim}"),
         ));
     }
     if let Some(base) = file.opt_f64("phi2.rope.freq_base")? {
         if (base - ROPE_BASE).abs() > 1e-3 {
-            return Err(config_error(
-                file,
-                "phi2.rope.freq_base",
+            return Err(file.config_error("phi2.rope.freq_base",
                 format!("is {base}, but candle's quantized phi2 hard-codes {ROPE_BASE}"),
             ));
         }
     }
     if let Some(kind) = file.get("phi2.rope.scaling.type") {
         if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(config_error(
-                file,
-                "phi2.rope.scaling.type",
+            return Err(file.config_error("phi2.rope.scaling.type",
                 format!("{kind:?} is not supported by candle's quantized phi2 (allowed: none)"),
             ));
         }

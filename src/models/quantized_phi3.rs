@@ -40,76 +40,51 @@ pub struct QuantizedPhi3 {
     info: ModelInfo,
 }
 
-fn config_error(file: &GgufFile, key: &str, message: impl Into<String>) -> Error {
-    Error::config(
-        format!("{} (GGUF metadata): {key}", file.path.display()),
-        message,
-    )
-}
 
-/// A required, non-zero count.
-fn count(file: &GgufFile, key: &str) -> Result<usize> {
-    match file.u64(key)? {
-        0 => Err(config_error(file, key, "must be at least 1")),
-        n => Ok(n as usize),
-    }
-}
 
 /// Checks everything candle's loader reads (and what it silently ignores) before it runs.
 fn check_metadata(file: &GgufFile) -> Result<()> {
-    let heads = count(file, "phi3.attention.head_count")?;
-    let kv_heads = count(file, "phi3.attention.head_count_kv")?;
-    count(file, "phi3.block_count")?;
-    count(file, "phi3.feed_forward_length")?;
-    count(file, "phi3.context_length")?;
-    let hidden = count(file, "phi3.embedding_length")?;
-    let rope_dim = count(file, "phi3.rope.dimension_count")?;
+    let heads = file.count("phi3.attention.head_count")?;
+    let kv_heads = file.count("phi3.attention.head_count_kv")?;
+    file.count("phi3.block_count")?;
+    file.count("phi3.feed_forward_length")?;
+    file.count("phi3.context_length")?;
+    let hidden = file.count("phi3.embedding_length")?;
+    let rope_dim = file.count("phi3.rope.dimension_count")?;
     if file
         .opt_f64("phi3.attention.layer_norm_rms_epsilon")?
         .is_none()
     {
-        return Err(config_error(
-            file,
-            "phi3.attention.layer_norm_rms_epsilon",
+        return Err(file.config_error("phi3.attention.layer_norm_rms_epsilon",
             "is missing",
         ));
     }
     if hidden % heads != 0 {
-        return Err(config_error(
-            file,
-            "phi3.embedding_length",
+        return Err(file.config_error("phi3.embedding_length",
             format!("{hidden} is not a multiple of head_count {heads}"),
         ));
     }
     if heads % kv_heads != 0 {
-        return Err(config_error(
-            file,
-            "phi3.attention.head_count_kv",
+        return Err(file.config_error("phi3.attention.head_count_kv",
             format!("{kv_heads} does not divide head_count {heads}"),
         ));
     }
     let head_dim = hidden / heads;
     if rope_dim != head_dim {
-        return Err(config_error(
-            file,
-            "phi3.rope.dimension_count",
+        return Err(file.config_error("phi3.rope.dimension_count",
             format!("is {rope_dim}, but candle's quantized phi3 rotates the whole head ({head_dim}): partial rotary embeddings are not supported"),
         ));
     }
     if let Some(base) = file.opt_f64("phi3.rope.freq_base")? {
         if (base - ROPE_BASE).abs() > 1e-3 {
-            return Err(config_error(
-                file,
-                "phi3.rope.freq_base",
+            return Err(file.config_error("phi3.rope.freq_base",
                 format!("is {base}, but candle's quantized phi3 hard-codes {ROPE_BASE}"),
             ));
         }
     }
     if let Some(kind) = file.get("phi3.rope.scaling.type") {
         if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(config_error(
-                file,
-                "phi3.rope.scaling.type",
+            return Err(file.config_error("phi3.rope.scaling.type",
                 format!("{kind:?} is not supported by candle's quantized phi3 (allowed: none)"),
             ));
         }

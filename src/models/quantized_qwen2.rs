@@ -19,7 +19,7 @@ use super::common::{last_position_f32, token_set};
 use super::gguf::GgufFile;
 use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::{build_additive_causal_mask, repeat_kv};
@@ -31,44 +31,8 @@ const ARCH: &str = "qwen2";
 /// Qwen2.5 declare 32k (131k only with YaRN scaling, which is refused).
 pub const MAX_CONTEXT: usize = 131_072;
 
-fn config_error(file: &GgufFile, key: &str, message: impl Into<String>) -> Error {
-    Error::config(
-        format!("{} (GGUF metadata): {key}", file.path.display()),
-        message,
-    )
-}
 
-/// A required, non-zero count.
-fn count(file: &GgufFile, key: &str) -> Result<usize> {
-    match file.u64(key)? {
-        0 => Err(config_error(file, key, "must be at least 1")),
-        n => Ok(n as usize),
-    }
-}
 
-/// Reads a tensor after checking it exists with the expected (rows-first) shape, so a
-/// mismatched file fails at load with the tensor's name, not in a matmul later.
-fn read(file: &mut GgufFile, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
-    match file.content.tensor_infos.get(name) {
-        None => {
-            return Err(Error::model_file(
-                &file.path,
-                format!("tensor {name} is missing"),
-            ))
-        }
-        Some(info) if info.shape.dims() != shape => {
-            return Err(Error::model_file(
-                &file.path,
-                format!(
-                    "tensor {name} has shape {:?}, expected {shape:?}",
-                    info.shape.dims()
-                ),
-            ))
-        }
-        Some(_) => {}
-    }
-    Ok(file.content.tensor(&mut file.reader, name, device)?)
-}
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
@@ -87,54 +51,44 @@ struct Config {
 
 impl Config {
     fn read(file: &GgufFile) -> Result<Self> {
-        let heads = count(file, "qwen2.attention.head_count")?;
-        let kv_heads = count(file, "qwen2.attention.head_count_kv")?;
-        let hidden = count(file, "qwen2.embedding_length")?;
-        let ffn = count(file, "qwen2.feed_forward_length")?;
-        let layers = count(file, "qwen2.block_count")?;
-        count(file, "qwen2.context_length")?;
+        let heads = file.count("qwen2.attention.head_count")?;
+        let kv_heads = file.count("qwen2.attention.head_count_kv")?;
+        let hidden = file.count("qwen2.embedding_length")?;
+        let ffn = file.count("qwen2.feed_forward_length")?;
+        let layers = file.count("qwen2.block_count")?;
+        file.count("qwen2.context_length")?;
         let eps = file
             .opt_f64("qwen2.attention.layer_norm_rms_epsilon")?
             .ok_or_else(|| {
-                config_error(file, "qwen2.attention.layer_norm_rms_epsilon", "is missing")
+                file.config_error("qwen2.attention.layer_norm_rms_epsilon", "is missing")
             })?;
         // llama.cpp's default too when the key is absent.
         let rope_base = file.opt_f64("qwen2.rope.freq_base")?.unwrap_or(10_000.0);
         if rope_base.is_nan() || rope_base <= 0.0 || rope_base.is_infinite() {
-            return Err(config_error(
-                file,
-                "qwen2.rope.freq_base",
+            return Err(file.config_error("qwen2.rope.freq_base",
                 format!("must be positive, found {rope_base}"),
             ));
         }
         if let Some(kind) = file.get("qwen2.rope.scaling.type") {
             if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-                return Err(config_error(
-                    file,
-                    "qwen2.rope.scaling.type",
+                return Err(file.config_error("qwen2.rope.scaling.type",
                     format!("{kind:?} is not supported (allowed: none)"),
                 ));
             }
         }
         if hidden % heads != 0 {
-            return Err(config_error(
-                file,
-                "qwen2.embedding_length",
+            return Err(file.config_error("qwen2.embedding_length",
                 format!("{hidden} is not a multiple of head_count {heads}"),
             ));
         }
         if heads % kv_heads != 0 {
-            return Err(config_error(
-                file,
-                "qwen2.attention.head_count_kv",
+            return Err(file.config_error("qwen2.attention.head_count_kv",
                 format!("{kv_heads} does not divide head_count {heads}"),
             ));
         }
         let head_dim = hidden / heads;
         if head_dim % 2 != 0 {
-            return Err(config_error(
-                file,
-                "qwen2.embedding_length",
+            return Err(file.config_error("qwen2.embedding_length",
                 format!("the head size {head_dim} must be even for RoPE"),
             ));
         }
@@ -202,19 +156,18 @@ impl Weights {
     fn load(file: &mut GgufFile, cfg: Config, device: &Device) -> Result<Self> {
         let (h, hd, ff) = (cfg.hidden, cfg.head_dim, cfg.ffn);
         let (q_dim, kv_dim) = (cfg.heads * hd, cfg.kv_heads * hd);
-        let embed = Arc::new(read(file, "token_embd.weight", &[cfg.vocab, h], device)?);
+        let embed = Arc::new(file.read_tensor("token_embd.weight", &[cfg.vocab, h], device)?);
         let output = if file.content.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(read(file, "output.weight", &[cfg.vocab, h], device)?)?
+            QMatMul::from_qtensor(file.read_tensor("output.weight", &[cfg.vocab, h], device)?)?
         } else {
             // Tied embeddings: the same quantized tensor serves the lookup and the projection.
             QMatMul::from_arc(embed.clone())?
         };
-        let norm = RmsNorm::from_qtensor(read(file, "output_norm.weight", &[h], device)?, cfg.eps)?;
+        let norm = RmsNorm::from_qtensor(file.read_tensor("output_norm.weight", &[h], device)?, cfg.eps)?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let mut qm = |name: &str, shape: &[usize]| -> Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(read(
-                    file,
+                Ok(QMatMul::from_qtensor(file.read_tensor(
                     &format!("blk.{i}.{name}"),
                     shape,
                     device,
@@ -228,17 +181,17 @@ impl Weights {
             let up = qm("ffn_up.weight", &[ff, h])?;
             let down = qm("ffn_down.weight", &[h, ff])?;
             let mut dense = |name: &str, shape: &[usize]| -> Result<Tensor> {
-                Ok(read(file, &format!("blk.{i}.{name}"), shape, device)?.dequantize(device)?)
+                Ok(file.read_tensor(&format!("blk.{i}.{name}"), shape, device)?.dequantize(device)?)
             };
             let bq = dense("attn_q.bias", &[q_dim])?;
             let bk = dense("attn_k.bias", &[kv_dim])?;
             let bv = dense("attn_v.bias", &[kv_dim])?;
             let attn_norm = RmsNorm::from_qtensor(
-                read(file, &format!("blk.{i}.attn_norm.weight"), &[h], device)?,
+                file.read_tensor(&format!("blk.{i}.attn_norm.weight"), &[h], device)?,
                 cfg.eps,
             )?;
             let ffn_norm = RmsNorm::from_qtensor(
-                read(file, &format!("blk.{i}.ffn_norm.weight"), &[h], device)?,
+                file.read_tensor(&format!("blk.{i}.ffn_norm.weight"), &[h], device)?,
                 cfg.eps,
             )?;
             layers.push(Layer {

@@ -48,69 +48,48 @@ pub struct QuantizedQwen3 {
     decoded: bool,
 }
 
-fn config_error(file: &GgufFile, key: &str, message: impl Into<String>) -> Error {
-    Error::config(
-        format!("{} (GGUF metadata): {key}", file.path.display()),
-        message,
-    )
-}
 
-/// A required, non-zero count.
-fn count(file: &GgufFile, key: &str) -> Result<usize> {
-    match file.u64(key)? {
-        0 => Err(config_error(file, key, "must be at least 1")),
-        n => Ok(n as usize),
-    }
-}
 
 /// Checks everything candle's loader reads (and what it silently ignores) before it runs.
 fn check_metadata(file: &GgufFile) -> Result<()> {
-    let heads = count(file, "qwen3.attention.head_count")?;
-    let kv_heads = count(file, "qwen3.attention.head_count_kv")?;
-    let head_dim = count(file, "qwen3.attention.key_length")?;
-    count(file, "qwen3.block_count")?;
-    count(file, "qwen3.embedding_length")?;
-    count(file, "qwen3.context_length")?;
+    let heads = file.count("qwen3.attention.head_count")?;
+    let kv_heads = file.count("qwen3.attention.head_count_kv")?;
+    let head_dim = file.count("qwen3.attention.key_length")?;
+    file.count("qwen3.block_count")?;
+    file.count("qwen3.embedding_length")?;
+    file.count("qwen3.context_length")?;
     for key in [
         "qwen3.attention.layer_norm_rms_epsilon",
         "qwen3.rope.freq_base",
     ] {
         match file.opt_f64(key)? {
-            None => return Err(config_error(file, key, "is missing")),
+            None => return Err(file.config_error(key, "is missing")),
             Some(v) if v.is_nan() || v <= 0.0 => {
-                return Err(config_error(file, key, format!("must be positive, found {v}")))
+                return Err(file.config_error(key, format!("must be positive, found {v}")))
             }
             Some(_) => {}
         }
     }
     if heads % kv_heads != 0 {
-        return Err(config_error(
-            file,
-            "qwen3.attention.head_count_kv",
+        return Err(file.config_error("qwen3.attention.head_count_kv",
             format!("{kv_heads} does not divide head_count {heads}"),
         ));
     }
     if head_dim % 2 != 0 {
-        return Err(config_error(
-            file,
-            "qwen3.attention.key_length",
+        return Err(file.config_error("qwen3.attention.key_length",
             format!("the head size {head_dim} must be even for RoPE"),
         ));
     }
     if let Some(v) = file.opt_u64("qwen3.attention.value_length")? {
         if v as usize != head_dim {
-            return Err(config_error(
-                file,
-                "qwen3.attention.value_length",
+            return Err(file.config_error("qwen3.attention.value_length",
                 format!("is {v}, but candle's quantized qwen3 needs it equal to key_length ({head_dim})"),
             ));
         }
     }
     if let Some(kind) = file.get("qwen3.rope.scaling.type") {
         if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(config_error(
-                file,
-                "qwen3.rope.scaling.type",
+            return Err(file.config_error("qwen3.rope.scaling.type",
                 format!("{kind:?} is not supported by candle's quantized qwen3 (allowed: none)"),
             ));
         }
