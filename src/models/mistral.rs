@@ -18,11 +18,11 @@
 //! `Option<(k, v)>` cache, is `None` in the pristine copy and grows by concatenation (new
 //! tensors), so a clone of the pristine copy is exactly the freshly loaded model.
 
-use super::common::{last_position_f32, token_set, Pristine};
+use super::common::{Pristine, attention_mask, last_position_f32, token_set};
 use super::hf::{HfConfig, RopeScaling};
 use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::Activation;
 use candle_transformers::models::mistral as candle_mistral;
 use serde_json::Value;
@@ -112,37 +112,6 @@ fn check_heads(c: &HfConfig, hidden: usize, heads: usize, kv_heads: usize) -> Re
     Ok(())
 }
 
-/// The additive mask transformers applies: query at absolute position `p` sees key `k` when
-/// `k <= p` and, with a window `w`, `p - k < w` (the window counts the query itself).
-/// `None` when nothing would be masked (a single-token step that sees every key).
-fn attention_mask(
-    seq_len: usize,
-    position: usize,
-    window: Option<usize>,
-    device: &Device,
-    dtype: DType,
-) -> Result<Option<Tensor>> {
-    let kv_len = position + seq_len;
-    let window = window.unwrap_or(usize::MAX);
-    if seq_len == 1 && kv_len <= window {
-        return Ok(None);
-    }
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| {
-            let q = position + i;
-            (0..kv_len).map(move |k| {
-                if k > q || q - k >= window {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(
-        Tensor::from_vec(mask, (1, 1, seq_len, kv_len), device)?.to_dtype(dtype)?,
-    ))
-}
 
 impl Architecture for Mistral {
     const NAME: &'static str = "mistral";
@@ -188,13 +157,9 @@ impl LanguageModel for Mistral {
         let (_batch, seq_len) = input_ids.dims2()?;
         let model = self.model.live();
         let embeds = model.embed_tokens().forward(input_ids)?;
-        let mask = attention_mask(
-            seq_len,
-            position,
-            self.sliding_window,
-            input_ids.device(),
-            embeds.dtype(),
-        )?;
+        let mask = attention_mask(seq_len, position, 0, self.sliding_window, input_ids.device())?
+            .map(|m| m.to_dtype(embeds.dtype()))
+            .transpose()?;
         last_position_f32(model.forward_embeds(&embeds, mask.as_ref(), position)?)
     }
 
@@ -293,17 +258,4 @@ mod tests {
         assert!(diff <= 1e-4, "tied Mistral differs from the reference by {diff}");
     }
 
-    #[test]
-    fn the_mask_follows_transformers_window() {
-        let m = attention_mask(1, 7, Some(6), &Device::Cpu, DType::F32)
-            .unwrap()
-            .unwrap();
-        let row: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
-        // Position 7 sees keys 2..=7: six keys, itself included.
-        let visible: Vec<usize> = (0..8).filter(|&k| row[k] == 0.0).collect();
-        assert_eq!(visible, vec![2, 3, 4, 5, 6, 7]);
-        assert!(attention_mask(1, 5, Some(6), &Device::Cpu, DType::F32)
-            .unwrap()
-            .is_none());
-    }
 }

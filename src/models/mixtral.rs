@@ -22,7 +22,7 @@
 //! `&self`) and the cache is a separate value holding all the state there is, so replacing it
 //! restores exactly the freshly loaded model.
 
-use super::common::{last_position_f32, token_set};
+use super::common::{attention_mask, last_position_f32, token_set};
 use super::hf::{HfConfig, RopeScaling};
 use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
@@ -366,38 +366,6 @@ impl KvCache {
     }
 }
 
-/// The additive mask transformers applies: query at absolute position `p` sees key `k` when
-/// `k <= p` and, with a window `w`, `p - k < w` (the window counts the query itself).
-/// `None` when nothing would be masked (a single-token step that sees every key).
-fn attention_mask(
-    seq_len: usize,
-    position: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Option<Tensor>> {
-    let kv_len = position + seq_len;
-    let window = window.unwrap_or(usize::MAX);
-    if seq_len == 1 && kv_len <= window {
-        return Ok(None);
-    }
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| {
-            let q = position + i;
-            (0..kv_len).map(move |k| {
-                if k > q || q - k >= window {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(
-        mask,
-        (1, 1, seq_len, kv_len),
-        device,
-    )?))
-}
 
 /// The weights; immutable once loaded.
 struct Network {
@@ -436,7 +404,7 @@ impl Network {
 
     fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut KvCache) -> Result<Tensor> {
         let (_b, seq_len) = input_ids.dims2()?;
-        let mask = attention_mask(seq_len, position, self.sliding_window, input_ids.device())?;
+        let mask = attention_mask(seq_len, position, 0, self.sliding_window, input_ids.device())?;
         let mut xs = self.embed_tokens.forward(input_ids)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let residual = &xs;

@@ -27,7 +27,7 @@
 //! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
 //! is separate from the weights, so a new one is exactly the freshly loaded state.
 
-use super::common::{last_position_f32, token_set};
+use super::common::{attention_mask, last_position_f32, token_set};
 use super::hf::{HfConfig, RopeScaling};
 use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
@@ -400,32 +400,6 @@ impl DecoderLayer {
     }
 }
 
-/// The additive attention mask for queries at `offset..offset + seq_len` over the keys at
-/// `kv_start..offset + seq_len`: causal, and within `window` tokens when one is given
-/// (transformers' rule: key `j` is visible to query `i` when `i - window < j <= i`). `None`
-/// when nothing is masked.
-fn attention_mask(
-    seq_len: usize,
-    offset: usize,
-    kv_start: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Option<Tensor>> {
-    let kv_len = offset + seq_len - kv_start;
-    let mut any = false;
-    let mut mask = Vec::with_capacity(seq_len * kv_len);
-    for i in offset..offset + seq_len {
-        for j in kv_start..offset + seq_len {
-            let visible = j <= i && window.is_none_or(|w| j + w > i);
-            any |= !visible;
-            mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-        }
-    }
-    if !any {
-        return Ok(None);
-    }
-    Ok(Some(Tensor::from_vec(mask, (seq_len, kv_len), device)?))
-}
 
 /// The Phi-3 network.
 #[derive(Debug, Clone)]

@@ -39,7 +39,7 @@
 //! Reset: all mutable state is the per-layer KV cache plus the token count, held apart from the
 //! read-only weights and tables, and the reset empties both. There is no mask cache.
 
-use super::common::{last_position_f32, token_set};
+use super::common::{attention_mask, last_position_f32, token_set};
 use super::gguf::GgufFile;
 use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
@@ -341,34 +341,6 @@ fn cached_positions(window: Option<usize>, seen: usize) -> usize {
     }
 }
 
-/// The additive mask for `l` queries at absolute positions `position..position + l` over keys
-/// at absolute positions `key_start..position + l`, or `None` when every key is visible.
-/// A key is visible when it is not in the future and, in a sliding layer, fewer than `window`
-/// positions back (the query itself counts: llama.cpp masks `p - q >= window`).
-fn attention_mask(
-    l: usize,
-    position: usize,
-    key_start: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Option<Tensor>> {
-    let kv = position + l - key_start;
-    let mut any_masked = false;
-    let mut data = Vec::with_capacity(l * kv);
-    for i in 0..l {
-        let p = position + i;
-        for j in 0..kv {
-            let q = key_start + j;
-            let visible = q <= p && window.is_none_or(|w| p - q < w);
-            any_masked |= !visible;
-            data.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-        }
-    }
-    if !any_masked {
-        return Ok(None);
-    }
-    Ok(Some(Tensor::from_vec(data, (1, 1, l, kv), device)?))
-}
 
 impl Layer {
     fn attention(
@@ -625,36 +597,6 @@ mod tests {
     }
 
     /// A query sees `window` keys, itself included, as in llama.cpp and HF.
-    #[test]
-    fn the_sliding_mask_spans_the_window() {
-        let mask = attention_mask(4, 0, 0, Some(2), &Device::Cpu)
-            .unwrap()
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let ninf = f32::NEG_INFINITY;
-        assert_eq!(mask[0], [0.0, ninf, ninf, ninf]);
-        assert_eq!(mask[1], [0.0, 0.0, ninf, ninf]);
-        assert_eq!(mask[2], [ninf, 0.0, 0.0, ninf]);
-        assert_eq!(mask[3], [ninf, ninf, 0.0, 0.0]);
-        // After 5 cached tokens, of which a window of 3 keeps 2: keys start at position 3.
-        let mask = attention_mask(2, 5, 3, Some(3), &Device::Cpu)
-            .unwrap()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(mask, [0.0, 0.0, 0.0, ninf, ninf, 0.0, 0.0, 0.0]);
-        // One token over a full window hides nothing: no mask at all.
-        assert!(attention_mask(1, 9, 7, Some(3), &Device::Cpu)
-            .unwrap()
-            .is_none());
-    }
 
     /// With only sliding layers (window 2), the last position sees `layers` tokens back at
     /// most, so the tokens before that cannot change its logits, in prefill or in decode.

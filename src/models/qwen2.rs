@@ -24,7 +24,7 @@
 //! `&self`) and the cache is a separate value holding all the state there is, so replacing it
 //! restores exactly the freshly loaded model.
 
-use super::common::{last_position_f32, token_set};
+use super::common::{attention_mask, last_position_f32, token_set};
 use super::hf::{HfConfig, RopeScaling};
 use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
@@ -347,38 +347,6 @@ impl KvCache {
     }
 }
 
-/// The additive mask transformers applies: query at absolute position `p` sees key `k` when
-/// `k <= p` and, with a window `w`, `p - k < w` (the window counts the query itself).
-/// `None` when nothing would be masked (a single-token step that sees every key).
-fn attention_mask(
-    seq_len: usize,
-    position: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Option<Tensor>> {
-    let kv_len = position + seq_len;
-    let window = window.unwrap_or(usize::MAX);
-    if seq_len == 1 && kv_len <= window {
-        return Ok(None);
-    }
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| {
-            let q = position + i;
-            (0..kv_len).map(move |k| {
-                if k > q || q - k >= window {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(
-        mask,
-        (1, 1, seq_len, kv_len),
-        device,
-    )?))
-}
 
 /// The weights; immutable once loaded.
 struct Network {
@@ -420,10 +388,10 @@ impl Network {
         let (_b, seq_len) = input_ids.dims2()?;
         let device = input_ids.device();
         // At most two masks: full attention and the one window this model uses.
-        let full_mask = attention_mask(seq_len, position, None, device)?;
+        let full_mask = attention_mask(seq_len, position, 0, None, device)?;
         let window = self.layers.iter().find_map(|l| l.self_attn.window);
         let window_mask = match window {
-            Some(w) => attention_mask(seq_len, position, Some(w), device)?,
+            Some(w) => attention_mask(seq_len, position, 0, Some(w), device)?,
             None => None,
         };
         let mut xs = self.embed_tokens.forward(input_ids)?;
@@ -503,7 +471,6 @@ impl LanguageModel for Qwen2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::D;
     use std::path::Path;
 
     fn hf(file: &str) -> HfConfig {
@@ -555,12 +522,4 @@ mod tests {
         assert_eq!(config_from_hf(&c).unwrap().layer_windows, vec![None, None]);
     }
 
-    #[test]
-    fn the_mask_follows_transformers_window() {
-        let m = attention_mask(1, 7, Some(6), &Device::Cpu).unwrap().unwrap();
-        let row: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
-        let visible: Vec<usize> = (0..8).filter(|&k| row[k] == 0.0).collect();
-        assert_eq!(visible, vec![2, 3, 4, 5, 6, 7]);
-        assert_eq!(m.dim(D::Minus1).unwrap(), 8);
-    }
 }
