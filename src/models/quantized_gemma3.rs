@@ -596,8 +596,6 @@ mod tests {
         assert_eq!(first.cos.dims(), [256, model.weights.cfg.head_dim / 2]);
     }
 
-    /// A query sees `window` keys, itself included, as in llama.cpp and HF.
-
     /// With only sliding layers (window 2), the last position sees `layers` tokens back at
     /// most, so the tokens before that cannot change its logits, in prefill or in decode.
     #[test]
