@@ -408,3 +408,42 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     };
     Ok(Duration::from_secs_f64(secs))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_win_over_the_files() {
+        let dir = std::env::temp_dir().join(format!("llm-pool-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("base.toml");
+        let local = dir.join("local.toml");
+        std::fs::write(
+            &base,
+            "[server]\nlisten = \"127.0.0.1:1\"\n[pool]\nmax_loaded_models = 1\n",
+        )
+        .unwrap();
+        std::fs::write(&local, "[pool]\nmax_loaded_models = 2\n").unwrap();
+        // Only this test in this binary reads these variables.
+        std::env::set_var("LLM_POOL__SERVER__LISTEN", "0.0.0.0:9999");
+        let config = Config::load(&base, Some(&local)).unwrap();
+        std::env::remove_var("LLM_POOL__SERVER__LISTEN");
+        assert_eq!(config.server.listen, "0.0.0.0:9999");
+        assert_eq!(
+            config.pool.max_loaded_models, 2,
+            "the local file overrides the base"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("1 fortnight")
+            .unwrap_err()
+            .contains("allowed units"));
+    }
+}
