@@ -353,17 +353,33 @@ fn cancelling_stops_at_once() {
 fn gemma3_loads_within_the_memory_bound_and_generates() {
     let path = real_model(GEMMA3);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm-pool"))
-        .args(["generate", "--model", path.to_str().unwrap(), "--prompt", "Once upon a time"])
+        .args([
+            "generate",
+            "--model",
+            path.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+        ])
         .args(["--max-tokens", "12", "--temperature", "0", "--json"])
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["architecture"], "quantized_gemma3");
-    assert_eq!(json["prompt_ids"], serde_json::json!([2, 14946, 3324, 496, 990]));
+    assert_eq!(
+        json["prompt_ids"],
+        serde_json::json!([2, 14946, 3324, 496, 990])
+    );
     // The first tokens are far from any tie: ", there was a".
-    assert_eq!(json["token_ids"].as_array().unwrap()[..4], [236764, 993, 691, 496]);
+    assert_eq!(
+        json["token_ids"].as_array().unwrap()[..4],
+        [236764, 993, 691, 496]
+    );
     let text = json["text"].as_str().unwrap();
     assert!(text.starts_with(", there was a"), "{text:?}");
     let rss = json["peak_rss_bytes"].as_u64().unwrap();
