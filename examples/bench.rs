@@ -1165,7 +1165,9 @@ async fn bench_http(b: &Bench) -> Result<()> {
         }
     };
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
+        // A fresh connection per request, the same for every server: llama-server may close a
+        // streamed connection that a pooled client would try to reuse.
+        .pool_max_idle_per_host(0)
         .build()?;
     if let Err(e) = wait_ready(&client, &url).await {
         b.skip(&imp, "http", name, &format!("{e:#}"));
