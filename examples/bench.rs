@@ -76,6 +76,8 @@ enum Cmd {
     Pool,
     /// Per-request pool overhead against direct calls.
     Overhead,
+    /// Raw candle and the Pool alternately in one process: paired throughput ratios.
+    Compare,
     /// Concurrent streams to one model (replicas 1 and replicas = streams).
     Concurrency,
     /// Two models at once in one pool.
@@ -782,6 +784,90 @@ async fn bench_overhead(b: &Bench) -> Result<()> {
     Ok(())
 }
 
+/// Raw candle and the Pool, alternating in one process (order swapped every run), so that
+/// drift on a shared machine hits both alike: the paired ratio Pool / raw is the pool's cost.
+async fn bench_compare(b: &Bench) -> Result<()> {
+    let name = &b.model_name;
+    let raw = match RawModel::load(&b.o.model) {
+        Ok(m) => m,
+        Err(e) => {
+            b.skip("llm-pool", "compare", name, &format!("{e:#}"));
+            return Ok(());
+        }
+    };
+    let pool = match start_pool(vec![model_config("m", &b.o.model, 1)]).await {
+        Ok(p) => p,
+        Err(e) => {
+            b.skip("llm-pool", "compare", name, &format!("{e:#}"));
+            return Ok(());
+        }
+    };
+    let pp = b.pp.iter().copied().min().unwrap_or(64).max(1);
+    let ids = prompt_ids(pp);
+    let tests: Vec<(String, usize, usize)> =
+        vec![(format!("tg{}", b.tg), 1, b.tg), (format!("pp{pp}"), pp, 1)];
+    for (test, prompt_len, gen) in tests {
+        let (mut r_tps, mut p_tps, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        let reps = if b.o.smoke { 1 } else { b.reps.max(5) };
+        for run in 0..b.warmup + reps {
+            let mut pair = [0.0f64; 2];
+            for k in 0..2 {
+                if (run + k) % 2 == 1 {
+                    let r = pool_run(&pool, "m", &ids[..prompt_len], gen, Instant::now()).await?;
+                    // One forward per generated token (the prompt's, then all but the last).
+                    let work = if gen == 1 { prompt_len } else { r.tokens };
+                    pair[1] = work as f64 / secs(r.total);
+                } else {
+                    let mut m = raw.clone();
+                    let t = Instant::now();
+                    let mut tok = m.step(&ids[..prompt_len], 0)?;
+                    for pos in prompt_len..prompt_len + gen - 1 {
+                        tok = m.step(&[tok], pos)?;
+                    }
+                    let work = if gen == 1 { prompt_len } else { gen };
+                    pair[0] = work as f64 / secs(t.elapsed());
+                }
+            }
+            if run >= b.warmup {
+                r_tps.push(pair[0]);
+                p_tps.push(pair[1]);
+                ratio.push(pair[1] / pair[0]);
+            }
+        }
+        let cost: Vec<f64> = ratio.iter().map(|r| (1.0 - r) * 100.0).collect();
+        b.emit("candle", "compare", name, &test, "tok/s", &r_tps, json!({}));
+        b.emit(
+            "llm-pool",
+            "compare",
+            name,
+            &test,
+            "tok/s",
+            &p_tps,
+            json!({}),
+        );
+        b.emit(
+            "llm-pool",
+            "compare",
+            name,
+            &format!("{test}_pool_over_raw"),
+            "x",
+            &ratio,
+            json!({}),
+        );
+        b.emit(
+            "llm-pool",
+            "compare",
+            name,
+            &format!("{test}_pool_cost_pct"),
+            "%",
+            &cost,
+            json!({"what": "(1 - Pool/raw) * 100, paired runs"}),
+        );
+    }
+    pool.shutdown().await;
+    Ok(())
+}
+
 async fn bench_concurrency(b: &Bench) -> Result<()> {
     let name = &b.model_name;
     let prompt = prompt_ids(8);
@@ -890,10 +976,12 @@ async fn bench_multi(b: &Bench) -> Result<()> {
             .await?
         }
     };
-    let prompt = prompt_ids(8);
+    // The tg prompt (1 token): with the 8-token prompt Gemma-3 ends at once (end of sequence).
+    let prompt = prompt_ids(1);
     let pair = format!("{name_a} + {name_b}");
     let (mut alone_a, mut alone_b, mut tog_a, mut tog_b, mut agg) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let mut last_tokens = (0, 0);
     for run in 0..b.runs() {
         let a = pool_run(&pool, "a", &prompt, b.gen, Instant::now()).await?;
         let bb = pool_run(&pool, "b", &prompt, b.gen, Instant::now()).await?;
@@ -904,6 +992,7 @@ async fn bench_multi(b: &Bench) -> Result<()> {
         );
         let wall = t0.elapsed();
         let (x, y) = (x?, y?);
+        last_tokens = (a.tokens, bb.tokens);
         if run >= b.warmup {
             alone_a.push(a.tokens as f64 / secs(a.total));
             alone_b.push(bb.tokens as f64 / secs(bb.total));
@@ -913,6 +1002,7 @@ async fn bench_multi(b: &Bench) -> Result<()> {
         }
     }
     let g = b.gen;
+    let tokens = json!({"tokens_a": last_tokens.0, "tokens_b": last_tokens.1});
     b.emit(
         "llm-pool",
         "multi",
@@ -956,7 +1046,7 @@ async fn bench_multi(b: &Bench) -> Result<()> {
         &format!("together_aggregate_tg{g}"),
         "tok/s",
         &agg,
-        json!({}),
+        tokens.clone(),
     );
     pool.shutdown().await;
     b.emit_rss(
@@ -1283,6 +1373,7 @@ fn main() -> Result<()> {
             Cmd::Layers,
             Cmd::Pool,
             Cmd::Overhead,
+            Cmd::Compare,
             Cmd::Concurrency,
             Cmd::Multi,
             Cmd::Http,
@@ -1295,6 +1386,7 @@ fn main() -> Result<()> {
             Cmd::Layers => bench_layers(&b)?,
             Cmd::Pool => rt.block_on(bench_pool(&b))?,
             Cmd::Overhead => rt.block_on(bench_overhead(&b))?,
+            Cmd::Compare => rt.block_on(bench_compare(&b))?,
             Cmd::Concurrency => rt.block_on(bench_concurrency(&b))?,
             Cmd::Multi => rt.block_on(bench_multi(&b))?,
             Cmd::Http => rt.block_on(bench_http(&b))?,
