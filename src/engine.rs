@@ -280,7 +280,8 @@ impl<'m> Session<'m> {
         let mut stops = StopMatcher::new(&params.stop);
         let mut out_text = String::new();
         let started = Instant::now();
-        let mut logits = model.forward_ids(&prompt[reuse..], reuse)?;
+        let mut logits = Vec::with_capacity(model.info().vocab_size);
+        model.forward_ids_into(&prompt[reuse..], reuse, &mut logits)?;
         let mut position = prompt.len();
         let mut prefill = Duration::ZERO;
         let mut token_ids = Vec::with_capacity(params.max_tokens);
@@ -326,7 +327,7 @@ impl<'m> Session<'m> {
             if is_last {
                 break FinishReason::Length;
             }
-            logits = model.forward_ids(&[next], position)?;
+            model.forward_ids_into(&[next], position, &mut logits)?;
             position += 1;
         };
         // The cache now holds the prompt and every generated token but the last (never fed).

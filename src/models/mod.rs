@@ -360,6 +360,20 @@ impl Model {
 
     /// Runs a single sequence of token ids at `position` and returns its last-position logits.
     pub fn forward_ids(&mut self, ids: &[u32], position: usize) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.forward_ids_into(ids, position, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// Like [`Model::forward_ids`], but writes the logits into `out`, reusing its allocation:
+    /// the decode loop calls this once per token, and a fresh vocabulary-sized `Vec` each time
+    /// costs a page-faulting allocation (192 KiB for SmolLM2, 1 MiB for Gemma 3).
+    pub fn forward_ids_into(
+        &mut self,
+        ids: &[u32],
+        position: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         if ids.is_empty() {
             return Err(Error::InvalidParameter {
                 param: "input_ids".into(),
@@ -375,8 +389,20 @@ impl Model {
         }
         let device = self.device();
         let input = Tensor::from_slice(ids, (1, ids.len()), &device)?;
-        let logits = self.forward(&input, position)?;
-        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+        let logits = self.forward(&input, position)?.squeeze(0)?;
+        out.clear();
+        let (storage, layout) = logits.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+                out.extend_from_slice(&cpu.as_slice::<f32>()?[start..end]);
+            }
+            // GPU logits come back through candle's own copy.
+            _ => {
+                drop(storage);
+                out.extend(logits.to_vec1::<f32>()?);
+            }
+        }
+        Ok(())
     }
 
     fn device(&self) -> Device {

@@ -345,6 +345,17 @@ impl Pool {
         model: &str,
         request: GenerateRequest,
     ) -> Result<GenerationStream> {
+        self.submit(model, request, true)
+    }
+
+    /// Enqueues a request; with `stream` false the stream yields only the final event, so no
+    /// per-token wake-ups reach the caller's runtime while candle's threads are busy.
+    pub(crate) fn submit(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+        stream: bool,
+    ) -> Result<GenerationStream> {
         let handle = self.inner.registry.get(model)?;
         match handle.state() {
             ModelState::Failed(reason) => {
@@ -363,6 +374,7 @@ impl Pool {
         handle
             .enqueue(Job {
                 request,
+                stream,
                 events,
                 enqueued: Instant::now(),
             })
@@ -381,7 +393,7 @@ impl Pool {
         request: GenerateRequest,
     ) -> Result<GenerationResult> {
         use futures::StreamExt;
-        let mut stream = self.generate_stream(model, request)?;
+        let mut stream = self.submit(model, request, false)?;
         while let Some(event) = stream.next().await {
             if let GenerationEvent::Done(result) = event? {
                 return Ok(result);

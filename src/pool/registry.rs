@@ -16,6 +16,9 @@ use tokio::sync::{mpsc, watch};
 /// A request waiting for a worker.
 pub(crate) struct Job {
     pub request: GenerateRequest,
+    /// Send an event per token; otherwise only the final result (no per-token wake-ups of the
+    /// caller's runtime while candle's threads are busy).
+    pub stream: bool,
     pub events: mpsc::UnboundedSender<Result<GenerationEvent>>,
     pub enqueued: Instant,
 }

@@ -248,12 +248,17 @@ fn serve(
     let mut first_token: Option<Instant> = None;
     let output = session.generate(text, &prompt, &params, |event| {
         first_token.get_or_insert_with(Instant::now);
-        job.events
-            .send(Ok(GenerationEvent::Token {
-                id: event.id,
-                text: event.text.to_string(),
-            }))
-            .is_ok()
+        if job.stream {
+            job.events
+                .send(Ok(GenerationEvent::Token {
+                    id: event.id,
+                    text: event.text.to_string(),
+                }))
+                .is_ok()
+        } else {
+            // Nobody reads tokens one by one; only stop if the caller went away.
+            !job.events.is_closed()
+        }
     })?;
     let cache = session
         .last_cache_use

@@ -377,7 +377,7 @@ async fn respond(
     kind: Kind,
 ) -> Result<HttpResponse, ApiError> {
     let Admitted { model, permit } = admitted;
-    let mut stream = state.pool.generate_stream(&model, request)?;
+    let mut stream = state.pool.submit(&model, request, sampling.stream)?;
     let created = now();
     let id = request_id(if kind == Kind::Chat {
         "chatcmpl"

@@ -116,7 +116,10 @@ impl Sampler {
         if self.params.repetition_penalty != 1.0 {
             *self.seen.entry(token).or_insert(0) += 1;
         }
-        *self.generated.entry(token).or_insert(0) += 1;
+        // Counts only matter to the penalties; skip the map work when they are off.
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.generated.entry(token).or_insert(0) += 1;
+        }
     }
 
     /// Picks the next token from last-position logits (modified in place by the penalties).
