@@ -192,6 +192,8 @@ impl Bench {
     }
 
     /// Prints one figure: a JSON line on stdout, a text line on stderr.
+    // The arguments are the columns of one result row; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     fn emit(
         &self,
         imp: &str,
