@@ -307,7 +307,7 @@ impl<'m> Session<'m> {
                 if is_last {
                     piece.push_str(&detokenizer.finish(&t.tokenizer)?);
                 }
-                let step = stops.push(&piece);
+                let step = stops.push(piece);
                 delta = step.text;
                 stopped_by_string = step.stopped;
                 if is_last && !stopped_by_string {

@@ -427,11 +427,14 @@ impl LanguageModel for Model {
         let (_batch, seq_len) = input_ids.dims2()?;
         let info = self.inner.info();
         if position + seq_len > info.max_context {
-            return Err(Error::ContextLength {
-                model: info.architecture.to_string(),
-                prompt_tokens: position + seq_len,
-                max_tokens: 0,
-                context: info.max_context,
+            return Err(Error::InvalidParameter {
+                param: "input_ids".into(),
+                message: format!(
+                    "positions {position}..{} go past the context of {} tokens of this {} model",
+                    position + seq_len,
+                    info.max_context,
+                    info.architecture
+                ),
             });
         }
         // A panic inside candle (a shape bug, an out-of-range index) must not unwind through

@@ -82,15 +82,16 @@ impl StopMatcher {
         }
     }
 
-    /// Feeds a text delta.
-    pub fn push(&mut self, delta: &str) -> StopStep {
+    /// Feeds a text delta. Without stop strings the delta passes through as it is (no copy: this
+    /// runs once per generated token).
+    pub fn push(&mut self, delta: String) -> StopStep {
         if self.stops.is_empty() {
             return StopStep {
-                text: delta.to_string(),
+                text: delta,
                 stopped: false,
             };
         }
-        self.pending.push_str(delta);
+        self.pending.push_str(&delta);
         let first = self
             .stops
             .iter()
@@ -136,7 +137,7 @@ mod tests {
         let mut m = StopMatcher::new(&stops);
         let mut out = String::new();
         for d in deltas {
-            let step = m.push(d);
+            let step = m.push(d.to_string());
             out.push_str(&step.text);
             if step.stopped {
                 return (out, true);
