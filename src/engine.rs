@@ -231,15 +231,15 @@ impl<'m> Session<'m> {
                 message: "the prompt has no tokens".into(),
             });
         }
-        let context = model.info().max_context;
-        if prompt.len() + params.max_tokens > context {
-            return Err(Error::ContextLength {
-                model: model.info().architecture.to_string(),
-                prompt_tokens: prompt.len(),
-                max_tokens: params.max_tokens,
-                context,
-            });
-        }
+        // The same rule the pool applies with the configured cap; here against the model's own
+        // context, for callers that drive the engine directly.
+        crate::request::check_context(
+            model.info().architecture,
+            "prompt",
+            Some(prompt.len()),
+            Some(params.max_tokens),
+            model.info().max_context,
+        )?;
         if !params.stop.is_empty() && text.is_none() {
             return Err(Error::InvalidParameter {
                 param: "stop".into(),
@@ -284,7 +284,7 @@ impl<'m> Session<'m> {
         model.forward_ids_into(&prompt[reuse..], reuse, &mut logits)?;
         let mut position = prompt.len();
         let mut prefill = Duration::ZERO;
-        let mut token_ids = Vec::with_capacity(params.max_tokens);
+        let mut token_ids = Vec::with_capacity(params.max_tokens.min(4096));
         let finish_reason = loop {
             let next = sampler.sample(&mut logits);
             sampler.accept(next);

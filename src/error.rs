@@ -34,12 +34,16 @@ pub enum Error {
     #[error("position {got} does not follow the {cached} tokens in the KV cache; reset the cache or continue at position {cached}")]
     Position { got: usize, cached: usize },
 
-    /// The prompt plus the requested tokens do not fit in the model's context window.
-    #[error("context length exceeded: the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}, {} in all, but model {model} has a context of {context} tokens", prompt_tokens + max_tokens)]
+    /// The request does not fit in the model's context window. `param` is the parameter to
+    /// change: `max_tokens` when it alone leaves no room for a prompt, else the prompt's
+    /// (`prompt` or `messages`). `prompt_tokens` is `None` when the prompt was not yet
+    /// tokenized; `max_tokens` is `None` when it was left to default to what fits.
+    #[error("{}", context_message(model, param, *prompt_tokens, *max_tokens, *context))]
     ContextLength {
         model: String,
-        prompt_tokens: usize,
-        max_tokens: usize,
+        param: &'static str,
+        prompt_tokens: Option<usize>,
+        max_tokens: Option<usize>,
         context: usize,
     },
 
@@ -85,6 +89,29 @@ pub enum Error {
 
 /// Result alias for the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn context_message(
+    model: &str,
+    param: &str,
+    prompt_tokens: Option<usize>,
+    max_tokens: Option<usize>,
+    context: usize,
+) -> String {
+    match (param, prompt_tokens, max_tokens) {
+        ("max_tokens", _, Some(m)) => format!(
+            "context length exceeded: max_tokens = {m} does not fit model {model}'s context of {context} tokens (at most {} leaves room for a prompt)",
+            context.saturating_sub(1)
+        ),
+        (_, Some(p), Some(m)) => format!(
+            "context length exceeded: the prompt has {p} tokens and max_tokens is {m}, {} in all, but model {model} has a context of {context} tokens; shorten the {param} or lower max_tokens",
+            p.saturating_add(m)
+        ),
+        (_, Some(p), None) => format!(
+            "context length exceeded: the prompt has {p} tokens, but model {model} has a context of {context} tokens and at least one must be left to generate; shorten the {param}"
+        ),
+        _ => format!("context length exceeded: model {model} has a context of {context} tokens"),
+    }
+}
 
 impl Error {
     pub(crate) fn model_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {

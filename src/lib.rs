@@ -27,6 +27,7 @@ pub mod error;
 pub mod metrics;
 pub mod models;
 pub mod pool;
+pub mod request;
 pub mod resources;
 pub mod server;
 pub mod text;

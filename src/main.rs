@@ -2,10 +2,11 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use llm_pool::engine::{generate, GenerateParams};
+use llm_pool::config::SamplingDefaults;
+use llm_pool::engine::generate;
 use llm_pool::models::{LoadOptions, Model};
-use llm_pool::text::sampling::SamplingParams;
-use llm_pool::text::{ChatMessage, ModelText};
+use llm_pool::request::{GenerateRequest, Limits, Prompt};
+use llm_pool::text::{encode_prompt, ChatMessage, ModelText};
 use llm_pool::DeviceSpec;
 use std::io::Write;
 use std::path::PathBuf;
@@ -170,50 +171,55 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         None => None,
     };
     let text = ModelText::load(&args.model, model.info(), template.as_deref())?;
-    let prompt_ids = match (&args.prompt_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(prompt)) => {
-            let Some(text) = &text else {
-                bail!(
-                    "{} has no tokenizer; pass --prompt-ids instead of --prompt",
-                    args.model.display()
-                );
-            };
-            if args.chat {
-                let Some(template) = &text.chat_template else {
-                    bail!(
-                        "{} has no chat template (a base model?); drop --chat, or pass --template FILE",
-                        args.model.display()
-                    );
-                };
-                let mut messages = Vec::new();
-                if let Some(system) = &args.system {
-                    messages.push(ChatMessage::new("system", system));
-                }
-                messages.push(ChatMessage::new("user", prompt));
-                let rendered = template.render(&messages, true)?;
-                text.encode(&rendered, false)?
-            } else {
-                text.encode(prompt, true)?
+    let prompt = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => Prompt::Ids(ids.clone()),
+        (None, Some(prompt)) if args.chat => {
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(ChatMessage::new("system", system));
             }
+            messages.push(ChatMessage::new("user", prompt));
+            Prompt::Chat(messages)
         }
+        (None, Some(prompt)) => Prompt::Text(prompt.clone()),
         (None, None) => bail!("pass --prompt or --prompt-ids"),
     };
-    let params = GenerateParams {
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            min_p: args.min_p,
-            repetition_penalty: args.repetition_penalty,
-            presence_penalty: args.presence_penalty,
-            frequency_penalty: args.frequency_penalty,
-            seed: args.seed,
-        },
+    let request = GenerateRequest {
+        prompt,
+        max_tokens: Some(args.max_tokens),
+        temperature: Some(args.temperature),
+        top_p: Some(args.top_p),
+        top_k: Some(args.top_k),
+        min_p: Some(args.min_p),
+        repetition_penalty: Some(args.repetition_penalty),
+        presence_penalty: Some(args.presence_penalty),
+        frequency_penalty: Some(args.frequency_penalty),
+        seed: Some(args.seed),
         stop: args.stop.clone(),
-        ..GenerateParams::default()
     };
+    // The flags to change, where the library's error would name request parameters.
+    match &text {
+        None if !matches!(request.prompt, Prompt::Ids(_)) => bail!(
+            "{} has no tokenizer; pass --prompt-ids instead of --prompt",
+            args.model.display()
+        ),
+        Some(t) if args.chat && t.chat_template.is_none() => bail!(
+            "{} has no chat template (a base model?); drop --chat, or pass --template FILE",
+            args.model.display()
+        ),
+        _ => {}
+    }
+    // The same two steps as a pool worker: the prompt through the text layer, then the one
+    // resolution of a request against the model's context.
+    let name = args.model.display().to_string();
+    let prompt_ids = encode_prompt(&name, text.as_ref(), &request.prompt)?;
+    let defaults = SamplingDefaults::default();
+    let limits = Limits {
+        model: &name,
+        context: Some(model.info().max_context),
+        defaults: &defaults,
+    };
+    let params = request.resolve(&limits, prompt_ids.len())?;
     let stream = args.stream;
     let mut stdout = std::io::stdout().lock();
     let output = generate(&mut model, text.as_ref(), &prompt_ids, &params, |event| {
@@ -271,7 +277,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 async fn run_pool(args: RunArgs) -> anyhow::Result<()> {
     use futures::StreamExt;
-    use llm_pool::pool::{GenerateRequest, GenerationEvent, Pool};
+    use llm_pool::pool::{GenerationEvent, Pool};
     use tokio::io::AsyncBufReadExt;
 
     let config = llm_pool::config::Config::load(&args.config, args.local_config.as_deref())

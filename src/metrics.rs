@@ -11,7 +11,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Requests by outcome (`ok`, `error`, `cancelled`, `overloaded`, `unavailable`, `restarted`).
+/// Requests by outcome (`ok`, `invalid`, `error`, `cancelled`, `overloaded`, `unavailable`,
+/// `restarted`).
 pub const REQUESTS_TOTAL: &str = "llm_pool_requests_total";
 /// Prompt tokens processed.
 pub const PROMPT_TOKENS_TOTAL: &str = "llm_pool_prompt_tokens_total";
@@ -170,6 +171,7 @@ pub fn register_model(model: &str) {
     let m = model.to_string();
     for outcome in [
         "ok",
+        "invalid",
         "error",
         "cancelled",
         "overloaded",

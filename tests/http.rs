@@ -769,3 +769,173 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     let exit = server.child.wait().unwrap();
     assert!(exit.success(), "serve exited with {exit:?}");
 }
+
+/// Polls `/admin/models` until `check` holds for the named model.
+async fn wait_admin(
+    client: &reqwest::Client,
+    server: &Server,
+    model: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list: Value = client
+            .get(server.url("/admin/models"))
+            .bearer_auth("root")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let entry = list["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == model)
+            .cloned()
+            .unwrap();
+        if check(&entry) {
+            return entry;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {entry}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Regression (issue 9, bug 1): a request queued behind a running one used to hang forever
+/// when its model was unloaded. Now the running request completes, the queued one is answered
+/// at once with a 503 naming the model, and a request after the unload loads the model again.
+#[tokio::test]
+async fn unloading_a_model_answers_its_queued_requests() {
+    let models = format!(
+        "[[models]]\nname = \"smollm2\"\npath = \"{}\"\nqueue_size = 2\nreplicas = 1\n",
+        common::real_model(common::SMOLLM2).display()
+    );
+    let server = Server::start(
+        &models,
+        &format!("admin_key_sha256 = \"{}\"\n", sha256("root")),
+    );
+    let client = reqwest::Client::new();
+    let url = server.url("/v1/completions");
+    let send = |max_tokens: u32| {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = client
+                .post(url)
+                .timeout(Duration::from_secs(60))
+                .json(&json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0}))
+                .send()
+                .await
+                .expect("no answer");
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap(), started.elapsed())
+        })
+    };
+    let running = send(120);
+    wait_admin(&client, &server, "smollm2", "busy", |m| m["in_flight"] == 1).await;
+    let queued = send(48);
+    wait_admin(&client, &server, "smollm2", "queued", |m| {
+        m["queue_depth"] == 1
+    })
+    .await;
+    let r = client
+        .post(server.url("/admin/models/smollm2/unload"))
+        .bearer_auth("root")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let (status, body, took) = queued.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "model_unavailable", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("smollm2") && message.contains("unloaded"),
+        "{body}"
+    );
+    let (status, body, running_took) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 120, "{body}");
+    assert!(
+        took < running_took,
+        "the queued request waited for the running one ({took:?} against {running_took:?})"
+    );
+    wait_admin(&client, &server, "smollm2", "unloaded", |m| {
+        m["state"] == "unloaded" && m["ready_workers"] == 0
+    })
+    .await;
+
+    // After the unload a request loads the model again.
+    let (status, body, _) = send(4).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    wait_admin(&client, &server, "smollm2", "ready", |m| {
+        m["state"] == "ready"
+    })
+    .await;
+}
+
+/// Regression (issue 9, bug 2): an oversized `max_tokens` gets the same 400 naming the same
+/// parameter whether or not the model has been loaded, streamed or not; a streamed request
+/// the worker refuses gets an HTTP error status, not a 200 followed by an error event.
+#[tokio::test]
+async fn the_same_bad_request_gets_the_same_answer_before_and_after_the_first_load() {
+    let models = format!(
+        "[[models]]\nname = \"tiny\"\npath = \"{}\"\nload = \"lazy\"\n",
+        common::hf_fixture("llama").display()
+    );
+    let server = Server::start(
+        &models,
+        &format!("admin_key_sha256 = \"{}\"\n", sha256("root")),
+    );
+    let client = reqwest::Client::new();
+    let chat = server.url("/v1/chat/completions");
+    let user = json!([{"role": "user", "content": "Hello"}]);
+    let oversized = |stream: bool| json!({"model": "tiny", "messages": user, "max_tokens": 100000, "stream": stream});
+    let long: Vec<u32> = (0..600).map(|i| 3 + i % 100).collect();
+    let long_prompt = json!({"model": "tiny", "prompt": long, "max_tokens": 4, "stream": true});
+
+    // Not loaded yet: the context is unknown until the worker has the model.
+    let before_stream = post(&client, &chat, oversized(true)).await;
+    wait_admin(&client, &server, "tiny", "ready", |m| m["state"] == "ready").await;
+    let after_stream = post(&client, &chat, oversized(true)).await;
+    let after = post(&client, &chat, oversized(false)).await;
+    for (status, body) in [&before_stream, &after_stream, &after] {
+        assert_error(*status, body, 400, Some("max_tokens"), "context of 512");
+        assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+    }
+    assert_eq!(before_stream.1, after.1);
+
+    // Unload, then the long prompt: refused by the worker after the load, before any token.
+    let r = client
+        .post(server.url("/admin/models/tiny/unload"))
+        .bearer_auth("root")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, body) = post(&client, &server.url("/v1/completions"), long_prompt.clone()).await;
+    assert_error(status, &body, 400, Some("prompt"), "context of 512");
+    assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+    let again = post(&client, &server.url("/v1/completions"), long_prompt).await;
+    assert_eq!((status, body), again);
+
+    // The max_completion_tokens spelling is named as sent.
+    let (status, body) = post(
+        &client,
+        &chat,
+        json!({"model": "tiny", "messages": user, "max_completion_tokens": 0}),
+    )
+    .await;
+    assert_error(
+        status,
+        &body,
+        400,
+        Some("max_completion_tokens"),
+        "at least 1",
+    );
+}

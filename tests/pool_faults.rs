@@ -168,3 +168,125 @@ async fn a_model_that_never_loads_is_marked_failed_with_the_cause() {
         "{err}"
     );
 }
+
+/// Waits until the model has a request in flight and `queued` waiting.
+async fn wait_busy(pool: &Pool, model: &str, queued: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = pool.model(model).unwrap();
+        if m.in_flight == 1 && m.queue_depth == queued {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never busy: {m:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Regression (issue 9): `Pool::unload` answers queued requests at once instead of leaving
+/// them to workers that are on their way out; the request in flight completes, and a request
+/// after the unload loads the model again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unload_answers_queued_requests_and_a_later_request_reloads() {
+    let _scenario = fail::FailScenario::setup();
+    let mut model = tiny("fx-unload", "llama");
+    model.queue_size = 4;
+    let pool = Pool::start(Config {
+        models: vec![model],
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    // Each generation of this model takes 400 ms before its first token.
+    fail::cfg("llm_pool_worker_generate_fx-unload", "sleep(400)").unwrap();
+    let spawn = |first: u32| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            pool.generate(
+                "fx-unload",
+                GenerateRequest::ids(vec![1, first]).max_tokens(3),
+            )
+            .await
+        })
+    };
+    let running = spawn(2);
+    wait_busy(&pool, "fx-unload", 0).await;
+    let queued: Vec<_> = (3..5).map(spawn).collect();
+    wait_busy(&pool, "fx-unload", 2).await;
+    let started = Instant::now();
+    pool.unload("fx-unload").await.unwrap();
+    for q in queued {
+        match q.await.unwrap() {
+            Err(Error::Unavailable { model, reason }) => {
+                assert_eq!(model, "fx-unload");
+                assert!(reason.contains("unloaded"), "{reason}");
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "queued requests waited"
+    );
+    let done = running
+        .await
+        .unwrap()
+        .expect("the request in flight completes");
+    assert_eq!(done.completion_tokens, 3);
+    fail::cfg("llm_pool_worker_generate_fx-unload", "off").unwrap();
+    let again = pool
+        .generate("fx-unload", GenerateRequest::ids(vec![1, 9]).max_tokens(2))
+        .await
+        .expect("a request after the unload loads the model again");
+    assert_eq!(again.completion_tokens, 2);
+    assert_eq!(pool.model("fx-unload").unwrap().state, ModelState::Ready);
+}
+
+/// Regression (issue 9): shutdown answers queued requests; none hangs, and a request after
+/// the shutdown is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_queued_requests_and_refuses_new_ones() {
+    let _scenario = fail::FailScenario::setup();
+    let pool = Pool::start(Config {
+        models: vec![tiny("fx-shutdown", "llama")],
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    fail::cfg("llm_pool_worker_generate_fx-shutdown", "sleep(400)").unwrap();
+    let spawn = |first: u32| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            pool.generate(
+                "fx-shutdown",
+                GenerateRequest::ids(vec![1, first]).max_tokens(2),
+            )
+            .await
+        })
+    };
+    let running = spawn(2);
+    wait_busy(&pool, "fx-shutdown", 0).await;
+    let queued = spawn(3);
+    wait_busy(&pool, "fx-shutdown", 1).await;
+    pool.shutdown().await;
+    let answered = tokio::time::timeout(Duration::from_secs(5), queued)
+        .await
+        .expect("the queued request was answered")
+        .unwrap();
+    assert!(
+        matches!(answered, Err(Error::Unavailable { ref reason, .. }) if reason.contains("shutting down")),
+        "{answered:?}"
+    );
+    let finished = tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the request in flight was answered")
+        .unwrap();
+    assert!(finished.is_ok(), "{finished:?}");
+    let after = pool
+        .generate(
+            "fx-shutdown",
+            GenerateRequest::ids(vec![1, 2]).max_tokens(2),
+        )
+        .await;
+    assert!(matches!(after, Err(Error::Unavailable { .. })), "{after:?}");
+    fail::cfg("llm_pool_worker_generate_fx-shutdown", "off").unwrap();
+}

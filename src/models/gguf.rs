@@ -34,10 +34,26 @@ impl GgufFile {
             .seek(SeekFrom::End(0))
             .and_then(|n| reader.seek(SeekFrom::Start(0)).map(|_| n))
             .map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut reader)
-            .map_err(|e| Error::model_file(path, format!("not a valid GGUF file: {e}")))?;
+        // candle's reader bounds every declared length by the file's size; it can still
+        // divide by a zero `general.alignment`, so a panic there is an error about the file too.
+        let content =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
+                .unwrap_or_else(|_| Err(candle_core::Error::Msg("the header is malformed".into())))
+                .map_err(|e| Error::model_file(path, format!("not a valid GGUF file: {e}")))?;
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
+            let dims = info.shape.dims();
+            // A zero dimension or a product past usize is a corrupt directory entry; candle
+            // would build a misaligned empty slice from the first, and overflow on the second.
+            let elems = dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    Error::model_file(
+                        path,
+                        format!("tensor {name}: shape {dims:?} is empty or too large"),
+                    )
+                })?;
             let block = info.ggml_dtype.block_size();
             if block == 0 || elems % block != 0 {
                 return Err(Error::model_file(
@@ -45,7 +61,7 @@ impl GgufFile {
                     format!("tensor {name}: {elems} elements is not a multiple of the {:?} block size {block}", info.ggml_dtype),
                 ));
             }
-            let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
+            let bytes = ((elems / block) as u64).saturating_mul(info.ggml_dtype.type_size() as u64);
             let end = content
                 .tensor_data_offset
                 .saturating_add(info.offset)

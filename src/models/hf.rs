@@ -173,6 +173,10 @@ pub struct HfConfig {
     value: Value,
 }
 
+/// The largest integer a config.json size or count may have (2^24: above every real model's
+/// layers, heads, widths, vocabulary and context, Llama 4's 10M context included).
+pub const MAX_CONFIG_INTEGER: u64 = 1 << 24;
+
 impl HfConfig {
     /// Reads and parses a config.json file.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -219,14 +223,20 @@ impl HfConfig {
             .ok_or_else(|| self.err(key, "is required (a positive integer)".into()))
     }
 
-    /// An optional non-negative integer.
+    /// An optional non-negative integer, at most [`MAX_CONFIG_INTEGER`].
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(key, format!("must be a non-negative integer, found {v}"))),
+            Some(v) => match v.as_u64() {
+                // Sizes and counts size allocations (layer lists, RoPE tables, caches): a
+                // corrupt value must be an error here, not an allocation that aborts.
+                Some(n) if n > MAX_CONFIG_INTEGER => Err(self.err(
+                    key,
+                    format!("is {n}, more than the largest supported value {MAX_CONFIG_INTEGER}"),
+                )),
+                Some(n) => Ok(Some(n as usize)),
+                None => Err(self.err(key, format!("must be a non-negative integer, found {v}"))),
+            },
         }
     }
 

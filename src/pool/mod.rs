@@ -24,12 +24,11 @@ mod registry;
 mod supervisor;
 mod worker;
 
-pub use worker::DEFAULT_MAX_TOKENS;
+pub use crate::request::{GenerateRequest, Prompt, DEFAULT_MAX_TOKENS};
 
 use crate::config::Config;
 use crate::engine::{CacheUse, FinishReason};
 use crate::error::{Error, Result};
-use crate::text::ChatMessage;
 use registry::{Job, ModelHandle, Registry};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -38,101 +37,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use supervisor::{Load, Shutdown, Supervisor, Unload};
 use tokio::sync::mpsc;
-
-/// What to generate from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Prompt {
-    /// Raw text, tokenized with the model's tokenizer (BOS added where the model wants it).
-    Text(String),
-    /// Token ids.
-    Ids(Vec<u32>),
-    /// Chat messages, rendered with the model's chat template.
-    Chat(Vec<ChatMessage>),
-}
-
-/// A generation request. Unset fields take the model's configured defaults.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateRequest {
-    /// The prompt.
-    pub prompt: Prompt,
-    /// The most tokens to generate (default: as many as fit, up to [`DEFAULT_MAX_TOKENS`]).
-    pub max_tokens: Option<usize>,
-    /// Sampling temperature (0 = greedy, the default).
-    pub temperature: Option<f64>,
-    /// Nucleus sampling.
-    pub top_p: Option<f64>,
-    /// Top-k sampling.
-    pub top_k: Option<usize>,
-    /// Min-p sampling.
-    pub min_p: Option<f64>,
-    /// Repetition penalty.
-    pub repetition_penalty: Option<f64>,
-    /// Presence penalty.
-    pub presence_penalty: Option<f64>,
-    /// Frequency penalty.
-    pub frequency_penalty: Option<f64>,
-    /// Seed (random when unset).
-    pub seed: Option<u64>,
-    /// Stop strings.
-    pub stop: Vec<String>,
-}
-
-impl GenerateRequest {
-    fn new(prompt: Prompt) -> Self {
-        GenerateRequest {
-            prompt,
-            max_tokens: None,
-            temperature: None,
-            top_p: None,
-            top_k: None,
-            min_p: None,
-            repetition_penalty: None,
-            presence_penalty: None,
-            frequency_penalty: None,
-            seed: None,
-            stop: Vec::new(),
-        }
-    }
-
-    /// A request for raw text.
-    pub fn text(prompt: impl Into<String>) -> Self {
-        Self::new(Prompt::Text(prompt.into()))
-    }
-
-    /// A request for token ids.
-    pub fn ids(ids: Vec<u32>) -> Self {
-        Self::new(Prompt::Ids(ids))
-    }
-
-    /// A chat request.
-    pub fn chat(messages: Vec<ChatMessage>) -> Self {
-        Self::new(Prompt::Chat(messages))
-    }
-
-    /// Sets `max_tokens`.
-    pub fn max_tokens(mut self, n: usize) -> Self {
-        self.max_tokens = Some(n);
-        self
-    }
-
-    /// Sets the temperature.
-    pub fn temperature(mut self, t: f64) -> Self {
-        self.temperature = Some(t);
-        self
-    }
-
-    /// Sets the seed.
-    pub fn seed(mut self, seed: u64) -> Self {
-        self.seed = Some(seed);
-        self
-    }
-
-    /// Adds a stop string.
-    pub fn stop(mut self, s: impl Into<String>) -> Self {
-        self.stop.push(s.into());
-        self
-    }
-}
 
 /// One event of a streamed generation.
 #[derive(Debug, Clone)]
@@ -239,6 +143,11 @@ impl Drop for PoolInner {
         if let Ok(mut system) = self.system.lock() {
             if let Some((system, thread)) = system.take() {
                 self.supervisor.do_send(Shutdown);
+                // The actor may stop before it handles Shutdown: close every model here too,
+                // so no queued request is left without an answer and every worker exits.
+                for handle in self.registry.all() {
+                    handle.close();
+                }
                 system.stop();
                 let _ = thread.join();
             }
@@ -357,18 +266,17 @@ impl Pool {
         stream: bool,
     ) -> Result<GenerationStream> {
         let handle = self.inner.registry.get(model)?;
-        match handle.state() {
-            ModelState::Failed(reason) => {
-                crate::metrics::request(model, "unavailable");
-                return Err(Error::Unavailable {
-                    model: model.to_string(),
-                    reason: format!("it failed: {reason}"),
-                });
-            }
-            ModelState::Unloaded => self.inner.supervisor.do_send(Load {
-                name: model.to_string(),
-            }),
-            ModelState::Loading | ModelState::Ready => {}
+        // Every check that does not need the prompt's tokens, before anything is queued or
+        // loaded: the same function the worker applies once the prompt is tokenized.
+        request.check(&handle.limits()).inspect_err(|_| {
+            crate::metrics::request(model, "invalid");
+        })?;
+        if let ModelState::Failed(reason) = handle.state() {
+            crate::metrics::request(model, "unavailable");
+            return Err(Error::Unavailable {
+                model: model.to_string(),
+                reason: format!("it failed: {reason}"),
+            });
         }
         let (events, receiver) = mpsc::unbounded_channel();
         handle
@@ -379,10 +287,26 @@ impl Pool {
                 enqueued: Instant::now(),
             })
             .inspect_err(|e| {
-                if matches!(e, Error::Overloaded { .. }) {
-                    crate::metrics::request(model, "overloaded");
-                }
+                let outcome = match e {
+                    Error::Overloaded { .. } => "overloaded",
+                    _ => "unavailable",
+                };
+                crate::metrics::request(model, outcome);
             })?;
+        // Read the state after the job is in the queue: an unload, eviction or failure that
+        // raced with us has either seen the job (and answers or serves it) or is seen here.
+        match handle.state() {
+            ModelState::Unloaded => self.inner.supervisor.do_send(Load {
+                name: model.to_string(),
+            }),
+            ModelState::Failed(reason) => {
+                handle.drain_queue(|| Error::Unavailable {
+                    model: model.to_string(),
+                    reason: format!("it failed: {reason}"),
+                });
+            }
+            ModelState::Loading | ModelState::Ready => {}
+        }
         Ok(GenerationStream { receiver })
     }
 
@@ -414,7 +338,9 @@ impl Pool {
         self.wait_for(model).await
     }
 
-    /// Unloads a model; requests in flight finish first, and queued ones reload it.
+    /// Unloads a model. Requests in flight finish first; requests still waiting in its queue
+    /// are answered at once with [`Error::Unavailable`] naming the model. A request sent after
+    /// the unload loads the model again.
     pub async fn unload(&self, model: &str) -> Result<()> {
         self.send(Unload {
             name: model.to_string(),
@@ -500,6 +426,9 @@ impl Pool {
     /// supervisor.
     pub async fn shutdown(&self) {
         let _ = self.inner.supervisor.send(Shutdown).await;
+        for handle in self.inner.registry.all() {
+            handle.close();
+        }
         let taken = self.inner.system.lock().ok().and_then(|mut s| s.take());
         if let Some((system, thread)) = taken {
             system.stop();

@@ -8,7 +8,7 @@ use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -40,8 +40,11 @@ pub(crate) struct ModelHandle {
     pub ready_workers: AtomicUsize,
     pub last_used: Mutex<Instant>,
     pub architecture: Mutex<Option<&'static str>>,
-    /// The loaded model's context length (0 until first loaded).
+    /// The context a request may use: the loaded model's, capped by the config's
+    /// `max_context` (0 until first loaded).
     pub max_context: AtomicUsize,
+    /// Set once the pool shuts down: nothing is queued any more.
+    pub closed: AtomicBool,
 }
 
 impl ModelHandle {
@@ -64,6 +67,7 @@ impl ModelHandle {
             last_used: Mutex::new(Instant::now()),
             architecture: Mutex::new(None),
             max_context: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -77,6 +81,16 @@ impl ModelHandle {
 
     pub fn set_state(&self, state: ModelState) {
         self.state.send_replace(state);
+    }
+
+    /// What a request for this model is checked against (the context once it is known).
+    pub fn limits(&self) -> crate::request::Limits<'_> {
+        let context = self.max_context.load(Ordering::SeqCst);
+        crate::request::Limits {
+            model: self.name(),
+            context: (context > 0).then_some(context),
+            defaults: &self.config.defaults,
+        }
     }
 
     pub fn current_generation(&self) -> u64 {
@@ -106,26 +120,49 @@ impl ModelHandle {
             .unwrap_or_default()
     }
 
-    /// Enqueues a request, or fails at once when the queue is full.
+    /// Enqueues a request, or fails at once when the queue is full or the pool is closed.
     pub fn enqueue(&self, job: Job) -> Result<()> {
+        let shutting_down = || Error::Unavailable {
+            model: self.name().to_string(),
+            reason: "the pool is shutting down".into(),
+        };
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(shutting_down());
+        }
         match self.queue_tx.try_send(job) {
             Ok(()) => {
-                crate::metrics::queue_depth(self.name(), self.queue_rx.len());
+                if self.closed.load(Ordering::SeqCst) {
+                    // Shutdown drained the queue between our check and our send: whichever of
+                    // the two comes last drains, so no job is left behind without an answer.
+                    self.drain_queue(shutting_down);
+                } else {
+                    crate::metrics::queue_depth(self.name(), self.queue_rx.len());
+                }
                 Ok(())
             }
             Err(TrySendError::Full(_)) => Err(Error::Overloaded {
                 model: self.name().to_string(),
                 queue_size: self.config.queue_size,
             }),
-            Err(TrySendError::Disconnected(_)) => Err(Error::Unavailable {
-                model: self.name().to_string(),
-                reason: "the pool is shutting down".into(),
-            }),
+            Err(TrySendError::Disconnected(_)) => Err(shutting_down()),
         }
     }
 
-    /// Fails every queued request with `error` (used when the model is marked failed or the
-    /// pool shuts down: the requests would otherwise wait forever).
+    /// Closes the model for good (pool shutdown): tells its workers to exit after their
+    /// request, and answers every queued request with `Unavailable`.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.next_generation();
+        self.set_state(ModelState::Unloaded);
+        let name = self.name().to_string();
+        self.drain_queue(|| Error::Unavailable {
+            model: name.clone(),
+            reason: "the pool is shutting down".into(),
+        });
+    }
+
+    /// Fails every queued request with `error` (used when the model is unloaded, marked failed,
+    /// cannot be loaded, or the pool shuts down: the requests would otherwise wait forever).
     pub fn drain_queue(&self, error: impl Fn() -> Error) -> usize {
         let mut n = 0;
         while let Ok(job) = self.queue_rx.try_recv() {

@@ -149,6 +149,12 @@ impl Supervisor {
         if matches!(handle.state(), ModelState::Ready | ModelState::Loading) {
             return Ok(());
         }
+        if handle.closed.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                model: handle.name().to_string(),
+                reason: "the pool is shutting down".into(),
+            });
+        }
         self.make_room(handle)?;
         tracing::info!(model = handle.name(), device = %handle.device, path = %handle.config.path.display(), "loading model");
         handle.consecutive_failures.store(0, Ordering::SeqCst);
@@ -205,7 +211,17 @@ impl Handler<Load> for Supervisor {
 
     fn handle(&mut self, msg: Load, ctx: &mut Self::Context) -> Self::Result {
         let handle = self.registry.get(&msg.name)?;
-        self.start_model(&handle, ctx)
+        let started = self.start_model(&handle, ctx);
+        if let Err(e) = &started {
+            // Requests queued for a lazy load would otherwise wait for a load that never
+            // comes: they get the reason instead.
+            let reason = e.to_string();
+            handle.drain_queue(|| Error::Unavailable {
+                model: msg.name.clone(),
+                reason: format!("it cannot be loaded: {reason}"),
+            });
+        }
+        started
     }
 }
 
@@ -215,6 +231,18 @@ impl Handler<Unload> for Supervisor {
     fn handle(&mut self, msg: Unload, _ctx: &mut Self::Context) -> Self::Result {
         let handle = self.registry.get(&msg.name)?;
         self.stop_model(&handle, ModelState::Unloaded, msg.reason);
+        // Requests in flight finish; those still waiting are answered now rather than left
+        // for workers that are on their way out.
+        let waiting = handle.drain_queue(|| Error::Unavailable {
+            model: msg.name.clone(),
+            reason: format!(
+                "it was unloaded ({}) while this request waited in its queue; send it again to load the model again",
+                msg.reason
+            ),
+        });
+        if waiting > 0 {
+            tracing::info!(model = %msg.name, waiting, "answered queued requests of an unloaded model");
+        }
         Ok(())
     }
 }
@@ -225,11 +253,7 @@ impl Handler<Shutdown> for Supervisor {
     fn handle(&mut self, _msg: Shutdown, _ctx: &mut Self::Context) {
         for handle in self.registry.all() {
             self.stop_model(&handle, ModelState::Unloaded, "shutdown");
-            let name = handle.name().to_string();
-            handle.drain_queue(|| Error::Unavailable {
-                model: name.clone(),
-                reason: "the pool is shutting down".into(),
-            });
+            handle.close();
         }
     }
 }
@@ -242,7 +266,29 @@ impl Handler<WorkerExited> for Supervisor {
             return;
         };
         let cause = match msg.cause {
-            ExitCause::Stopped => return,
+            ExitCause::Stopped => {
+                // A request that slipped into the queue while this model was being unloaded
+                // or evicted (after the idle check, before the workers left) arrived after the
+                // unload: it loads the model again, as any later request would.
+                if handle.state() == ModelState::Unloaded
+                    && !handle.queue_rx.is_empty()
+                    && !handle.closed.load(Ordering::SeqCst)
+                {
+                    tracing::info!(
+                        model = handle.name(),
+                        "requests arrived during an unload; loading the model again"
+                    );
+                    if let Err(e) = self.start_model(&handle, ctx) {
+                        let reason = e.to_string();
+                        let name = handle.name().to_string();
+                        handle.drain_queue(|| Error::Unavailable {
+                            model: name.clone(),
+                            reason: format!("it cannot be loaded: {reason}"),
+                        });
+                    }
+                }
+                return;
+            }
             ExitCause::LoadFailed(c) | ExitCause::Crashed(c) => c,
         };
         if msg.generation != handle.current_generation() {

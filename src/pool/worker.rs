@@ -8,12 +8,11 @@
 
 use super::registry::{dec, inc, Job, ModelHandle};
 use super::supervisor::{ExitCause, Supervisor, WorkerExited};
-use super::{GenerationEvent, GenerationResult, Prompt};
-use crate::engine::{CacheUse, FinishReason, GenerateParams, Session};
+use super::{GenerationEvent, GenerationResult};
+use crate::engine::{CacheUse, FinishReason, Session};
 use crate::error::{Error, Result};
 use crate::models::{LoadOptions, Model};
-use crate::text::sampling::SamplingParams;
-use crate::text::ModelText;
+use crate::text::{encode_prompt, ModelText};
 use actix::Addr;
 use crossbeam_channel::RecvTimeoutError;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -23,9 +22,6 @@ use std::time::{Duration, Instant};
 
 /// How often an idle worker checks whether it has been told to stop.
 const POLL: Duration = Duration::from_millis(50);
-
-/// Default `max_tokens` when neither the request nor the model's config sets one.
-pub const DEFAULT_MAX_TOKENS: usize = 256;
 
 /// Starts a worker thread for `replica` of the model.
 pub(crate) fn spawn(
@@ -135,7 +131,11 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
                 return ExitCause::Crashed(cause);
             }
             Ok(Err(e)) => {
-                crate::metrics::request(handle.name(), "error");
+                let outcome = match e {
+                    Error::InvalidParameter { .. } | Error::ContextLength { .. } => "invalid",
+                    _ => "error",
+                };
+                crate::metrics::request(handle.name(), outcome);
                 let _ = job.events.send(Err(e));
             }
             Err(panic) => {
@@ -165,38 +165,6 @@ impl Drop for ReadyGuard<'_> {
     }
 }
 
-fn prompt_ids(handle: &ModelHandle, text: Option<&ModelText>, prompt: &Prompt) -> Result<Vec<u32>> {
-    let no_tokenizer = || Error::InvalidParameter {
-        param: "prompt".into(),
-        message: format!(
-            "model {} has no tokenizer; send token ids instead of text",
-            handle.name()
-        ),
-    };
-    match prompt {
-        Prompt::Ids(ids) => Ok(ids.clone()),
-        Prompt::Text(s) => text.ok_or_else(no_tokenizer)?.encode(s, true),
-        Prompt::Chat(messages) => {
-            let text = text.ok_or_else(no_tokenizer)?;
-            let template = text.chat_template.as_ref().ok_or_else(|| Error::InvalidParameter {
-                param: "messages".into(),
-                message: format!(
-                    "model {} has no chat template (a base model?); send a plain prompt, or set chat_template in its config",
-                    handle.name()
-                ),
-            })?;
-            if messages.is_empty() {
-                return Err(Error::InvalidParameter {
-                    param: "messages".into(),
-                    message: "at least one message is needed".into(),
-                });
-            }
-            // The template writes BOS itself; encoding must not add another.
-            text.encode(&template.render(messages, true)?, false)
-        }
-    }
-}
-
 fn serve(
     handle: &ModelHandle,
     session: &mut Session<'_>,
@@ -207,44 +175,8 @@ fn serve(
     fail::fail_point!(&format!("llm_pool_worker_generate_{}", handle.name()));
 
     let request = &job.request;
-    let defaults = &handle.config.defaults;
-    let prompt = prompt_ids(handle, text, &request.prompt)?;
-    let model_context = session.model().info().max_context;
-    let context = match handle.config.max_context {
-        0 => model_context,
-        cap => cap.min(model_context),
-    };
-    let max_tokens = match request.max_tokens.or(defaults.max_tokens) {
-        Some(n) => n,
-        // Unset: as much as fits, up to a default.
-        None => DEFAULT_MAX_TOKENS.min(context.saturating_sub(prompt.len()).max(1)),
-    };
-    if prompt.len() + max_tokens > context {
-        return Err(Error::ContextLength {
-            model: handle.name().to_string(),
-            prompt_tokens: prompt.len(),
-            max_tokens,
-            context,
-        });
-    }
-    let params = GenerateParams {
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: request.temperature.or(defaults.temperature).unwrap_or(0.0),
-            top_k: request.top_k.or(defaults.top_k).unwrap_or(0),
-            top_p: request.top_p.or(defaults.top_p).unwrap_or(1.0),
-            min_p: request.min_p.or(defaults.min_p).unwrap_or(0.0),
-            repetition_penalty: request
-                .repetition_penalty
-                .or(defaults.repetition_penalty)
-                .unwrap_or(1.0),
-            presence_penalty: request.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: request.frequency_penalty.unwrap_or(0.0),
-            seed: request.seed.unwrap_or_else(rand::random),
-        },
-        stop: request.stop.clone(),
-        extra_stop_ids: Vec::new(),
-    };
+    let prompt = encode_prompt(handle.name(), text, &request.prompt)?;
+    let params = request.resolve(&handle.limits(), prompt.len())?;
     let mut first_token: Option<Instant> = None;
     let output = session.generate(text, &prompt, &params, |event| {
         first_token.get_or_insert_with(Instant::now);

@@ -142,3 +142,28 @@ pub async fn unload(
     state.pool.unload(&name).await?;
     Ok(HttpResponse::Ok().json(json!({"name": name, "state": "unloaded"})))
 }
+
+/// Body of `PUT /admin/failpoints/{name}`.
+#[cfg(feature = "failpoints")]
+#[derive(Deserialize)]
+struct FailpointBody {
+    /// The `fail` crate's action string, e.g. `1*panic`, `1*return`, `off`.
+    actions: String,
+}
+
+/// `PUT /admin/failpoints/{name}`, only in builds with the `failpoints` feature: sets a
+/// failpoint at run time, for fault-injection runs such as `scripts/soak`.
+#[cfg(feature = "failpoints")]
+pub async fn failpoint(
+    req: HttpRequest,
+    name: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &state)?;
+    let name = name.into_inner();
+    let body: FailpointBody = read_json(payload, state.max_body_bytes).await?;
+    fail::cfg(&name, &body.actions).map_err(|e| ApiError::invalid("actions", e))?;
+    tracing::warn!(failpoint = %name, actions = %body.actions, "failpoint set");
+    Ok(HttpResponse::Ok().json(json!({"name": name, "actions": body.actions})))
+}

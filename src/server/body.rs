@@ -49,7 +49,12 @@ pub async fn read_value(
         }
         body.extend_from_slice(&chunk);
     }
-    let text = std::str::from_utf8(&body)
+    value_from_bytes(&body)
+}
+
+/// Parses a whole body: UTF-8, JSON syntax, and a JSON object at the top.
+pub fn value_from_bytes(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let text = std::str::from_utf8(body)
         .map_err(|e| ApiError::invalid("body", format!("the body is not valid UTF-8: {e}")))?;
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| ApiError::invalid("body", format!("malformed JSON: {e}")))?;

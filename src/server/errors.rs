@@ -93,8 +93,8 @@ impl From<Error> for ApiError {
         let message = e.to_string();
         match e {
             Error::InvalidParameter { param, .. } => ApiError::invalid(param, message),
-            Error::ContextLength { .. } => {
-                ApiError::invalid("messages", message).code("context_length_exceeded")
+            Error::ContextLength { param, .. } => {
+                ApiError::invalid(param, message).code("context_length_exceeded")
             }
             Error::UnknownModel { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
@@ -109,6 +109,12 @@ impl From<Error> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
                     .code("model_unavailable")
                     .retry_after(5)
+            }
+            Error::WorkerRestarted { .. } => {
+                // The request was lost with its worker, which is back shortly; a retry is safe.
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .code("worker_restarted")
+                    .retry_after(1)
             }
             Error::Tokenizer(_) => ApiError::invalid("messages", message),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message),

@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` | tenant key |
 //! | `GET /admin/models`, `POST /admin/models/{name}/load`, `…/unload` | admin key |
+//! | `PUT /admin/failpoints/{name}` (builds with the `failpoints` feature only) | admin key |
 //! | `GET /health`, `GET /ready`, `GET /metrics` | none |
 
 mod admin;
@@ -87,6 +88,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/admin/models", web::get().to(admin::list))
         .route("/admin/models/{name}/load", web::post().to(admin::load))
         .route("/admin/models/{name}/unload", web::post().to(admin::unload));
+    #[cfg(feature = "failpoints")]
+    cfg.route("/admin/failpoints/{name}", web::put().to(admin::failpoint));
 }
 
 /// Runs the HTTP host until SIGTERM or Ctrl-C, then drains in-flight requests (up to

@@ -106,12 +106,11 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
-/// Validates the sampling fields and fills a pool request.
-fn apply_sampling(
-    mut request: GenerateRequest,
-    s: &Sampling,
-    context: Option<usize>,
-) -> Result<GenerateRequest, ApiError> {
+/// Fills a pool request from the sampling fields. Only what is particular to the HTTP API is
+/// checked here (`n`); every other check is the pool's, made by the one function that also
+/// checks the request in the worker, so that a request gets the same answer whether or not its
+/// model is loaded.
+fn apply_sampling(mut request: GenerateRequest, s: &Sampling) -> Result<GenerateRequest, ApiError> {
     if let Some(n) = s.n {
         if n != 1 {
             return Err(ApiError::invalid(
@@ -120,61 +119,12 @@ fn apply_sampling(
             ));
         }
     }
-    let max_tokens = s.max_completion_tokens.or(s.max_tokens);
-    if let Some(m) = max_tokens {
-        let param = if s.max_completion_tokens.is_some() {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        };
-        if m == 0 {
-            return Err(ApiError::invalid(
-                param,
-                format!("{param} must be at least 1"),
-            ));
-        }
-        if let Some(ctx) = context {
-            if m as usize >= ctx {
-                return Err(ApiError::invalid(
-                    param,
-                    format!("{param} = {m} does not fit the model's context of {ctx} tokens"),
-                )
-                .code("context_length_exceeded"));
-            }
-        }
-        request.max_tokens = Some(m as usize);
-    }
-    if let Some(t) = s.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::invalid(
-                "temperature",
-                format!("temperature = {t} is outside [0, 2]"),
-            ));
-        }
-        request.temperature = Some(t);
-    }
-    if let Some(p) = s.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid(
-                "top_p",
-                format!("top_p = {p} is outside (0, 1]"),
-            ));
-        }
-        request.top_p = Some(p);
-    }
-    for (name, v) in [
-        ("presence_penalty", s.presence_penalty),
-        ("frequency_penalty", s.frequency_penalty),
-    ] {
-        if let Some(v) = v {
-            if !(-2.0..=2.0).contains(&v) {
-                return Err(ApiError::invalid(
-                    name,
-                    format!("{name} = {v} is outside [-2, 2]"),
-                ));
-            }
-        }
-    }
+    request.max_tokens = s
+        .max_completion_tokens
+        .or(s.max_tokens)
+        .map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+    request.temperature = s.temperature;
+    request.top_p = s.top_p;
     request.presence_penalty = s.presence_penalty;
     request.frequency_penalty = s.frequency_penalty;
     request.top_k = s.top_k;
@@ -186,17 +136,17 @@ fn apply_sampling(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    if request.stop.len() > crate::engine::MAX_STOP_STRINGS {
-        return Err(ApiError::invalid(
-            "stop",
-            format!(
-                "{} stop sequences given; at most {} are allowed",
-                request.stop.len(),
-                crate::engine::MAX_STOP_STRINGS
-            ),
-        ));
-    }
     Ok(request)
+}
+
+/// A library error as the client sees it: `max_tokens` errors name `max_completion_tokens`
+/// when that is the field the client sent.
+fn api_error(e: crate::Error, s: &Sampling) -> ApiError {
+    let mut api = ApiError::from(e);
+    if s.max_completion_tokens.is_some() && api.param.as_deref() == Some("max_tokens") {
+        api.param = Some("max_completion_tokens".into());
+    }
+    api
 }
 
 fn chat_messages(messages: Option<Vec<Message>>) -> Result<Vec<ChatMessage>, ApiError> {
@@ -293,33 +243,30 @@ pub async fn list_models(
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
-/// `POST /v1/chat/completions`.
-pub async fn chat_completions(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let tenant = state.tenants.authenticate(&req)?;
-    let value = read_value(payload, state.max_body_bytes).await?;
-    let body: ChatRequest = parse(&value)?;
-    let sampling: Sampling = parse(&value)?;
-    let messages = chat_messages(body.messages)?;
-    let admitted = admit(&state, &tenant, body.model)?;
-    let context = state.pool.context_of(&admitted.model);
-    let request = apply_sampling(GenerateRequest::chat(messages), &sampling, context)?;
-    respond(state, admitted, request, &sampling, Kind::Chat).await
+/// A completion request as parsed from its body, before the tenant is admitted.
+struct Parsed {
+    model: Option<String>,
+    request: GenerateRequest,
+    sampling: Sampling,
 }
 
-/// `POST /v1/completions`.
-pub async fn completions(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let tenant = state.tenants.authenticate(&req)?;
-    let value = read_value(payload, state.max_body_bytes).await?;
-    let body: CompletionRequest = parse(&value)?;
-    let sampling: Sampling = parse(&value)?;
+/// Parses and checks the body of `POST /v1/chat/completions`.
+fn parse_chat(value: &Value) -> Result<Parsed, ApiError> {
+    let body: ChatRequest = parse(value)?;
+    let sampling: Sampling = parse(value)?;
+    let messages = chat_messages(body.messages)?;
+    let request = apply_sampling(GenerateRequest::chat(messages), &sampling)?;
+    Ok(Parsed {
+        model: body.model,
+        request,
+        sampling,
+    })
+}
+
+/// Parses and checks the body of `POST /v1/completions`.
+fn parse_completion(value: &Value) -> Result<Parsed, ApiError> {
+    let body: CompletionRequest = parse(value)?;
+    let sampling: Sampling = parse(value)?;
     let prompt = match body.prompt {
         None => return Err(ApiError::invalid("prompt", "prompt is required")),
         Some(CompletionPrompt::Text(t)) => Prompt::Text(t),
@@ -335,17 +282,54 @@ pub async fn completions(
         }
         Some(CompletionPrompt::Ids(ids)) => Prompt::Ids(ids),
     };
-    if matches!(&prompt, Prompt::Text(t) if t.is_empty())
-        || matches!(&prompt, Prompt::Ids(v) if v.is_empty())
-    {
-        return Err(ApiError::invalid("prompt", "prompt must not be empty"));
-    }
-    let admitted = admit(&state, &tenant, body.model)?;
-    let context = state.pool.context_of(&admitted.model);
     let mut request = GenerateRequest::text(String::new());
     request.prompt = prompt;
-    let request = apply_sampling(request, &sampling, context)?;
-    respond(state, admitted, request, &sampling, Kind::Completion).await
+    let request = apply_sampling(request, &sampling)?;
+    Ok(Parsed {
+        model: body.model,
+        request,
+        sampling,
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = state.tenants.authenticate(&req)?;
+    let value = read_value(payload, state.max_body_bytes).await?;
+    let parsed = parse_chat(&value)?;
+    let admitted = admit(&state, &tenant, parsed.model)?;
+    respond(
+        state,
+        admitted,
+        parsed.request,
+        &parsed.sampling,
+        Kind::Chat,
+    )
+    .await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = state.tenants.authenticate(&req)?;
+    let value = read_value(payload, state.max_body_bytes).await?;
+    let parsed = parse_completion(&value)?;
+    let admitted = admit(&state, &tenant, parsed.model)?;
+    respond(
+        state,
+        admitted,
+        parsed.request,
+        &parsed.sampling,
+        Kind::Completion,
+    )
+    .await
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -377,7 +361,10 @@ async fn respond(
     kind: Kind,
 ) -> Result<HttpResponse, ApiError> {
     let Admitted { model, permit } = admitted;
-    let mut stream = state.pool.submit(&model, request, sampling.stream)?;
+    let mut stream = state
+        .pool
+        .submit(&model, request, sampling.stream)
+        .map_err(|e| api_error(e, sampling))?;
     let created = now();
     let id = request_id(if kind == Kind::Chat {
         "chatcmpl"
@@ -387,7 +374,7 @@ async fn respond(
     if !sampling.stream {
         let mut result = None;
         while let Some(event) = stream.next().await {
-            if let GenerationEvent::Done(r) = event? {
+            if let GenerationEvent::Done(r) = event.map_err(|e| api_error(e, sampling))? {
                 result = Some(r);
             }
         }
@@ -426,6 +413,21 @@ async fn respond(
         })));
     }
 
+    // The status is chosen once the first event is in: a request the worker refuses (a prompt
+    // over the context, a template that rejects the messages) or cannot serve gets a proper
+    // HTTP error, never a 200 followed by an error event. The first event is the first token
+    // (or the end), so no client waits longer for its first byte of content than before.
+    let first = match stream.next().await {
+        Some(Ok(event)) => event,
+        Some(Err(e)) => return Err(api_error(e, sampling)),
+        None => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the generation ended without a result",
+            ))
+        }
+    };
     let include_usage = sampling
         .stream_options
         .as_ref()
@@ -439,6 +441,7 @@ async fn respond(
         include_usage,
         started: false,
         finished: false,
+        first: Some(first),
         pending: std::collections::VecDeque::new(),
         permit: Some(permit),
     };
@@ -459,6 +462,8 @@ struct SseStream {
     include_usage: bool,
     started: bool,
     finished: bool,
+    /// The event read before the response started, handled before polling for more.
+    first: Option<GenerationEvent>,
     pending: std::collections::VecDeque<web::Bytes>,
     permit: Option<Permit>,
 }
@@ -512,7 +517,11 @@ impl Stream for SseStream {
                 continue;
             }
             self.started = true;
-            match self.inner.as_mut().poll_next(cx) {
+            let polled = match self.first.take() {
+                Some(event) => Poll::Ready(Some(Ok(event))),
+                None => self.inner.as_mut().poll_next(cx),
+            };
+            match polled {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     self.finished = true;
@@ -570,3 +579,6 @@ impl Drop for SseStream {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -1,0 +1,351 @@
+//! A generation request, and the one place it is checked and turned into engine settings.
+//!
+//! Every entry point resolves a request through [`GenerateRequest::resolve`] (or checks it
+//! early with [`GenerateRequest::check`]): the HTTP host and [`Pool`](crate::pool::Pool) before
+//! queueing, the worker once the prompt is tokenized, and the CLI. So the same bad request gets
+//! the same error, naming the same parameter, whether or not its model is loaded yet.
+//!
+//! What is resolved here: the model's configured defaults under the request's own values, the
+//! context (the model's own, capped by the config's `max_context`), `max_tokens` (explicit,
+//! defaulted, or as much as fits up to [`DEFAULT_MAX_TOKENS`]), and every range check.
+//!
+//! ```
+//! use llm_pool::config::SamplingDefaults;
+//! use llm_pool::request::{GenerateRequest, Limits};
+//!
+//! let defaults = SamplingDefaults::default();
+//! let limits = Limits { model: "smollm2", context: Some(2048), defaults: &defaults };
+//! let request = GenerateRequest::text("Once upon a time").max_tokens(4096);
+//! let err = request.check(&limits).unwrap_err();
+//! assert!(err.to_string().contains("max_tokens"));
+//! let params = GenerateRequest::text("Hi").resolve(&limits, 2)?;
+//! assert_eq!(params.max_tokens, 256);
+//! # Ok::<(), llm_pool::Error>(())
+//! ```
+
+use crate::config::SamplingDefaults;
+use crate::engine::{GenerateParams, MAX_STOP_STRINGS};
+use crate::error::{Error, Result};
+use crate::text::sampling::SamplingParams;
+use crate::text::ChatMessage;
+
+pub use crate::text::Prompt;
+
+/// `max_tokens` when neither the request nor the model's config sets one (capped to what fits).
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// A generation request. Unset fields take the model's configured defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The most tokens to generate (default: as many as fit, up to [`DEFAULT_MAX_TOKENS`]).
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature (0 = greedy, the default).
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    pub top_p: Option<f64>,
+    /// Top-k sampling.
+    pub top_k: Option<usize>,
+    /// Min-p sampling.
+    pub min_p: Option<f64>,
+    /// Repetition penalty.
+    pub repetition_penalty: Option<f64>,
+    /// Presence penalty.
+    pub presence_penalty: Option<f64>,
+    /// Frequency penalty.
+    pub frequency_penalty: Option<f64>,
+    /// Seed (random when unset).
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Vec<String>,
+}
+
+/// What a request is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits<'a> {
+    /// The model's name, for errors.
+    pub model: &'a str,
+    /// The context a request may use: the model's own, capped by the config's `max_context`.
+    /// `None` before the model's first load, when the context checks wait for the worker.
+    pub context: Option<usize>,
+    /// The model's configured defaults.
+    pub defaults: &'a SamplingDefaults,
+}
+
+impl GenerateRequest {
+    fn new(prompt: Prompt) -> Self {
+        GenerateRequest {
+            prompt,
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            min_p: None,
+            repetition_penalty: None,
+            presence_penalty: None,
+            frequency_penalty: None,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+
+    /// A request for raw text.
+    pub fn text(prompt: impl Into<String>) -> Self {
+        Self::new(Prompt::Text(prompt.into()))
+    }
+
+    /// A request for token ids.
+    pub fn ids(ids: Vec<u32>) -> Self {
+        Self::new(Prompt::Ids(ids))
+    }
+
+    /// A chat request.
+    pub fn chat(messages: Vec<ChatMessage>) -> Self {
+        Self::new(Prompt::Chat(messages))
+    }
+
+    /// Sets `max_tokens`.
+    pub fn max_tokens(mut self, n: usize) -> Self {
+        self.max_tokens = Some(n);
+        self
+    }
+
+    /// Sets the temperature.
+    pub fn temperature(mut self, t: f64) -> Self {
+        self.temperature = Some(t);
+        self
+    }
+
+    /// Sets the seed.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Adds a stop string.
+    pub fn stop(mut self, s: impl Into<String>) -> Self {
+        self.stop.push(s.into());
+        self
+    }
+
+    /// Checks everything that can be checked before the prompt is tokenized: every range, the
+    /// stop strings, and `max_tokens` against the context when the context is known.
+    pub fn check(&self, limits: &Limits<'_>) -> Result<()> {
+        self.settings(limits, None).map(|_| ())
+    }
+
+    /// Resolves the request into engine settings for a prompt of `prompt_tokens` tokens: what
+    /// [`check`](Self::check) does, plus the prompt against the context, and `max_tokens`
+    /// defaulted to as much as fits (up to [`DEFAULT_MAX_TOKENS`]) when nothing sets it.
+    pub fn resolve(&self, limits: &Limits<'_>, prompt_tokens: usize) -> Result<GenerateParams> {
+        self.settings(limits, Some(prompt_tokens))
+    }
+
+    fn settings(
+        &self,
+        limits: &Limits<'_>,
+        prompt_tokens: Option<usize>,
+    ) -> Result<GenerateParams> {
+        let defaults = limits.defaults;
+        let sampling = SamplingParams {
+            temperature: self.temperature.or(defaults.temperature).unwrap_or(0.0),
+            top_k: self.top_k.or(defaults.top_k).unwrap_or(0),
+            top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
+            min_p: self.min_p.or(defaults.min_p).unwrap_or(0.0),
+            repetition_penalty: self
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            // Drawn once here, so a resolved request is reproducible from its settings.
+            seed: self.seed.unwrap_or_else(rand::random),
+        };
+        sampling.validate()?;
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(Error::InvalidParameter {
+                param: "stop".into(),
+                message: format!(
+                    "{} stop sequences given; at most {MAX_STOP_STRINGS} are allowed",
+                    self.stop.len()
+                ),
+            });
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(Error::InvalidParameter {
+                param: "stop".into(),
+                message: "a stop sequence must not be empty".into(),
+            });
+        }
+        let empty = match &self.prompt {
+            Prompt::Text(t) => t.is_empty().then_some("the prompt must not be empty"),
+            Prompt::Ids(ids) => ids.is_empty().then_some("the prompt must not be empty"),
+            Prompt::Chat(m) => m.is_empty().then_some("at least one message is needed"),
+        };
+        if let Some(message) = empty {
+            return Err(Error::InvalidParameter {
+                param: self.prompt.param().into(),
+                message: message.into(),
+            });
+        }
+        let explicit = self.max_tokens.or(defaults.max_tokens);
+        if explicit == Some(0) {
+            return Err(Error::InvalidParameter {
+                param: "max_tokens".into(),
+                message: "max_tokens must be at least 1".into(),
+            });
+        }
+        let max_tokens = match limits.context {
+            Some(context) => {
+                check_context(
+                    limits.model,
+                    self.prompt.param(),
+                    prompt_tokens,
+                    explicit,
+                    context,
+                )?;
+                match (explicit, prompt_tokens) {
+                    (Some(n), _) => n,
+                    // Unset: as much as fits, up to a default.
+                    (None, Some(p)) => DEFAULT_MAX_TOKENS.min(context - p),
+                    (None, None) => DEFAULT_MAX_TOKENS.min(context - 1),
+                }
+            }
+            None => explicit.unwrap_or(DEFAULT_MAX_TOKENS),
+        };
+        Ok(GenerateParams {
+            max_tokens,
+            sampling,
+            stop: self.stop.clone(),
+            extra_stop_ids: Vec::new(),
+        })
+    }
+}
+
+/// The one context rule. A request fits when at least one prompt token and `max_tokens` new
+/// ones fit in `context`:
+/// - `max_tokens` alone that leaves no room for a prompt names `max_tokens` (the same error
+///   whether or not the prompt is known yet);
+/// - a prompt that leaves no room for one new token, or for `max_tokens` of them, names the
+///   prompt's parameter (`prompt` or `messages`).
+///
+/// `prompt_tokens` is `None` before tokenization; `max_tokens` is `None` when it will be
+/// defaulted to what fits.
+pub fn check_context(
+    model: &str,
+    prompt_param: &'static str,
+    prompt_tokens: Option<usize>,
+    max_tokens: Option<usize>,
+    context: usize,
+) -> Result<()> {
+    let error = |param: &'static str| Error::ContextLength {
+        model: model.to_string(),
+        param,
+        prompt_tokens,
+        max_tokens,
+        context,
+    };
+    if let Some(m) = max_tokens {
+        if m >= context {
+            return Err(error("max_tokens"));
+        }
+    }
+    if let Some(p) = prompt_tokens {
+        if p.saturating_add(max_tokens.unwrap_or(1)) > context {
+            return Err(error(prompt_param));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(defaults: &SamplingDefaults, context: Option<usize>) -> Limits<'_> {
+        Limits {
+            model: "m",
+            context,
+            defaults,
+        }
+    }
+
+    fn param_of(e: Error) -> String {
+        match e {
+            Error::ContextLength { param, .. } => param.to_string(),
+            Error::InvalidParameter { param, .. } => param,
+            other => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn oversized_max_tokens_names_max_tokens_before_and_after_tokenization() {
+        let d = SamplingDefaults::default();
+        let request = GenerateRequest::chat(vec![ChatMessage::new("user", "hi")]).max_tokens(100);
+        let early = request.check(&limits(&d, Some(100))).unwrap_err();
+        let late = request.resolve(&limits(&d, Some(100)), 5).unwrap_err();
+        assert_eq!(early.to_string(), late.to_string());
+        assert_eq!(param_of(early), "max_tokens");
+        assert_eq!(param_of(late), "max_tokens");
+    }
+
+    #[test]
+    fn long_prompt_names_the_prompt_parameter() {
+        let d = SamplingDefaults::default();
+        let chat = GenerateRequest::chat(vec![ChatMessage::new("user", "hi")]).max_tokens(10);
+        assert_eq!(
+            param_of(chat.resolve(&limits(&d, Some(100)), 95).unwrap_err()),
+            "messages"
+        );
+        let text = GenerateRequest::text("hi");
+        assert_eq!(
+            param_of(text.resolve(&limits(&d, Some(100)), 100).unwrap_err()),
+            "prompt"
+        );
+    }
+
+    #[test]
+    fn unset_max_tokens_takes_what_fits() {
+        let d = SamplingDefaults::default();
+        let r = GenerateRequest::text("hi");
+        assert_eq!(
+            r.resolve(&limits(&d, Some(100)), 90).unwrap().max_tokens,
+            10
+        );
+        assert_eq!(
+            r.resolve(&limits(&d, Some(4096)), 90).unwrap().max_tokens,
+            256
+        );
+        let d = SamplingDefaults {
+            max_tokens: Some(7),
+            temperature: Some(0.5),
+            ..SamplingDefaults::default()
+        };
+        let p = r.resolve(&limits(&d, Some(4096)), 90).unwrap();
+        assert_eq!((p.max_tokens, p.sampling.temperature), (7, 0.5));
+        let p = r
+            .clone()
+            .temperature(0.0)
+            .resolve(&limits(&d, Some(4096)), 90)
+            .unwrap();
+        assert_eq!(p.sampling.temperature, 0.0);
+    }
+
+    #[test]
+    fn ranges_are_checked_before_the_model_is_loaded() {
+        let d = SamplingDefaults::default();
+        let mut r = GenerateRequest::text("hi");
+        r.min_p = Some(3.0);
+        assert_eq!(param_of(r.check(&limits(&d, None)).unwrap_err()), "min_p");
+        let r = GenerateRequest::text("hi").max_tokens(0);
+        assert_eq!(
+            param_of(r.check(&limits(&d, None)).unwrap_err()),
+            "max_tokens"
+        );
+        let r = GenerateRequest::text("hi").stop("");
+        assert_eq!(param_of(r.check(&limits(&d, None)).unwrap_err()), "stop");
+        let r = GenerateRequest::ids(vec![]);
+        assert_eq!(param_of(r.check(&limits(&d, None)).unwrap_err()), "prompt");
+    }
+}
