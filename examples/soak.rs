@@ -239,6 +239,19 @@ fn rss_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Threads of a process: workers that never exit would show here.
+fn threads(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Threads:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -394,7 +407,8 @@ fn shot(rng: &mut StdRng) -> Shot {
     }
 }
 
-async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) {
+/// Sends one request and records what came back; returns the HTTP status, if any.
+async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) -> Option<u16> {
     let sent = http
         .post(format!("{base}{}", shot.route))
         .bearer_auth(shot.key)
@@ -410,7 +424,7 @@ async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) {
                 t.failures
                     .push(format!("{} request {what}: {e}", shot.kind))
             });
-            return;
+            return None;
         }
     };
     let status = response.status().as_u16();
@@ -438,7 +452,7 @@ async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) {
                         t.failures
                             .push(format!("{} stream broke: {e}", shot.kind))
                     });
-                    return;
+                    return Some(status);
                 }
                 None => break,
             }
@@ -458,7 +472,7 @@ async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) {
                     .push(format!("{} stream ended without a result: {text}", shot.kind))
             });
         }
-        return;
+        return Some(status);
     }
     let body: Value = response.json().await.unwrap_or(Value::Null);
     match outcome_of(status, &body) {
@@ -490,6 +504,7 @@ async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) {
         }
         Err(e) => record(tally, |t| t.failures.push(format!("{}: {e}", shot.kind))),
     }
+    Some(status)
 }
 
 async fn admin(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<u16> {
@@ -543,8 +558,9 @@ async fn main() -> Result<()> {
     let baseline_metrics = scrape(&metrics(&base).await?);
     let rss_warm = rss_bytes(pid);
     let fds_idle = open_fds(pid);
+    let threads_idle = threads(pid);
     eprintln!(
-        "soak: warmed up; RSS {} MiB, {fds_idle} open descriptors",
+        "soak: warmed up; RSS {} MiB, {fds_idle} open descriptors, {threads_idle} threads",
         rss_warm >> 20
     );
 
@@ -566,7 +582,12 @@ async fn main() -> Result<()> {
                     t.requests += 1;
                     *t.kinds.entry(shot.kind).or_default() += 1;
                 });
-                fire(&base, &http, &shot, &tally).await;
+                let status = fire(&base, &http, &shot, &tally).await;
+                // Clients back off when told to, as OpenAI's clients do on 429 and 503.
+                if matches!(status, Some(429 | 503)) {
+                    let pause = rng.random_range(100..400);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
             }
         }));
     }
@@ -701,8 +722,14 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_end = rss_bytes(pid);
     let fds_end = open_fds(pid);
+    let threads_end = threads(pid);
     let end_metrics = scrape(&metrics(&base).await?);
     let alive = server.alive();
+    let log = server._dir.path().join("server.log");
+    let kept = PathBuf::from("target/soak-server.log");
+    if std::fs::copy(&log, &kept).is_ok() {
+        eprintln!("soak: server log kept in {}", kept.display());
+    }
 
     let tally = tally.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let injected = injected.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -787,6 +814,11 @@ async fn main() -> Result<()> {
             rss_end >> 20
         ));
     }
+    if threads_end > threads_idle {
+        failures.push(format!(
+            "{threads_end} threads after the run, {threads_idle} at idle"
+        ));
+    }
     if fds_end > fds_idle {
         failures.push(format!(
             "{fds_end} open descriptors after the run, {fds_idle} at idle"
@@ -804,6 +836,7 @@ async fn main() -> Result<()> {
         "faults": {"panics": injected.panics, "failed_loads": injected.failed_loads},
         "rss_mib": {"after_warmup": rss_warm >> 20, "after_run": rss_end >> 20, "bound": args.rss_bound_mib},
         "open_fds": {"idle": fds_idle, "after_run": fds_end},
+        "threads": {"idle": threads_idle, "after_run": threads_end},
         "server_alive": alive,
         "failures": failures,
     });

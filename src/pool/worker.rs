@@ -33,6 +33,8 @@ pub(crate) fn spawn(
     let name = format!("llm-pool-{}-{replica}", handle.name());
     std::thread::Builder::new().name(name).spawn(move || {
         let cause = run(&handle, generation);
+        // The model, its cache and its tokenizer are dropped by now.
+        crate::resources::release_freed_memory();
         supervisor.do_send(WorkerExited {
             name: handle.name().to_string(),
             replica,
