@@ -36,7 +36,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "soak", about = "Soak llm-pool serve with mixed traffic and faults")]
+#[command(
+    name = "soak",
+    about = "Soak llm-pool serve with mixed traffic and faults"
+)]
 struct Args {
     /// The llm-pool binary to run.
     #[arg(long, default_value = "target/release/llm-pool")]
@@ -383,8 +386,14 @@ fn shot(rng: &mut StdRng) -> Shot {
                 0 => (ALPHA_KEY, b"{not json".to_vec()),
                 1 => (ALPHA_KEY, vec![0xff, 0xfe, 0x00, 0x7b]),
                 2 => (ALPHA_KEY, body(json!({"model": model, "messages": "hi"}))),
-                3 => (ALPHA_KEY, body(json!({"model": "no-such-model", "prompt": "x"}))),
-                4 => (ALPHA_KEY, body(json!({"model": model, "prompt": "x", "n": 3}))),
+                3 => (
+                    ALPHA_KEY,
+                    body(json!({"model": "no-such-model", "prompt": "x"})),
+                ),
+                4 => (
+                    ALPHA_KEY,
+                    body(json!({"model": model, "prompt": "x", "n": 3})),
+                ),
                 5 => ("wrong-key", body(json!({"model": model, "prompt": "x"}))),
                 _ => (
                     ALPHA_KEY,
@@ -449,8 +458,7 @@ async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) -
                 }
                 Some(Err(e)) => {
                     record(tally, |t| {
-                        t.failures
-                            .push(format!("{} stream broke: {e}", shot.kind))
+                        t.failures.push(format!("{} stream broke: {e}", shot.kind))
                     });
                     return Some(status);
                 }
@@ -468,8 +476,10 @@ async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) -
             });
         } else {
             record(tally, |t| {
-                t.failures
-                    .push(format!("{} stream ended without a result: {text}", shot.kind))
+                t.failures.push(format!(
+                    "{} stream ended without a result: {text}",
+                    shot.kind
+                ))
             });
         }
         return Some(status);
@@ -480,9 +490,10 @@ async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) -
             // 400s of requests that reached the pool count there as `invalid`.
             let outcome = match (status, shot.kind) {
                 (400, "invalid_parameter") => Some("invalid"),
-                (400, _) if body["error"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("chat template")) =>
+                (400, _)
+                    if body["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("chat template")) =>
                 {
                     Some("invalid")
                 }
@@ -507,7 +518,12 @@ async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) -
     Some(status)
 }
 
-async fn admin(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<u16> {
+async fn admin(
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<u16> {
     let mut r = client(Duration::from_secs(120))?
         .request(method, format!("{base}{path}"))
         .bearer_auth(ADMIN_KEY);

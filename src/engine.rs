@@ -42,7 +42,7 @@ impl GenerateParams {
         if self.max_tokens == 0 {
             return Err(Error::InvalidParameter {
                 param: "max_tokens".into(),
-                message: "must be at least 1".into(),
+                message: "max_tokens must be at least 1".into(),
             });
         }
         if self.stop.len() > MAX_STOP_STRINGS {
@@ -52,6 +52,12 @@ impl GenerateParams {
                     "{} stop sequences given; at most {MAX_STOP_STRINGS} are allowed",
                     self.stop.len()
                 ),
+            });
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(Error::InvalidParameter {
+                param: "stop".into(),
+                message: "a stop sequence must not be empty".into(),
             });
         }
         Ok(())

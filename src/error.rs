@@ -98,9 +98,12 @@ fn context_message(
     context: usize,
 ) -> String {
     match (param, prompt_tokens, max_tokens) {
-        ("max_tokens", _, Some(m)) => format!(
-            "context length exceeded: max_tokens = {m} does not fit model {model}'s context of {context} tokens (at most {} leaves room for a prompt)",
-            context.saturating_sub(1)
+        ("max_tokens", Some(p), Some(m)) => format!(
+            "context length exceeded: the prompt has {p} tokens and max_tokens is {m}, {} in all, but model {model} has a context of {context} tokens; max_tokens alone must be below {context}",
+            p.saturating_add(m)
+        ),
+        ("max_tokens", None, Some(m)) => format!(
+            "context length exceeded: max_tokens is {m}, but model {model} has a context of {context} tokens; max_tokens must be below {context} to leave room for a prompt"
         ),
         (_, Some(p), Some(m)) => format!(
             "context length exceeded: the prompt has {p} tokens and max_tokens is {m}, {} in all, but model {model} has a context of {context} tokens; shorten the {param} or lower max_tokens",

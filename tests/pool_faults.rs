@@ -215,7 +215,10 @@ async fn unload_answers_queued_requests_and_a_later_request_reloads() {
     let started = Instant::now();
     pool.unload("fx-unload").await.unwrap();
     for q in queued {
-        match q.await.unwrap() {
+        let answered = tokio::time::timeout(Duration::from_secs(5), q)
+            .await
+            .expect("a queued request hung after the unload");
+        match answered.unwrap() {
             Err(Error::Unavailable { model, reason }) => {
                 assert_eq!(model, "fx-unload");
                 assert!(reason.contains("unloaded"), "{reason}");
