@@ -372,3 +372,90 @@ proptest! {
         }
     }
 }
+
+/// A GGUF v3 file with one metadata entry and one F32 tensor directory entry of the given
+/// dimensions (innermost first, as GGUF stores them), and no tensor data.
+fn gguf_with_tensor_dims(dims: &[u64]) -> Vec<u8> {
+    let mut b = Vec::new();
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        b.extend_from_slice(s.as_bytes());
+    };
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes()); // tensors
+    b.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+    string(&mut b, "general.architecture");
+    b.extend_from_slice(&8u32.to_le_bytes()); // string
+    string(&mut b, "llama");
+    string(&mut b, "token_embd.weight");
+    b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+    for d in dims {
+        b.extend_from_slice(&d.to_le_bytes());
+    }
+    b.extend_from_slice(&0u32.to_le_bytes()); // F32
+    b.extend_from_slice(&0u64.to_le_bytes()); // offset
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b
+}
+
+/// Found by the GGUF fuzzing: a tensor with a zero dimension made candle build a misaligned
+/// empty slice (undefined behaviour, an abort in debug builds) while loading.
+#[test]
+fn regression_gguf_tensor_with_a_zero_dimension() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_temp(dir.path(), "zero.gguf", &gguf_with_tensor_dims(&[32, 0]));
+    let err = GgufFile::open(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("token_embd.weight") && err.contains("empty"),
+        "{err}"
+    );
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    let err = Model::load(&path, &LoadOptions::cpu())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("empty"), "{err}");
+}
+
+/// Found by the GGUF fuzzing: dimensions whose product overflows panicked in our own check.
+#[test]
+fn regression_gguf_tensor_dimensions_that_overflow() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_temp(
+        dir.path(),
+        "huge.gguf",
+        &gguf_with_tensor_dims(&[1 << 40, 1 << 40]),
+    );
+    let err = GgufFile::open(&path).unwrap_err().to_string();
+    assert!(err.contains("too large"), "{err}");
+}
+
+/// Found by the config.json fuzzing: a huge `num_hidden_layers` made candle allocate a cache of
+/// that many layers, and the process aborted.
+#[test]
+fn regression_config_json_with_a_huge_layer_count() {
+    let fixture = common::hf_fixture("llama");
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture.join(name), dir.path().join(name)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = serde_json::json!(1u64 << 40);
+    write_temp(dir.path(), "config.json", config.to_string().as_bytes());
+    let err = Model::load(dir.path(), &LoadOptions::cpu())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("num_hidden_layers") && err.contains("largest supported"),
+        "{err}"
+    );
+}
