@@ -700,6 +700,19 @@ async fn main() -> Result<()> {
             }
         }));
     }
+    // RSS every 10 s, to tell a leak (a climb) from a plateau.
+    let rss_series = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
+    {
+        let series = rss_series.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                if let Ok(mut s) = series.lock() {
+                    s.push((started.elapsed().as_secs(), rss_bytes(pid) >> 20));
+                }
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        }));
+    }
     for t in tasks {
         let _ = t.await;
     }
@@ -851,6 +864,7 @@ async fn main() -> Result<()> {
         "outcomes": table,
         "faults": {"panics": injected.panics, "failed_loads": injected.failed_loads},
         "rss_mib": {"after_warmup": rss_warm >> 20, "after_run": rss_end >> 20, "bound": args.rss_bound_mib},
+        "rss_mib_every_10s": rss_series.lock().map(|s| s.iter().map(|(_, m)| *m).collect::<Vec<_>>()).unwrap_or_default(),
         "open_fds": {"idle": fds_idle, "after_run": fds_end},
         "threads": {"idle": threads_idle, "after_run": threads_end},
         "server_alive": alive,

@@ -174,15 +174,15 @@ impl GenerateRequest {
             });
         }
         let explicit = self.max_tokens.or(defaults.max_tokens);
-        // Ranges, stop strings and a zero max_tokens: the engine's own checks, run here first.
-        GenerateParams {
+        let mut params = GenerateParams {
             max_tokens: explicit.unwrap_or(1),
-            sampling: sampling.clone(),
+            sampling,
             stop: self.stop.clone(),
             extra_stop_ids: Vec::new(),
-        }
-        .validate()?;
-        let max_tokens = match limits.context {
+        };
+        // Ranges, stop strings and a zero max_tokens: the engine's own checks, run here first.
+        params.validate()?;
+        params.max_tokens = match limits.context {
             Some(context) => {
                 check_context(
                     limits.model,
@@ -200,12 +200,7 @@ impl GenerateRequest {
             }
             None => explicit.unwrap_or(DEFAULT_MAX_TOKENS),
         };
-        Ok(GenerateParams {
-            max_tokens,
-            sampling,
-            stop: self.stop.clone(),
-            extra_stop_ids: Vec::new(),
-        })
+        Ok(params)
     }
 }
 

@@ -293,3 +293,61 @@ async fn shutdown_answers_queued_requests_and_refuses_new_ones() {
     assert!(matches!(after, Err(Error::Unavailable { .. })), "{after:?}");
     fail::cfg("llm_pool_worker_generate_fx-shutdown", "off").unwrap();
 }
+
+fn loads_metric(model: &str) -> f64 {
+    let text = llm_pool::metrics::render();
+    text.lines()
+        .find(|l| {
+            l.starts_with("llm_pool_model_load_duration_seconds_count")
+                && l.contains(&format!("model=\"{model}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Regression (issue 9, found by the soak): a load that arrives while an unloaded model is
+/// still finishing a request keeps that worker instead of loading a second copy beside it.
+/// Under unload/load churn with long requests, copies used to pile up (RSS in gigabytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_during_an_unload_keeps_the_finishing_worker() {
+    let _scenario = fail::FailScenario::setup();
+    let pool = Pool::start(Config {
+        models: vec![tiny("fx-churn", "llama")],
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let loads = loads_metric("fx-churn");
+    fail::cfg("llm_pool_worker_generate_fx-churn", "sleep(400)").unwrap();
+    let running = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            pool.generate("fx-churn", GenerateRequest::ids(vec![1, 2]).max_tokens(2))
+                .await
+        })
+    };
+    wait_busy(&pool, "fx-churn", 0).await;
+    pool.unload("fx-churn").await.unwrap();
+    assert_eq!(pool.model("fx-churn").unwrap().state, ModelState::Unloaded);
+    // A request now would load the model again: the finishing worker serves it instead.
+    fail::cfg("llm_pool_worker_generate_fx-churn", "off").unwrap();
+    let after = pool
+        .generate("fx-churn", GenerateRequest::ids(vec![1, 3]).max_tokens(2))
+        .await
+        .expect("served by the worker that was finishing");
+    assert_eq!(after.completion_tokens, 2);
+    running
+        .await
+        .unwrap()
+        .expect("the request in flight completes");
+    assert_eq!(pool.model("fx-churn").unwrap().state, ModelState::Ready);
+    assert_eq!(loads_metric("fx-churn"), loads, "a second copy was loaded");
+    // And a real unload after that still unloads.
+    pool.unload("fx-churn").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.model("fx-churn").unwrap().ready_workers > 0 {
+        assert!(Instant::now() < deadline, "the worker never left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -45,6 +45,17 @@ pub(crate) struct ModelHandle {
     pub max_context: AtomicUsize,
     /// Set once the pool shuts down: nothing is queued any more.
     pub closed: AtomicBool,
+    /// Replicas whose worker thread is running, and the generation they all share. Only the
+    /// supervisor's thread changes these; they let a load that arrives while an unloaded
+    /// model's workers are still finishing keep those workers instead of loading a second copy.
+    pub alive: Mutex<AliveWorkers>,
+}
+
+/// The running worker threads of a model.
+#[derive(Debug, Default)]
+pub(crate) struct AliveWorkers {
+    pub replicas: std::collections::BTreeSet<usize>,
+    pub generation: u64,
 }
 
 impl ModelHandle {
@@ -68,6 +79,7 @@ impl ModelHandle {
             architecture: Mutex::new(None),
             max_context: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            alive: Mutex::new(AliveWorkers::default()),
         })
     }
 

@@ -85,6 +85,10 @@ impl Supervisor {
         generation: u64,
         ctx: &mut Context<Self>,
     ) {
+        if let Ok(mut alive) = handle.alive.lock() {
+            alive.replicas.insert(replica);
+            alive.generation = generation;
+        }
         if let Err(e) = worker::spawn(Arc::clone(handle), replica, generation, ctx.address()) {
             tracing::error!(model = handle.name(), error = %e, "cannot start a worker thread");
             ctx.address().do_send(WorkerExited {
@@ -155,6 +159,9 @@ impl Supervisor {
                 reason: "the pool is shutting down".into(),
             });
         }
+        if self.keep_finishing_workers(handle, ctx) {
+            return Ok(());
+        }
         self.make_room(handle)?;
         tracing::info!(model = handle.name(), device = %handle.device, path = %handle.config.path.display(), "loading model");
         handle.consecutive_failures.store(0, Ordering::SeqCst);
@@ -164,6 +171,34 @@ impl Supervisor {
         handle.touch();
         self.spawn_workers(handle, generation, ctx);
         Ok(())
+    }
+
+    /// A model that was unloaded while it served requests still has workers finishing them,
+    /// each holding a copy of the model. A load now takes those workers back (the unload is
+    /// cancelled) rather than loading another copy beside them: under unload/load churn with
+    /// long requests, copies would otherwise pile up (seen in the soak as RSS in gigabytes).
+    /// Replicas that already left are started again. Returns false when no worker is left.
+    fn keep_finishing_workers(&self, handle: &Arc<ModelHandle>, ctx: &mut Context<Self>) -> bool {
+        let (generation, running) = match handle.alive.lock() {
+            Ok(alive) if !alive.replicas.is_empty() => (alive.generation, alive.replicas.clone()),
+            _ => return false,
+        };
+        handle.generation.store(generation, Ordering::SeqCst);
+        handle.set_state(if handle.ready_workers.load(Ordering::SeqCst) > 0 {
+            ModelState::Ready
+        } else {
+            ModelState::Loading
+        });
+        crate::metrics::model_loaded(&handle.device.to_string(), 1.0);
+        handle.touch();
+        tracing::info!(
+            model = handle.name(),
+            "load while the unloaded model was finishing its requests: keeping it loaded"
+        );
+        for replica in (0..handle.config.replicas).filter(|r| !running.contains(r)) {
+            self.spawn_worker(handle, replica, generation, ctx);
+        }
+        true
     }
 
     fn stop_model(&self, handle: &ModelHandle, state: ModelState, reason: &str) {
@@ -265,7 +300,20 @@ impl Handler<WorkerExited> for Supervisor {
         let Ok(handle) = self.registry.get(&msg.name) else {
             return;
         };
+        if let Ok(mut alive) = handle.alive.lock() {
+            if alive.generation == msg.generation {
+                alive.replicas.remove(&msg.replica);
+            }
+        }
         let cause = match msg.cause {
+            ExitCause::Stopped if msg.generation == handle.current_generation() => {
+                // It saw an unload and left, and the unload was then cancelled by a load
+                // (`keep_finishing_workers`): its replica starts again.
+                if !handle.closed.load(Ordering::SeqCst) {
+                    self.spawn_worker(&handle, msg.replica, msg.generation, ctx);
+                }
+                return;
+            }
             ExitCause::Stopped => {
                 // A request that slipped into the queue while this model was being unloaded
                 // or evicted (after the idle check, before the workers left) arrived after the
