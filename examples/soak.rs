@@ -59,11 +59,15 @@ struct Args {
     /// Seconds between admin unload/load cycles and between fault injections.
     #[arg(long, default_value_t = 8)]
     cycle_secs: u64,
+    /// Seconds of traffic before the RSS baseline is taken (at most half the duration).
+    #[arg(long, default_value_t = 60)]
+    warmup_secs: u64,
     /// Allowed RSS growth from after warm-up to after the run, in MiB.
     #[arg(long, default_value_t = 48)]
     rss_bound_mib: u64,
-    /// Seconds a single request may take before it counts as hung.
-    #[arg(long, default_value_t = 120)]
+    /// Seconds a single request may take before it counts as hung (generous: a loaded 2-core
+    /// machine serves a full queue slowly, and a hang is forever).
+    #[arg(long, default_value_t = 300)]
     request_timeout: u64,
     /// Random seed for the traffic mix.
     #[arg(long, default_value_t = 7)]
@@ -572,13 +576,9 @@ async fn main() -> Result<()> {
         }
     }
     let baseline_metrics = scrape(&metrics(&base).await?);
-    let rss_warm = rss_bytes(pid);
     let fds_idle = open_fds(pid);
     let threads_idle = threads(pid);
-    eprintln!(
-        "soak: warmed up; RSS {} MiB, {fds_idle} open descriptors, {threads_idle} threads",
-        rss_warm >> 20
-    );
+    eprintln!("soak: warmed up; {fds_idle} open descriptors, {threads_idle} threads");
 
     let tally: Shared = Arc::default();
     let injected = Arc::new(Mutex::new(Injected::default()));
@@ -649,58 +649,68 @@ async fn main() -> Result<()> {
             tokio::time::sleep(cycle / 2).await;
             while Instant::now() + cycle < deadline {
                 round += 1;
-                let (model, failpoint, panic) = if round % 2 == 1 {
-                    ("smollm2", "llm_pool_worker_generate_smollm2", true)
+                // Odd rounds: SmolLM2's worker panics on its next request. Even rounds: Gemma 3's
+                // worker panics, and the load that restarts it fails once (a second restart).
+                let (model, wanted) = if round % 2 == 1 {
+                    ("smollm2", 1)
                 } else {
-                    ("gemma3", "llm_pool_worker_load_gemma3", false)
+                    ("gemma3", 2)
                 };
+                let generate = format!("llm_pool_worker_generate_{model}");
+                let load = format!("llm_pool_worker_load_{model}");
                 let before = restarts(&base, model).await;
-                let actions = if panic { "1*panic" } else { "1*return" };
-                let set = admin(
-                    &base,
-                    reqwest::Method::PUT,
-                    &format!("/admin/failpoints/{failpoint}"),
-                    Some(json!({ "actions": actions })),
-                )
-                .await;
-                if !matches!(set, Ok(200)) {
-                    record(&tally, |t| {
-                        t.failures.push(format!(
-                            "setting failpoint {failpoint}: {set:?} (is the server built with --features failpoints?)"
-                        ))
-                    });
-                    return;
+                let mut set = Vec::new();
+                if wanted == 2 {
+                    set.push((load.clone(), "1*return"));
                 }
-                if let Ok(mut i) = injected.lock() {
-                    let map = if panic {
-                        &mut i.panics
-                    } else {
-                        &mut i.failed_loads
-                    };
-                    *map.entry(model.to_string()).or_default() += 1;
-                }
-                if !panic {
-                    // The next load fails: unload, then load (it restarts and comes up).
-                    for path in ["unload", "load"] {
-                        let _ = admin(
-                            &base,
-                            reqwest::Method::POST,
-                            &format!("/admin/models/{model}/{path}"),
-                            None,
-                        )
-                        .await;
+                set.push((generate.clone(), "1*panic"));
+                for (failpoint, actions) in &set {
+                    let status = admin(
+                        &base,
+                        reqwest::Method::PUT,
+                        &format!("/admin/failpoints/{failpoint}"),
+                        Some(json!({ "actions": actions })),
+                    )
+                    .await;
+                    if !matches!(status, Ok(200)) {
+                        record(&tally, |t| {
+                            t.failures.push(format!(
+                                "setting failpoint {failpoint}: {status:?} (is the server built with --features failpoints?)"
+                            ))
+                        });
+                        return;
                     }
                 }
-                // Wait for the fault to fire (traffic reaches the panic soon enough).
-                let fired_by = Instant::now() + Duration::from_secs(60);
-                while restarts(&base, model).await <= before && Instant::now() < fired_by {
+                // Traffic fires them; whatever has not fired by the deadline is turned off,
+                // and only faults that fired are counted as injected.
+                let fired_by = (Instant::now() + Duration::from_secs(60)).min(deadline);
+                while restarts(&base, model).await < before + wanted && Instant::now() < fired_by
+                {
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                for (failpoint, _) in &set {
+                    let _ = admin(
+                        &base,
+                        reqwest::Method::PUT,
+                        &format!("/admin/failpoints/{failpoint}"),
+                        Some(json!({ "actions": "off" })),
+                    )
+                    .await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let fired = restarts(&base, model).await.saturating_sub(before);
+                if let Ok(mut i) = injected.lock() {
+                    *i.panics.entry(model.to_string()).or_default() += fired.min(1);
+                    *i.failed_loads.entry(model.to_string()).or_default() +=
+                        fired.saturating_sub(1);
                 }
                 tokio::time::sleep(cycle).await;
             }
         }));
     }
-    // RSS every 10 s, to tell a leak (a climb) from a plateau.
+    // RSS every 10 s, to tell a leak (a climb) from a plateau. The baseline is taken once the
+    // mix has run for a while (`--warmup-secs`): the first minutes grow the working set
+    // (allocator arenas of the HTTP and compute threads, candle's per-thread buffers) once.
     let rss_series = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
     {
         let series = rss_series.clone();
@@ -713,6 +723,14 @@ async fn main() -> Result<()> {
             }
         }));
     }
+    let warmup = Duration::from_secs(args.warmup_secs.min(args.duration / 2));
+    tokio::time::sleep(warmup).await;
+    let rss_warm = rss_bytes(pid);
+    eprintln!(
+        "soak: after {} s of traffic, RSS {} MiB",
+        warmup.as_secs(),
+        rss_warm >> 20
+    );
     for t in tasks {
         let _ = t.await;
     }
@@ -863,7 +881,7 @@ async fn main() -> Result<()> {
         "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
         "outcomes": table,
         "faults": {"panics": injected.panics, "failed_loads": injected.failed_loads},
-        "rss_mib": {"after_warmup": rss_warm >> 20, "after_run": rss_end >> 20, "bound": args.rss_bound_mib},
+        "rss_mib": {"after_warmup": rss_warm >> 20, "warmup_s": warmup.as_secs(), "after_run": rss_end >> 20, "bound": args.rss_bound_mib},
         "rss_mib_every_10s": rss_series.lock().map(|s| s.iter().map(|(_, m)| *m).collect::<Vec<_>>()).unwrap_or_default(),
         "open_fds": {"idle": fds_idle, "after_run": fds_end},
         "threads": {"idle": threads_idle, "after_run": threads_end},
