@@ -1,5 +1,5 @@
 //! Helpers shared by the architecture adapters: normalising candle's many output shapes to
-//! last-position F32 logits, and resetting a model by swapping in a pristine clone.
+//! last-position F32 logits, token-id sets, and transformers' attention mask.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -28,38 +28,6 @@ pub fn last_position_f32(logits: Tensor) -> Result<Tensor> {
         logits.to_dtype(DType::F32)?
     };
     Ok(logits.contiguous()?)
-}
-
-/// A model plus a pristine copy taken right after loading.
-///
-/// candle's model structs hold their weights as reference-counted tensors, so `clone()` shares
-/// the weights and copies only the (empty) cache state. Resetting swaps in a fresh clone of the
-/// pristine copy: exactly the freshly loaded state, for models whose own `clear_kv_cache` is
-/// missing or incomplete. KV caches that preallocate and write in place allocate lazily on the
-/// first append, so the pristine copy never shares a written buffer with the live one.
-pub struct Pristine<M: Clone> {
-    live: M,
-    pristine: M,
-}
-
-impl<M: Clone> Pristine<M> {
-    /// Keeps a pristine copy of a freshly loaded model.
-    pub fn new(model: M) -> Self {
-        Pristine {
-            live: model.clone(),
-            pristine: model,
-        }
-    }
-
-    /// The model to run.
-    pub fn live(&mut self) -> &mut M {
-        &mut self.live
-    }
-
-    /// Restores the freshly loaded state.
-    pub fn reset(&mut self) {
-        self.live = self.pristine.clone();
-    }
 }
 
 /// Sorted, deduplicated token ids.

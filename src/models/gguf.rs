@@ -180,6 +180,32 @@ impl GgufFile {
         }
     }
 
+    /// Checks that the rows of `token_embd.weight` (what ids index) and of `output.weight`
+    /// (what the logits are) match the vocabulary, or ids and logits would disagree about what
+    /// a token is. `output.weight` may be absent when the output projection can be tied to the
+    /// embeddings (`tied_output`).
+    pub fn check_vocab(&self, vocab: usize, tied_output: bool) -> Result<()> {
+        for name in ["token_embd.weight", "output.weight"] {
+            let rows = match self.content.tensor_infos.get(name) {
+                Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+                None if tied_output && name == "output.weight" => continue,
+                None => {
+                    return Err(Error::model_file(
+                        &self.path,
+                        format!("tensor {name} is missing"),
+                    ))
+                }
+            };
+            if rows != vocab {
+                return Err(Error::model_file(
+                    &self.path,
+                    format!("tensor {name} has {rows} rows but the vocabulary has {vocab} tokens"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `{arch}.context_length`, capped by what the candle implementation can address.
     pub fn context_length(&self, arch: &str, implementation_limit: usize) -> Result<usize> {
         let declared = self

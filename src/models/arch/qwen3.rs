@@ -13,26 +13,23 @@
 //!   config with any sliding layer is refused here with an error naming the key, instead of
 //!   being computed as full attention.
 //!
-//! Reset: a [`Pristine`] clone taken at load time. candle's model is `Clone`; its weights and
+//! Reset: a pristine clone taken at load time. candle's model is `Clone`; its weights and
 //! RoPE tables are reference-counted tensors that nothing writes in place, and its only state,
 //! each layer's `ConcatKvCache`, is empty (`None`) in the pristine copy and grows by
 //! concatenation into new tensors, so a clone of the pristine copy is exactly the freshly
 //! loaded model.
 
-use super::common::{last_position_f32, token_set, Pristine};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::adapter::{Pristine, StockModel};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::qwen3 as candle_qwen3;
 use serde_json::Value;
 
-/// A Qwen3 model with its KV cache.
-pub struct Qwen3 {
-    model: Pristine<candle_qwen3::ModelForCausalLM>,
-    info: ModelInfo,
-}
+/// Qwen3, as registered: candle's model, reset to a pristine clone.
+pub struct Qwen3;
 
 /// Maps config.json to candle's Qwen3 config, refusing what candle cannot compute.
 pub(crate) fn config_from_hf(c: &HfConfig) -> Result<candle_qwen3::Config> {
@@ -139,40 +136,24 @@ impl Architecture for Qwen3 {
     const FORMAT: WeightFormat = WeightFormat::Safetensors;
     const MODEL_TYPES: &'static [&'static str] = &["qwen3"];
     const HF_CLASSES: &'static [&'static str] = &["Qwen3ForCausalLM"];
+    type Network = Pristine<candle_qwen3::ModelForCausalLM>;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let dir = source.into_hf(Self::NAME)?;
         let config = config_from_hf(&dir.config)?;
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
         let model = candle_qwen3::ModelForCausalLM::new(&config, vb)?;
-        Ok(Qwen3 {
-            model: Pristine::new(model),
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: config.vocab_size,
-                // candle's RoPE table has exactly this many rows.
-                max_context: config.max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
-        })
+        // candle's RoPE table has exactly this many rows.
+        let info = ModelInfo::from_hf(Self::NAME, &dir, config.vocab_size, config.max_position_embeddings, dtype);
+        let (network, live) = Pristine::new(model);
+        Ok(Adapter::new(network, live, info))
     }
 }
 
-impl LanguageModel for Qwen3 {
+impl StockModel for candle_qwen3::ModelForCausalLM {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.live().forward(input_ids, position)?)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.model.reset();
-        Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
+        Ok(candle_qwen3::ModelForCausalLM::forward(self, input_ids, position)?)
     }
 }
 

@@ -15,11 +15,11 @@
 //!   Hugging Face layout carry separate `attn_q`/`attn_k`/`attn_v`). Both are checked here so
 //!   the error names the problem instead of a shape mismatch deep in a forward pass.
 
-use super::common::{last_position_f32, token_set, Pristine};
-use super::gguf::GgufFile;
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::gguf::GgufFile;
+use crate::models::adapter::{Pristine, StockModel};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_transformers::models::quantized_phi as candle_phi;
 
 /// `general.architecture` of the files this adapter loads.
@@ -27,11 +27,8 @@ const ARCH: &str = "phi2";
 /// The RoPE base candle's `quantized_phi` hard-codes.
 const ROPE_BASE: f64 = 10_000.0;
 
-/// A quantized Phi-2 model with its KV cache.
-pub struct QuantizedPhi2 {
-    model: Pristine<candle_phi::ModelWeights>,
-    info: ModelInfo,
-}
+/// Quantized Phi-2, as registered: candle's model, reset to a pristine clone.
+pub struct QuantizedPhi2;
 
 
 
@@ -91,66 +88,28 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     Ok(())
 }
 
-/// Rows of the logits: `output.weight` (phi2 always has its own output projection).
-fn check_vocab(file: &GgufFile, vocab: usize) -> Result<()> {
-    for name in ["token_embd.weight", "output.weight"] {
-        let rows = match file.content.tensor_infos.get(name) {
-            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
-            None => {
-                return Err(Error::model_file(
-                    &file.path,
-                    format!("tensor {name} is missing"),
-                ))
-            }
-        };
-        if rows != vocab {
-            return Err(Error::model_file(
-                &file.path,
-                format!("tensor {name} has {rows} rows but the vocabulary has {vocab} tokens"),
-            ));
-        }
-    }
-    Ok(())
-}
 
 impl Architecture for QuantizedPhi2 {
     const NAME: &'static str = "quantized_phi2";
     const FORMAT: WeightFormat = WeightFormat::Gguf;
     const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    type Network = Pristine<candle_phi::ModelWeights>;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let mut file = source.into_gguf(Self::NAME)?;
         check_metadata(&file)?;
         let vocab_size = file.vocab_size(ARCH)?;
-        check_vocab(&file, vocab_size)?;
-        let info = ModelInfo {
-            architecture: Self::NAME,
-            vocab_size,
-            max_context: file.context_length(ARCH, candle_phi::MAX_SEQ_LEN)?,
-            eos_token_ids: token_set(file.eos_token_ids()?),
-            bos_token_id: file.bos_token_id()?,
-            dtype: DType::F32,
-        };
+        file.check_vocab(vocab_size, false)?;
+        let info = ModelInfo::from_gguf(Self::NAME, &file, vocab_size, file.context_length(ARCH, candle_phi::MAX_SEQ_LEN)?)?;
         let model =
             candle_phi::ModelWeights::from_gguf(file.content, &mut file.reader, &options.device)?;
-        Ok(QuantizedPhi2 {
-            model: Pristine::new(model),
-            info,
-        })
+        let (network, live) = Pristine::new(model);
+        Ok(Adapter::new(network, live, info))
     }
 }
 
-impl LanguageModel for QuantizedPhi2 {
+impl StockModel for candle_phi::ModelWeights {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.live().forward(input_ids, position)?)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.model.reset();
-        Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
+        Ok(candle_phi::ModelWeights::forward(self, input_ids, position)?)
     }
 }

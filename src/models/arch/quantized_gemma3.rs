@@ -39,9 +39,9 @@
 //! Reset: all mutable state is the per-layer KV cache plus the token count, held apart from the
 //! read-only weights and tables, and the reset empties both. There is no mask cache.
 
-use super::common::{attention_mask, last_position_f32, token_set};
-use super::gguf::GgufFile;
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::common::attention_mask;
+use crate::models::gguf::GgufFile;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
@@ -240,7 +240,7 @@ struct Layer {
 
 /// Everything read-only: weights and RoPE tables.
 #[derive(Debug, Clone)]
-struct Weights {
+pub struct Network {
     embed: QMatMul,
     embed_scale: f64,
     layers: Vec<Layer>,
@@ -250,7 +250,7 @@ struct Weights {
     cfg: Config,
 }
 
-impl Weights {
+impl Network {
     fn load(file: &mut GgufFile, cfg: Config, device: &Device) -> Result<Self> {
         let (h, hd, ff) = (cfg.hidden, cfg.head_dim, cfg.ffn);
         let (q_dim, kv_dim) = (cfg.heads * hd, cfg.kv_heads * hd);
@@ -317,7 +317,7 @@ impl Weights {
                 rope: if sliding { local.clone() } else { global.clone() },
             });
         }
-        Ok(Weights {
+        Ok(Network {
             embed: QMatMul::from_arc(embed)?,
             embed_scale: (h as f64).sqrt(),
             layers,
@@ -331,7 +331,7 @@ impl Weights {
 
 /// One layer's cached keys and values, `(batch, kv_heads, positions, head_dim)`: every position
 /// for a global layer, the last `window - 1` for a sliding one.
-type KvCache = Option<(Tensor, Tensor)>;
+pub type KvCache = Option<(Tensor, Tensor)>;
 
 /// Cached positions a layer holds once `seen` tokens went through it.
 fn cached_positions(window: Option<usize>, seen: usize) -> usize {
@@ -400,19 +400,15 @@ impl Layer {
     }
 }
 
-/// A quantized Gemma 3 model with its KV cache.
-pub struct QuantizedGemma3 {
-    weights: Weights,
-    /// Mutable state, part 1: one cache per layer.
-    cache: Vec<KvCache>,
-    /// Mutable state, part 2: tokens seen since the reset (sliding caches hold fewer).
-    seen: usize,
-    info: ModelInfo,
-}
+/// Quantized Gemma 3, as registered.
+pub struct QuantizedGemma3;
 
-impl QuantizedGemma3 {
-    fn run(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        let w = &self.weights;
+impl crate::models::Network for Network {
+    /// One entry per layer: all the mutable state there is.
+    type Cache = Vec<KvCache>;
+
+    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Vec<KvCache>) -> Result<Tensor> {
+        let w = self;
         let (_b, l) = input_ids.dims2()?;
         let device = input_ids.device();
         let mut x = (w.embed.embedding(input_ids)? * w.embed_scale)?;
@@ -421,7 +417,7 @@ impl QuantizedGemma3 {
         let global_mask = attention_mask(l, position, 0, None, device)?;
         let local_start = position - cached_positions(Some(w.cfg.window), position);
         let local_mask = attention_mask(l, position, local_start, Some(w.cfg.window), device)?;
-        for (layer, cache) in w.layers.iter().zip(self.cache.iter_mut()) {
+        for (layer, cache) in w.layers.iter().zip(cache.iter_mut()) {
             let mask = match layer.window {
                 Some(_) => local_mask.as_ref(),
                 None => global_mask.as_ref(),
@@ -437,10 +433,9 @@ impl QuantizedGemma3 {
         Ok(w.output.forward(&x)?)
     }
 
-    /// Empties the KV caches: everything mutable there is.
-    fn clear(&mut self) {
-        self.cache.iter_mut().for_each(|c| *c = None);
-        self.seen = 0;
+    fn reset(&self, cache: &mut Vec<KvCache>) -> Result<()> {
+        cache.iter_mut().for_each(|c| *c = None);
+        Ok(())
     }
 }
 
@@ -448,61 +443,28 @@ impl Architecture for QuantizedGemma3 {
     const NAME: &'static str = "quantized_gemma3";
     const FORMAT: WeightFormat = WeightFormat::Gguf;
     const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    type Network = Network;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let mut file = source.into_gguf(Self::NAME)?;
         let cfg = Config::read(&file)?;
-        let info = ModelInfo {
-            architecture: Self::NAME,
-            vocab_size: cfg.vocab,
-            max_context: cfg.max_context,
-            eos_token_ids: token_set(file.eos_token_ids()?),
-            bos_token_id: file.bos_token_id()?,
-            dtype: DType::F32,
-        };
+        let info = ModelInfo::from_gguf(Self::NAME, &file, cfg.vocab, cfg.max_context)?;
         let layers = cfg.layers;
-        let weights = Weights::load(&mut file, cfg, &options.device)?;
-        Ok(QuantizedGemma3 {
-            weights,
-            cache: vec![None; layers],
-            seen: 0,
-            info,
-        })
-    }
-}
-
-impl LanguageModel for QuantizedGemma3 {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        if position != self.seen {
-            return Err(Error::Position {
-                got: position,
-                cached: self.seen,
-            });
-        }
-        let logits = self.run(input_ids, position)?;
-        self.seen += input_ids.dim(1)?;
-        last_position_f32(logits)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.clear();
-        Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
+        let network = Network::load(&mut file, cfg, &options.device)?;
+        Ok(Adapter::new(network, vec![None; layers], info))
     }
 }
 
 /// The tiny GGUF writers of the integration tests, shared so both test the same files.
 #[cfg(test)]
-#[path = "../../tests/common/mod.rs"]
+#[path = "../../../tests/common/mod.rs"]
 mod fixtures;
 
 #[cfg(test)]
 mod tests {
     use super::fixtures;
     use super::*;
+    use crate::models::LanguageModel;
     use candle_core::quantized::gguf_file::Value;
     use candle_transformers::models::quantized_gemma3 as candle_gemma3;
 
@@ -518,7 +480,7 @@ mod tests {
         file
     }
 
-    fn load(path: &std::path::Path, overrides: &[(&str, Value)]) -> QuantizedGemma3 {
+    fn load(path: &std::path::Path, overrides: &[(&str, Value)]) -> Adapter<QuantizedGemma3> {
         let file = open(path, overrides);
         QuantizedGemma3::load(ModelSource::Gguf(file), &LoadOptions::cpu()).unwrap()
     }
@@ -527,7 +489,7 @@ mod tests {
         Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
     }
 
-    fn logits(model: &mut QuantizedGemma3, tokens: &[u32], position: usize) -> Vec<f32> {
+    fn logits(model: &mut Adapter<QuantizedGemma3>, tokens: &[u32], position: usize) -> Vec<f32> {
         let out = model.forward(&ids(tokens), position).unwrap();
         out.squeeze(0).unwrap().to_vec1().unwrap()
     }
@@ -547,7 +509,7 @@ mod tests {
         let path = tiny(dir.path());
         let wide = [("gemma3.attention.sliding_window", Value::U32(64))];
         let mut ours = load(&path, &wide);
-        ours.weights.act = Activation::Silu;
+        ours.network_mut().act = Activation::Silu;
         let mut file = open(&path, &wide);
         let mut theirs =
             candle_gemma3::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
@@ -582,18 +544,18 @@ mod tests {
     fn every_sixth_layer_is_global() {
         let dir = tempfile::tempdir().unwrap();
         let model = load(&tiny(dir.path()), &[]);
-        let windows: Vec<Option<usize>> = model.weights.layers.iter().map(|l| l.window).collect();
-        let w = model.weights.cfg.window;
+        let windows: Vec<Option<usize>> = model.network().layers.iter().map(|l| l.window).collect();
+        let w = model.network().cfg.window;
         assert_eq!(
             windows,
             [Some(w), Some(w), Some(w), Some(w), Some(w), None]
         );
         // Sliding layers share one table, global layers another: no per-layer copies.
-        let (first, global) = (&model.weights.layers[0].rope, &model.weights.layers[5].rope);
+        let (first, global) = (&model.network().layers[0].rope, &model.network().layers[5].rope);
         // (a clone keeps the tensor's id, and shares its storage)
-        assert_eq!(first.cos.id(), model.weights.layers[4].rope.cos.id());
+        assert_eq!(first.cos.id(), model.network().layers[4].rope.cos.id());
         assert_ne!(first.cos.id(), global.cos.id());
-        assert_eq!(first.cos.dims(), [256, model.weights.cfg.head_dim / 2]);
+        assert_eq!(first.cos.dims(), [256, model.network().cfg.head_dim / 2]);
     }
 
     /// With only sliding layers (window 2), the last position sees `layers` tokens back at

@@ -5,35 +5,22 @@
 //! config.json (its config fields are private, with only two hard-coded presets), so this
 //! adapter runs the Llama implementation, which computes the same network.
 
-use super::llama::Llama;
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use super::llama::Network;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use crate::error::Result;
-use candle_core::Tensor;
 
-/// A Yi model with its KV cache.
-pub struct Yi(Llama);
+/// Yi, as registered: Llama's network under its own name.
+pub struct Yi;
 
 impl Architecture for Yi {
     const NAME: &'static str = "yi";
     const FORMAT: WeightFormat = WeightFormat::Safetensors;
     const MODEL_TYPES: &'static [&'static str] = &["Yi", "yi"];
     const HF_CLASSES: &'static [&'static str] = &["YiForCausalLM"];
+    type Network = Network;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
-        Llama::load_as(Self::NAME, source, options).map(Yi)
-    }
-}
-
-impl LanguageModel for Yi {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        self.0.forward(input_ids, position)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.0.reset_cache()
-    }
-
-    fn info(&self) -> &ModelInfo {
-        self.0.info()
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
+        let (network, cache, info) = Network::load(Self::NAME, source, options)?;
+        Ok(Adapter::new(network, cache, info))
     }
 }

@@ -27,9 +27,9 @@
 //! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
 //! is separate from the weights, so a new one is exactly the freshly loaded state.
 
-use super::common::{attention_mask, last_position_f32, token_set};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::common::attention_mask;
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_no_bias, Activation, Embedding, Linear, RmsNorm, VarBuilder};
@@ -281,7 +281,7 @@ impl Module for Mlp {
 
 /// The KV cache: per layer, the keys and values the next tokens attend to.
 #[derive(Debug, Clone)]
-struct Cache {
+pub struct Cache {
     layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
@@ -403,7 +403,7 @@ impl DecoderLayer {
 
 /// The Phi-3 network.
 #[derive(Debug, Clone)]
-struct Model {
+pub struct Network {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -412,7 +412,7 @@ struct Model {
     sliding_window: Option<usize>,
 }
 
-impl Model {
+impl Network {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let vb_m = vb.pp("model");
         let embed_tokens =
@@ -435,7 +435,7 @@ impl Model {
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, offset: usize, cache: &mut Cache) -> Result<Tensor> {
+    fn run(&self, input_ids: &Tensor, offset: usize, cache: &mut Cache) -> Result<Tensor> {
         let (_b, seq_len) = input_ids.dims2()?;
         let mut xs = self.embed_tokens.forward(input_ids)?;
         let cos_sin = self.rotary.cos_sin(offset, seq_len, xs.dtype())?;
@@ -473,12 +473,8 @@ impl Model {
     }
 }
 
-/// A Phi-3 model with its KV cache.
-pub struct Phi3 {
-    model: Model,
-    cache: Cache,
-    info: ModelInfo,
-}
+/// Phi3, as registered.
+pub struct Phi3;
 
 impl Architecture for Phi3 {
     const NAME: &'static str = "phi3";
@@ -486,45 +482,37 @@ impl Architecture for Phi3 {
     const MODEL_TYPES: &'static [&'static str] = &["phi3"];
     const HF_CLASSES: &'static [&'static str] = &["Phi3ForCausalLM"];
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    type Network = Network;
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let dir = source.into_hf(Self::NAME)?;
         let cfg = phi3_config(&dir.config)?;
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
-        let model = Model::new(&cfg, vb)?;
-        Ok(Phi3 {
-            model,
-            cache: Cache::new(cfg.num_hidden_layers),
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: cfg.vocab_size,
-                max_context: cfg.max_context,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
-        })
+        let network = Network::new(&cfg, vb)?;
+        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_context, dtype);
+        let cache = Cache::new(network.layers.len());
+        Ok(Adapter::new(network, cache, info))
     }
 }
 
-impl LanguageModel for Phi3 {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.forward(input_ids, position, &mut self.cache)?)
+impl crate::models::Network for Network {
+    type Cache = Cache;
+
+    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Cache) -> Result<Tensor> {
+        self.run(input_ids, position, cache)
     }
 
-    fn reset_cache(&mut self) -> Result<()> {
-        self.cache = Cache::new(self.model.layers.len());
+    fn reset(&self, cache: &mut Cache) -> Result<()> {
+        *cache = Cache::new(self.layers.len());
         Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::LanguageModel;
     use crate::models::hf::real_config;
     use std::path::Path;
 

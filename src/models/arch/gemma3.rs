@@ -24,9 +24,9 @@
 //! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
 //! is separate from the weights, so a new one is exactly the freshly loaded state.
 
-use super::common::{attention_mask, last_position_f32, token_set};
-use super::hf::{HfConfig, Rope, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::common::attention_mask;
+use crate::models::hf::{HfConfig, Rope, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_b, Activation, Embedding, Linear, VarBuilder};
@@ -295,7 +295,7 @@ impl Module for Mlp {
 
 /// The KV cache: per layer, the keys and values the next tokens attend to.
 #[derive(Debug, Clone)]
-struct Cache {
+pub struct Cache {
     layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
@@ -453,7 +453,7 @@ impl DecoderLayer {
 
 /// The Gemma 3 text network.
 #[derive(Debug, Clone)]
-struct Model {
+pub struct Network {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -465,7 +465,7 @@ struct Model {
     final_logit_softcapping: Option<f64>,
 }
 
-impl Model {
+impl Network {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let vb_m = vb.pp("model");
         let embed_tokens =
@@ -489,7 +489,7 @@ impl Model {
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, offset: usize, cache: &mut Cache) -> Result<Tensor> {
+    fn run(&self, input_ids: &Tensor, offset: usize, cache: &mut Cache) -> Result<Tensor> {
         let (_b, seq_len) = input_ids.dims2()?;
         let device = input_ids.device();
         let xs = self.embed_tokens.forward(input_ids)?;
@@ -524,12 +524,8 @@ impl Model {
     }
 }
 
-/// A Gemma 3 text model with its KV cache.
-pub struct Gemma3 {
-    model: Model,
-    cache: Cache,
-    info: ModelInfo,
-}
+/// Gemma3, as registered.
+pub struct Gemma3;
 
 impl Architecture for Gemma3 {
     const NAME: &'static str = "gemma3";
@@ -537,45 +533,37 @@ impl Architecture for Gemma3 {
     const MODEL_TYPES: &'static [&'static str] = &["gemma3_text"];
     const HF_CLASSES: &'static [&'static str] = &["Gemma3ForCausalLM"];
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    type Network = Network;
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let dir = source.into_hf(Self::NAME)?;
         let cfg = gemma3_config(&dir.config)?;
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
-        let model = Model::new(&cfg, vb)?;
-        Ok(Gemma3 {
-            model,
-            cache: Cache::new(cfg.num_hidden_layers),
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: cfg.vocab_size,
-                max_context: cfg.max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
-        })
+        let network = Network::new(&cfg, vb)?;
+        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let cache = Cache::new(network.layers.len());
+        Ok(Adapter::new(network, cache, info))
     }
 }
 
-impl LanguageModel for Gemma3 {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.forward(input_ids, position, &mut self.cache)?)
+impl crate::models::Network for Network {
+    type Cache = Cache;
+
+    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Cache) -> Result<Tensor> {
+        self.run(input_ids, position, cache)
     }
 
-    fn reset_cache(&mut self) -> Result<()> {
-        self.cache = Cache::new(self.model.layers.len());
+    fn reset(&self, cache: &mut Cache) -> Result<()> {
+        *cache = Cache::new(self.layers.len());
         Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::LanguageModel;
     use crate::models::hf::real_config;
     use std::path::Path;
 

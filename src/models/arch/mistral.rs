@@ -13,25 +13,27 @@
 //!   `max_position_embeddings`, `rope_theta` and `rms_norm_eps` at the top level, which
 //!   transformers >= 5 moves into `rope_parameters`); it is filled from [`HfConfig`] getters.
 //!
-//! Reset: a [`Pristine`] clone taken at load time. candle's model is `Clone`, its weights are
+//! Reset: a pristine clone taken at load time. candle's model is `Clone`, its weights are
 //! reference-counted tensors that nothing writes in place, and its only state, the per-layer
 //! `Option<(k, v)>` cache, is `None` in the pristine copy and grows by concatenation (new
 //! tensors), so a clone of the pristine copy is exactly the freshly loaded model.
 
-use super::common::{Pristine, attention_mask, last_position_f32, token_set};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::common::attention_mask;
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::Activation;
 use candle_transformers::models::mistral as candle_mistral;
 use serde_json::Value;
 
-/// A Mistral model with its KV cache.
-pub struct Mistral {
-    model: Pristine<candle_mistral::Model>,
+/// Mistral, as registered.
+pub struct Mistral;
+
+/// candle's Mistral as loaded (the pristine copy resets clone from) and its window.
+pub struct Network {
+    pristine: candle_mistral::Model,
     sliding_window: Option<usize>,
-    info: ModelInfo,
 }
 
 /// What config.json says, mapped to candle's config.
@@ -118,8 +120,9 @@ impl Architecture for Mistral {
     const FORMAT: WeightFormat = WeightFormat::Safetensors;
     const MODEL_TYPES: &'static [&'static str] = &["mistral"];
     const HF_CLASSES: &'static [&'static str] = &["MistralForCausalLM"];
+    type Network = Network;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let dir = source.into_hf(Self::NAME)?;
         let settings = settings_from_hf(&dir.config)?;
         let dtype = dir.dtype(options)?;
@@ -136,40 +139,38 @@ impl Architecture for Mistral {
         }
         let model = candle_mistral::Model::new(&settings.config, vb)?;
         let config = &settings.config;
-        Ok(Mistral {
-            model: Pristine::new(model),
+        // candle's RoPE table has exactly max_position_embeddings rows.
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            config.vocab_size,
+            config.max_position_embeddings,
+            dtype,
+        );
+        let network = Network {
+            pristine: model.clone(),
             sliding_window: config.sliding_window,
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: config.vocab_size,
-                // candle's RoPE table has exactly this many rows.
-                max_context: config.max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
-        })
+        };
+        Ok(Adapter::new(network, model, info))
     }
 }
 
-impl LanguageModel for Mistral {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+impl crate::models::Network for Network {
+    /// The live copy of candle's model, which holds its KV cache.
+    type Cache = candle_mistral::Model;
+
+    fn forward(&self, input_ids: &Tensor, position: usize, live: &mut Self::Cache) -> Result<Tensor> {
         let (_batch, seq_len) = input_ids.dims2()?;
-        let model = self.model.live();
-        let embeds = model.embed_tokens().forward(input_ids)?;
+        let embeds = live.embed_tokens().forward(input_ids)?;
         let mask = attention_mask(seq_len, position, 0, self.sliding_window, input_ids.device())?
             .map(|m| m.to_dtype(embeds.dtype()))
             .transpose()?;
-        last_position_f32(model.forward_embeds(&embeds, mask.as_ref(), position)?)
+        Ok(live.forward_embeds(&embeds, mask.as_ref(), position)?)
     }
 
-    fn reset_cache(&mut self) -> Result<()> {
-        self.model.reset();
+    fn reset(&self, live: &mut Self::Cache) -> Result<()> {
+        *live = self.pristine.clone();
         Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }
 

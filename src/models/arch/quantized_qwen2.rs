@@ -15,10 +15,9 @@
 //! copy of the whole table (519 MiB for Qwen2-0.5B's 151936 x 896), and a tied output
 //! projection shares that one quantized tensor.
 
-use super::common::{last_position_f32, token_set};
-use super::gguf::GgufFile;
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
+use crate::models::gguf::GgufFile;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::error::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
@@ -125,7 +124,7 @@ struct Layer {
 
 /// Everything read-only: weights and RoPE tables.
 #[derive(Debug, Clone)]
-struct Weights {
+pub struct Network {
     embed: QMatMul,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -152,7 +151,7 @@ fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
     Ok((angles.cos()?, angles.sin()?))
 }
 
-impl Weights {
+impl Network {
     fn load(file: &mut GgufFile, cfg: Config, device: &Device) -> Result<Self> {
         let (h, hd, ff) = (cfg.hidden, cfg.head_dim, cfg.ffn);
         let (q_dim, kv_dim) = (cfg.heads * hd, cfg.kv_heads * hd);
@@ -210,7 +209,7 @@ impl Weights {
             });
         }
         let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Weights {
+        Ok(Network {
             embed: QMatMul::from_arc(embed)?,
             layers,
             norm,
@@ -223,7 +222,7 @@ impl Weights {
 }
 
 /// One layer's cached keys and values, `(batch, kv_heads, positions, head_dim)`.
-type KvCache = Option<(Tensor, Tensor)>;
+pub type KvCache = Option<(Tensor, Tensor)>;
 
 impl Layer {
     fn attention(
@@ -278,25 +277,15 @@ impl Layer {
     }
 }
 
-/// A quantized Qwen2 model with its KV cache.
-pub struct QuantizedQwen2 {
-    weights: Weights,
-    /// All the mutable state there is: one entry per layer.
-    cache: Vec<KvCache>,
-    info: ModelInfo,
-}
+/// Quantized Qwen2, as registered.
+pub struct QuantizedQwen2;
 
-impl QuantizedQwen2 {
-    /// Tokens in the KV cache.
-    fn cached(&self) -> Result<usize> {
-        match self.cache.first() {
-            Some(Some((k, _))) => Ok(k.dim(2)?),
-            _ => Ok(0),
-        }
-    }
+impl crate::models::Network for Network {
+    /// One entry per layer: all the mutable state there is.
+    type Cache = Vec<KvCache>;
 
-    fn run(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        let w = &self.weights;
+    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Vec<KvCache>) -> Result<Tensor> {
+        let w = self;
         let (_b, l) = input_ids.dims2()?;
         let mut x = w.embed.embedding(input_ids)?;
         let mask = if l > 1 {
@@ -312,7 +301,7 @@ impl QuantizedQwen2 {
         };
         let cos = w.cos.narrow(0, position, l)?;
         let sin = w.sin.narrow(0, position, l)?;
-        for (layer, cache) in w.layers.iter().zip(self.cache.iter_mut()) {
+        for (layer, cache) in w.layers.iter().zip(cache.iter_mut()) {
             let h = layer.attn_norm.forward(&x)?;
             let h = layer.attention(&h, cache, (&cos, &sin), mask.as_ref(), &w.cfg)?;
             x = (x + h)?;
@@ -323,52 +312,25 @@ impl QuantizedQwen2 {
         let x = w.norm.forward(&x.i((.., l - 1, ..))?.contiguous()?)?;
         Ok(w.output.forward(&x)?)
     }
+
+    fn reset(&self, cache: &mut Vec<KvCache>) -> Result<()> {
+        cache.iter_mut().for_each(|c| *c = None);
+        Ok(())
+    }
 }
 
 impl Architecture for QuantizedQwen2 {
     const NAME: &'static str = "quantized_qwen2";
     const FORMAT: WeightFormat = WeightFormat::Gguf;
     const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    type Network = Network;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let mut file = source.into_gguf(Self::NAME)?;
         let cfg = Config::read(&file)?;
-        let info = ModelInfo {
-            architecture: Self::NAME,
-            vocab_size: cfg.vocab,
-            max_context: cfg.max_context,
-            eos_token_ids: token_set(file.eos_token_ids()?),
-            bos_token_id: file.bos_token_id()?,
-            dtype: DType::F32,
-        };
+        let info = ModelInfo::from_gguf(Self::NAME, &file, cfg.vocab, cfg.max_context)?;
         let layers = cfg.layers;
-        let weights = Weights::load(&mut file, cfg, &options.device)?;
-        Ok(QuantizedQwen2 {
-            weights,
-            cache: vec![None; layers],
-            info,
-        })
-    }
-}
-
-impl LanguageModel for QuantizedQwen2 {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        let cached = self.cached()?;
-        if position != cached {
-            return Err(Error::Position {
-                got: position,
-                cached,
-            });
-        }
-        last_position_f32(self.run(input_ids, position)?)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.cache.iter_mut().for_each(|c| *c = None);
-        Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
+        let network = Network::load(&mut file, cfg, &options.device)?;
+        Ok(Adapter::new(network, vec![None; layers], info))
     }
 }

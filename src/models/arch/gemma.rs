@@ -10,23 +10,20 @@
 //!   Those are errors here;
 //! - its output, `(b, 1, vocab)` in the model dtype, normalised to F32 `(b, vocab)`.
 //!
-//! Reset: [`Pristine`]. candle's `Model` is `Clone`; its only state is the per-layer KV cache,
+//! Reset: a pristine clone. candle's `Model` is `Clone`; its only state is the per-layer KV cache,
 //! an `Option<(Tensor, Tensor)>` that is replaced (by `Tensor::cat`), never written in place, so
 //! a clone taken at load time shares the weights and stays the freshly loaded model.
 
-use super::common::{last_position_f32, token_set, Pristine};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::adapter::{Pristine, StockModel};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::gemma as candle_gemma;
 
-/// A Gemma model with its KV cache.
-pub struct Gemma {
-    model: Pristine<candle_gemma::Model>,
-    info: ModelInfo,
-}
+/// Gemma, as registered: candle's model, reset to a pristine clone.
+pub struct Gemma;
 
 /// Maps config.json to candle's Gemma config, refusing what candle cannot compute.
 fn gemma_config(c: &HfConfig) -> Result<candle_gemma::Config> {
@@ -83,39 +80,23 @@ impl Architecture for Gemma {
     const FORMAT: WeightFormat = WeightFormat::Safetensors;
     const MODEL_TYPES: &'static [&'static str] = &["gemma"];
     const HF_CLASSES: &'static [&'static str] = &["GemmaForCausalLM"];
+    type Network = Pristine<candle_gemma::Model>;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let dir = source.into_hf(Self::NAME)?;
         let config = gemma_config(&dir.config)?;
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
         let model = candle_gemma::Model::new(false, &config, vb)?;
-        Ok(Gemma {
-            model: Pristine::new(model),
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: config.vocab_size,
-                max_context: config.max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
-        })
+        let info = ModelInfo::from_hf(Self::NAME, &dir, config.vocab_size, config.max_position_embeddings, dtype);
+        let (network, live) = Pristine::new(model);
+        Ok(Adapter::new(network, live, info))
     }
 }
 
-impl LanguageModel for Gemma {
+impl StockModel for candle_gemma::Model {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.live().forward(input_ids, position)?)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.model.reset();
-        Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
+        Ok(candle_gemma::Model::forward(self, input_ids, position)?)
     }
 }
 

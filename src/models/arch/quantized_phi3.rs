@@ -18,12 +18,12 @@
 //! - llama.cpp currently ignores Phi-3's sliding window (`phi3.attention.sliding_window`), and
 //!   so does candle; results match llama.cpp's, not a windowed reference, past the window.
 
-use super::common::{last_position_f32, token_set, Pristine};
-use super::gguf::GgufFile;
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::gguf::GgufFile;
+use crate::models::adapter::{Pristine, StockModel};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_transformers::models::quantized_phi3 as candle_phi3;
 
 /// `general.architecture` of the files this adapter loads.
@@ -34,11 +34,8 @@ const ROPE_BASE: f64 = 10_000.0;
 /// (medium at 4k too); the cap only bounds what a malformed file can make candle allocate.
 pub const MAX_CONTEXT: usize = 32_768;
 
-/// A quantized Phi-3 model with its KV cache.
-pub struct QuantizedPhi3 {
-    model: Pristine<candle_phi3::ModelWeights>,
-    info: ModelInfo,
-}
+/// Quantized Phi-3, as registered: candle's model, reset to a pristine clone.
+pub struct QuantizedPhi3;
 
 
 
@@ -102,48 +99,20 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     Ok(())
 }
 
-/// The logits have `output.weight`'s rows; ids index `token_embd.weight`. Both must match the
-/// vocabulary, or ids and logits would disagree about what a token is.
-fn check_vocab(file: &GgufFile, vocab: usize) -> Result<()> {
-    for name in ["token_embd.weight", "output.weight"] {
-        let rows = match file.content.tensor_infos.get(name) {
-            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
-            None => {
-                return Err(Error::model_file(
-                    &file.path,
-                    format!("tensor {name} is missing"),
-                ))
-            }
-        };
-        if rows != vocab {
-            return Err(Error::model_file(
-                &file.path,
-                format!("tensor {name} has {rows} rows but the vocabulary has {vocab} tokens"),
-            ));
-        }
-    }
-    Ok(())
-}
 
 impl Architecture for QuantizedPhi3 {
     const NAME: &'static str = "quantized_phi3";
     const FORMAT: WeightFormat = WeightFormat::Gguf;
     const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    type Network = Pristine<candle_phi3::ModelWeights>;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let mut file = source.into_gguf(Self::NAME)?;
         check_metadata(&file)?;
         let vocab_size = file.vocab_size(ARCH)?;
-        check_vocab(&file, vocab_size)?;
+        file.check_vocab(vocab_size, false)?;
         let max_context = file.context_length(ARCH, MAX_CONTEXT)?;
-        let info = ModelInfo {
-            architecture: Self::NAME,
-            vocab_size,
-            max_context,
-            eos_token_ids: token_set(file.eos_token_ids()?),
-            bos_token_id: file.bos_token_id()?,
-            dtype: DType::F32,
-        };
+        let info = ModelInfo::from_gguf(Self::NAME, &file, vocab_size, max_context)?;
         // candle sizes both the RoPE table and each layer's KV buffer from this key.
         file.content.metadata.insert(
             "phi3.context_length".to_string(),
@@ -155,24 +124,13 @@ impl Architecture for QuantizedPhi3 {
             &mut file.reader,
             &options.device,
         )?;
-        Ok(QuantizedPhi3 {
-            model: Pristine::new(model),
-            info,
-        })
+        let (network, live) = Pristine::new(model);
+        Ok(Adapter::new(network, live, info))
     }
 }
 
-impl LanguageModel for QuantizedPhi3 {
+impl StockModel for candle_phi3::ModelWeights {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.live().forward(input_ids, position)?)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.model.reset();
-        Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
+        Ok(candle_phi3::ModelWeights::forward(self, input_ids, position)?)
     }
 }

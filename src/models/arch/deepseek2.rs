@@ -28,9 +28,9 @@
 //! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
 //! is separate from the weights, so a new one is exactly the freshly loaded state.
 
-use super::common::{last_position_f32, token_set};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_b, linear_no_bias, Activation, Embedding, Linear, RmsNorm, VarBuilder};
@@ -517,7 +517,7 @@ enum QProj {
 
 /// The KV cache: per layer, the keys and values (expanded per head) of the cached tokens.
 #[derive(Debug, Clone)]
-struct Cache {
+pub struct Cache {
     layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
@@ -723,7 +723,7 @@ fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Option<
 
 /// The DeepSeek-V2 network.
 #[derive(Debug, Clone)]
-struct Model {
+pub struct Network {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -731,7 +731,7 @@ struct Model {
     rotary: Rotary,
 }
 
-impl Model {
+impl Network {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let vb_m = vb.pp("model");
         let embed_tokens =
@@ -753,7 +753,7 @@ impl Model {
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, offset: usize, cache: &mut Cache) -> Result<Tensor> {
+    fn run(&self, input_ids: &Tensor, offset: usize, cache: &mut Cache) -> Result<Tensor> {
         let (_b, seq_len) = input_ids.dims2()?;
         let mut xs = self.embed_tokens.forward(input_ids)?;
         let cos_sin = self.rotary.cos_sin(offset, seq_len, xs.dtype())?;
@@ -768,12 +768,8 @@ impl Model {
     }
 }
 
-/// A DeepSeek-V2 model with its KV cache.
-pub struct DeepSeek2 {
-    model: Model,
-    cache: Cache,
-    info: ModelInfo,
-}
+/// DeepSeek2, as registered.
+pub struct DeepSeek2;
 
 impl Architecture for DeepSeek2 {
     const NAME: &'static str = "deepseek2";
@@ -781,45 +777,37 @@ impl Architecture for DeepSeek2 {
     const MODEL_TYPES: &'static [&'static str] = &["deepseek_v2"];
     const HF_CLASSES: &'static [&'static str] = &["DeepseekV2ForCausalLM"];
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    type Network = Network;
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let dir = source.into_hf(Self::NAME)?;
         let cfg = deepseek2_config(&dir.config)?;
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
-        let model = Model::new(&cfg, vb)?;
-        Ok(DeepSeek2 {
-            model,
-            cache: Cache::new(cfg.num_hidden_layers),
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: cfg.vocab_size,
-                max_context: cfg.max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
-        })
+        let network = Network::new(&cfg, vb)?;
+        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let cache = Cache::new(network.layers.len());
+        Ok(Adapter::new(network, cache, info))
     }
 }
 
-impl LanguageModel for DeepSeek2 {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.forward(input_ids, position, &mut self.cache)?)
+impl crate::models::Network for Network {
+    type Cache = Cache;
+
+    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Cache) -> Result<Tensor> {
+        self.run(input_ids, position, cache)
     }
 
-    fn reset_cache(&mut self) -> Result<()> {
-        self.cache = Cache::new(self.model.layers.len());
+    fn reset(&self, cache: &mut Cache) -> Result<()> {
+        *cache = Cache::new(self.layers.len());
         Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::LanguageModel;
     use crate::models::hf::real_config;
     use std::path::Path;
 

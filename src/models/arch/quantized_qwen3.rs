@@ -3,8 +3,8 @@
 //! What this adapter hides about candle's model:
 //!
 //! - Its caches never restart by themselves: a prefill at position 0 appends to whatever the
-//!   previous request left and silently returns wrong logits. Every forward at position 0
-//!   therefore clears the cache first, and so does the reset.
+//!   previous request left and silently returns wrong logits. The adapter clears the cache
+//!   before every forward at position 0 (for every architecture), and so does the reset.
 //! - The reset is candle's `clear_kv_cache`, checked complete: the only mutable state is the
 //!   three per-layer caches it empties (the concatenating GPU cache, and the CPU path's
 //!   interleaved and raw caches); the RoPE tables sit behind an `Arc` and are never written,
@@ -25,12 +25,11 @@
 //! - The RoPE table has `qwen3.context_length` rows (kept four times: tensors and flat
 //!   copies), so the context is capped at [`MAX_CONTEXT`] and written back before loading.
 
-use super::common::{last_position_f32, token_set};
-use super::gguf::GgufFile;
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::gguf::GgufFile;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_transformers::models::quantized_qwen3 as candle_qwen3;
 
 /// `general.architecture` of the files this adapter loads.
@@ -38,11 +37,17 @@ const ARCH: &str = "qwen3";
 /// The longest context run here (Qwen3 files declare 32k or 40k; 128k needs YaRN, refused).
 pub const MAX_CONTEXT: usize = 131_072;
 
-/// A quantized Qwen3 model with its KV cache.
-pub struct QuantizedQwen3 {
-    model: candle_qwen3::ModelWeights,
-    info: ModelInfo,
+/// Quantized Qwen3, as registered.
+pub struct QuantizedQwen3;
+
+/// How candle's model is driven on this device.
+pub struct Network {
     on_cpu: bool,
+}
+
+/// candle's model, whose weights and caches are one struct, and what its CPU path needs.
+pub struct State {
+    model: candle_qwen3::ModelWeights,
     /// Whether a single-token step ran since the last clear (CPU path): the interleaved cache
     /// then lacks tokens, so multi-token chunks must go one token at a time.
     decoded: bool,
@@ -97,49 +102,21 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     Ok(())
 }
 
-/// The logits have the output projection's rows (`output.weight`, or the tied
-/// `token_embd.weight`), and ids index `token_embd.weight`: both must match the vocabulary.
-fn check_vocab(file: &GgufFile, vocab: usize) -> Result<()> {
-    for name in ["token_embd.weight", "output.weight"] {
-        let rows = match file.content.tensor_infos.get(name) {
-            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
-            None if name == "output.weight" => continue,
-            None => {
-                return Err(Error::model_file(
-                    &file.path,
-                    format!("tensor {name} is missing"),
-                ))
-            }
-        };
-        if rows != vocab {
-            return Err(Error::model_file(
-                &file.path,
-                format!("tensor {name} has {rows} rows but the vocabulary has {vocab} tokens"),
-            ));
-        }
-    }
-    Ok(())
-}
 
 impl Architecture for QuantizedQwen3 {
     const NAME: &'static str = "quantized_qwen3";
     const FORMAT: WeightFormat = WeightFormat::Gguf;
     const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    type Network = Network;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let mut file = source.into_gguf(Self::NAME)?;
         check_metadata(&file)?;
         let vocab_size = file.vocab_size(ARCH)?;
-        check_vocab(&file, vocab_size)?;
+        // The output projection may be tied to the embeddings.
+        file.check_vocab(vocab_size, true)?;
         let max_context = file.context_length(ARCH, MAX_CONTEXT)?;
-        let info = ModelInfo {
-            architecture: Self::NAME,
-            vocab_size,
-            max_context,
-            eos_token_ids: token_set(file.eos_token_ids()?),
-            bos_token_id: file.bos_token_id()?,
-            dtype: DType::F32,
-        };
+        let info = ModelInfo::from_gguf(Self::NAME, &file, vocab_size, max_context)?;
         let metadata = &mut file.content.metadata;
         // candle sizes its RoPE table from this key.
         metadata.insert(
@@ -150,17 +127,21 @@ impl Architecture for QuantizedQwen3 {
         metadata.insert("general.dtype".to_string(), Value::U32(0));
         let model =
             candle_qwen3::ModelWeights::from_gguf(file.content, &mut file.reader, &options.device)?;
-        Ok(QuantizedQwen3 {
-            model,
-            info,
+        let network = Network {
             on_cpu: options.device.is_cpu(),
+        };
+        let state = State {
+            model,
             decoded: false,
-        })
+        };
+        Ok(Adapter::new(network, state, info))
     }
 }
 
-impl LanguageModel for QuantizedQwen3 {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+impl crate::models::Network for Network {
+    type Cache = State;
+
+    fn forward(&self, input_ids: &Tensor, position: usize, state: &mut State) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
         if self.on_cpu && batch != 1 {
             return Err(Error::InvalidParameter {
@@ -170,37 +151,28 @@ impl LanguageModel for QuantizedQwen3 {
                 ),
             });
         }
-        if position == 0 {
-            self.reset_cache()?;
-        }
-        if self.on_cpu && seq_len > 1 && self.decoded {
+        // (The adapter resets the caches before a forward at position 0.)
+        if self.on_cpu && seq_len > 1 && state.decoded {
             let mut logits = None;
             for i in 0..seq_len {
                 let token = input_ids.narrow(1, i, 1)?;
-                logits = Some(self.model.forward(&token, position + i)?);
+                logits = Some(state.model.forward(&token, position + i)?);
             }
-            return match logits {
-                Some(l) => last_position_f32(l),
-                None => Err(Error::InvalidParameter {
-                    param: "input_ids".into(),
-                    message: "at least one token is needed".into(),
-                }),
-            };
+            return logits.ok_or_else(|| Error::InvalidParameter {
+                param: "input_ids".into(),
+                message: "at least one token is needed".into(),
+            });
         }
-        let logits = self.model.forward(input_ids, position)?;
+        let logits = state.model.forward(input_ids, position)?;
         if self.on_cpu && seq_len == 1 {
-            self.decoded = true;
+            state.decoded = true;
         }
-        last_position_f32(logits)
+        Ok(logits)
     }
 
-    fn reset_cache(&mut self) -> Result<()> {
-        self.model.clear_kv_cache();
-        self.decoded = false;
+    fn reset(&self, state: &mut State) -> Result<()> {
+        state.model.clear_kv_cache();
+        state.decoded = false;
         Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }

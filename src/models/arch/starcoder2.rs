@@ -21,9 +21,9 @@
 //! `&self`) and the cache is a separate value holding all the state there is, so replacing it
 //! restores exactly the freshly loaded model.
 
-use super::common::{attention_mask, last_position_f32, token_set};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::common::attention_mask;
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
@@ -295,7 +295,7 @@ impl DecoderLayer {
 }
 
 /// The KV cache: one `(k, v)` pair per layer, `(batch, kv_heads, positions, head_dim)`.
-struct KvCache {
+pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
@@ -309,7 +309,7 @@ impl KvCache {
 
 
 /// The weights; immutable once loaded.
-struct Network {
+pub struct Network {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: LayerNorm,
@@ -343,7 +343,7 @@ impl Network {
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut KvCache) -> Result<Tensor> {
+    fn run(&self, input_ids: &Tensor, position: usize, cache: &mut KvCache) -> Result<Tensor> {
         let (_b, seq_len) = input_ids.dims2()?;
         let mask = attention_mask(seq_len, position, 0, self.sliding_window, input_ids.device())?;
         let mut xs = self.embed_tokens.forward(input_ids)?;
@@ -366,12 +366,8 @@ impl Network {
     }
 }
 
-/// A StarCoder2 model with its KV cache.
-pub struct Starcoder2 {
-    network: Network,
-    cache: KvCache,
-    info: ModelInfo,
-}
+/// Starcoder2, as registered.
+pub struct Starcoder2;
 
 impl Architecture for Starcoder2 {
     const NAME: &'static str = "starcoder2";
@@ -379,40 +375,31 @@ impl Architecture for Starcoder2 {
     const MODEL_TYPES: &'static [&'static str] = &["starcoder2"];
     const HF_CLASSES: &'static [&'static str] = &["Starcoder2ForCausalLM"];
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    type Network = Network;
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let dir = source.into_hf(Self::NAME)?;
         let cfg = config_from_hf(&dir.config)?;
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
         let network = Network::new(&cfg, vb)?;
-        Ok(Starcoder2 {
-            cache: KvCache::new(network.layers.len()),
-            network,
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: cfg.vocab_size,
-                // The RoPE table has exactly this many rows.
-                max_context: cfg.max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
-        })
+        // The RoPE table has exactly this many rows.
+        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let cache = KvCache::new(network.layers.len());
+        Ok(Adapter::new(network, cache, info))
     }
 }
 
-impl LanguageModel for Starcoder2 {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.network.forward(input_ids, position, &mut self.cache)?)
+impl crate::models::Network for Network {
+    type Cache = KvCache;
+
+    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut KvCache) -> Result<Tensor> {
+        self.run(input_ids, position, cache)
     }
 
-    fn reset_cache(&mut self) -> Result<()> {
-        self.cache = KvCache::new(self.network.layers.len());
+    fn reset(&self, cache: &mut KvCache) -> Result<()> {
+        *cache = KvCache::new(self.layers.len());
         Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }
 
