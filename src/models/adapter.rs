@@ -24,8 +24,12 @@ pub trait Network: Send + 'static {
     /// Runs `input_ids` (`(batch, seq)`, u32) at `position`, the number of tokens `cache`
     /// already holds, and returns logits of which the last position is used: `(b, vocab)`,
     /// `(b, 1, vocab)` or `(b, seq, vocab)`, in any dtype.
-    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Self::Cache)
-        -> Result<Tensor>;
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position: usize,
+        cache: &mut Self::Cache,
+    ) -> Result<Tensor>;
 
     /// Brings `cache` back to the freshly loaded state, or fails; never a silent no-op.
     fn reset(&self, cache: &mut Self::Cache) -> Result<()>;
@@ -44,7 +48,11 @@ pub struct Adapter<A: Architecture> {
 
 impl<A: Architecture> Adapter<A> {
     /// A freshly loaded model: `cache` must be the network's empty cache.
-    pub fn new(network: A::Network, cache: <A::Network as Network>::Cache, info: ModelInfo) -> Self {
+    pub fn new(
+        network: A::Network,
+        cache: <A::Network as Network>::Cache,
+        info: ModelInfo,
+    ) -> Self {
         Adapter {
             network,
             cache,
@@ -121,9 +129,12 @@ pub struct Pristine<M: StockModel> {
 impl<M: StockModel> Pristine<M> {
     /// The network of a freshly loaded stock model, and its cache: the live copy.
     pub fn new(model: M) -> (Self, M) {
-        (Pristine {
-            pristine: model.clone(),
-        }, model)
+        (
+            Pristine {
+                pristine: model.clone(),
+            },
+            model,
+        )
     }
 }
 

@@ -496,9 +496,15 @@ impl HfConfig {
 
     /// The RoPE base of a family that rotates whole heads with no scaling; anything else is
     /// refused, naming the family.
-    pub fn plain_rope(&self, layer_type: Option<&str>, default_theta: f64, family: &str) -> Result<f64> {
+    pub fn plain_rope(
+        &self,
+        layer_type: Option<&str>,
+        default_theta: f64,
+        family: &str,
+    ) -> Result<f64> {
         let rope = self.rope(layer_type, default_theta)?;
-        if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+        if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
+        {
             return Err(self.unsupported_rope(&rope, family, &["default"]));
         }
         Ok(rope.theta)
@@ -513,7 +519,12 @@ impl HfConfig {
             "silu" => Activation::Silu,
             "gelu" => Activation::Gelu,
             "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluPytorchTanh,
-            other => return Err(self.err("hidden_act", format!("{other:?} has no implementation here"))),
+            other => {
+                return Err(self.err(
+                    "hidden_act",
+                    format!("{other:?} has no implementation here"),
+                ))
+            }
         })
     }
 
@@ -543,12 +554,18 @@ impl HfConfig {
             return Ok(None);
         };
         let items = v.as_array().ok_or_else(|| {
-            self.err("layer_types", format!("must be a list of layer type names, found {v}"))
+            self.err(
+                "layer_types",
+                format!("must be a list of layer type names, found {v}"),
+            )
         })?;
         if items.len() != num_layers {
             return Err(self.err(
                 "layer_types",
-                format!("lists {} layers but num_hidden_layers is {num_layers}", items.len()),
+                format!(
+                    "lists {} layers but num_hidden_layers is {num_layers}",
+                    items.len()
+                ),
             ));
         }
         items

@@ -28,10 +28,9 @@
 //! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
 //! is separate from the weights, so a new one is exactly the freshly loaded state.
 
-
+use crate::error::{Error, Result};
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_b, linear_no_bias, Activation, Embedding, Linear, RmsNorm, VarBuilder};
 use serde_json::Value;
@@ -175,7 +174,9 @@ fn moe_config(c: &HfConfig, first_k_dense_replace: usize) -> Result<MoeConfig> {
     if num_experts_per_tok == 0 || num_experts_per_tok > n_routed_experts {
         return Err(Error::config(
             "num_experts_per_tok",
-            format!("{num_experts_per_tok} must be between 1 and n_routed_experts ({n_routed_experts})"),
+            format!(
+                "{num_experts_per_tok} must be between 1 and n_routed_experts ({n_routed_experts})"
+            ),
         ));
     }
     let topk_method = match c.opt_str("topk_method")?.unwrap_or("greedy") {
@@ -278,7 +279,9 @@ fn rope_config(c: &HfConfig, dim: usize) -> Result<RopeConfig> {
     if factor <= 0.0 || original < 1.0 {
         return Err(Error::config(
             "rope_scaling",
-            format!("factor {factor} and original_max_position_embeddings {original} must be positive"),
+            format!(
+                "factor {factor} and original_max_position_embeddings {original} must be positive"
+            ),
         ));
     }
     // transformers treats 0 / absent as "not given" for these (Python truthiness).
@@ -289,7 +292,10 @@ fn rope_config(c: &HfConfig, dim: usize) -> Result<RopeConfig> {
     let truncate = match params.get("truncate") {
         None | Some(Value::Null) => true,
         Some(v) => v.as_bool().ok_or_else(|| {
-            Error::config("rope_scaling.truncate", format!("must be true or false, found {v}"))
+            Error::config(
+                "rope_scaling.truncate",
+                format!("must be true or false, found {v}"),
+            )
         })?,
     };
     let attention_factor = match (field("attention_factor")?, mscale, mscale_all_dim) {
@@ -298,8 +304,7 @@ fn rope_config(c: &HfConfig, dim: usize) -> Result<RopeConfig> {
         (None, _, _) => yarn_mscale(factor, 1.0),
     };
     let correction_dim = |rotations: f64| {
-        dim as f64 * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
-            / (2.0 * base.ln())
+        dim as f64 * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
     };
     let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
     if truncate {
@@ -348,9 +353,13 @@ impl Rotary {
 
     /// `(cos, sin)`, each `(seq_len, dim / 2)`, for positions `offset..offset + seq_len`.
     fn cos_sin(&self, offset: usize, seq_len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let t = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?
-            .to_dtype(DType::F32)?
-            .reshape((seq_len, 1))?;
+        let t = Tensor::arange(
+            offset as u32,
+            (offset + seq_len) as u32,
+            self.inv_freq.device(),
+        )?
+        .to_dtype(DType::F32)?
+        .reshape((seq_len, 1))?;
         let freqs = t.matmul(&self.inv_freq)?;
         let cos = (freqs.cos()? * self.attention_factor)?;
         let sin = (freqs.sin()? * self.attention_factor)?;
@@ -450,7 +459,13 @@ impl Moe {
                 scores
                     .iter()
                     .enumerate()
-                    .map(|(e, &s)| if kept.contains(&(e / per_group)) { s } else { 0.0 })
+                    .map(|(e, &s)| {
+                        if kept.contains(&(e / per_group)) {
+                            s
+                        } else {
+                            0.0
+                        }
+                    })
                     .collect()
             }
         };
@@ -467,7 +482,8 @@ impl Moe {
         let logits = flat.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?;
         let scores = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
         // Tokens and weights per expert, then each expert runs once on its tokens.
-        let mut assigned: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.experts.len()];
+        let mut assigned: Vec<(Vec<u32>, Vec<f32>)> =
+            vec![(Vec::new(), Vec::new()); self.experts.len()];
         for (token, s) in scores.iter().enumerate() {
             for (expert, weight) in self.route(s) {
                 assigned[expert].0.push(token as u32);
@@ -483,7 +499,10 @@ impl Moe {
             let idx = Tensor::from_vec(tokens, n, flat.device())?;
             let w = Tensor::from_vec(weights, (n, 1), flat.device())?;
             let y = expert.forward(&flat.index_select(&idx, 0)?)?;
-            let y = y.to_dtype(DType::F32)?.broadcast_mul(&w)?.to_dtype(out.dtype())?;
+            let y = y
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&w)?
+                .to_dtype(out.dtype())?;
             out = out.index_add(&idx, &y, 0)?;
         }
         let out = out.reshape(shape)?;
@@ -785,7 +804,13 @@ impl Architecture for DeepSeek2 {
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
         let network = Network::new(&cfg, vb)?;
-        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            dtype,
+        );
         let cache = Cache::new(network.layers.len());
         Ok(Adapter::new(network, cache, info))
     }
@@ -807,21 +832,41 @@ impl crate::models::Network for Network {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::LanguageModel;
     use crate::models::hf::real_config;
+    use crate::models::LanguageModel;
     use std::path::Path;
-
 
     #[test]
     fn deepseek_v2_lite_maps() {
         let c = deepseek2_config(&real_config("deepseek2-DeepSeek-V2-Lite.json")).unwrap();
-        assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads), (2048, 27, 16));
+        assert_eq!(
+            (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
+            (2048, 27, 16)
+        );
         assert_eq!(c.q_lora_rank, None);
-        assert_eq!((c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim), (512, 128, 64, 128));
+        assert_eq!(
+            (
+                c.kv_lora_rank,
+                c.qk_nope_head_dim,
+                c.qk_rope_head_dim,
+                c.v_head_dim
+            ),
+            (512, 128, 64, 128)
+        );
         assert_eq!(c.max_position_embeddings, 163840);
         let moe = c.moe.clone().unwrap();
-        assert_eq!((moe.n_routed_experts, moe.num_experts_per_tok, moe.n_shared_experts), (64, 6, 2));
-        assert_eq!((moe.moe_intermediate_size, moe.first_k_dense_replace), (1408, 1));
+        assert_eq!(
+            (
+                moe.n_routed_experts,
+                moe.num_experts_per_tok,
+                moe.n_shared_experts
+            ),
+            (64, 6, 2)
+        );
+        assert_eq!(
+            (moe.moe_intermediate_size, moe.first_k_dense_replace),
+            (1408, 1)
+        );
         assert_eq!(moe.topk_method, TopkMethod::Greedy);
         // YaRN with mscale == mscale_all_dim: no cos/sin scaling, softmax scale grows.
         assert_eq!(c.rope.inv_freq.len(), 32);
@@ -848,7 +893,9 @@ mod tests {
 
     #[test]
     fn norm_topk_prob_is_refused() {
-        let mut v = real_config("deepseek2-DeepSeek-V2-Lite.json").value().clone();
+        let mut v = real_config("deepseek2-DeepSeek-V2-Lite.json")
+            .value()
+            .clone();
         v["norm_topk_prob"] = true.into();
         let err = deepseek2_config(&HfConfig::from_value(Path::new("config.json"), v))
             .unwrap_err()

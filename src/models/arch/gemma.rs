@@ -14,10 +14,10 @@
 //! an `Option<(Tensor, Tensor)>` that is replaced (by `Tensor::cat`), never written in place, so
 //! a clone taken at load time shares the weights and stays the freshly loaded model.
 
-use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::adapter::{Pristine, StockModel};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
+use crate::models::adapter::{Pristine, StockModel};
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::gemma as candle_gemma;
@@ -88,7 +88,13 @@ impl Architecture for Gemma {
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
         let model = candle_gemma::Model::new(false, &config, vb)?;
-        let info = ModelInfo::from_hf(Self::NAME, &dir, config.vocab_size, config.max_position_embeddings, dtype);
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            config.vocab_size,
+            config.max_position_embeddings,
+            dtype,
+        );
         let (network, live) = Pristine::new(model);
         Ok(Adapter::new(network, live, info))
     }
@@ -105,7 +111,6 @@ mod tests {
     use super::*;
     use crate::models::hf::real_config;
     use std::path::Path;
-
 
     #[test]
     fn gemma_2b_with_both_activation_keys_maps() {
@@ -125,7 +130,10 @@ mod tests {
         let c = gemma_config(&real_config("gemma-gemma-7b.json")).unwrap();
         assert_eq!(c.hidden_act, Some(Activation::GeluPytorchTanh));
         // head_dim 256 is not hidden_size / heads (192): it must come from the config.
-        assert_eq!((c.hidden_size, c.num_attention_heads, c.head_dim), (3072, 16, 256));
+        assert_eq!(
+            (c.hidden_size, c.num_attention_heads, c.head_dim),
+            (3072, 16, 256)
+        );
     }
 
     #[test]
@@ -135,6 +143,9 @@ mod tests {
         let err = gemma_config(&HfConfig::from_value(Path::new("config.json"), v))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("linear") && err.contains("allowed: default"), "{err}");
+        assert!(
+            err.contains("linear") && err.contains("allowed: default"),
+            "{err}"
+        );
     }
 }

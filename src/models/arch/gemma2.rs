@@ -21,10 +21,10 @@
 //! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
 //! is separate from the weights, so a new one is exactly the freshly loaded state.
 
+use crate::error::{Error, Result};
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_b, Activation, Embedding, Linear, VarBuilder};
 
@@ -55,7 +55,10 @@ struct Config {
 fn gemma2_config(c: &HfConfig) -> Result<Config> {
     const FAMILY: &str = "gemma2";
     let activation = match c
-        .activation(&["gelu_pytorch_tanh", "gelu_new", "gelu"], "gelu_pytorch_tanh")?
+        .activation(
+            &["gelu_pytorch_tanh", "gelu_new", "gelu"],
+            "gelu_pytorch_tanh",
+        )?
         .as_str()
     {
         // transformers' "gelu" is the exact (erf) GELU, the others the tanh approximation.
@@ -209,9 +212,13 @@ impl Rotary {
 
     /// `(cos, sin)`, each `(seq_len, head_dim / 2)`, for positions `offset..offset + seq_len`.
     fn cos_sin(&self, offset: usize, seq_len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let t = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?
-            .to_dtype(DType::F32)?
-            .reshape((seq_len, 1))?;
+        let t = Tensor::arange(
+            offset as u32,
+            (offset + seq_len) as u32,
+            self.inv_freq.device(),
+        )?
+        .to_dtype(DType::F32)?
+        .reshape((seq_len, 1))?;
         let freqs = t.matmul(&self.inv_freq)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
@@ -382,12 +389,9 @@ impl DecoderLayer {
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let residual = xs;
-        let h = self.self_attn.forward(
-            &xs.apply(&self.input_layernorm)?,
-            cos_sin,
-            mask,
-            cache,
-        )?;
+        let h = self
+            .self_attn
+            .forward(&xs.apply(&self.input_layernorm)?, cos_sin, mask, cache)?;
         let xs = (h.apply(&self.post_attention_layernorm)? + residual)?;
         let h = xs
             .apply(&self.pre_feedforward_layernorm)?
@@ -396,7 +400,6 @@ impl DecoderLayer {
         Ok((h + xs)?)
     }
 }
-
 
 /// The Gemma 2 network.
 #[derive(Debug, Clone)]
@@ -485,7 +488,13 @@ impl Architecture for Gemma2 {
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
         let network = Network::new(&cfg, vb)?;
-        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            dtype,
+        );
         let cache = Cache::new(network.layers.len());
         Ok(Adapter::new(network, cache, info))
     }
@@ -507,15 +516,17 @@ impl crate::models::Network for Network {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::LanguageModel;
     use crate::models::hf::real_config;
+    use crate::models::LanguageModel;
     use std::path::Path;
-
 
     #[test]
     fn gemma_2_2b_maps() {
         let c = gemma2_config(&real_config("gemma2-gemma-2-2b.json")).unwrap();
-        assert_eq!((c.hidden_size, c.head_dim, c.num_hidden_layers), (2304, 256, 26));
+        assert_eq!(
+            (c.hidden_size, c.head_dim, c.num_hidden_layers),
+            (2304, 256, 26)
+        );
         assert_eq!((c.num_attention_heads, c.num_key_value_heads), (8, 4));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         assert_eq!(c.query_pre_attn_scalar, 256.0);
@@ -554,5 +565,4 @@ mod tests {
             .fold(0.0, f32::max);
         assert!(diff <= 1e-5, "chunked prefill differs by {diff}");
     }
-
 }

@@ -24,10 +24,10 @@
 //! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
 //! is separate from the weights, so a new one is exactly the freshly loaded state.
 
+use crate::error::{Error, Result};
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, Rope, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_b, Activation, Embedding, Linear, VarBuilder};
 use serde_json::Value;
@@ -62,7 +62,10 @@ struct Config {
 fn gemma3_config(c: &HfConfig) -> Result<Config> {
     const FAMILY: &str = "gemma3";
     let activation = match c
-        .activation(&["gelu_pytorch_tanh", "gelu_new", "gelu"], "gelu_pytorch_tanh")?
+        .activation(
+            &["gelu_pytorch_tanh", "gelu_new", "gelu"],
+            "gelu_pytorch_tanh",
+        )?
         .as_str()
     {
         // transformers' "gelu" is the exact (erf) GELU, the others the tanh approximation.
@@ -109,7 +112,10 @@ fn gemma3_config(c: &HfConfig) -> Result<Config> {
         None => c.usize_or("_sliding_window_pattern", 6)?,
     };
     if pattern == 0 {
-        return Err(Error::config("sliding_window_pattern", "0 must be positive"));
+        return Err(Error::config(
+            "sliding_window_pattern",
+            "0 must be positive",
+        ));
     }
     let sliding_layers = layer_types(c, num_hidden_layers, |i| (i + 1) % pattern != 0)?;
     // transformers' default when the key is absent; an explicit null means no window.
@@ -258,9 +264,13 @@ impl Rotary {
 
     /// `(cos, sin)`, each `(seq_len, head_dim / 2)`, for positions `offset..offset + seq_len`.
     fn cos_sin(&self, offset: usize, seq_len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let t = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?
-            .to_dtype(DType::F32)?
-            .reshape((seq_len, 1))?;
+        let t = Tensor::arange(
+            offset as u32,
+            (offset + seq_len) as u32,
+            self.inv_freq.device(),
+        )?
+        .to_dtype(DType::F32)?
+        .reshape((seq_len, 1))?;
         let freqs = t.matmul(&self.inv_freq)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
@@ -435,12 +445,9 @@ impl DecoderLayer {
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let residual = xs;
-        let h = self.self_attn.forward(
-            &xs.apply(&self.input_layernorm)?,
-            cos_sin,
-            mask,
-            cache,
-        )?;
+        let h = self
+            .self_attn
+            .forward(&xs.apply(&self.input_layernorm)?, cos_sin, mask, cache)?;
         let xs = (h.apply(&self.post_attention_layernorm)? + residual)?;
         let h = xs
             .apply(&self.pre_feedforward_layernorm)?
@@ -449,7 +456,6 @@ impl DecoderLayer {
         Ok((h + xs)?)
     }
 }
-
 
 /// The Gemma 3 text network.
 #[derive(Debug, Clone)]
@@ -541,7 +547,13 @@ impl Architecture for Gemma3 {
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
         let network = Network::new(&cfg, vb)?;
-        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            dtype,
+        );
         let cache = Cache::new(network.layers.len());
         Ok(Adapter::new(network, cache, info))
     }
@@ -563,19 +575,24 @@ impl crate::models::Network for Network {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::LanguageModel;
     use crate::models::hf::real_config;
+    use crate::models::LanguageModel;
     use std::path::Path;
-
 
     #[test]
     fn gemma_3_270m_with_layer_types_maps() {
         let c = gemma3_config(&real_config("gemma3-gemma-3-270m.json")).unwrap();
-        assert_eq!((c.hidden_size, c.head_dim, c.num_hidden_layers), (640, 256, 18));
+        assert_eq!(
+            (c.hidden_size, c.head_dim, c.num_hidden_layers),
+            (640, 256, 18)
+        );
         assert_eq!((c.num_attention_heads, c.num_key_value_heads), (4, 1));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         assert_eq!(c.query_pre_attn_scalar, 256.0);
-        assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (None, None));
+        assert_eq!(
+            (c.attn_logit_softcapping, c.final_logit_softcapping),
+            (None, None)
+        );
         assert_eq!(c.sliding_window, Some(512));
         assert_eq!(c.rope_global, (1_000_000.0, 1.0));
         assert_eq!(c.rope_local, (10_000.0, 1.0));
@@ -616,7 +633,10 @@ mod tests {
         let err = gemma3_config(&HfConfig::from_value(Path::new("config.json"), v))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("yarn") && err.contains("allowed: default, linear"), "{err}");
+        assert!(
+            err.contains("yarn") && err.contains("allowed: default, linear"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -638,5 +658,4 @@ mod tests {
             .fold(0.0, f32::max);
         assert!(diff <= 1e-5, "chunked prefill differs by {diff}");
     }
-
 }

@@ -3,9 +3,9 @@
 //! candle's llama takes an external `Cache` and builds its RoPE tables inside it, so the
 //! reset swaps in a clone of the cache made at load time: empty KV, same tables.
 
+use crate::error::Result;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::Result;
 use candle_core::Tensor;
 use candle_transformers::models::llama as candle_llama;
 
@@ -63,7 +63,12 @@ impl crate::models::Network for Network {
     // candle's llama takes an external cache that also holds its RoPE tables.
     type Cache = candle_llama::Cache;
 
-    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Self::Cache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position: usize,
+        cache: &mut Self::Cache,
+    ) -> Result<Tensor> {
         Ok(self.model.forward(input_ids, position, cache)?)
     }
 

@@ -18,10 +18,10 @@
 //! `Option<(k, v)>` cache, is `None` in the pristine copy and grows by concatenation (new
 //! tensors), so a clone of the pristine copy is exactly the freshly loaded model.
 
+use crate::error::{Error, Result};
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::Activation;
 use candle_transformers::models::mistral as candle_mistral;
@@ -58,8 +58,7 @@ pub(crate) fn settings_from_hf(c: &HfConfig) -> Result<MistralSettings> {
     };
     c.activation(&["silu"], "silu")?;
     let rope = c.rope(None, 10_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
-    {
+    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
         return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
     }
     // transformers' MistralConfig: an absent sliding_window means 4096, an explicit null none.
@@ -114,7 +113,6 @@ fn check_heads(c: &HfConfig, hidden: usize, heads: usize, kv_heads: usize) -> Re
     Ok(())
 }
 
-
 impl Architecture for Mistral {
     const NAME: &'static str = "mistral";
     const FORMAT: WeightFormat = WeightFormat::Safetensors;
@@ -159,12 +157,23 @@ impl crate::models::Network for Network {
     /// The live copy of candle's model, which holds its KV cache.
     type Cache = candle_mistral::Model;
 
-    fn forward(&self, input_ids: &Tensor, position: usize, live: &mut Self::Cache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position: usize,
+        live: &mut Self::Cache,
+    ) -> Result<Tensor> {
         let (_batch, seq_len) = input_ids.dims2()?;
         let embeds = live.embed_tokens().forward(input_ids)?;
-        let mask = attention_mask(seq_len, position, 0, self.sliding_window, input_ids.device())?
-            .map(|m| m.to_dtype(embeds.dtype()))
-            .transpose()?;
+        let mask = attention_mask(
+            seq_len,
+            position,
+            0,
+            self.sliding_window,
+            input_ids.device(),
+        )?
+        .map(|m| m.to_dtype(embeds.dtype()))
+        .transpose()?;
         Ok(live.forward_embeds(&embeds, mask.as_ref(), position)?)
     }
 
@@ -180,7 +189,9 @@ mod tests {
     use std::path::Path;
 
     fn settings(file: &str) -> MistralSettings {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(file);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(file);
         settings_from_hf(&HfConfig::from_file(&path).unwrap()).unwrap()
     }
 
@@ -216,7 +227,10 @@ mod tests {
         let mut value = HfConfig::from_file(&path).unwrap().value().clone();
         value.as_object_mut().unwrap().remove("sliding_window");
         let c = HfConfig::from_value(&path, value);
-        assert_eq!(settings_from_hf(&c).unwrap().config.sliding_window, Some(4096));
+        assert_eq!(
+            settings_from_hf(&c).unwrap().config.sliding_window,
+            Some(4096)
+        );
     }
 
     /// The Llama fixture is a tied checkpoint (no `lm_head.weight`) of the same network as a
@@ -240,10 +254,9 @@ mod tests {
         cfg["sliding_window"] = Value::Null;
         assert_eq!(cfg["tie_word_embeddings"], serde_json::json!(true));
         std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
-        let reference: Value = serde_json::from_str(
-            &std::fs::read_to_string(llama.join("reference.json")).unwrap(),
-        )
-        .unwrap();
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(llama.join("reference.json")).unwrap())
+                .unwrap();
         let prompt: Vec<u32> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
         let expected: Vec<Vec<f32>> =
             serde_json::from_value(reference["step_logits"].clone()).unwrap();
@@ -256,7 +269,9 @@ mod tests {
             .zip(&expected[0])
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(diff <= 1e-4, "tied Mistral differs from the reference by {diff}");
+        assert!(
+            diff <= 1e-4,
+            "tied Mistral differs from the reference by {diff}"
+        );
     }
-
 }

@@ -22,10 +22,10 @@
 //! `&self`) and the cache is a separate value holding all the state there is, so replacing it
 //! restores exactly the freshly loaded model.
 
+use crate::error::{Error, Result};
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
@@ -100,8 +100,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<MixtralConfig> {
     }
     c.activation(&["silu"], "silu")?;
     let rope = c.rope(None, 1_000_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
-    {
+    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
         return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
     }
     let sliding_window = match c.opt_usize("sliding_window")? {
@@ -366,7 +365,6 @@ impl KvCache {
     }
 }
 
-
 /// The weights; immutable once loaded.
 pub struct Network {
     embed_tokens: Embedding,
@@ -404,7 +402,13 @@ impl Network {
 
     fn run(&self, input_ids: &Tensor, position: usize, cache: &mut KvCache) -> Result<Tensor> {
         let (_b, seq_len) = input_ids.dims2()?;
-        let mask = attention_mask(seq_len, position, 0, self.sliding_window, input_ids.device())?;
+        let mask = attention_mask(
+            seq_len,
+            position,
+            0,
+            self.sliding_window,
+            input_ids.device(),
+        )?;
         let mut xs = self.embed_tokens.forward(input_ids)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let residual = &xs;
@@ -443,7 +447,13 @@ impl Architecture for Mixtral {
         let vb = dir.var_builder(dtype, &options.device)?;
         let network = Network::new(&cfg, vb)?;
         // The RoPE table has exactly this many rows.
-        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            dtype,
+        );
         let cache = KvCache::new(network.layers.len());
         Ok(Adapter::new(network, cache, info))
     }
@@ -497,7 +507,10 @@ mod tests {
     #[test]
     fn both_fixture_layouts_map_alike() {
         let new = config_from_hf(&hf("hf/mixtral/config.json")).unwrap();
-        assert_eq!(new, config_from_hf(&hf("hf/mixtral/config.legacy.json")).unwrap());
+        assert_eq!(
+            new,
+            config_from_hf(&hf("hf/mixtral/config.legacy.json")).unwrap()
+        );
         assert_eq!(new.sliding_window, Some(6));
         assert_eq!((new.num_local_experts, new.num_experts_per_tok), (4, 2));
     }
@@ -511,6 +524,9 @@ mod tests {
         let err = config_from_hf(&HfConfig::from_value(Path::new("config.json"), value))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("num_experts_per_tok") && err.contains('9'), "{err}");
+        assert!(
+            err.contains("num_experts_per_tok") && err.contains('9'),
+            "{err}"
+        );
     }
 }

@@ -18,10 +18,9 @@
 //! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
 //! is separate from the weights, so a new one is exactly the freshly loaded state.
 
-
+use crate::error::{Error, Result};
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{layer_norm, linear, Activation, Embedding, LayerNorm, Linear, VarBuilder};
 
@@ -122,9 +121,13 @@ impl Rotary {
 
     /// `(cos, sin)`, each `(seq_len, rotary_dim / 2)`, for positions `offset..offset + seq_len`.
     fn cos_sin(&self, offset: usize, seq_len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let t = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?
-            .to_dtype(DType::F32)?
-            .reshape((seq_len, 1))?;
+        let t = Tensor::arange(
+            offset as u32,
+            (offset + seq_len) as u32,
+            self.inv_freq.device(),
+        )?
+        .to_dtype(DType::F32)?
+        .reshape((seq_len, 1))?;
         let freqs = t.matmul(&self.inv_freq)?;
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
@@ -377,7 +380,13 @@ impl Architecture for Phi {
         let dtype = dir.dtype(options)?;
         let vb = dir.var_builder(dtype, &options.device)?;
         let network = Network::new(&cfg, vb)?;
-        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            dtype,
+        );
         let cache = Cache::new(network.layers.len());
         Ok(Adapter::new(network, cache, info))
     }
@@ -399,15 +408,17 @@ impl crate::models::Network for Network {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::LanguageModel;
     use crate::models::hf::real_config;
+    use crate::models::LanguageModel;
     use std::path::Path;
-
 
     #[test]
     fn phi_2_maps() {
         let c = phi_config(&real_config("phi-phi-2.json")).unwrap();
-        assert_eq!((c.hidden_size, c.num_hidden_layers, c.head_dim), (2560, 32, 80));
+        assert_eq!(
+            (c.hidden_size, c.num_hidden_layers, c.head_dim),
+            (2560, 32, 80)
+        );
         assert_eq!((c.num_attention_heads, c.num_key_value_heads), (32, 32));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         // partial_rotary_factor 0.4 of 80.

@@ -27,10 +27,10 @@
 //! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
 //! is separate from the weights, so a new one is exactly the freshly loaded state.
 
+use crate::error::{Error, Result};
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_no_bias, Activation, Embedding, Linear, RmsNorm, VarBuilder};
 use serde_json::Value;
@@ -105,7 +105,9 @@ fn phi3_config(c: &HfConfig) -> Result<Config> {
     }
     let (factors, attention_factor, max_context) = match &rope.scaling {
         RopeScaling::None => (None, 1.0, max_position_embeddings),
-        RopeScaling::Other { rope_type, params } if rope_type == "longrope" || rope_type == "su" => {
+        RopeScaling::Other { rope_type, params }
+            if rope_type == "longrope" || rope_type == "su" =>
+        {
             let number = |key: &str| -> Result<Option<f64>> {
                 match params.get(key) {
                     None | Some(Value::Null) => Ok(None),
@@ -166,7 +168,10 @@ fn phi3_config(c: &HfConfig) -> Result<Config> {
     };
     let sliding_window = c.opt_usize("sliding_window")?;
     if sliding_window == Some(0) {
-        return Err(Error::config("sliding_window", "0 must be positive (or null)"));
+        return Err(Error::config(
+            "sliding_window",
+            "0 must be positive (or null)",
+        ));
     }
     Ok(Config {
         vocab_size: c.usize("vocab_size")?,
@@ -221,9 +226,13 @@ impl Rotary {
 
     /// `(cos, sin)`, each `(seq_len, rotary_dim / 2)`, for positions `offset..offset + seq_len`.
     fn cos_sin(&self, offset: usize, seq_len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let t = Tensor::arange(offset as u32, (offset + seq_len) as u32, self.inv_freq.device())?
-            .to_dtype(DType::F32)?
-            .reshape((seq_len, 1))?;
+        let t = Tensor::arange(
+            offset as u32,
+            (offset + seq_len) as u32,
+            self.inv_freq.device(),
+        )?
+        .to_dtype(DType::F32)?
+        .reshape((seq_len, 1))?;
         let freqs = t.matmul(&self.inv_freq)?;
         let (cos, sin) = (freqs.cos()?, freqs.sin()?);
         let (cos, sin) = if self.attention_factor == 1.0 {
@@ -400,7 +409,6 @@ impl DecoderLayer {
     }
 }
 
-
 /// The Phi-3 network.
 #[derive(Debug, Clone)]
 pub struct Network {
@@ -512,21 +520,26 @@ impl crate::models::Network for Network {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::LanguageModel;
     use crate::models::hf::real_config;
+    use crate::models::LanguageModel;
     use std::path::Path;
-
 
     #[test]
     fn phi_3_mini_4k_maps() {
         let c = phi3_config(&real_config("phi3-Phi-3-mini-4k-instruct.json")).unwrap();
-        assert_eq!((c.hidden_size, c.head_dim, c.num_hidden_layers), (3072, 96, 32));
+        assert_eq!(
+            (c.hidden_size, c.head_dim, c.num_hidden_layers),
+            (3072, 96, 32)
+        );
         assert_eq!((c.num_attention_heads, c.num_key_value_heads), (32, 32));
         assert_eq!(c.activation, Activation::Silu);
         assert_eq!(c.sliding_window, Some(2047));
         assert_eq!(c.rope.theta, 10000.0);
         assert_eq!(c.rope.rotary_dim, 96);
-        assert_eq!((c.rope.factors.clone(), c.rope.attention_factor), (None, 1.0));
+        assert_eq!(
+            (c.rope.factors.clone(), c.rope.attention_factor),
+            (None, 1.0)
+        );
         assert_eq!(c.max_context, 4096);
         assert!(!c.tie_word_embeddings);
     }
@@ -544,7 +557,9 @@ mod tests {
 
     #[test]
     fn transformers_5_longrope_layout_maps() {
-        let mut v = real_config("phi3-Phi-3-mini-128k-instruct.json").value().clone();
+        let mut v = real_config("phi3-Phi-3-mini-128k-instruct.json")
+            .value()
+            .clone();
         let mut scaling = v["rope_scaling"].clone();
         let o = v.as_object_mut().unwrap();
         o.remove("rope_scaling");

@@ -39,10 +39,10 @@
 //! Reset: all mutable state is the per-layer KV cache plus the token count, held apart from the
 //! read-only weights and tables, and the reset empties both. There is no mask cache.
 
+use crate::error::{Error, Result};
 use crate::models::common::attention_mask;
 use crate::models::gguf::GgufFile;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::Activation;
@@ -63,8 +63,6 @@ const DEFAULT_GLOBAL_ROPE_BASE: f64 = 1_000_000.0;
 /// The layer count by which llama.cpp recognises Gemma 3 27B (see the module docs).
 const LAYERS_27B: usize = 62;
 
-
-
 /// An optional positive number, with a default.
 fn positive(file: &GgufFile, key: &str, default: f64) -> Result<f64> {
     match file.opt_f64(key)? {
@@ -73,7 +71,6 @@ fn positive(file: &GgufFile, key: &str, default: f64) -> Result<f64> {
         Some(v) => Err(file.config_error(key, format!("must be positive, found {v}"))),
     }
 }
-
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
@@ -114,18 +111,21 @@ impl Config {
                 file.config_error("gemma3.attention.layer_norm_rms_epsilon", "is missing")
             })?;
         if heads % kv_heads != 0 {
-            return Err(file.config_error("gemma3.attention.head_count_kv",
+            return Err(file.config_error(
+                "gemma3.attention.head_count_kv",
                 format!("{kv_heads} does not divide head_count {heads}"),
             ));
         }
         if head_dim % 2 != 0 {
-            return Err(file.config_error("gemma3.attention.key_length",
+            return Err(file.config_error(
+                "gemma3.attention.key_length",
                 format!("the head size {head_dim} must be even for RoPE"),
             ));
         }
         if let Some(v) = file.opt_u64("gemma3.attention.value_length")? {
             if v as usize != head_dim {
-                return Err(file.config_error("gemma3.attention.value_length",
+                return Err(file.config_error(
+                    "gemma3.attention.value_length",
                     format!("is {v}, but must equal key_length ({head_dim})"),
                 ));
             }
@@ -133,15 +133,18 @@ impl Config {
         let pattern = match file.opt_u64("gemma3.attention.sliding_window_type")? {
             None => DEFAULT_SLIDING_PATTERN,
             Some(0) => {
-                return Err(file.config_error("gemma3.attention.sliding_window_type",
-                    "must be at least 1",
-                ))
+                return Err(
+                    file.config_error("gemma3.attention.sliding_window_type", "must be at least 1")
+                )
             }
             Some(n) => n as usize,
         };
         let global_rope_scale = match file.get("gemma3.rope.scaling.type") {
-            Some(kind) if !matches!(kind.to_string().map(String::as_str), Ok("none" | "linear")) => {
-                return Err(file.config_error("gemma3.rope.scaling.type",
+            Some(kind)
+                if !matches!(kind.to_string().map(String::as_str), Ok("none" | "linear")) =>
+            {
+                return Err(file.config_error(
+                    "gemma3.rope.scaling.type",
                     format!("{kind:?} is not supported (allowed: none, linear)"),
                 ))
             }
@@ -162,7 +165,11 @@ impl Config {
             eps,
             window,
             pattern,
-            local_rope_base: positive(file, "gemma3.rope.local_freq_base", DEFAULT_LOCAL_ROPE_BASE)?,
+            local_rope_base: positive(
+                file,
+                "gemma3.rope.local_freq_base",
+                DEFAULT_LOCAL_ROPE_BASE,
+            )?,
             global_rope_base: positive(file, "gemma3.rope.freq_base", DEFAULT_GLOBAL_ROPE_BASE)?,
             global_rope_scale,
             attn_scale,
@@ -272,7 +279,10 @@ impl Network {
             // Tied embeddings (every Gemma 3): the one quantized tensor serves both.
             QMatMul::from_arc(embed.clone())?
         };
-        let norm = RmsNorm::from_qtensor(file.read_tensor("output_norm.weight", &[h], device)?, cfg.eps)?;
+        let norm = RmsNorm::from_qtensor(
+            file.read_tensor("output_norm.weight", &[h], device)?,
+            cfg.eps,
+        )?;
         let local = Rope::new(&cfg, cfg.local_rope_base, 1.0, device)?;
         let global = Rope::new(&cfg, cfg.global_rope_base, cfg.global_rope_scale, device)?;
         let mut layers = Vec::with_capacity(cfg.layers);
@@ -314,7 +324,11 @@ impl Network {
                 up,
                 down,
                 window: sliding.then_some(cfg.window),
-                rope: if sliding { local.clone() } else { global.clone() },
+                rope: if sliding {
+                    local.clone()
+                } else {
+                    global.clone()
+                },
             });
         }
         Ok(Network {
@@ -340,7 +354,6 @@ fn cached_positions(window: Option<usize>, seen: usize) -> usize {
         None => seen,
     }
 }
-
 
 impl Layer {
     fn attention(
@@ -407,7 +420,12 @@ impl crate::models::Network for Network {
     /// One entry per layer: all the mutable state there is.
     type Cache = Vec<KvCache>;
 
-    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Vec<KvCache>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position: usize,
+        cache: &mut Vec<KvCache>,
+    ) -> Result<Tensor> {
         let w = self;
         let (_b, l) = input_ids.dims2()?;
         let device = input_ids.device();
@@ -486,7 +504,10 @@ mod tests {
     }
 
     fn ids(ids: &[u32]) -> Tensor {
-        Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
     }
 
     fn logits(model: &mut Adapter<QuantizedGemma3>, tokens: &[u32], position: usize) -> Vec<f32> {
@@ -496,7 +517,10 @@ mod tests {
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     /// The rewrite computes what candle's `quantized_gemma3` computes, where candle is right:
@@ -546,12 +570,12 @@ mod tests {
         let model = load(&tiny(dir.path()), &[]);
         let windows: Vec<Option<usize>> = model.network().layers.iter().map(|l| l.window).collect();
         let w = model.network().cfg.window;
-        assert_eq!(
-            windows,
-            [Some(w), Some(w), Some(w), Some(w), Some(w), None]
-        );
+        assert_eq!(windows, [Some(w), Some(w), Some(w), Some(w), Some(w), None]);
         // Sliding layers share one table, global layers another: no per-layer copies.
-        let (first, global) = (&model.network().layers[0].rope, &model.network().layers[5].rope);
+        let (first, global) = (
+            &model.network().layers[0].rope,
+            &model.network().layers[5].rope,
+        );
         // (a clone keeps the tensor's id, and shares its storage)
         assert_eq!(first.cos.id(), model.network().layers[4].rope.cos.id());
         assert_ne!(first.cos.id(), global.cos.id());
@@ -582,7 +606,10 @@ mod tests {
         for (i, &t) in b.iter().enumerate() {
             lb_steps = logits(&mut model, &[t], i);
         }
-        assert!(max_diff(&la, &lb_steps) <= 1e-4, "decode saw past the window");
+        assert!(
+            max_diff(&la, &lb_steps) <= 1e-4,
+            "decode saw past the window"
+        );
         // The default layout has a global layer, which does see the first tokens.
         let mut model = load(&path, &[]);
         let la = logits(&mut model, &a, 0);

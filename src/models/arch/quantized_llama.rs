@@ -5,9 +5,9 @@
 //! reported here is the file's `llama.context_length` capped at that. Its mask cache grows with
 //! every new prompt length, so the reset swaps in a pristine clone, which also drops the masks.
 
+use crate::error::Result;
 use crate::models::adapter::{Pristine, StockModel};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::Result;
 use candle_core::Tensor;
 use candle_transformers::models::quantized_llama as candle_qllama;
 
@@ -22,9 +22,17 @@ impl Architecture for QuantizedLlama {
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         let mut file = source.into_gguf(Self::NAME)?;
-        let info = ModelInfo::from_gguf(Self::NAME, &file, file.vocab_size("llama")?, file.context_length("llama", candle_qllama::MAX_SEQ_LEN)?)?;
-        let model =
-            candle_qllama::ModelWeights::from_gguf(file.content, &mut file.reader, &options.device)?;
+        let info = ModelInfo::from_gguf(
+            Self::NAME,
+            &file,
+            file.vocab_size("llama")?,
+            file.context_length("llama", candle_qllama::MAX_SEQ_LEN)?,
+        )?;
+        let model = candle_qllama::ModelWeights::from_gguf(
+            file.content,
+            &mut file.reader,
+            &options.device,
+        )?;
         let (network, live) = Pristine::new(model);
         Ok(Adapter::new(network, live, info))
     }
@@ -32,6 +40,8 @@ impl Architecture for QuantizedLlama {
 
 impl StockModel for candle_qllama::ModelWeights {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        Ok(candle_qllama::ModelWeights::forward(self, input_ids, position)?)
+        Ok(candle_qllama::ModelWeights::forward(
+            self, input_ids, position,
+        )?)
     }
 }

@@ -15,10 +15,10 @@
 //!   Hugging Face layout carry separate `attn_q`/`attn_k`/`attn_v`). Both are checked here so
 //!   the error names the problem instead of a shape mismatch deep in a forward pass.
 
-use crate::models::gguf::GgufFile;
-use crate::models::adapter::{Pristine, StockModel};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
+use crate::models::adapter::{Pristine, StockModel};
+use crate::models::gguf::GgufFile;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use candle_core::Tensor;
 use candle_transformers::models::quantized_phi as candle_phi;
 
@@ -30,8 +30,6 @@ const ROPE_BASE: f64 = 10_000.0;
 /// Quantized Phi-2, as registered: candle's model, reset to a pristine clone.
 pub struct QuantizedPhi2;
 
-
-
 /// Checks everything candle's loader reads (and what it silently ignores) before it runs.
 fn check_metadata(file: &GgufFile) -> Result<()> {
     let heads = file.count("phi2.attention.head_count")?;
@@ -39,13 +37,8 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     file.count("phi2.block_count")?;
     let hidden = file.count("phi2.embedding_length")?;
     let rope_dim = file.count("phi2.rope.dimension_count")?;
-    if file
-        .opt_f64("phi2.attention.layer_norm_epsilon")?
-        .is_none()
-    {
-        return Err(file.config_error("phi2.attention.layer_norm_epsilon",
-            "is missing",
-        ));
+    if file.opt_f64("phi2.attention.layer_norm_epsilon")?.is_none() {
+        return Err(file.config_error("phi2.attention.layer_norm_epsilon", "is missing"));
     }
     if kv_heads != heads {
         return Err(file.config_error("phi2.attention.head_count_kv",
@@ -53,32 +46,42 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
         ));
     }
     if hidden % heads != 0 {
-        return Err(file.config_error("phi2.embedding_length",
+        return Err(file.config_error(
+            "phi2.embedding_length",
             format!("{hidden} is not a multiple of head_count {heads}"),
         ));
     }
     let head_dim = hidden / heads;
     if rope_dim > head_dim || rope_dim % 2 != 0 {
-        return Err(file.config_error("phi2.rope.dimension_count",
+        return Err(file.config_error(
+            "phi2.rope.dimension_count",
             format!("must be even and at most the head size {head_dim}, found {rope_dim}"),
         ));
     }
     if let Some(base) = file.opt_f64("phi2.rope.freq_base")? {
         if (base - ROPE_BASE).abs() > 1e-3 {
-            return Err(file.config_error("phi2.rope.freq_base",
+            return Err(file.config_error(
+                "phi2.rope.freq_base",
                 format!("is {base}, but candle's quantized phi2 hard-codes {ROPE_BASE}"),
             ));
         }
     }
     if let Some(kind) = file.get("phi2.rope.scaling.type") {
         if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(file.config_error("phi2.rope.scaling.type",
+            return Err(file.config_error(
+                "phi2.rope.scaling.type",
                 format!("{kind:?} is not supported by candle's quantized phi2 (allowed: none)"),
             ));
         }
     }
-    if !file.content.tensor_infos.contains_key("blk.0.attn_qkv.weight")
-        && file.content.tensor_infos.contains_key("blk.0.attn_q.weight")
+    if !file
+        .content
+        .tensor_infos
+        .contains_key("blk.0.attn_qkv.weight")
+        && file
+            .content
+            .tensor_infos
+            .contains_key("blk.0.attn_q.weight")
     {
         return Err(Error::model_file(
             &file.path,
@@ -87,7 +90,6 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     }
     Ok(())
 }
-
 
 impl Architecture for QuantizedPhi2 {
     const NAME: &'static str = "quantized_phi2";
@@ -100,7 +102,12 @@ impl Architecture for QuantizedPhi2 {
         check_metadata(&file)?;
         let vocab_size = file.vocab_size(ARCH)?;
         file.check_vocab(vocab_size, false)?;
-        let info = ModelInfo::from_gguf(Self::NAME, &file, vocab_size, file.context_length(ARCH, candle_phi::MAX_SEQ_LEN)?)?;
+        let info = ModelInfo::from_gguf(
+            Self::NAME,
+            &file,
+            vocab_size,
+            file.context_length(ARCH, candle_phi::MAX_SEQ_LEN)?,
+        )?;
         let model =
             candle_phi::ModelWeights::from_gguf(file.content, &mut file.reader, &options.device)?;
         let (network, live) = Pristine::new(model);
@@ -110,6 +117,8 @@ impl Architecture for QuantizedPhi2 {
 
 impl StockModel for candle_phi::ModelWeights {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        Ok(candle_phi::ModelWeights::forward(self, input_ids, position)?)
+        Ok(candle_phi::ModelWeights::forward(
+            self, input_ids, position,
+        )?)
     }
 }

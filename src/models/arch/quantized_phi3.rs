@@ -18,10 +18,10 @@
 //! - llama.cpp currently ignores Phi-3's sliding window (`phi3.attention.sliding_window`), and
 //!   so does candle; results match llama.cpp's, not a windowed reference, past the window.
 
-use crate::models::gguf::GgufFile;
-use crate::models::adapter::{Pristine, StockModel};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
+use crate::models::adapter::{Pristine, StockModel};
+use crate::models::gguf::GgufFile;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Tensor;
 use candle_transformers::models::quantized_phi3 as candle_phi3;
@@ -37,8 +37,6 @@ pub const MAX_CONTEXT: usize = 32_768;
 /// Quantized Phi-3, as registered: candle's model, reset to a pristine clone.
 pub struct QuantizedPhi3;
 
-
-
 /// Checks everything candle's loader reads (and what it silently ignores) before it runs.
 fn check_metadata(file: &GgufFile) -> Result<()> {
     let heads = file.count("phi3.attention.head_count")?;
@@ -52,17 +50,17 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
         .opt_f64("phi3.attention.layer_norm_rms_epsilon")?
         .is_none()
     {
-        return Err(file.config_error("phi3.attention.layer_norm_rms_epsilon",
-            "is missing",
-        ));
+        return Err(file.config_error("phi3.attention.layer_norm_rms_epsilon", "is missing"));
     }
     if hidden % heads != 0 {
-        return Err(file.config_error("phi3.embedding_length",
+        return Err(file.config_error(
+            "phi3.embedding_length",
             format!("{hidden} is not a multiple of head_count {heads}"),
         ));
     }
     if heads % kv_heads != 0 {
-        return Err(file.config_error("phi3.attention.head_count_kv",
+        return Err(file.config_error(
+            "phi3.attention.head_count_kv",
             format!("{kv_heads} does not divide head_count {heads}"),
         ));
     }
@@ -74,14 +72,16 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     }
     if let Some(base) = file.opt_f64("phi3.rope.freq_base")? {
         if (base - ROPE_BASE).abs() > 1e-3 {
-            return Err(file.config_error("phi3.rope.freq_base",
+            return Err(file.config_error(
+                "phi3.rope.freq_base",
                 format!("is {base}, but candle's quantized phi3 hard-codes {ROPE_BASE}"),
             ));
         }
     }
     if let Some(kind) = file.get("phi3.rope.scaling.type") {
         if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(file.config_error("phi3.rope.scaling.type",
+            return Err(file.config_error(
+                "phi3.rope.scaling.type",
                 format!("{kind:?} is not supported by candle's quantized phi3 (allowed: none)"),
             ));
         }
@@ -98,7 +98,6 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     }
     Ok(())
 }
-
 
 impl Architecture for QuantizedPhi3 {
     const NAME: &'static str = "quantized_phi3";
@@ -131,6 +130,8 @@ impl Architecture for QuantizedPhi3 {
 
 impl StockModel for candle_phi3::ModelWeights {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        Ok(candle_phi3::ModelWeights::forward(self, input_ids, position)?)
+        Ok(candle_phi3::ModelWeights::forward(
+            self, input_ids, position,
+        )?)
     }
 }

@@ -15,9 +15,9 @@
 //! copy of the whole table (519 MiB for Qwen2-0.5B's 151936 x 896), and a tied output
 //! projection shares that one quantized tensor.
 
+use crate::error::Result;
 use crate::models::gguf::GgufFile;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
@@ -29,9 +29,6 @@ const ARCH: &str = "qwen2";
 /// The longest context run here: the RoPE table has this many rows at most. Qwen2 and
 /// Qwen2.5 declare 32k (131k only with YaRN scaling, which is refused).
 pub const MAX_CONTEXT: usize = 131_072;
-
-
-
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
@@ -64,30 +61,35 @@ impl Config {
         // llama.cpp's default too when the key is absent.
         let rope_base = file.opt_f64("qwen2.rope.freq_base")?.unwrap_or(10_000.0);
         if rope_base.is_nan() || rope_base <= 0.0 || rope_base.is_infinite() {
-            return Err(file.config_error("qwen2.rope.freq_base",
+            return Err(file.config_error(
+                "qwen2.rope.freq_base",
                 format!("must be positive, found {rope_base}"),
             ));
         }
         if let Some(kind) = file.get("qwen2.rope.scaling.type") {
             if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-                return Err(file.config_error("qwen2.rope.scaling.type",
+                return Err(file.config_error(
+                    "qwen2.rope.scaling.type",
                     format!("{kind:?} is not supported (allowed: none)"),
                 ));
             }
         }
         if hidden % heads != 0 {
-            return Err(file.config_error("qwen2.embedding_length",
+            return Err(file.config_error(
+                "qwen2.embedding_length",
                 format!("{hidden} is not a multiple of head_count {heads}"),
             ));
         }
         if heads % kv_heads != 0 {
-            return Err(file.config_error("qwen2.attention.head_count_kv",
+            return Err(file.config_error(
+                "qwen2.attention.head_count_kv",
                 format!("{kv_heads} does not divide head_count {heads}"),
             ));
         }
         let head_dim = hidden / heads;
         if head_dim % 2 != 0 {
-            return Err(file.config_error("qwen2.embedding_length",
+            return Err(file.config_error(
+                "qwen2.embedding_length",
                 format!("the head size {head_dim} must be even for RoPE"),
             ));
         }
@@ -162,7 +164,10 @@ impl Network {
             // Tied embeddings: the same quantized tensor serves the lookup and the projection.
             QMatMul::from_arc(embed.clone())?
         };
-        let norm = RmsNorm::from_qtensor(file.read_tensor("output_norm.weight", &[h], device)?, cfg.eps)?;
+        let norm = RmsNorm::from_qtensor(
+            file.read_tensor("output_norm.weight", &[h], device)?,
+            cfg.eps,
+        )?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let mut qm = |name: &str, shape: &[usize]| -> Result<QMatMul> {
@@ -180,7 +185,9 @@ impl Network {
             let up = qm("ffn_up.weight", &[ff, h])?;
             let down = qm("ffn_down.weight", &[h, ff])?;
             let mut dense = |name: &str, shape: &[usize]| -> Result<Tensor> {
-                Ok(file.read_tensor(&format!("blk.{i}.{name}"), shape, device)?.dequantize(device)?)
+                Ok(file
+                    .read_tensor(&format!("blk.{i}.{name}"), shape, device)?
+                    .dequantize(device)?)
             };
             let bq = dense("attn_q.bias", &[q_dim])?;
             let bk = dense("attn_k.bias", &[kv_dim])?;
@@ -238,7 +245,10 @@ impl Layer {
         let q = self.wq.forward(x)?.broadcast_add(&self.bq)?;
         let k = self.wk.forward(x)?.broadcast_add(&self.bk)?;
         let v = self.wv.forward(x)?.broadcast_add(&self.bv)?;
-        let q = q.reshape((b, l, heads, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = q
+            .reshape((b, l, heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let k = k
             .reshape((b, l, kv_heads, hd))?
             .transpose(1, 2)?
@@ -284,7 +294,12 @@ impl crate::models::Network for Network {
     /// One entry per layer: all the mutable state there is.
     type Cache = Vec<KvCache>;
 
-    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Vec<KvCache>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position: usize,
+        cache: &mut Vec<KvCache>,
+    ) -> Result<Tensor> {
         let w = self;
         let (_b, l) = input_ids.dims2()?;
         let mut x = w.embed.embedding(input_ids)?;

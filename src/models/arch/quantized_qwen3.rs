@@ -25,9 +25,9 @@
 //! - The RoPE table has `qwen3.context_length` rows (kept four times: tensors and flat
 //!   copies), so the context is capped at [`MAX_CONTEXT`] and written back before loading.
 
+use crate::error::{Error, Result};
 use crate::models::gguf::GgufFile;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Tensor;
 use candle_transformers::models::quantized_qwen3 as candle_qwen3;
@@ -53,8 +53,6 @@ pub struct State {
     decoded: bool,
 }
 
-
-
 /// Checks everything candle's loader reads (and what it silently ignores) before it runs.
 fn check_metadata(file: &GgufFile) -> Result<()> {
     let heads = file.count("qwen3.attention.head_count")?;
@@ -76,12 +74,14 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
         }
     }
     if heads % kv_heads != 0 {
-        return Err(file.config_error("qwen3.attention.head_count_kv",
+        return Err(file.config_error(
+            "qwen3.attention.head_count_kv",
             format!("{kv_heads} does not divide head_count {heads}"),
         ));
     }
     if head_dim % 2 != 0 {
-        return Err(file.config_error("qwen3.attention.key_length",
+        return Err(file.config_error(
+            "qwen3.attention.key_length",
             format!("the head size {head_dim} must be even for RoPE"),
         ));
     }
@@ -94,14 +94,14 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     }
     if let Some(kind) = file.get("qwen3.rope.scaling.type") {
         if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(file.config_error("qwen3.rope.scaling.type",
+            return Err(file.config_error(
+                "qwen3.rope.scaling.type",
                 format!("{kind:?} is not supported by candle's quantized qwen3 (allowed: none)"),
             ));
         }
     }
     Ok(())
 }
-
 
 impl Architecture for QuantizedQwen3 {
     const NAME: &'static str = "quantized_qwen3";

@@ -24,10 +24,10 @@
 //! `&self`) and the cache is a separate value holding all the state there is, so replacing it
 //! restores exactly the freshly loaded model.
 
+use crate::error::{Error, Result};
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde_json::Value;
@@ -98,8 +98,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Qwen2Config> {
     }
     c.activation(&["silu"], "silu")?;
     let rope = c.rope(None, 10_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
-    {
+    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
         return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
     }
     Ok(Qwen2Config {
@@ -347,7 +346,6 @@ impl KvCache {
     }
 }
 
-
 /// The weights; immutable once loaded.
 pub struct Network {
     embed_tokens: Embedding,
@@ -436,7 +434,13 @@ impl Architecture for Qwen2 {
         let vb = dir.var_builder(dtype, &options.device)?;
         let network = Network::new(&cfg, vb)?;
         // The RoPE table has exactly this many rows.
-        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            dtype,
+        );
         let cache = KvCache::new(network.layers.len());
         Ok(Adapter::new(network, cache, info))
     }
@@ -491,7 +495,10 @@ mod tests {
     #[test]
     fn both_fixture_layouts_map_alike() {
         let new = config_from_hf(&hf("hf/qwen2/config.json")).unwrap();
-        assert_eq!(new, config_from_hf(&hf("hf/qwen2/config.legacy.json")).unwrap());
+        assert_eq!(
+            new,
+            config_from_hf(&hf("hf/qwen2/config.legacy.json")).unwrap()
+        );
         assert_eq!(new.layer_windows, vec![None, Some(6)]);
     }
 
@@ -508,5 +515,4 @@ mod tests {
         let c = HfConfig::from_value(Path::new("config.json"), value);
         assert_eq!(config_from_hf(&c).unwrap().layer_windows, vec![None, None]);
     }
-
 }

@@ -19,10 +19,10 @@
 //! concatenation into new tensors, so a clone of the pristine copy is exactly the freshly
 //! loaded model.
 
-use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::adapter::{Pristine, StockModel};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
+use crate::models::adapter::{Pristine, StockModel};
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::qwen3 as candle_qwen3;
@@ -59,8 +59,7 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<candle_qwen3::Config> {
     }
     c.activation(&["silu"], "silu")?;
     let rope = c.rope(None, 10_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
-    {
+    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
         return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
     }
     let max_window_layers = c.usize_or("max_window_layers", 28)?;
@@ -124,7 +123,10 @@ fn first_sliding_layer(
         }
         return Ok(None);
     }
-    let window_set = matches!(c.value().get("sliding_window"), None | Some(Value::Number(_)));
+    let window_set = matches!(
+        c.value().get("sliding_window"),
+        None | Some(Value::Number(_))
+    );
     if c.bool_or("use_sliding_window", false)? && window_set && max_window_layers < num_layers {
         return Ok(Some(max_window_layers));
     }
@@ -145,7 +147,13 @@ impl Architecture for Qwen3 {
         let vb = dir.var_builder(dtype, &options.device)?;
         let model = candle_qwen3::ModelForCausalLM::new(&config, vb)?;
         // candle's RoPE table has exactly this many rows.
-        let info = ModelInfo::from_hf(Self::NAME, &dir, config.vocab_size, config.max_position_embeddings, dtype);
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            config.vocab_size,
+            config.max_position_embeddings,
+            dtype,
+        );
         let (network, live) = Pristine::new(model);
         Ok(Adapter::new(network, live, info))
     }
@@ -153,7 +161,9 @@ impl Architecture for Qwen3 {
 
 impl StockModel for candle_qwen3::ModelForCausalLM {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        Ok(candle_qwen3::ModelForCausalLM::forward(self, input_ids, position)?)
+        Ok(candle_qwen3::ModelForCausalLM::forward(
+            self, input_ids, position,
+        )?)
     }
 }
 
@@ -190,7 +200,10 @@ mod tests {
     #[test]
     fn both_fixture_layouts_map_alike() {
         let new = config_from_hf(&hf("hf/qwen3/config.json")).unwrap();
-        assert_eq!(new, config_from_hf(&hf("hf/qwen3/config.legacy.json")).unwrap());
+        assert_eq!(
+            new,
+            config_from_hf(&hf("hf/qwen3/config.legacy.json")).unwrap()
+        );
         assert_eq!(new.head_dim, 32);
     }
 

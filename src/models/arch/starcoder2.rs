@@ -21,10 +21,10 @@
 //! `&self`) and the cache is a separate value holding all the state there is, so replacing it
 //! restores exactly the freshly loaded model.
 
+use crate::error::{Error, Result};
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
 
@@ -110,8 +110,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Starcoder2Config> {
         _ => Activation::GeluPytorchTanh,
     };
     let rope = c.rope(None, 10_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
-    {
+    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
         return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
     }
     let sliding_window = match c.opt_usize("sliding_window")? {
@@ -197,7 +196,10 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(xs.apply(&self.c_fc)?.apply(&self.act)?.apply(&self.c_proj)?)
+        Ok(xs
+            .apply(&self.c_fc)?
+            .apply(&self.act)?
+            .apply(&self.c_proj)?)
     }
 }
 
@@ -307,7 +309,6 @@ impl KvCache {
     }
 }
 
-
 /// The weights; immutable once loaded.
 pub struct Network {
     embed_tokens: Embedding,
@@ -345,7 +346,13 @@ impl Network {
 
     fn run(&self, input_ids: &Tensor, position: usize, cache: &mut KvCache) -> Result<Tensor> {
         let (_b, seq_len) = input_ids.dims2()?;
-        let mask = attention_mask(seq_len, position, 0, self.sliding_window, input_ids.device())?;
+        let mask = attention_mask(
+            seq_len,
+            position,
+            0,
+            self.sliding_window,
+            input_ids.device(),
+        )?;
         let mut xs = self.embed_tokens.forward(input_ids)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let residual = &xs;
@@ -384,7 +391,13 @@ impl Architecture for Starcoder2 {
         let vb = dir.var_builder(dtype, &options.device)?;
         let network = Network::new(&cfg, vb)?;
         // The RoPE table has exactly this many rows.
-        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_position_embeddings, dtype);
+        let info = ModelInfo::from_hf(
+            Self::NAME,
+            &dir,
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            dtype,
+        );
         let cache = KvCache::new(network.layers.len());
         Ok(Adapter::new(network, cache, info))
     }

@@ -6,8 +6,8 @@
 //! adapter runs the Llama implementation, which computes the same network.
 
 use super::llama::Network;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use crate::error::Result;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 
 /// Yi, as registered: Llama's network under its own name.
 pub struct Yi;
