@@ -456,10 +456,18 @@ impl HfConfig {
 
 /// Mappings several architectures share, each refusing what no implementation here computes.
 impl HfConfig {
-    /// `num_attention_heads` and `num_key_value_heads` (absent: `default_kv_heads`, or as many
-    /// as the query heads), checked for grouped-query attention: whole groups only.
-    pub fn heads(&self, default_kv_heads: Option<usize>) -> Result<(usize, usize)> {
-        let heads = self.usize("num_attention_heads")?;
+    /// `num_attention_heads` and `num_key_value_heads`, with the family's defaults when absent
+    /// (`None`: the query heads are required; the key/value heads default to as many), checked
+    /// for grouped-query attention: whole groups only.
+    pub fn heads(
+        &self,
+        default_heads: Option<usize>,
+        default_kv_heads: Option<usize>,
+    ) -> Result<(usize, usize)> {
+        let heads = match default_heads {
+            Some(d) => self.usize_or("num_attention_heads", d)?,
+            None => self.usize("num_attention_heads")?,
+        };
         let kv_heads = self.usize_or("num_key_value_heads", default_kv_heads.unwrap_or(heads))?;
         if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(self.err(

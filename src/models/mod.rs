@@ -39,6 +39,7 @@ pub mod common;
 pub mod detect;
 pub mod gguf;
 pub mod hf;
+pub mod layers;
 
 pub use adapter::{Adapter, Network};
 

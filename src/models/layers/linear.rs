@@ -1,0 +1,145 @@
+//! Linear layers and token embeddings: the one place that decides how a projection computes.
+//!
+//! Every projection of every architecture that runs its own network is a [`Linear`]: a dense
+//! F32/F16/BF16 weight multiplied by candle's matmul, or a GGUF-quantized weight multiplied by
+//! candle's `QMatMul`, plus an optional bias. A faster quantized kernel plugs in here, as one
+//! more way for [`Linear::forward`] to compute, and every architecture gets it at once.
+
+use crate::error::Result;
+use crate::models::gguf::GgufFile;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+/// `y = x W^T + b` over the last dimension of `x`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Tensor>,
+}
+
+/// How the weight is stored, and so how it is multiplied.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `(out, in)` in the model dtype: candle's matmul, as `candle_nn::Linear` does it.
+    Dense(candle_nn::Linear),
+    /// A GGUF tensor: candle's quantized matmul (which dequantizes F32/F16 tensors).
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    /// A dense layer from a weight `(out, in)` and an optional bias `(out,)`.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Dense(candle_nn::Linear::new(weight, None)),
+            bias,
+        }
+    }
+
+    /// A layer over a GGUF tensor, with an optional (dense) bias.
+    pub fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Quantized(weight),
+            bias,
+        }
+    }
+
+    /// Loads `weight` (and `bias` when `bias` is set) of shape `(out_dim, in_dim)` from a
+    /// safetensors prefix such as `model.layers.0.self_attn.q_proj`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Linear::dense(weight, bias))
+    }
+
+    /// Reads a GGUF tensor `name` after checking its shape `(out_dim, in_dim)`.
+    pub fn from_gguf(
+        file: &mut GgufFile,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
+        let tensor = file.read_tensor(name, shape, device)?;
+        Ok(Linear::quantized(QMatMul::from_qtensor(tensor)?, None))
+    }
+
+    /// The same layer plus a bias, for GGUF files that store it as a tensor of its own.
+    pub fn with_bias(mut self, bias: Tensor) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // The bias is added as candle's own `Linear` adds it.
+        let y = match &self.weight {
+            Weight::Dense(l) => l.forward(x)?,
+            Weight::Quantized(w) => w.forward(x)?,
+        };
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => y.broadcast_add(b),
+        }
+    }
+}
+
+/// The token embedding table; a tied output head multiplies by the same weights.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    /// A dense `(vocab, hidden)` table.
+    Dense(candle_nn::Embedding),
+    /// A GGUF table, kept quantized: rows are dequantized on lookup, as llama.cpp does,
+    /// instead of holding a dequantized F32 copy of the whole table.
+    Quantized {
+        /// The lookup.
+        table: QMatMul,
+        /// The tensor, for a tied output head to share.
+        tensor: Arc<QTensor>,
+    },
+}
+
+impl Embedding {
+    /// Loads `weight` `(vocab, hidden)` from a safetensors prefix such as `model.embed_tokens`.
+    pub fn load(vb: VarBuilder, vocab: usize, hidden: usize) -> Result<Self> {
+        Ok(Embedding::Dense(candle_nn::embedding(vocab, hidden, vb)?))
+    }
+
+    /// Reads the GGUF table `name` after checking its shape `(vocab, hidden)`.
+    pub fn from_gguf(
+        file: &mut GgufFile,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
+        let tensor = Arc::new(file.read_tensor(name, shape, device)?);
+        Ok(Embedding::Quantized {
+            table: QMatMul::from_arc(tensor.clone())?,
+            tensor,
+        })
+    }
+
+    /// The output head that reuses this table (tied embeddings), with an optional bias.
+    pub fn tied_head(&self, bias: Option<Tensor>) -> Result<Linear> {
+        Ok(match self {
+            Embedding::Dense(e) => Linear::dense(e.embeddings().clone(), bias),
+            Embedding::Quantized { tensor, .. } => {
+                Linear::quantized(QMatMul::from_arc(tensor.clone())?, bias)
+            }
+        })
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(e) => e.forward(ids),
+            Embedding::Quantized { table, .. } => table.embedding(ids),
+        }
+    }
+}
