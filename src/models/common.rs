@@ -71,6 +71,31 @@ pub fn attention_mask(
     )?))
 }
 
+/// Test support: loads the Hugging Face fixture `name`, runs `ids` in chunks that end at each
+/// of `splits` and then at the end (a prefill, then decode steps or chunks on top of the
+/// cache), and returns the max abs difference between the last logits and those of one
+/// prefill of all of `ids` after a reset.
+#[cfg(test)]
+pub(crate) fn chunked_prefill_diff(name: &str, ids: &[u32], splits: &[usize]) -> f32 {
+    use super::{LanguageModel, LoadOptions, Model};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name);
+    let mut model = Model::load(&dir, &LoadOptions::cpu()).unwrap();
+    let (mut start, mut chunked) = (0, Vec::new());
+    for &end in splits.iter().chain([&ids.len()]) {
+        chunked = model.forward_ids(&ids[start..end], start).unwrap();
+        start = end;
+    }
+    model.reset_cache().unwrap();
+    let whole = model.forward_ids(ids, 0).unwrap();
+    chunked
+        .iter()
+        .zip(&whole)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

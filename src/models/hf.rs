@@ -518,6 +518,23 @@ impl HfConfig {
         Ok(rope.theta)
     }
 
+    /// The rotated part of each head: `partial_rotary_factor` (from `rope`, else
+    /// `default_factor`) of `head_dim`, which must be an even, non-zero number of dimensions.
+    pub fn rotary_dim(&self, rope: &Rope, default_factor: f64, head_dim: usize) -> Result<usize> {
+        let partial = rope.partial_rotary_factor.unwrap_or(default_factor);
+        let rotary_dim = (partial * head_dim as f64) as usize;
+        if !(partial > 0.0 && partial <= 1.0) || rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(self.err(
+                "partial_rotary_factor",
+                format!(
+                    "{partial} is not supported: it must be in (0, 1] and rotate an even, non-zero \
+                     number of the {head_dim} head dimensions (found {rotary_dim})"
+                ),
+            ));
+        }
+        Ok(rotary_dim)
+    }
+
     /// The activation, read as [`HfConfig::activation`] does and mapped to candle's:
     /// transformers' `gelu` is the exact (erf) GELU, `gelu_new` and `gelu_pytorch_tanh` the
     /// tanh approximation.
@@ -634,6 +651,24 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
+    /// A number among the parameters of a rule the caller interprets ([`RopeScaling::Other`]):
+    /// `None` when absent or null (or for another rule), an error naming `rope_scaling.{key}`
+    /// when it is not a number.
+    pub fn param(&self, key: &str) -> Result<Option<f64>> {
+        let RopeScaling::Other { params, .. } = self else {
+            return Ok(None);
+        };
+        match params.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                Error::config(
+                    format!("rope_scaling.{key}"),
+                    format!("must be a number, found {v}"),
+                )
+            }),
+        }
+    }
+
     /// The rule's `rope_type` name.
     pub fn name(&self) -> &str {
         match self {
@@ -642,6 +677,18 @@ impl RopeScaling {
             RopeScaling::Llama3 { .. } => "llama3",
             RopeScaling::Other { rope_type, .. } => rope_type,
         }
+    }
+}
+
+/// Test support: a config.json under `tests/fixtures/` (`hf/qwen2/config.json`, ...).
+#[cfg(test)]
+pub(crate) fn fixture_config(file: &str) -> HfConfig {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(file);
+    match HfConfig::from_file(&path) {
+        Ok(c) => c,
+        Err(e) => panic!("{}: {e}", path.display()),
     }
 }
 

@@ -832,8 +832,8 @@ impl crate::models::Network for Network {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::common::chunked_prefill_diff;
     use crate::models::hf::real_config;
-    use crate::models::LanguageModel;
     use std::path::Path;
 
     #[test]
@@ -924,19 +924,8 @@ mod tests {
 
     #[test]
     fn a_chunk_after_a_non_empty_cache_equals_one_prefill() {
-        use crate::models::{LoadOptions, Model};
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/deepseek2");
         let ids = [1, 5, 9, 23, 42, 7, 100, 3, 77, 12];
-        let mut model = Model::load(&dir, &LoadOptions::cpu()).unwrap();
-        model.forward_ids(&ids[..4], 0).unwrap();
-        let chunked = model.forward_ids(&ids[4..], 4).unwrap();
-        model.reset_cache().unwrap();
-        let whole = model.forward_ids(&ids, 0).unwrap();
-        let diff = chunked
-            .iter()
-            .zip(&whole)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let diff = chunked_prefill_diff("deepseek2", &ids, &[4]);
         assert!(diff <= 1e-5, "chunked prefill differs by {diff}");
     }
 }

@@ -177,14 +177,8 @@ fn experts(cfg: &Config, vb: VarBuilder) -> Result<SparseMoe> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::fixture_config as hf;
     use std::path::Path;
-
-    fn hf(file: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file);
-        HfConfig::from_file(&path).unwrap()
-    }
 
     #[test]
     fn real_configs_map() {

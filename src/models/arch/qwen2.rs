@@ -161,15 +161,9 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::fixture_config as hf;
     use serde_json::Value;
     use std::path::Path;
-
-    fn hf(file: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file);
-        HfConfig::from_file(&path).unwrap()
-    }
 
     #[test]
     fn real_configs_map() {

@@ -147,14 +147,7 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn hf(file: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file);
-        HfConfig::from_file(&path).unwrap()
-    }
+    use crate::models::hf::fixture_config as hf;
 
     #[test]
     fn real_configs_map() {

@@ -21,8 +21,8 @@ use candle_core::{DType, Device, Tensor, D};
 pub enum Rounding {
     /// Computed in f64, rounded once.
     F64,
-    /// `theta^(2i / dim)` in f64 rounded to f32, then inverted in f32 (candle's Qwen2 and
-    /// Mixtral, which StarCoder2 and Mixtral here were adapted from).
+    /// `theta^(2i / dim)` in f64 rounded to f32, then inverted in f32 (as candle's Qwen2,
+    /// Mixtral and StarCoder2 files compute them, which ours were adapted from).
     F32Inverse,
     /// f32 throughout, as llama.cpp and candle's quantized models compute them.
     F32,
@@ -37,6 +37,15 @@ pub fn inv_freq(dim: usize, theta: f64, rounding: Rounding) -> Vec<f32> {
             Rounding::F32Inverse => 1f32 / theta.powf(i as f64 / dim as f64) as f32,
             Rounding::F32 => 1f32 / (theta as f32).powf(i as f32 / dim as f32),
         })
+        .collect()
+}
+
+/// Linear RoPE scaling as transformers applies it: the inverse frequencies divided by
+/// `factor`, computed in f64 and rounded once (a factor of 1 gives [`Rounding::F64`]'s).
+pub fn inv_freq_linear(dim: usize, theta: f64, factor: f64) -> Vec<f32> {
+    (0..dim)
+        .step_by(2)
+        .map(|i| (1.0 / theta.powf(i as f64 / dim as f64) / factor) as f32)
         .collect()
 }
 
