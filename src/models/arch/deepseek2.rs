@@ -1,9 +1,10 @@
 //! DeepSeek-V2 (`DeepseekV2ForCausalLM`, `model_type: deepseek_v2`: DeepSeek-V2, V2-Lite,
 //! V2-Chat, DeepSeek-Coder-V2) from a Hugging Face directory.
 //!
-//! This module runs its own forward pass, adapted from candle-transformers' `deepseek2.rs`
-//! (multi-head latent attention, interleaved RoPE on the positional part of each head, a
-//! softmax-routed mixture of experts with shared experts), because candle's model gets the
+//! This module runs its own network, adapted from candle-transformers' `deepseek2.rs`: the
+//! shared [`Decoder`] with multi-head latent attention ([`LatentAttention`], this module's own
+//! attention block), interleaved RoPE on the positional part of each head, and a
+//! softmax-routed mixture of experts with shared experts. candle's model gets the
 //! group-limited routing of the full DeepSeek-V2 wrong: it picks the top groups from the
 //! expert scores instead of the per-group maxima, then selects experts from the group mask
 //! rather than from the masked scores. Its config also has private fields, and its loader
@@ -25,14 +26,20 @@
 //! The KV cache holds the keys and values expanded per head (as candle's model does), trading
 //! memory for not re-expanding the latent cache at every step.
 //!
-//! Reset: a fresh [`Cache`] (one empty slot per layer). All state lives in that cache, which
-//! is separate from the weights, so a new one is exactly the freshly loaded state.
 
 use crate::error::{Error, Result};
 use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::layers::attention::attend;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward, SelfAttention};
+use crate::models::layers::kv_cache::LayerCache;
+use crate::models::layers::linear::Linear;
+use crate::models::layers::mlp::Mlp;
+use crate::models::layers::moe::{Router, Routing, SparseMoe};
+use crate::models::layers::norm::Norm;
+use crate::models::layers::rotary::{CosSin, Pairing, Rotary};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{linear_b, linear_no_bias, Activation, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_core::{DType, Tensor, D};
+use candle_nn::{Activation, VarBuilder};
 use serde_json::Value;
 
 /// How routed experts are chosen.
@@ -68,7 +75,7 @@ struct RopeConfig {
 
 /// The DeepSeek-V2 settings llm-pool reads from config.json.
 #[derive(Debug, Clone, PartialEq)]
-struct Config {
+pub struct Config {
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -89,7 +96,7 @@ struct Config {
 }
 
 /// Maps config.json to [`Config`], refusing what this implementation cannot compute.
-fn deepseek2_config(c: &HfConfig) -> Result<Config> {
+pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
     const FAMILY: &str = "deepseek2";
     let activation = match c
         .activation(&["silu", "gelu", "gelu_pytorch_tanh", "gelu_new"], "silu")?
@@ -255,17 +262,7 @@ fn rope_config(c: &HfConfig, dim: usize) -> Result<RopeConfig> {
         RopeScaling::Other { rope_type, params } if rope_type == "yarn" => params,
         _ => return Err(c.unsupported_rope(&rope, "deepseek2", &["default", "yarn"])),
     };
-    let field = |key: &str| -> Result<Option<f64>> {
-        match params.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                Error::config(
-                    format!("rope_scaling.{key}"),
-                    format!("must be a number, found {v}"),
-                )
-            }),
-        }
-    };
+    let field = |key: &str| rope.scaling.param(key);
     let required = |key: &str| -> Result<f64> {
         field(key)?.ok_or_else(|| {
             Error::config(
@@ -334,226 +331,44 @@ fn rope_config(c: &HfConfig, dim: usize) -> Result<RopeConfig> {
     })
 }
 
-/// RoPE tables for the positions of each forward.
-#[derive(Debug, Clone)]
-struct Rotary {
-    inv_freq: Tensor,
-    attention_factor: f64,
-}
+/// DeepSeek-V2, as registered.
+pub struct DeepSeek2;
 
-impl Rotary {
-    fn new(cfg: &RopeConfig, device: &Device) -> Result<Self> {
-        let inv: Vec<f32> = cfg.inv_freq.iter().map(|&f| f as f32).collect();
-        let n = inv.len();
-        Ok(Self {
-            inv_freq: Tensor::from_vec(inv, (1, n), device)?,
-            attention_factor: cfg.attention_factor,
-        })
+impl Architecture for DeepSeek2 {
+    const NAME: &'static str = "deepseek2";
+    const FORMAT: WeightFormat = WeightFormat::Safetensors;
+    const MODEL_TYPES: &'static [&'static str] = &["deepseek_v2"];
+    const HF_CLASSES: &'static [&'static str] = &["DeepseekV2ForCausalLM"];
+    type Network = Decoder<LatentAttention>;
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
+        let dir = source.into_hf(Self::NAME)?;
+        let cfg = config_from_hf(&dir.config)?;
+        let dtype = dir.dtype(options)?;
+        let network = network(&cfg, dir.var_builder(dtype, &options.device)?)?;
+        let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
+        let info = ModelInfo::from_hf(Self::NAME, &dir, vocab, context, dtype);
+        let cache = network.new_cache();
+        Ok(Adapter::new(network, cache, info))
     }
-
-    /// `(cos, sin)`, each `(seq_len, dim / 2)`, for positions `offset..offset + seq_len`.
-    fn cos_sin(&self, offset: usize, seq_len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let t = Tensor::arange(
-            offset as u32,
-            (offset + seq_len) as u32,
-            self.inv_freq.device(),
-        )?
-        .to_dtype(DType::F32)?
-        .reshape((seq_len, 1))?;
-        let freqs = t.matmul(&self.inv_freq)?;
-        let cos = (freqs.cos()? * self.attention_factor)?;
-        let sin = (freqs.sin()? * self.attention_factor)?;
-        Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-    act: Activation,
-}
-
-impl Mlp {
-    fn new(hidden: usize, intermediate: usize, act: Activation, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            gate_proj: linear_no_bias(hidden, intermediate, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(hidden, intermediate, vb.pp("up_proj"))?,
-            down_proj: linear_no_bias(intermediate, hidden, vb.pp("down_proj"))?,
-            act,
-        })
-    }
-}
-
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = xs.apply(&self.gate_proj)?.apply(&self.act)?;
-        (gate * xs.apply(&self.up_proj)?)?.apply(&self.down_proj)
-    }
-}
-
-/// Routed experts plus shared experts.
-#[derive(Debug, Clone)]
-struct Moe {
-    /// Router weights, `(n_routed_experts, hidden)`, in F32 as transformers keeps them.
-    gate: Tensor,
-    experts: Vec<Mlp>,
-    shared_experts: Option<Mlp>,
-    top_k: usize,
-    topk_method: TopkMethod,
-    routed_scaling_factor: f64,
-}
-
-impl Moe {
-    fn new(cfg: &Config, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
-        let experts = (0..moe.n_routed_experts)
-            .map(|i| {
-                Mlp::new(
-                    cfg.hidden_size,
-                    moe.moe_intermediate_size,
-                    cfg.activation,
-                    vb.pp("experts").pp(i),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let shared_experts = if moe.n_shared_experts > 0 {
-            Some(Mlp::new(
-                cfg.hidden_size,
-                moe.moe_intermediate_size * moe.n_shared_experts,
-                cfg.activation,
-                vb.pp("shared_experts"),
-            )?)
-        } else {
-            None
-        };
-        let gate = vb
-            .pp("gate")
-            .set_dtype(DType::F32)
-            .get((moe.n_routed_experts, cfg.hidden_size), "weight")?;
-        Ok(Self {
-            gate,
-            experts,
-            shared_experts,
-            top_k: moe.num_experts_per_tok,
-            topk_method: moe.topk_method.clone(),
-            routed_scaling_factor: moe.routed_scaling_factor,
-        })
-    }
-
-    /// The experts of one token and their weights, from its routing scores.
-    fn route(&self, scores: &[f32]) -> Vec<(usize, f32)> {
-        let masked: Vec<f32> = match self.topk_method {
-            TopkMethod::Greedy => scores.to_vec(),
-            TopkMethod::GroupLimited {
-                n_group,
-                topk_group,
-            } => {
-                // Keep the experts of the `topk_group` groups with the highest best score.
-                let per_group = scores.len() / n_group;
-                let group_best: Vec<f32> = scores
-                    .chunks(per_group)
-                    .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-                    .collect();
-                let kept = top_indices(&group_best, topk_group);
-                scores
-                    .iter()
-                    .enumerate()
-                    .map(|(e, &s)| {
-                        if kept.contains(&(e / per_group)) {
-                            s
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect()
-            }
-        };
-        top_indices(&masked, self.top_k)
-            .into_iter()
-            .map(|e| (e, masked[e] * self.routed_scaling_factor as f32))
-            .collect()
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let shape = xs.shape().clone();
-        let hidden = xs.dim(D::Minus1)?;
-        let flat = xs.reshape(((), hidden))?;
-        let logits = flat.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?;
-        let scores = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
-        // Tokens and weights per expert, then each expert runs once on its tokens.
-        let mut assigned: Vec<(Vec<u32>, Vec<f32>)> =
-            vec![(Vec::new(), Vec::new()); self.experts.len()];
-        for (token, s) in scores.iter().enumerate() {
-            for (expert, weight) in self.route(s) {
-                assigned[expert].0.push(token as u32);
-                assigned[expert].1.push(weight);
-            }
-        }
-        let mut out = flat.zeros_like()?;
-        for (expert, (tokens, weights)) in self.experts.iter().zip(assigned) {
-            if tokens.is_empty() {
-                continue;
-            }
-            let n = tokens.len();
-            let idx = Tensor::from_vec(tokens, n, flat.device())?;
-            let w = Tensor::from_vec(weights, (n, 1), flat.device())?;
-            let y = expert.forward(&flat.index_select(&idx, 0)?)?;
-            let y = y
-                .to_dtype(DType::F32)?
-                .broadcast_mul(&w)?
-                .to_dtype(out.dtype())?;
-            out = out.index_add(&idx, &y, 0)?;
-        }
-        let out = out.reshape(shape)?;
-        Ok(match &self.shared_experts {
-            Some(shared) => (out + xs.apply(shared)?)?,
-            None => out,
-        })
-    }
-}
-
-/// Indices of the `k` largest values, largest first (earlier index first on ties).
-fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    order.truncate(k);
-    order
-}
-
-#[derive(Debug, Clone)]
-enum FeedForward {
-    Dense(Mlp),
-    Moe(Box<Moe>),
 }
 
 /// The query projection: plain, or low-rank with a norm (`q_lora_rank`).
 #[derive(Debug, Clone)]
 enum QProj {
     Plain(Linear),
-    Lora { a: Linear, norm: RmsNorm, b: Linear },
+    Lora { a: Linear, norm: Norm, b: Linear },
 }
 
-/// The KV cache: per layer, the keys and values (expanded per head) of the cached tokens.
+/// Multi-head latent attention: keys and values come out of one compressed latent per token,
+/// plus a positional key part shared by all heads. The KV cache holds the keys and values
+/// expanded per head (as candle's model does), trading memory for not re-expanding the latent
+/// cache at every step.
 #[derive(Debug, Clone)]
-pub struct Cache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl Cache {
-    fn new(layers: usize) -> Self {
-        Cache {
-            layers: vec![None; layers],
-        }
-    }
-}
-
-/// Multi-head latent attention.
-#[derive(Debug, Clone)]
-struct Attention {
+pub struct LatentAttention {
     q: QProj,
     kv_a_proj_with_mqa: Linear,
-    kv_a_layernorm: RmsNorm,
+    kv_a_layernorm: Norm,
     kv_b_proj: Linear,
     o_proj: Linear,
     num_heads: usize,
@@ -564,52 +379,49 @@ struct Attention {
     softmax_scale: f64,
 }
 
-impl Attention {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+impl LatentAttention {
+    fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let (h, nh, bias) = (cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias);
         let q_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim;
+        let (rank, eps) = (cfg.kv_lora_rank, cfg.rms_norm_eps);
         let q = match cfg.q_lora_rank {
-            Some(rank) => QProj::Lora {
-                a: linear_b(h, rank, bias, vb.pp("q_a_proj"))?,
-                norm: candle_nn::rms_norm(rank, cfg.rms_norm_eps, vb.pp("q_a_layernorm"))?,
-                b: linear_no_bias(rank, nh * q_head_dim, vb.pp("q_b_proj"))?,
+            Some(q_rank) => QProj::Lora {
+                a: Linear::load(vb.pp("q_a_proj"), h, q_rank, bias)?,
+                norm: Norm::rms(q_rank, eps, vb.pp("q_a_layernorm"))?,
+                b: Linear::load(vb.pp("q_b_proj"), q_rank, nh * q_head_dim, false)?,
             },
-            None => QProj::Plain(linear_no_bias(h, nh * q_head_dim, vb.pp("q_proj"))?),
+            None => QProj::Plain(Linear::load(vb.pp("q_proj"), h, nh * q_head_dim, false)?),
         };
+        let kv_b = nh * (cfg.qk_nope_head_dim + cfg.v_head_dim);
         Ok(Self {
             q,
-            kv_a_proj_with_mqa: linear_b(
-                h,
-                cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                bias,
+            kv_a_proj_with_mqa: Linear::load(
                 vb.pp("kv_a_proj_with_mqa"),
+                h,
+                rank + cfg.qk_rope_head_dim,
+                bias,
             )?,
-            kv_a_layernorm: candle_nn::rms_norm(
-                cfg.kv_lora_rank,
-                cfg.rms_norm_eps,
-                vb.pp("kv_a_layernorm"),
-            )?,
-            kv_b_proj: linear_no_bias(
-                cfg.kv_lora_rank,
-                nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-                vb.pp("kv_b_proj"),
-            )?,
-            o_proj: linear_b(nh * cfg.v_head_dim, h, bias, vb.pp("o_proj"))?,
+            kv_a_layernorm: Norm::rms(rank, eps, vb.pp("kv_a_layernorm"))?,
+            kv_b_proj: Linear::load(vb.pp("kv_b_proj"), rank, kv_b, false)?,
+            o_proj: Linear::load(vb.pp("o_proj"), nh * cfg.v_head_dim, h, bias)?,
             num_heads: nh,
-            kv_lora_rank: cfg.kv_lora_rank,
+            kv_lora_rank: rank,
             qk_nope_head_dim: cfg.qk_nope_head_dim,
             qk_rope_head_dim: cfg.qk_rope_head_dim,
             v_head_dim: cfg.v_head_dim,
             softmax_scale: cfg.rope.softmax_scale_factor / (q_head_dim as f64).sqrt(),
         })
     }
+}
 
+impl SelfAttention for LatentAttention {
     fn forward(
         &self,
         xs: &Tensor,
-        cos_sin: &(Tensor, Tensor),
+        rotary: &Rotary,
+        cs: &CosSin,
         mask: Option<&Tensor>,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let (b, seq_len, _) = xs.dims3()?;
         let (nope, rope, nh) = (self.qk_nope_head_dim, self.qk_rope_head_dim, self.num_heads);
@@ -630,10 +442,9 @@ impl Attention {
             .reshape((b, seq_len, 1, rope))?
             .transpose(1, 2)?
             .contiguous()?;
-        let (cos, sin) = cos_sin;
         // DeepSeek rotates interleaved pairs (complex multiplication in transformers).
-        let q_pe = candle_nn::rotary_emb::rope_i(&q_pe, cos, sin)?;
-        let k_pe = candle_nn::rotary_emb::rope_i(&k_pe, cos, sin)?;
+        let q_pe = rotary.apply(&q_pe, cs)?;
+        let k_pe = rotary.apply(&k_pe, cs)?;
 
         let kv = kv_latent
             .apply(&self.kv_b_proj)?
@@ -644,189 +455,88 @@ impl Attention {
         let q = Tensor::cat(&[&q_nope, &q_pe], D::Minus1)?;
         let k = Tensor::cat(&[&k_nope, &k_pe.repeat((1, nh, 1, 1))?], D::Minus1)?;
 
-        let (k, v) = match cache.take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        *cache = Some((k.clone(), v.clone()));
-
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * self.softmax_scale)?;
-        let scores = scores.to_dtype(DType::F32)?;
-        let scores = match mask {
-            None => scores,
-            Some(m) => scores.broadcast_add(m)?,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        Ok(probs
-            .matmul(&v)?
+        let (k, v) = cache.append(k, v)?;
+        Ok(attend(&q, k, v, self.softmax_scale, None, mask)?
             .transpose(1, 2)?
             .reshape((b, seq_len, ()))?
             .apply(&self.o_proj)?)
     }
 }
 
-#[derive(Debug, Clone)]
-struct DecoderLayer {
-    self_attn: Attention,
-    mlp: FeedForward,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
+/// Routed experts plus shared experts, routed in F32 as transformers does.
+fn moe(cfg: &Config, moe: &MoeConfig, vb: VarBuilder) -> Result<SparseMoe> {
+    let (h, i, act) = (cfg.hidden_size, moe.moe_intermediate_size, cfg.activation);
+    let experts = (0..moe.n_routed_experts)
+        .map(|e| Mlp::load_gated(&vb.pp("experts").pp(e), h, i, act))
+        .collect::<Result<Vec<_>>>()?;
+    let shared = match moe.n_shared_experts {
+        0 => None,
+        n => Some(Mlp::load_gated(&vb.pp("shared_experts"), h, i * n, act)?),
+    };
+    // The router weights stay F32 whatever the model dtype, as transformers keeps them.
+    let gate = vb
+        .pp("gate")
+        .set_dtype(DType::F32)
+        .get((moe.n_routed_experts, h), "weight")?;
+    Ok(SparseMoe {
+        router: Router {
+            gate: Linear::dense(gate, None),
+            f32_input: true,
+        },
+        experts,
+        shared,
+        routing: routing(moe),
+        weight_dtype: Some(DType::F32),
+    })
 }
 
-impl DecoderLayer {
-    fn new(cfg: &Config, layer: usize, vb: VarBuilder) -> Result<Self> {
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-        let mlp = match &cfg.moe {
-            Some(moe) if layer >= moe.first_k_dense_replace => {
-                FeedForward::Moe(Box::new(Moe::new(cfg, moe, vb.pp("mlp"))?))
+/// The routing a config asks for: no renormalisation, weights scaled.
+fn routing(moe: &MoeConfig) -> Routing {
+    Routing {
+        top_k: moe.num_experts_per_tok,
+        groups: match moe.topk_method {
+            TopkMethod::Greedy => None,
+            TopkMethod::GroupLimited {
+                n_group,
+                topk_group,
+            } => Some((n_group, topk_group)),
+        },
+        renormalize: false,
+        scale: moe.routed_scaling_factor,
+    }
+}
+
+/// The decoder with DeepSeek-V2's weights: latent attention, dense MLPs in the first
+/// `first_k_dense_replace` layers, mixtures of experts after.
+fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder<LatentAttention>> {
+    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    let layer = |i: usize, vb: VarBuilder| -> Result<DecoderLayer<LatentAttention>> {
+        let ffn = match &cfg.moe {
+            Some(m) if i >= m.first_k_dense_replace => {
+                FeedForward::Moe(Box::new(moe(cfg, m, vb.pp("mlp"))?))
             }
-            _ => FeedForward::Dense(Mlp::new(
+            _ => FeedForward::Mlp(Mlp::load_gated(
+                &vb.pp("mlp"),
                 h,
                 cfg.intermediate_size,
                 cfg.activation,
-                vb.pp("mlp"),
             )?),
         };
-        Ok(Self {
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            mlp,
-            input_layernorm: candle_nn::rms_norm(h, eps, vb.pp("input_layernorm"))?,
-            post_attention_layernorm: candle_nn::rms_norm(
-                h,
-                eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        cos_sin: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
-        cache: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&xs.apply(&self.input_layernorm)?, cos_sin, mask, cache)?;
-        let xs = (h + xs)?;
-        let normed = xs.apply(&self.post_attention_layernorm)?;
-        let h = match &self.mlp {
-            FeedForward::Dense(mlp) => normed.apply(mlp)?,
-            FeedForward::Moe(moe) => moe.forward(&normed)?,
-        };
-        Ok((h + xs)?)
-    }
-}
-
-/// The causal mask for queries at `offset..offset + seq_len` over all cached and new keys;
-/// `None` for a single token, which sees everything.
-fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
-    if seq_len == 1 {
-        return Ok(None);
-    }
-    let kv_len = offset + seq_len;
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| {
-            (0..kv_len).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (seq_len, kv_len), device)?))
-}
-
-/// The DeepSeek-V2 network.
-#[derive(Debug, Clone)]
-pub struct Network {
-    embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rotary: Rotary,
-}
-
-impl Network {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let vb_m = vb.pp("model");
-        let embed_tokens =
-            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, i, vb_m.pp("layers").pp(i)))
-            .collect::<Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
-        } else {
-            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
-        };
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm: candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?,
-            lm_head,
-            rotary: Rotary::new(&cfg.rope, vb.device())?,
-        })
-    }
-
-    fn run(&self, input_ids: &Tensor, offset: usize, cache: &mut Cache) -> Result<Tensor> {
-        let (_b, seq_len) = input_ids.dims2()?;
-        let mut xs = self.embed_tokens.forward(input_ids)?;
-        let cos_sin = self.rotary.cos_sin(offset, seq_len, xs.dtype())?;
-        let mask = causal_mask(seq_len, offset, input_ids.device())?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            xs = layer.forward(&xs, &cos_sin, mask.as_ref(), slot)?;
-        }
-        Ok(xs
-            .narrow(1, seq_len - 1, 1)?
-            .apply(&self.norm)?
-            .apply(&self.lm_head)?)
-    }
-}
-
-/// DeepSeek2, as registered.
-pub struct DeepSeek2;
-
-impl Architecture for DeepSeek2 {
-    const NAME: &'static str = "deepseek2";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["deepseek_v2"];
-    const HF_CLASSES: &'static [&'static str] = &["DeepseekV2ForCausalLM"];
-
-    type Network = Network;
-
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let cfg = deepseek2_config(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let vb = dir.var_builder(dtype, &options.device)?;
-        let network = Network::new(&cfg, vb)?;
-        let info = ModelInfo::from_hf(
-            Self::NAME,
-            &dir,
-            cfg.vocab_size,
-            cfg.max_position_embeddings,
-            dtype,
-        );
-        let cache = Cache::new(network.layers.len());
-        Ok(Adapter::new(network, cache, info))
-    }
-}
-
-impl crate::models::Network for Network {
-    type Cache = Cache;
-
-    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut Cache) -> Result<Tensor> {
-        self.run(input_ids, position, cache)
-    }
-
-    fn reset(&self, cache: &mut Cache) -> Result<()> {
-        *cache = Cache::new(self.layers.len());
-        Ok(())
-    }
+        Ok(DecoderLayer::pre_norm(
+            LatentAttention::load(cfg, vb.pp("self_attn"))?,
+            Norm::rms(h, eps, vb.pp("input_layernorm"))?,
+            ffn,
+            Norm::rms(h, eps, vb.pp("post_attention_layernorm"))?,
+        ))
+    };
+    let inv_freq: Vec<f32> = cfg.rope.inv_freq.iter().map(|&f| f as f32).collect();
+    let rotary = Rotary::new(inv_freq, vb.device())?
+        .with_attention_factor(cfg.rope.attention_factor)
+        .with_pairing(Pairing::Interleaved);
+    let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
+    let embeddings = (cfg.vocab_size, h, cfg.tie_word_embeddings);
+    let layers = cfg.num_hidden_layers;
+    Decoder::load_hf(&vb, embeddings, layers, layer, norm, vec![rotary])
 }
 
 #[cfg(test)]
@@ -838,7 +548,7 @@ mod tests {
 
     #[test]
     fn deepseek_v2_lite_maps() {
-        let c = deepseek2_config(&real_config("deepseek2-DeepSeek-V2-Lite.json")).unwrap();
+        let c = config_from_hf(&real_config("deepseek2-DeepSeek-V2-Lite.json")).unwrap();
         assert_eq!(
             (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
             (2048, 27, 16)
@@ -877,7 +587,7 @@ mod tests {
 
     #[test]
     fn deepseek_v2_maps_group_limited_routing() {
-        let c = deepseek2_config(&real_config("deepseek2-DeepSeek-V2.json")).unwrap();
+        let c = config_from_hf(&real_config("deepseek2-DeepSeek-V2.json")).unwrap();
         assert_eq!(c.q_lora_rank, Some(1536));
         let moe = c.moe.unwrap();
         assert_eq!(moe.n_routed_experts, 160);
@@ -897,7 +607,7 @@ mod tests {
             .value()
             .clone();
         v["norm_topk_prob"] = true.into();
-        let err = deepseek2_config(&HfConfig::from_value(Path::new("config.json"), v))
+        let err = config_from_hf(&HfConfig::from_value(Path::new("config.json"), v))
             .unwrap_err()
             .to_string();
         assert!(err.contains("norm_topk_prob"), "{err}");
@@ -905,17 +615,18 @@ mod tests {
 
     #[test]
     fn group_limited_routing_picks_from_the_best_groups() {
-        let moe = Moe {
-            gate: Tensor::zeros((4, 1), DType::F32, &Device::Cpu).unwrap(),
-            experts: Vec::new(),
-            shared_experts: None,
-            top_k: 2,
+        let moe = routing(&MoeConfig {
+            n_routed_experts: 4,
+            num_experts_per_tok: 2,
+            n_shared_experts: 0,
+            moe_intermediate_size: 1,
+            routed_scaling_factor: 2.0,
             topk_method: TopkMethod::GroupLimited {
                 n_group: 2,
                 topk_group: 1,
             },
-            routed_scaling_factor: 2.0,
-        };
+            first_k_dense_replace: 0,
+        });
         // Group 1 (experts 2, 3) holds the best expert, so both picks come from it even though
         // expert 0 beats expert 3.
         let routed = moe.route(&[0.3, 0.05, 0.4, 0.25]);

@@ -162,22 +162,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn group_limited_routing_picks_from_the_best_groups() {
-        let routing = Routing {
-            top_k: 2,
-            groups: Some((2, 1)),
-            renormalize: false,
-            scale: 2.0,
-        };
-        // Group 1 (experts 2, 3) holds the best expert, so both picks come from it even though
-        // expert 0 beats expert 3.
-        assert_eq!(
-            routing.route(&[0.3, 0.05, 0.4, 0.25]),
-            vec![(2, 0.8), (3, 0.5)]
-        );
-    }
-
-    #[test]
     fn renormalised_top_k_weights_sum_to_one() {
         let routing = Routing {
             top_k: 2,
