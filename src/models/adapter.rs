@@ -65,12 +65,6 @@ impl<A: Architecture> Adapter<A> {
     pub fn network(&self) -> &A::Network {
         &self.network
     }
-
-    /// The network, for unit tests that switch a setting.
-    #[cfg(test)]
-    pub(crate) fn network_mut(&mut self) -> &mut A::Network {
-        &mut self.network
-    }
 }
 
 impl<A: Architecture> LanguageModel for Adapter<A> {
