@@ -11,10 +11,13 @@
 //! cache sit in one struct, it is the live copy of that struct, and [`Pristine`] resets it by
 //! swapping in a clone of the copy taken at load time.
 
-use super::common::last_position_f32;
-use super::{Architecture, LanguageModel, ModelInfo};
+use super::common::{self, last_position_f32};
+use super::gguf::GgufFile;
+use super::hf::HfConfig;
+use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource};
 use crate::error::{Error, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 /// An architecture's computation: read-only weights, run over a separate, mutable cache.
 pub trait Network: Send + 'static {
@@ -59,6 +62,46 @@ impl<A: Architecture> Adapter<A> {
             cached: Some(0),
             info,
         }
+    }
+
+    /// Loads a Hugging Face directory: `config` maps config.json, `build` builds the network
+    /// from the weights, read in the dtype and on the device the options ask for.
+    pub fn load_hf<C>(
+        source: ModelSource,
+        options: &LoadOptions,
+        config: impl FnOnce(&HfConfig) -> Result<C>,
+        build: impl FnOnce(&C, VarBuilder) -> Result<Loaded<A::Network>>,
+    ) -> Result<Self> {
+        let dir = source.into_hf(A::NAME)?;
+        let cfg = config(&dir.config)?;
+        let dtype = dir.dtype(options)?;
+        let loaded = build(&cfg, dir.var_builder(dtype, &options.device)?)?;
+        let info = ModelInfo::from_hf(A::NAME, &dir, loaded.vocab_size, loaded.max_context, dtype);
+        Ok(Adapter::new(loaded.network, loaded.cache, info))
+    }
+
+    /// Loads a GGUF file: `build` checks the metadata and reads the tensors onto the device
+    /// (it gets the file itself, as candle's loaders take its content). GGUF models compute in
+    /// F32 whatever their tensors' quantization.
+    pub fn load_gguf(
+        source: ModelSource,
+        options: &LoadOptions,
+        build: impl FnOnce(GgufFile, &Device) -> Result<Loaded<A::Network>>,
+    ) -> Result<Self> {
+        let file = source.into_gguf(A::NAME)?;
+        // The special ids first: the builder consumes the file.
+        let eos_token_ids = common::token_set(file.eos_token_ids()?);
+        let bos_token_id = file.bos_token_id()?;
+        let loaded = build(file, &options.device)?;
+        let info = ModelInfo {
+            architecture: A::NAME,
+            vocab_size: loaded.vocab_size,
+            max_context: loaded.max_context,
+            eos_token_ids,
+            bos_token_id,
+            dtype: DType::F32,
+        };
+        Ok(Adapter::new(loaded.network, loaded.cache, info))
     }
 
     /// The network, for tests that inspect what was loaded.
@@ -106,6 +149,32 @@ impl<A: Architecture> LanguageModel for Adapter<A> {
 
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+}
+
+/// A network as built from its weights: with its empty cache, and the vocabulary size and
+/// context length its [`ModelInfo`] reports.
+pub struct Loaded<N: Network> {
+    /// The network.
+    pub network: N,
+    /// Its empty cache.
+    pub cache: N::Cache,
+    /// Rows of the logits.
+    pub vocab_size: usize,
+    /// The longest sequence it computes.
+    pub max_context: usize,
+}
+
+impl<M: StockModel> Loaded<Pristine<M>> {
+    /// A freshly loaded stock model: its pristine copy is the network, the live one the cache.
+    pub fn pristine(model: M, vocab_size: usize, max_context: usize) -> Self {
+        let (network, cache) = Pristine::new(model);
+        Loaded {
+            network,
+            cache,
+            vocab_size,
+            max_context,
+        }
     }
 }
 

@@ -84,24 +84,6 @@ impl ModelInfo {
             dtype,
         }
     }
-
-    /// The info of a model loaded from a GGUF file, computed in F32: special ids from the
-    /// file's tokenizer metadata.
-    pub fn from_gguf(
-        architecture: &'static str,
-        file: &gguf::GgufFile,
-        vocab_size: usize,
-        max_context: usize,
-    ) -> Result<Self> {
-        Ok(ModelInfo {
-            architecture,
-            vocab_size,
-            max_context,
-            eos_token_ids: common::token_set(file.eos_token_ids()?),
-            bos_token_id: file.bos_token_id()?,
-            dtype: DType::F32,
-        })
-    }
 }
 
 /// The weight format an architecture loads from.

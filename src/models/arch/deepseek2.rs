@@ -28,16 +28,17 @@
 //!
 
 use crate::error::{Error, Result};
+use crate::models::adapter::Loaded;
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::layers::attention::attend;
-use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward, SelfAttention};
+use crate::models::layers::attention::{attend, Positions, SelfAttention};
+use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
 use crate::models::layers::kv_cache::LayerCache;
 use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::moe::{Router, Routing, SparseMoe};
 use crate::models::layers::norm::Norm;
-use crate::models::layers::rotary::{CosSin, Pairing, Rotary};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::layers::rotary::{Pairing, Rotary};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Activation, VarBuilder};
 use serde_json::Value;
@@ -342,14 +343,7 @@ impl Architecture for DeepSeek2 {
     type Network = Decoder<LatentAttention>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let cfg = config_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let network = network(&cfg, dir.var_builder(dtype, &options.device)?)?;
-        let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
-        let info = ModelInfo::from_hf(Self::NAME, &dir, vocab, context, dtype);
-        let cache = network.new_cache();
-        Ok(Adapter::new(network, cache, info))
+        Adapter::load_hf(source, options, config_from_hf, network)
     }
 }
 
@@ -415,14 +409,7 @@ impl LatentAttention {
 }
 
 impl SelfAttention for LatentAttention {
-    fn forward(
-        &self,
-        xs: &Tensor,
-        rotary: &Rotary,
-        cs: &CosSin,
-        mask: Option<&Tensor>,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
         let (b, seq_len, _) = xs.dims3()?;
         let (nope, rope, nh) = (self.qk_nope_head_dim, self.qk_rope_head_dim, self.num_heads);
         let q = match &self.q {
@@ -443,8 +430,7 @@ impl SelfAttention for LatentAttention {
             .transpose(1, 2)?
             .contiguous()?;
         // DeepSeek rotates interleaved pairs (complex multiplication in transformers).
-        let q_pe = rotary.apply(&q_pe, cs)?;
-        let k_pe = rotary.apply(&k_pe, cs)?;
+        let (q_pe, k_pe) = (at.rotate(&q_pe)?, at.rotate(&k_pe)?);
 
         let kv = kv_latent
             .apply(&self.kv_b_proj)?
@@ -456,7 +442,7 @@ impl SelfAttention for LatentAttention {
         let k = Tensor::cat(&[&k_nope, &k_pe.repeat((1, nh, 1, 1))?], D::Minus1)?;
 
         let (k, v) = cache.append(k, v)?;
-        Ok(attend(&q, k, v, self.softmax_scale, None, mask)?
+        Ok(attend(&q, k, v, self.softmax_scale, None, at.mask)?
             .transpose(1, 2)?
             .reshape((b, seq_len, ()))?
             .apply(&self.o_proj)?)
@@ -508,35 +494,32 @@ fn routing(moe: &MoeConfig) -> Routing {
 
 /// The decoder with DeepSeek-V2's weights: latent attention, dense MLPs in the first
 /// `first_k_dense_replace` layers, mixtures of experts after.
-fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder<LatentAttention>> {
+fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder<LatentAttention>>> {
     let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-    let layer = |i: usize, vb: VarBuilder| -> Result<DecoderLayer<LatentAttention>> {
+    let layer = |i: usize, vb: VarBuilder| {
+        let mlp = vb.pp("mlp");
         let ffn = match &cfg.moe {
             Some(m) if i >= m.first_k_dense_replace => {
-                FeedForward::Moe(Box::new(moe(cfg, m, vb.pp("mlp"))?))
+                FeedForward::Moe(Box::new(moe(cfg, m, mlp)?))
             }
             _ => FeedForward::Mlp(Mlp::load_gated(
-                &vb.pp("mlp"),
+                &mlp,
                 h,
                 cfg.intermediate_size,
                 cfg.activation,
             )?),
         };
-        Ok(DecoderLayer::pre_norm(
-            LatentAttention::load(cfg, vb.pp("self_attn"))?,
-            Norm::rms(h, eps, vb.pp("input_layernorm"))?,
-            ffn,
-            Norm::rms(h, eps, vb.pp("post_attention_layernorm"))?,
-        ))
+        let attention = LatentAttention::load(cfg, vb.pp("self_attn"))?;
+        DecoderLayer::load_pre_norm(&vb, attention, ffn, |vb| Norm::rms(h, eps, vb))
     };
     let inv_freq: Vec<f32> = cfg.rope.inv_freq.iter().map(|&f| f as f32).collect();
     let rotary = Rotary::new(inv_freq, vb.device())?
         .with_attention_factor(cfg.rope.attention_factor)
         .with_pairing(Pairing::Interleaved);
     let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
-    let embeddings = (cfg.vocab_size, h, cfg.tie_word_embeddings);
-    let layers = cfg.num_hidden_layers;
-    Decoder::load_hf(&vb, embeddings, layers, layer, norm, vec![rotary])
+    let head = (cfg.vocab_size, h, cfg.tie_word_embeddings);
+    let decoder = Decoder::load_hf(&vb, head, cfg.num_hidden_layers, layer, norm, vec![rotary])?;
+    Ok(decoder.loaded(cfg.vocab_size, cfg.max_position_embeddings))
 }
 
 #[cfg(test)]

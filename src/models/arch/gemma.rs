@@ -15,9 +15,9 @@
 //! a clone taken at load time shares the weights and stays the freshly loaded model.
 
 use crate::error::{Error, Result};
-use crate::models::adapter::{Pristine, StockModel};
+use crate::models::adapter::{Loaded, Pristine, StockModel};
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::gemma as candle_gemma;
@@ -83,20 +83,14 @@ impl Architecture for Gemma {
     type Network = Pristine<candle_gemma::Model>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let config = gemma_config(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let vb = dir.var_builder(dtype, &options.device)?;
-        let model = candle_gemma::Model::new(false, &config, vb)?;
-        let info = ModelInfo::from_hf(
-            Self::NAME,
-            &dir,
-            config.vocab_size,
-            config.max_position_embeddings,
-            dtype,
-        );
-        let (network, live) = Pristine::new(model);
-        Ok(Adapter::new(network, live, info))
+        Adapter::load_hf(source, options, gemma_config, |cfg, vb| {
+            let model = candle_gemma::Model::new(false, cfg, vb)?;
+            Ok(Loaded::pristine(
+                model,
+                cfg.vocab_size,
+                cfg.max_position_embeddings,
+            ))
+        })
     }
 }
 

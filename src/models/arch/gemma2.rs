@@ -24,13 +24,14 @@
 //! output head.
 
 use crate::error::{Error, Result};
+use crate::models::adapter::Loaded;
 use crate::models::hf::HfConfig;
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, FeedForward};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq_linear, Rotary};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_nn::{Activation, VarBuilder};
 
 /// Gemma 2, as registered.
@@ -170,29 +171,12 @@ impl Architecture for Gemma2 {
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        load(Self::NAME, config_from_hf, source, options)
+        Adapter::load_hf(source, options, config_from_hf, network)
     }
 }
 
-/// Loads a Gemma 2 or Gemma 3 checkpoint whose config `config` maps.
-pub(super) fn load<A: Architecture<Network = Decoder>>(
-    name: &'static str,
-    config: fn(&HfConfig) -> Result<Config>,
-    source: ModelSource,
-    options: &LoadOptions,
-) -> Result<Adapter<A>> {
-    let dir = source.into_hf(name)?;
-    let cfg = config(&dir.config)?;
-    let dtype = dir.dtype(options)?;
-    let network = network(&cfg, dir.var_builder(dtype, &options.device)?)?;
-    let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
-    let info = ModelInfo::from_hf(name, &dir, vocab, context, dtype);
-    let cache = network.new_cache();
-    Ok(Adapter::new(network, cache, info))
-}
-
 /// The Gemma decoder: sandwich norms, `1 + weight` RMSNorms, scaled embeddings, soft-caps.
-fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
+pub(super) fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
     let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
     let heads = Heads {
         num_heads: cfg.num_attention_heads,
@@ -242,7 +226,8 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
     Ok(
         Decoder::load_hf(&vb, embeddings, layers, layer, norm, rotaries)?
             .with_embed_scale((h as f64).sqrt())
-            .with_final_softcap(cfg.final_logit_softcapping),
+            .with_final_softcap(cfg.final_logit_softcapping)
+            .loaded(cfg.vocab_size, cfg.max_position_embeddings),
     )
 }
 

@@ -20,7 +20,7 @@
 //! layers and `rope_local_base_freq` for the sliding ones. Without `layer_types`, every
 //! `sliding_window_pattern`-th layer (default 6) is a global one.
 
-use super::gemma2::{config_from_hf_with, load, Config, Family};
+use super::gemma2::{config_from_hf_with, network, Config, Family};
 use crate::error::{Error, Result};
 use crate::models::hf::{HfConfig, Rope, RopeScaling};
 use crate::models::layers::decoder::Decoder;
@@ -97,7 +97,7 @@ impl Architecture for Gemma3 {
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        load(Self::NAME, config_from_hf, source, options)
+        Adapter::load_hf(source, options, config_from_hf, network)
     }
 }
 

@@ -4,9 +4,11 @@
 //! reset swaps in a clone of the cache made at load time: empty KV, same tables.
 
 use crate::error::Result;
+use crate::models::adapter::Loaded;
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use candle_transformers::models::llama as candle_llama;
 
 /// Llama, as registered.
@@ -26,36 +28,26 @@ impl Architecture for Llama {
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let (network, cache, info) = Network::load(Self::NAME, source, options)?;
-        Ok(Adapter::new(network, cache, info))
+        let config = |c: &HfConfig| config_from_hf(c, Self::NAME);
+        Adapter::load_hf(source, options, config, Network::load)
     }
 }
 
 impl Network {
-    /// Loads a Llama-shaped checkpoint, reporting `architecture` as its name (Yi reuses this).
-    pub(crate) fn load(
-        architecture: &'static str,
-        source: ModelSource,
-        options: &LoadOptions,
-    ) -> Result<(Self, candle_llama::Cache, ModelInfo)> {
-        let dir = source.into_hf(architecture)?;
-        let config = config_from_hf(&dir.config, architecture)?;
-        let dtype = dir.dtype(options)?;
-        let vb = dir.var_builder(dtype, &options.device)?;
-        let model = candle_llama::Llama::load(vb, &config)?;
-        let cache = candle_llama::Cache::new(true, dtype, &config, &options.device)?;
-        let info = ModelInfo::from_hf(
-            architecture,
-            &dir,
-            config.vocab_size,
-            config.max_position_embeddings,
-            dtype,
-        );
+    /// candle's Llama, and the cache (with its RoPE tables) it starts from.
+    pub(crate) fn load(config: &candle_llama::Config, vb: VarBuilder) -> Result<Loaded<Self>> {
+        let cache = candle_llama::Cache::new(true, vb.dtype(), config, vb.device())?;
         let network = Network {
-            model,
+            model: candle_llama::Llama::load(vb, config)?,
             pristine_cache: cache.clone(),
         };
-        Ok((network, cache, info))
+        let (vocab_size, max_context) = (config.vocab_size, config.max_position_embeddings);
+        Ok(Loaded {
+            network,
+            cache,
+            vocab_size,
+            max_context,
+        })
     }
 }
 
@@ -79,7 +71,7 @@ impl crate::models::Network for Network {
 }
 
 /// candle's llama config from config.json, refusing what candle's llama cannot compute.
-fn config_from_hf(c: &HfConfig, architecture: &str) -> Result<candle_llama::Config> {
+pub(crate) fn config_from_hf(c: &HfConfig, architecture: &str) -> Result<candle_llama::Config> {
     c.require_derived_head_dim()?;
     c.require_bool("attention_bias", false, architecture)?;
     c.require_bool("mlp_bias", false, architecture)?;

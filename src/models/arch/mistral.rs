@@ -19,11 +19,12 @@
 //! tensors), so a clone of the pristine copy is exactly the freshly loaded model.
 
 use crate::error::{Error, Result};
+use crate::models::adapter::Loaded;
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::{Module, Tensor};
-use candle_nn::Activation;
+use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::mistral as candle_mistral;
 use serde_json::Value;
 
@@ -121,35 +122,34 @@ impl Architecture for Mistral {
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let settings = settings_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let mut vb = dir.var_builder(dtype, &options.device)?;
-        if settings.tie_word_embeddings {
+        Adapter::load_hf(source, options, settings_from_hf, Network::load)
+    }
+}
+
+impl Network {
+    /// candle's Mistral, as loaded.
+    fn load(settings: &MistralSettings, vb: VarBuilder) -> Result<Loaded<Self>> {
+        let vb = match settings.tie_word_embeddings {
             // Tied checkpoints store no lm_head; candle's Mistral always reads one.
-            vb = vb.rename_f(|name| {
-                if name == "lm_head.weight" {
-                    "model.embed_tokens.weight".to_string()
-                } else {
-                    name.to_string()
-                }
-            });
-        }
-        let model = candle_mistral::Model::new(&settings.config, vb)?;
+            true => vb.rename_f(|name| match name {
+                "lm_head.weight" => "model.embed_tokens.weight".to_string(),
+                _ => name.to_string(),
+            }),
+            false => vb,
+        };
         let config = &settings.config;
-        // candle's RoPE table has exactly max_position_embeddings rows.
-        let info = ModelInfo::from_hf(
-            Self::NAME,
-            &dir,
-            config.vocab_size,
-            config.max_position_embeddings,
-            dtype,
-        );
+        let model = candle_mistral::Model::new(config, vb)?;
         let network = Network {
             pristine: model.clone(),
             sliding_window: config.sliding_window,
         };
-        Ok(Adapter::new(network, model, info))
+        Ok(Loaded {
+            network,
+            cache: model,
+            vocab_size: config.vocab_size,
+            // candle's RoPE table has exactly this many rows.
+            max_context: config.max_position_embeddings,
+        })
     }
 }
 

@@ -20,6 +20,7 @@
 //! the router's softmax probabilities renormalised over those `k`.
 
 use crate::error::{Error, Result};
+use crate::models::adapter::Loaded;
 use crate::models::hf::HfConfig;
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
@@ -28,7 +29,7 @@ use crate::models::layers::mlp::Mlp;
 use crate::models::layers::moe::{Router, Routing, SparseMoe};
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_nn::{Activation, VarBuilder};
 
 /// Mixtral, as registered.
@@ -109,41 +110,40 @@ impl Architecture for Mixtral {
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let cfg = config_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let network = network(&cfg, dir.var_builder(dtype, &options.device)?)?;
-        let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
-        let info = ModelInfo::from_hf(Self::NAME, &dir, vocab, context, dtype);
-        let cache = network.new_cache();
-        Ok(Adapter::new(network, cache, info))
+        Adapter::load_hf(source, options, config_from_hf, network)
     }
 }
 
 /// The pre-norm decoder with Mixtral's weights: no biases, a mixture of experts per layer.
-fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
+fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
     let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-    let heads = Heads {
-        num_heads: cfg.num_attention_heads,
-        num_kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
+    let heads = Heads::new(
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let layer = |_: usize, vb: VarBuilder| {
+        let attention = Attention::load(&vb.pp("self_attn"), h, heads, (false, false), "o_proj")?;
+        let moe = FeedForward::Moe(Box::new(experts(cfg, vb.pp("block_sparse_moe"))?));
+        let layer = DecoderLayer::load_pre_norm(&vb, attention, moe, |vb| Norm::rms(h, eps, vb))?;
+        Ok(layer.with_window(cfg.sliding_window))
     };
-    let layer = |_: usize, vb: VarBuilder| -> Result<DecoderLayer> {
-        let moe = experts(cfg, vb.pp("block_sparse_moe"))?;
-        Ok(DecoderLayer::pre_norm(
-            Attention::load(&vb.pp("self_attn"), h, heads, (false, false), "o_proj")?,
-            Norm::rms(h, eps, vb.pp("input_layernorm"))?,
-            FeedForward::Moe(Box::new(moe)),
-            Norm::rms(h, eps, vb.pp("post_attention_layernorm"))?,
-        )
-        .with_window(cfg.sliding_window))
-    };
-    let inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta, Rounding::F32Inverse);
-    let rotary = Rotary::new(inv_freq, vb.device())?;
+    let theta = cfg.rope_theta;
+    let rotaries = vec![Rotary::new(
+        inv_freq(cfg.head_dim, theta, Rounding::F32Inverse),
+        vb.device(),
+    )?];
     let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
     let embeddings = (cfg.vocab_size, h, cfg.tie_word_embeddings);
-    let layers = cfg.num_hidden_layers;
-    Decoder::load_hf(&vb, embeddings, layers, layer, norm, vec![rotary])
+    Decoder::load_hf(
+        &vb,
+        embeddings,
+        cfg.num_hidden_layers,
+        layer,
+        norm,
+        rotaries,
+    )
+    .map(|d| d.loaded(cfg.vocab_size, cfg.max_position_embeddings))
 }
 
 /// The routed MLP: `gate` routes, each expert is a SwiGLU MLP (`w1` gate, `w3` up, `w2` down).

@@ -16,6 +16,7 @@
 //! `qk_layernorm` and tied embeddings computed as transformers does.
 
 use crate::error::Result;
+use crate::models::adapter::Loaded;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, FeedForward};
@@ -23,7 +24,7 @@ use crate::models::layers::linear::{Embedding, Linear};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_nn::{Activation, VarBuilder};
 
 /// Phi, as registered.
@@ -84,25 +85,18 @@ impl Architecture for Phi {
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let cfg = config_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let network = network(&cfg, dir.var_builder(dtype, &options.device)?)?;
-        let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
-        let info = ModelInfo::from_hf(Self::NAME, &dir, vocab, context, dtype);
-        let cache = network.new_cache();
-        Ok(Adapter::new(network, cache, info))
+        Adapter::load_hf(source, options, config_from_hf, network)
     }
 }
 
 /// One Phi layer: parallel attention and MLP over one LayerNorm.
 fn layer(cfg: &Config, vb: VarBuilder) -> Result<DecoderLayer> {
     let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
-    let heads = Heads {
-        num_heads: cfg.num_attention_heads,
-        num_kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-    };
+    let heads = Heads::new(
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
     let vb_attn = vb.pp("self_attn");
     let mut attention = Attention::load(&vb_attn, h, heads, (true, true), "dense")?;
     if cfg.qk_layernorm {
@@ -129,7 +123,7 @@ fn layer(cfg: &Config, vb: VarBuilder) -> Result<DecoderLayer> {
 }
 
 /// The decoder with Phi's weights.
-fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
+fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
     let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
     let embed = Embedding::load(vb.pp("model.embed_tokens"), vocab, h)?;
     // Phi's head has a bias even when its weight is tied to the embeddings.
@@ -144,7 +138,8 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
     let norm = Norm::layer(h, cfg.layer_norm_eps, vb.pp("model.final_layernorm"))?;
     let inv_freq = inv_freq(cfg.rotary_dim, cfg.rope_theta, Rounding::F64);
     let rotary = Rotary::new(inv_freq, vb.device())?;
-    Ok(Decoder::new(embed, layers, norm, lm_head, vec![rotary]))
+    let decoder = Decoder::new(embed, layers, norm, lm_head, vec![rotary]);
+    Ok(decoder.loaded(vocab, cfg.max_position_embeddings))
 }
 
 #[cfg(test)]

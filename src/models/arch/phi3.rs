@@ -22,6 +22,7 @@
 //! unverified.
 
 use crate::error::{Error, Result};
+use crate::models::adapter::Loaded;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
@@ -29,7 +30,7 @@ use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::Rotary;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_nn::{Activation, VarBuilder};
 use serde_json::Value;
 
@@ -163,13 +164,7 @@ impl Architecture for Phi3 {
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let cfg = config_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let network = network(&cfg, dir.var_builder(dtype, &options.device)?)?;
-        let info = ModelInfo::from_hf(Self::NAME, &dir, cfg.vocab_size, cfg.max_context, dtype);
-        let cache = network.new_cache();
-        Ok(Adapter::new(network, cache, info))
+        Adapter::load_hf(source, options, config_from_hf, network)
     }
 }
 
@@ -190,50 +185,42 @@ fn rotary(cfg: &RopeConfig, vb: &VarBuilder) -> Result<Rotary> {
 }
 
 /// The pre-norm decoder with Phi-3's fused projections.
-fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
+fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
     let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
-    let heads = Heads {
-        num_heads: cfg.num_attention_heads,
-        num_kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-    };
-    let qkv = (heads.num_heads + 2 * heads.num_kv_heads) * heads.head_dim;
-    let layer = |_: usize, vb: VarBuilder| -> Result<DecoderLayer> {
-        let attention = Attention::fused(
-            Linear::load(vb.pp("self_attn.qkv_proj"), h, qkv, false)?,
-            Linear::load(
-                vb.pp("self_attn.o_proj"),
-                heads.num_heads * heads.head_dim,
-                h,
-                false,
-            )?,
-            heads,
-        );
-        let mlp = Mlp::FusedGated {
+    let heads = Heads::new(
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let (q_dim, qkv_dim) = (
+        heads.num_heads * cfg.head_dim,
+        (heads.num_heads + 2 * heads.num_kv_heads) * cfg.head_dim,
+    );
+    let layer = |_: usize, vb: VarBuilder| {
+        let qkv_proj = Linear::load(vb.pp("self_attn.qkv_proj"), h, qkv_dim, false)?;
+        let o_proj = Linear::load(vb.pp("self_attn.o_proj"), q_dim, h, false)?;
+        let mlp = FeedForward::Mlp(Mlp::FusedGated {
             gate_up: Linear::load(vb.pp("mlp.gate_up_proj"), h, 2 * i, false)?,
             down: Linear::load(vb.pp("mlp.down_proj"), i, h, false)?,
             act: cfg.activation,
             intermediate: i,
-        };
-        Ok(DecoderLayer::pre_norm(
-            attention,
-            Norm::rms(h, eps, vb.pp("input_layernorm"))?,
-            FeedForward::Mlp(mlp),
-            Norm::rms(h, eps, vb.pp("post_attention_layernorm"))?,
-        )
-        .with_window(cfg.sliding_window))
+        });
+        let attention = Attention::fused(qkv_proj, o_proj, heads);
+        let layer = DecoderLayer::load_pre_norm(&vb, attention, mlp, |vb| Norm::rms(h, eps, vb))?;
+        Ok(layer.with_window(cfg.sliding_window))
     };
-    let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
-    let embeddings = (cfg.vocab_size, h, cfg.tie_word_embeddings);
     let rotaries = vec![rotary(&cfg.rope, &vb)?];
+    let tied = cfg.tie_word_embeddings;
+    let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
     Decoder::load_hf(
         &vb,
-        embeddings,
+        (cfg.vocab_size, h, tied),
         cfg.num_hidden_layers,
         layer,
         norm,
         rotaries,
     )
+    .map(|decoder| decoder.loaded(cfg.vocab_size, cfg.max_context))
 }
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ use crate::models::layers::linear::{Embedding, Linear};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::Device;
 use candle_nn::Activation;
 
@@ -193,18 +193,11 @@ impl Architecture for QuantizedGemma3 {
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let mut file = source.into_gguf(Self::NAME)?;
-        let cfg = config_from_gguf(&file)?;
-        load(&mut file, &cfg, &options.device)
+        Adapter::load_gguf(source, options, |mut file, device| {
+            let cfg = config_from_gguf(&file)?;
+            Ok(network(&mut file, &cfg, device)?.loaded(cfg.vocab, cfg.max_context))
+        })
     }
-}
-
-/// The model of an opened file whose metadata `cfg` maps.
-fn load(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Adapter<QuantizedGemma3>> {
-    let info = ModelInfo::from_gguf(QuantizedGemma3::NAME, file, cfg.vocab, cfg.max_context)?;
-    let network = network(file, cfg, device)?;
-    let cache = network.new_cache();
-    Ok(Adapter::new(network, cache, info))
 }
 
 /// The Gemma decoder with llama.cpp's Gemma 3 tensors (whose norms already hold
@@ -311,10 +304,17 @@ mod tests {
         overrides: &[(&str, Value)],
         edit: impl FnOnce(&mut Config),
     ) -> Adapter<QuantizedGemma3> {
-        let mut file = open(path, overrides);
-        let mut cfg = config_from_gguf(&file).unwrap();
-        edit(&mut cfg);
-        super::load(&mut file, &cfg, &Device::Cpu).unwrap()
+        let file = open(path, overrides);
+        Adapter::load_gguf(
+            ModelSource::Gguf(file),
+            &LoadOptions::cpu(),
+            |mut file, device| {
+                let mut cfg = config_from_gguf(&file)?;
+                edit(&mut cfg);
+                Ok(network(&mut file, &cfg, device)?.loaded(cfg.vocab, cfg.max_context))
+            },
+        )
+        .unwrap()
     }
 
     fn ids(ids: &[u32]) -> Tensor {

@@ -6,8 +6,8 @@
 //! every new prompt length, so the reset swaps in a pristine clone, which also drops the masks.
 
 use crate::error::Result;
-use crate::models::adapter::{Pristine, StockModel};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::adapter::{Loaded, Pristine, StockModel};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::Tensor;
 use candle_transformers::models::quantized_llama as candle_qllama;
 
@@ -21,20 +21,13 @@ impl Architecture for QuantizedLlama {
     type Network = Pristine<candle_qllama::ModelWeights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let mut file = source.into_gguf(Self::NAME)?;
-        let info = ModelInfo::from_gguf(
-            Self::NAME,
-            &file,
-            file.vocab_size("llama")?,
-            file.context_length("llama", candle_qllama::MAX_SEQ_LEN)?,
-        )?;
-        let model = candle_qllama::ModelWeights::from_gguf(
-            file.content,
-            &mut file.reader,
-            &options.device,
-        )?;
-        let (network, live) = Pristine::new(model);
-        Ok(Adapter::new(network, live, info))
+        Adapter::load_gguf(source, options, |mut file, device| {
+            let vocab_size = file.vocab_size("llama")?;
+            let context = file.context_length("llama", candle_qllama::MAX_SEQ_LEN)?;
+            let model =
+                candle_qllama::ModelWeights::from_gguf(file.content, &mut file.reader, device)?;
+            Ok(Loaded::pristine(model, vocab_size, context))
+        })
     }
 }
 

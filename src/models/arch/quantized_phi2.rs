@@ -16,9 +16,9 @@
 //!   the error names the problem instead of a shape mismatch deep in a forward pass.
 
 use crate::error::{Error, Result};
-use crate::models::adapter::{Pristine, StockModel};
+use crate::models::adapter::{Loaded, Pristine, StockModel};
 use crate::models::gguf::GgufFile;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::Tensor;
 use candle_transformers::models::quantized_phi as candle_phi;
 
@@ -98,20 +98,15 @@ impl Architecture for QuantizedPhi2 {
     type Network = Pristine<candle_phi::ModelWeights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let mut file = source.into_gguf(Self::NAME)?;
-        check_metadata(&file)?;
-        let vocab_size = file.vocab_size(ARCH)?;
-        file.check_vocab(vocab_size, false)?;
-        let info = ModelInfo::from_gguf(
-            Self::NAME,
-            &file,
-            vocab_size,
-            file.context_length(ARCH, candle_phi::MAX_SEQ_LEN)?,
-        )?;
-        let model =
-            candle_phi::ModelWeights::from_gguf(file.content, &mut file.reader, &options.device)?;
-        let (network, live) = Pristine::new(model);
-        Ok(Adapter::new(network, live, info))
+        Adapter::load_gguf(source, options, |mut file, device| {
+            check_metadata(&file)?;
+            let vocab_size = file.vocab_size(ARCH)?;
+            file.check_vocab(vocab_size, false)?;
+            let context = file.context_length(ARCH, candle_phi::MAX_SEQ_LEN)?;
+            let model =
+                candle_phi::ModelWeights::from_gguf(file.content, &mut file.reader, device)?;
+            Ok(Loaded::pristine(model, vocab_size, context))
+        })
     }
 }
 

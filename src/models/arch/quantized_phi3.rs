@@ -19,9 +19,9 @@
 //!   so does candle; results match llama.cpp's, not a windowed reference, past the window.
 
 use crate::error::{Error, Result};
-use crate::models::adapter::{Pristine, StockModel};
+use crate::models::adapter::{Loaded, Pristine, StockModel};
 use crate::models::gguf::GgufFile;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Tensor;
 use candle_transformers::models::quantized_phi3 as candle_phi3;
@@ -106,25 +106,20 @@ impl Architecture for QuantizedPhi3 {
     type Network = Pristine<candle_phi3::ModelWeights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let mut file = source.into_gguf(Self::NAME)?;
-        check_metadata(&file)?;
-        let vocab_size = file.vocab_size(ARCH)?;
-        file.check_vocab(vocab_size, false)?;
-        let max_context = file.context_length(ARCH, MAX_CONTEXT)?;
-        let info = ModelInfo::from_gguf(Self::NAME, &file, vocab_size, max_context)?;
-        // candle sizes both the RoPE table and each layer's KV buffer from this key.
-        file.content.metadata.insert(
-            "phi3.context_length".to_string(),
-            Value::U32(max_context as u32),
-        );
-        let model = candle_phi3::ModelWeights::from_gguf(
-            false,
-            file.content,
-            &mut file.reader,
-            &options.device,
-        )?;
-        let (network, live) = Pristine::new(model);
-        Ok(Adapter::new(network, live, info))
+        Adapter::load_gguf(source, options, |mut file, device| {
+            check_metadata(&file)?;
+            let vocab_size = file.vocab_size(ARCH)?;
+            file.check_vocab(vocab_size, false)?;
+            let context = file.context_length(ARCH, MAX_CONTEXT)?;
+            // candle sizes both the RoPE table and each layer's KV buffer from this key.
+            let key = "phi3.context_length".to_string();
+            file.content
+                .metadata
+                .insert(key, Value::U32(context as u32));
+            let (content, reader) = (file.content, &mut file.reader);
+            let model = candle_phi3::ModelWeights::from_gguf(false, content, reader, device)?;
+            Ok(Loaded::pristine(model, vocab_size, context))
+        })
     }
 }
 

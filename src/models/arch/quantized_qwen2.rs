@@ -25,7 +25,7 @@ use crate::models::layers::linear::{Embedding, Linear};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::Device;
 use candle_nn::Activation;
 
@@ -152,11 +152,9 @@ impl Architecture for QuantizedQwen2 {
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let mut file = source.into_gguf(Self::NAME)?;
-        let cfg = config_from_gguf(&file)?;
-        let info = ModelInfo::from_gguf(Self::NAME, &file, cfg.vocab, cfg.max_context)?;
-        let network = network(&mut file, &cfg, &options.device)?;
-        let cache = network.new_cache();
-        Ok(Adapter::new(network, cache, info))
+        Adapter::load_gguf(source, options, |mut file, device| {
+            let cfg = config_from_gguf(&file)?;
+            Ok(network(&mut file, &cfg, device)?.loaded(cfg.vocab, cfg.max_context))
+        })
     }
 }

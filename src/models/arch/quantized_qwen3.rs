@@ -26,8 +26,9 @@
 //!   copies), so the context is capped at [`MAX_CONTEXT`] and written back before loading.
 
 use crate::error::{Error, Result};
+use crate::models::adapter::Loaded;
 use crate::models::gguf::GgufFile;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Tensor;
 use candle_transformers::models::quantized_qwen3 as candle_qwen3;
@@ -110,31 +111,36 @@ impl Architecture for QuantizedQwen3 {
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let mut file = source.into_gguf(Self::NAME)?;
-        check_metadata(&file)?;
-        let vocab_size = file.vocab_size(ARCH)?;
-        // The output projection may be tied to the embeddings.
-        file.check_vocab(vocab_size, true)?;
-        let max_context = file.context_length(ARCH, MAX_CONTEXT)?;
-        let info = ModelInfo::from_gguf(Self::NAME, &file, vocab_size, max_context)?;
-        let metadata = &mut file.content.metadata;
-        // candle sizes its RoPE table from this key.
-        metadata.insert(
-            "qwen3.context_length".to_string(),
-            Value::U32(max_context as u32),
-        );
-        // 0 is candle's code for F32 RoPE tables (see the module docs).
-        metadata.insert("general.dtype".to_string(), Value::U32(0));
-        let model =
-            candle_qwen3::ModelWeights::from_gguf(file.content, &mut file.reader, &options.device)?;
-        let network = Network {
-            on_cpu: options.device.is_cpu(),
-        };
-        let state = State {
-            model,
-            decoded: false,
-        };
-        Ok(Adapter::new(network, state, info))
+        Adapter::load_gguf(source, options, |mut file, device| {
+            check_metadata(&file)?;
+            let vocab_size = file.vocab_size(ARCH)?;
+            // The output projection may be tied to the embeddings.
+            file.check_vocab(vocab_size, true)?;
+            let max_context = file.context_length(ARCH, MAX_CONTEXT)?;
+            let metadata = &mut file.content.metadata;
+            // candle sizes its RoPE table from this key.
+            metadata.insert(
+                "qwen3.context_length".to_string(),
+                Value::U32(max_context as u32),
+            );
+            // 0 is candle's code for F32 RoPE tables (see the module docs).
+            metadata.insert("general.dtype".to_string(), Value::U32(0));
+            let model =
+                candle_qwen3::ModelWeights::from_gguf(file.content, &mut file.reader, device)?;
+            let state = State {
+                model,
+                decoded: false,
+            };
+            let network = Network {
+                on_cpu: device.is_cpu(),
+            };
+            Ok(Loaded {
+                network,
+                cache: state,
+                vocab_size,
+                max_context,
+            })
+        })
     }
 }
 

@@ -21,13 +21,14 @@
 //! when `use_sliding_window` is set.
 
 use crate::error::{Error, Result};
+use crate::models::adapter::Loaded;
 use crate::models::hf::HfConfig;
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_nn::{Activation, VarBuilder};
 
 /// Qwen2, as registered.
@@ -120,42 +121,42 @@ impl Architecture for Qwen2 {
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let cfg = config_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let network = network(&cfg, dir.var_builder(dtype, &options.device)?)?;
-        let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
-        let info = ModelInfo::from_hf(Self::NAME, &dir, vocab, context, dtype);
-        let cache = network.new_cache();
-        Ok(Adapter::new(network, cache, info))
+        Adapter::load_hf(source, options, config_from_hf, network)
     }
 }
 
 /// The pre-norm decoder with Qwen2's weights.
-fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
+fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
     let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-    let heads = Heads {
-        num_heads: cfg.num_attention_heads,
-        num_kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-    };
-    let layer = |i: usize, vb: VarBuilder| -> Result<DecoderLayer> {
+    let heads = Heads::new(
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let layer = |i: usize, vb: VarBuilder| {
+        // Qwen2 has biases on q, k and v, none on o.
+        let attention = Attention::load(&vb.pp("self_attn"), h, heads, (true, false), "o_proj")?;
         let mlp = Mlp::load_gated(&vb.pp("mlp"), h, cfg.intermediate_size, Activation::Silu)?;
-        Ok(DecoderLayer::pre_norm(
-            // Qwen2 has biases on q, k and v, none on o.
-            Attention::load(&vb.pp("self_attn"), h, heads, (true, false), "o_proj")?,
-            Norm::rms(h, eps, vb.pp("input_layernorm"))?,
-            FeedForward::Mlp(mlp),
-            Norm::rms(h, eps, vb.pp("post_attention_layernorm"))?,
-        )
-        .with_window(cfg.layer_windows[i]))
+        let layer = DecoderLayer::load_pre_norm(&vb, attention, FeedForward::Mlp(mlp), |vb| {
+            Norm::rms(h, eps, vb)
+        })?;
+        Ok(layer.with_window(cfg.layer_windows[i]))
     };
-    let inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta, Rounding::F32Inverse);
-    let rotary = Rotary::new(inv_freq, vb.device())?;
+    let rotary = Rotary::new(
+        inv_freq(cfg.head_dim, cfg.rope_theta, Rounding::F32Inverse),
+        vb.device(),
+    )?;
     let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
-    let embeddings = (cfg.vocab_size, h, cfg.tie_word_embeddings);
-    let layers = cfg.layer_windows.len();
-    Decoder::load_hf(&vb, embeddings, layers, layer, norm, vec![rotary])
+    let (vocab, tied) = (cfg.vocab_size, cfg.tie_word_embeddings);
+    let decoder = Decoder::load_hf(
+        &vb,
+        (vocab, h, tied),
+        cfg.layer_windows.len(),
+        layer,
+        norm,
+        vec![rotary],
+    )?;
+    Ok(decoder.loaded(vocab, cfg.max_position_embeddings))
 }
 
 #[cfg(test)]

@@ -20,9 +20,9 @@
 //! loaded model.
 
 use crate::error::{Error, Result};
-use crate::models::adapter::{Pristine, StockModel};
+use crate::models::adapter::{Loaded, Pristine, StockModel};
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::qwen3 as candle_qwen3;
@@ -141,21 +141,15 @@ impl Architecture for Qwen3 {
     type Network = Pristine<candle_qwen3::ModelForCausalLM>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let config = config_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let vb = dir.var_builder(dtype, &options.device)?;
-        let model = candle_qwen3::ModelForCausalLM::new(&config, vb)?;
-        // candle's RoPE table has exactly this many rows.
-        let info = ModelInfo::from_hf(
-            Self::NAME,
-            &dir,
-            config.vocab_size,
-            config.max_position_embeddings,
-            dtype,
-        );
-        let (network, live) = Pristine::new(model);
-        Ok(Adapter::new(network, live, info))
+        Adapter::load_hf(source, options, config_from_hf, |cfg, vb| {
+            let model = candle_qwen3::ModelForCausalLM::new(cfg, vb)?;
+            // candle's RoPE table has exactly this many rows.
+            Ok(Loaded::pristine(
+                model,
+                cfg.vocab_size,
+                cfg.max_position_embeddings,
+            ))
+        })
     }
 }
 

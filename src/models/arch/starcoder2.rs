@@ -17,6 +17,7 @@
 //! computed in F32.
 
 use crate::error::Result;
+use crate::models::adapter::Loaded;
 use crate::models::hf::HfConfig;
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
@@ -24,7 +25,7 @@ use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelInfo, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 use candle_nn::{Activation, VarBuilder};
 
 /// StarCoder2, as registered.
@@ -97,51 +98,44 @@ impl Architecture for Starcoder2 {
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let dir = source.into_hf(Self::NAME)?;
-        let cfg = config_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let network = network(&cfg, dir.var_builder(dtype, &options.device)?)?;
-        let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
-        let info = ModelInfo::from_hf(Self::NAME, &dir, vocab, context, dtype);
-        let cache = network.new_cache();
-        Ok(Adapter::new(network, cache, info))
+        Adapter::load_hf(source, options, config_from_hf, network)
     }
 }
 
 /// The pre-norm decoder with StarCoder2's weights.
-fn network(cfg: &Config, vb: VarBuilder) -> Result<Decoder> {
-    let (h, i, eps, bias) = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.norm_epsilon,
-        cfg.use_bias,
+fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
+    let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.use_bias);
+    let heads = Heads::new(
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
     );
-    let heads = Heads {
-        num_heads: cfg.num_attention_heads,
-        num_kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-    };
-    let layer = |_: usize, vb: VarBuilder| -> Result<DecoderLayer> {
-        let mlp = Mlp::Plain {
+    // StarCoder2 uses LayerNorm with a bias (not RMSNorm), whatever `use_bias` says.
+    let eps = cfg.norm_epsilon;
+    let layer = |_: usize, vb: VarBuilder| {
+        let attention = Attention::load(&vb.pp("self_attn"), h, heads, (bias, bias), "o_proj")?;
+        let mlp = FeedForward::Mlp(Mlp::Plain {
             fc1: Linear::load(vb.pp("mlp.c_fc"), h, i, bias)?,
             fc2: Linear::load(vb.pp("mlp.c_proj"), i, h, bias)?,
             act: cfg.hidden_act,
-        };
-        // StarCoder2 uses LayerNorm with a bias (not RMSNorm), whatever `use_bias` says.
-        Ok(DecoderLayer::pre_norm(
-            Attention::load(&vb.pp("self_attn"), h, heads, (bias, bias), "o_proj")?,
-            Norm::layer(h, eps, vb.pp("input_layernorm"))?,
-            FeedForward::Mlp(mlp),
-            Norm::layer(h, eps, vb.pp("post_attention_layernorm"))?,
+        });
+        Ok(
+            DecoderLayer::load_pre_norm(&vb, attention, mlp, |vb| Norm::layer(h, eps, vb))?
+                .with_window(cfg.sliding_window),
         )
-        .with_window(cfg.sliding_window))
     };
     let inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta, Rounding::F32Inverse);
-    let rotary = Rotary::new(inv_freq, vb.device())?;
-    let norm = Norm::layer(h, eps, vb.pp("model.norm"))?;
     let embeddings = (cfg.vocab_size, h, cfg.tie_word_embeddings);
-    let layers = cfg.num_hidden_layers;
-    Decoder::load_hf(&vb, embeddings, layers, layer, norm, vec![rotary])
+    let rotaries = vec![Rotary::new(inv_freq, vb.device())?];
+    let decoder = Decoder::load_hf(
+        &vb,
+        embeddings,
+        cfg.num_hidden_layers,
+        layer,
+        Norm::layer(h, eps, vb.pp("model.norm"))?,
+        rotaries,
+    )?;
+    Ok(decoder.loaded(cfg.vocab_size, cfg.max_position_embeddings))
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //! config.json (its config fields are private, with only two hard-coded presets), so this
 //! adapter runs the Llama implementation, which computes the same network.
 
-use super::llama::Network;
+use super::llama::{config_from_hf, Network};
 use crate::error::Result;
+use crate::models::hf::HfConfig;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
 
 /// Yi, as registered: Llama's network under its own name.
@@ -20,7 +21,7 @@ impl Architecture for Yi {
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        let (network, cache, info) = Network::load(Self::NAME, source, options)?;
-        Ok(Adapter::new(network, cache, info))
+        let config = |c: &HfConfig| config_from_hf(c, Self::NAME);
+        Adapter::load_hf(source, options, config, Network::load)
     }
 }

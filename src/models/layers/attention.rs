@@ -29,6 +29,17 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
+impl Heads {
+    /// `num_heads` query heads sharing `num_kv_heads` key/value heads of `head_dim`.
+    pub fn new(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        Heads {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        }
+    }
+}
+
 /// The query, key and value projections.
 #[derive(Debug, Clone)]
 enum Projections {
@@ -148,17 +159,37 @@ impl Attention {
         self.qk_norms = Some((q_norm, k_norm));
         self
     }
+}
 
-    /// Attends `x` `(batch, seq_len, hidden)`, at the positions `cs` was computed for, to the
-    /// cached keys and its own; appends its keys and values to `cache`.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &Rotary,
-        cs: &CosSin,
-        mask: Option<&Tensor>,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
+/// What a layer's attention needs to know about the positions of a chunk: its RoPE, the cos
+/// and sin computed for those positions, and its mask (`None` when nothing is hidden).
+#[derive(Debug, Clone, Copy)]
+pub struct Positions<'a> {
+    /// The layer's RoPE variant.
+    pub rotary: &'a Rotary,
+    /// cos and sin of the chunk's positions.
+    pub cos_sin: &'a CosSin,
+    /// The additive mask over cached and new keys.
+    pub mask: Option<&'a Tensor>,
+}
+
+impl Positions<'_> {
+    /// Rotates `x` `(batch, heads, seq_len, head_dim)` to the chunk's positions.
+    pub fn rotate(&self, x: &Tensor) -> Result<Tensor> {
+        self.rotary.apply(x, self.cos_sin)
+    }
+}
+
+/// An attention block a decoder layer can hold: this module's [`Attention`], or an
+/// architecture's own (DeepSeek-V2's latent attention).
+pub trait SelfAttention: Send + Sync + 'static {
+    /// Attends `x` `(batch, seq_len, hidden)` at `at` to the cached keys and its own, and
+    /// appends its keys and values to `cache`.
+    fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor>;
+}
+
+impl SelfAttention for Attention {
+    fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
         let (b, seq_len, _) = x.dims3()?;
         let Heads {
             num_heads,
@@ -191,10 +222,9 @@ impl Attention {
             Some((qn, kn)) => (q.apply(qn)?, k.apply(kn)?),
             None => (q, k),
         };
-        let q = rotary.apply(&q, cs)?;
-        let k = rotary.apply(&k, cs)?;
+        let (q, k) = (at.rotate(&q)?, at.rotate(&k)?);
         let (k, v) = cache.append(k, v)?;
-        attend(&q, k, v, self.scale, self.softcap, mask)?
+        attend(&q, k, v, self.scale, self.softcap, at.mask)?
             .transpose(1, 2)?
             .reshape((b, seq_len, ()))?
             .apply(&self.o_proj)

@@ -18,44 +18,18 @@
 //! Its cache is a [`KvCache`]: all the state there is. The weights are read-only, so a reset
 //! is an emptied cache.
 
-use super::attention::{Attention, Masks};
+use super::attention::{Attention, Masks, Positions, SelfAttention};
 use super::kv_cache::{KvCache, LayerCache};
 use super::linear::{Embedding, Linear};
 use super::mlp::Mlp;
 use super::moe::SparseMoe;
 use super::norm::Norm;
-use super::rotary::{CosSin, Rotary};
+use super::rotary::Rotary;
 use crate::error::Result;
+use crate::models::adapter::Loaded;
 use crate::models::Network;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-
-/// An attention block a decoder layer can hold.
-pub trait SelfAttention: Send + Sync + 'static {
-    /// Attends `x` `(batch, seq_len, hidden)` at the positions `cs` holds, over `cache` and
-    /// itself, appending its keys and values to `cache`.
-    fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &Rotary,
-        cs: &CosSin,
-        mask: Option<&Tensor>,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor>;
-}
-
-impl SelfAttention for Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &Rotary,
-        cs: &CosSin,
-        mask: Option<&Tensor>,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
-        Attention::forward(self, x, rotary, cs, mask, cache)
-    }
-}
 
 /// The feed-forward part of a block.
 #[derive(Debug, Clone)]
@@ -130,20 +104,26 @@ impl<A: SelfAttention> DecoderLayer<A> {
         }
     }
 
+    /// A pre-norm layer in the Hugging Face layout: `norm` reads `input_layernorm` (before
+    /// the attention) and `post_attention_layernorm` (before the feed-forward part) from `vb`.
+    pub fn load_pre_norm(
+        vb: &VarBuilder,
+        attention: A,
+        ffn: FeedForward,
+        norm: impl Fn(VarBuilder) -> Result<Norm>,
+    ) -> Result<Self> {
+        let attn_norm = norm(vb.pp("input_layernorm"))?;
+        let ffn_norm = norm(vb.pp("post_attention_layernorm"))?;
+        Ok(Self::pre_norm(attention, attn_norm, ffn, ffn_norm))
+    }
+
     /// The same layer with a sliding window.
     pub fn with_window(mut self, window: Option<usize>) -> Self {
         self.window = window;
         self
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &Rotary,
-        cs: &CosSin,
-        mask: Option<&Tensor>,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
         match &self.block {
             Block::Sequential {
                 attn_norm,
@@ -151,9 +131,7 @@ impl<A: SelfAttention> DecoderLayer<A> {
                 ffn_norm,
                 post_ffn_norm,
             } => {
-                let h = self
-                    .attention
-                    .forward(&x.apply(attn_norm)?, rotary, cs, mask, cache)?;
+                let h = self.attention.forward(&x.apply(attn_norm)?, at, cache)?;
                 let h = match post_attn_norm {
                     Some(n) => h.apply(n)?,
                     None => h,
@@ -168,7 +146,7 @@ impl<A: SelfAttention> DecoderLayer<A> {
             }
             Block::Parallel { norm } => {
                 let normed = x.apply(norm)?;
-                let attn = self.attention.forward(&normed, rotary, cs, mask, cache)?;
+                let attn = self.attention.forward(&normed, at, cache)?;
                 Ok(((attn + self.ffn.forward(&normed)?)? + x)?)
             }
         }
@@ -252,6 +230,17 @@ impl<A: SelfAttention> Decoder<A> {
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.iter().map(|l| l.window))
     }
+
+    /// The decoder with its empty cache, for a model of `vocab_size` tokens and a context of
+    /// `max_context`.
+    pub fn loaded(self, vocab_size: usize, max_context: usize) -> Loaded<Self> {
+        Loaded {
+            cache: self.new_cache(),
+            network: self,
+            vocab_size,
+            max_context,
+        }
+    }
 }
 
 impl<A: SelfAttention> Network for Decoder<A> {
@@ -271,9 +260,12 @@ impl<A: SelfAttention> Network for Decoder<A> {
             .collect::<Result<Vec<_>>>()?;
         let mut masks = Masks::default();
         for (layer, slot) in self.layers.iter().zip(cache.layers_mut()) {
-            let mask = masks.get(seq_len, position, layer.window, device)?;
-            let (rotary, cs) = (&self.rotaries[layer.rotary], &cos_sin[layer.rotary]);
-            x = layer.forward(&x, rotary, cs, mask, slot)?;
+            let at = Positions {
+                rotary: &self.rotaries[layer.rotary],
+                cos_sin: &cos_sin[layer.rotary],
+                mask: masks.get(seq_len, position, layer.window, device)?,
+            };
+            x = layer.forward(&x, &at, slot)?;
         }
         // Only the last position's logits are returned, so only it is projected.
         let logits = x
