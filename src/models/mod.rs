@@ -120,15 +120,10 @@ pub trait LanguageModel: Send {
 /// How an architecture is detected and loaded. Implemented once per module in `arch/`, on a
 /// unit struct naming the architecture; the loaded model is an [`Adapter`] of it.
 pub trait Architecture: Sized + 'static {
+    /// Its name, format and the names files declare it by.
+    const REGISTRATION: Registration;
     /// The registered name, unique across the list.
-    const NAME: &'static str;
-    /// Which files it loads from.
-    const FORMAT: WeightFormat;
-    /// Names it is detected by: config.json `model_type` values for safetensors, or GGUF
-    /// `general.architecture` values.
-    const MODEL_TYPES: &'static [&'static str];
-    /// config.json `architectures[0]` class names, the fallback when `model_type` is absent.
-    const HF_CLASSES: &'static [&'static str] = &[];
+    const NAME: &'static str = Self::REGISTRATION.name;
 
     /// The network it runs: weights, one forward over a cache, and the reset of that cache.
     type Network: Network;
@@ -136,6 +131,47 @@ pub trait Architecture: Sized + 'static {
     /// Reads the config and the weights from the detected source: the network, its empty
     /// cache and its [`ModelInfo`], in an [`Adapter`].
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>>;
+}
+
+/// How an architecture is registered and detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registration {
+    /// The registered name, unique across the list.
+    pub name: &'static str,
+    /// Which files it loads from.
+    pub format: WeightFormat,
+    /// Names it is detected by: config.json `model_type` values for safetensors, or GGUF
+    /// `general.architecture` values.
+    pub model_types: &'static [&'static str],
+    /// config.json `architectures[0]` class names, the fallback when `model_type` is absent.
+    pub hf_classes: &'static [&'static str],
+}
+
+impl Registration {
+    /// An architecture of Hugging Face directories, detected by config.json `model_type`, else
+    /// by the `architectures[0]` class.
+    pub const fn hf(
+        name: &'static str,
+        model_types: &'static [&'static str],
+        hf_classes: &'static [&'static str],
+    ) -> Self {
+        Registration {
+            name,
+            format: WeightFormat::Safetensors,
+            model_types,
+            hf_classes,
+        }
+    }
+
+    /// An architecture of GGUF files, detected by `general.architecture`.
+    pub const fn gguf(name: &'static str, architectures: &'static [&'static str]) -> Self {
+        Registration {
+            name,
+            format: WeightFormat::Gguf,
+            model_types: architectures,
+            hf_classes: &[],
+        }
+    }
 }
 
 /// The files an architecture loads from, already opened and validated by detection.
@@ -276,10 +312,10 @@ macro_rules! register_architectures {
         /// Every registered architecture, in registration order.
         pub static ARCHITECTURES: &[ArchitectureEntry] = &[
             $(ArchitectureEntry {
-                name: <$module::$ty as Architecture>::NAME,
-                format: <$module::$ty as Architecture>::FORMAT,
-                model_types: <$module::$ty as Architecture>::MODEL_TYPES,
-                hf_classes: <$module::$ty as Architecture>::HF_CLASSES,
+                name: <$module::$ty as Architecture>::REGISTRATION.name,
+                format: <$module::$ty as Architecture>::REGISTRATION.format,
+                model_types: <$module::$ty as Architecture>::REGISTRATION.model_types,
+                hf_classes: <$module::$ty as Architecture>::REGISTRATION.hf_classes,
                 load: |source, options| {
                     <$module::$ty as Architecture>::load(source, options).map(AnyArchitecture::$variant)
                 },

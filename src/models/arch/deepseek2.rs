@@ -38,7 +38,7 @@ use crate::models::layers::mlp::Mlp;
 use crate::models::layers::moe::{Router, Routing, SparseMoe};
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{Pairing, Rotary};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Activation, VarBuilder};
 use serde_json::Value;
@@ -336,10 +336,8 @@ fn rope_config(c: &HfConfig, dim: usize) -> Result<RopeConfig> {
 pub struct DeepSeek2;
 
 impl Architecture for DeepSeek2 {
-    const NAME: &'static str = "deepseek2";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["deepseek_v2"];
-    const HF_CLASSES: &'static [&'static str] = &["DeepseekV2ForCausalLM"];
+    const REGISTRATION: Registration =
+        Registration::hf("deepseek2", &["deepseek_v2"], &["DeepseekV2ForCausalLM"]);
     type Network = Decoder<LatentAttention>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -17,7 +17,7 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::{Loaded, Pristine, StockModel};
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::gemma as candle_gemma;
@@ -76,10 +76,7 @@ fn check_heads(heads: usize, kv_heads: usize) -> Result<()> {
 }
 
 impl Architecture for Gemma {
-    const NAME: &'static str = "gemma";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["gemma"];
-    const HF_CLASSES: &'static [&'static str] = &["GemmaForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("gemma", &["gemma"], &["GemmaForCausalLM"]);
     type Network = Pristine<candle_gemma::Model>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -31,7 +31,7 @@ use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, FeedForward};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq_linear, Rotary};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_nn::{Activation, VarBuilder};
 
 /// Gemma 2, as registered.
@@ -164,10 +164,8 @@ pub(super) fn config_from_hf_with(c: &HfConfig, family: Family) -> Result<Config
 }
 
 impl Architecture for Gemma2 {
-    const NAME: &'static str = "gemma2";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["gemma2"];
-    const HF_CLASSES: &'static [&'static str] = &["Gemma2ForCausalLM"];
+    const REGISTRATION: Registration =
+        Registration::hf("gemma2", &["gemma2"], &["Gemma2ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -24,7 +24,7 @@ use super::gemma2::{config_from_hf_with, network, Config, Family};
 use crate::error::{Error, Result};
 use crate::models::hf::{HfConfig, Rope, RopeScaling};
 use crate::models::layers::decoder::Decoder;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use serde_json::Value;
 
 /// Gemma 3 (text), as registered.
@@ -90,10 +90,8 @@ fn rope_setting(c: &HfConfig, rope: &Rope) -> Result<(f64, f64)> {
 }
 
 impl Architecture for Gemma3 {
-    const NAME: &'static str = "gemma3";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["gemma3_text"];
-    const HF_CLASSES: &'static [&'static str] = &["Gemma3ForCausalLM"];
+    const REGISTRATION: Registration =
+        Registration::hf("gemma3", &["gemma3_text"], &["Gemma3ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

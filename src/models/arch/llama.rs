@@ -6,7 +6,7 @@
 use crate::error::Result;
 use crate::models::adapter::Loaded;
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama as candle_llama;
@@ -21,10 +21,7 @@ pub struct Network {
 }
 
 impl Architecture for Llama {
-    const NAME: &'static str = "llama";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["llama"];
-    const HF_CLASSES: &'static [&'static str] = &["LlamaForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("llama", &["llama"], &["LlamaForCausalLM"]);
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::{Module, Tensor};
 use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::mistral as candle_mistral;
@@ -115,10 +115,8 @@ fn check_heads(c: &HfConfig, hidden: usize, heads: usize, kv_heads: usize) -> Re
 }
 
 impl Architecture for Mistral {
-    const NAME: &'static str = "mistral";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["mistral"];
-    const HF_CLASSES: &'static [&'static str] = &["MistralForCausalLM"];
+    const REGISTRATION: Registration =
+        Registration::hf("mistral", &["mistral"], &["MistralForCausalLM"]);
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -29,7 +29,7 @@ use crate::models::layers::mlp::Mlp;
 use crate::models::layers::moe::{Router, Routing, SparseMoe};
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_nn::{Activation, VarBuilder};
 
 /// Mixtral, as registered.
@@ -103,10 +103,8 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Mixtral {
-    const NAME: &'static str = "mixtral";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["mixtral"];
-    const HF_CLASSES: &'static [&'static str] = &["MixtralForCausalLM"];
+    const REGISTRATION: Registration =
+        Registration::hf("mixtral", &["mixtral"], &["MixtralForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -24,7 +24,7 @@ use crate::models::layers::linear::{Embedding, Linear};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_nn::{Activation, VarBuilder};
 
 /// Phi, as registered.
@@ -78,10 +78,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Phi {
-    const NAME: &'static str = "phi";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["phi"];
-    const HF_CLASSES: &'static [&'static str] = &["PhiForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("phi", &["phi"], &["PhiForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

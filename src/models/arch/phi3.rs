@@ -30,7 +30,7 @@ use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::Rotary;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_nn::{Activation, VarBuilder};
 use serde_json::Value;
 
@@ -157,10 +157,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Phi3 {
-    const NAME: &'static str = "phi3";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["phi3"];
-    const HF_CLASSES: &'static [&'static str] = &["Phi3ForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("phi3", &["phi3"], &["Phi3ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

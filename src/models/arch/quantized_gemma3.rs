@@ -48,7 +48,7 @@ use crate::models::layers::linear::{Embedding, Linear};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Device;
 use candle_nn::Activation;
 
@@ -64,15 +64,6 @@ const DEFAULT_LOCAL_ROPE_BASE: f64 = 10_000.0;
 const DEFAULT_GLOBAL_ROPE_BASE: f64 = 1_000_000.0;
 /// The layer count by which llama.cpp recognises Gemma 3 27B (see the module docs).
 const LAYERS_27B: usize = 62;
-
-/// An optional positive number, with a default.
-fn positive(file: &GgufFile, key: &str, default: f64) -> Result<f64> {
-    match file.opt_f64(key)? {
-        None => Ok(default),
-        Some(v) if v > 0.0 && v.is_finite() => Ok(v),
-        Some(v) => Err(file.config_error(key, format!("must be positive, found {v}"))),
-    }
-}
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
@@ -101,39 +92,11 @@ pub struct Config {
 
 /// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let heads = file.count("gemma3.attention.head_count")?;
-    let kv_heads = file.count("gemma3.attention.head_count_kv")?;
-    let head_dim = file.count("gemma3.attention.key_length")?;
+    let (heads, kv_heads) = file.heads(ARCH)?;
+    let head_dim = file.key_length(ARCH)?;
     let hidden = file.count("gemma3.embedding_length")?;
-    let ffn = file.count("gemma3.feed_forward_length")?;
     let layers = file.count("gemma3.block_count")?;
-    let window = file.count("gemma3.attention.sliding_window")?;
     file.count("gemma3.context_length")?;
-    let eps = file
-        .opt_f64("gemma3.attention.layer_norm_rms_epsilon")?
-        .ok_or_else(|| {
-            file.config_error("gemma3.attention.layer_norm_rms_epsilon", "is missing")
-        })?;
-    if heads % kv_heads != 0 {
-        return Err(file.config_error(
-            "gemma3.attention.head_count_kv",
-            format!("{kv_heads} does not divide head_count {heads}"),
-        ));
-    }
-    if head_dim % 2 != 0 {
-        return Err(file.config_error(
-            "gemma3.attention.key_length",
-            format!("the head size {head_dim} must be even for RoPE"),
-        ));
-    }
-    if let Some(v) = file.opt_u64("gemma3.attention.value_length")? {
-        if v as usize != head_dim {
-            return Err(file.config_error(
-                "gemma3.attention.value_length",
-                format!("is {v}, but must equal key_length ({head_dim})"),
-            ));
-        }
-    }
     let pattern = match file.opt_u64("gemma3.attention.sliding_window_type")? {
         None => DEFAULT_SLIDING_PATTERN,
         Some(0) => {
@@ -143,15 +106,8 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
         }
         Some(n) => n as usize,
     };
-    let global_rope_scale = match file.get("gemma3.rope.scaling.type") {
-        Some(kind) if !matches!(kind.to_string().map(String::as_str), Ok("none" | "linear")) => {
-            return Err(file.config_error(
-                "gemma3.rope.scaling.type",
-                format!("{kind:?} is not supported (allowed: none, linear)"),
-            ))
-        }
-        _ => 1.0 / positive(file, "gemma3.rope.scaling.factor", 1.0)?,
-    };
+    file.rope_scaling(ARCH, &["none", "linear"])?;
+    let global_rope_scale = 1.0 / file.positive("gemma3.rope.scaling.factor", Some(1.0))?;
     let attn_scale = if layers == LAYERS_27B {
         1.0 / ((hidden / heads) as f64).sqrt()
     } else {
@@ -162,13 +118,14 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
         kv_heads,
         head_dim,
         hidden,
-        ffn,
+        ffn: file.count("gemma3.feed_forward_length")?,
         layers,
-        eps,
-        window,
+        eps: file.positive("gemma3.attention.layer_norm_rms_epsilon", None)?,
+        window: file.count("gemma3.attention.sliding_window")?,
         pattern,
-        local_rope_base: positive(file, "gemma3.rope.local_freq_base", DEFAULT_LOCAL_ROPE_BASE)?,
-        global_rope_base: positive(file, "gemma3.rope.freq_base", DEFAULT_GLOBAL_ROPE_BASE)?,
+        local_rope_base: file
+            .positive("gemma3.rope.local_freq_base", Some(DEFAULT_LOCAL_ROPE_BASE))?,
+        global_rope_base: file.positive("gemma3.rope.freq_base", Some(DEFAULT_GLOBAL_ROPE_BASE))?,
         global_rope_scale,
         attn_scale,
         act: Activation::GeluPytorchTanh,
@@ -187,9 +144,7 @@ impl Config {
 pub struct QuantizedGemma3;
 
 impl Architecture for QuantizedGemma3 {
-    const NAME: &'static str = "quantized_gemma3";
-    const FORMAT: WeightFormat = WeightFormat::Gguf;
-    const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    const REGISTRATION: Registration = Registration::gguf("quantized_gemma3", &[ARCH]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -7,7 +7,7 @@
 
 use crate::error::Result;
 use crate::models::adapter::{Loaded, Pristine, StockModel};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Tensor;
 use candle_transformers::models::quantized_llama as candle_qllama;
 
@@ -15,9 +15,7 @@ use candle_transformers::models::quantized_llama as candle_qllama;
 pub struct QuantizedLlama;
 
 impl Architecture for QuantizedLlama {
-    const NAME: &'static str = "quantized_llama";
-    const FORMAT: WeightFormat = WeightFormat::Gguf;
-    const MODEL_TYPES: &'static [&'static str] = &["llama"];
+    const REGISTRATION: Registration = Registration::gguf("quantized_llama", &["llama"]);
     type Network = Pristine<candle_qllama::ModelWeights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

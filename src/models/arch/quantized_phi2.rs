@@ -18,7 +18,7 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::{Loaded, Pristine, StockModel};
 use crate::models::gguf::GgufFile;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Tensor;
 use candle_transformers::models::quantized_phi as candle_phi;
 
@@ -35,53 +35,24 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     let heads = file.count("phi2.attention.head_count")?;
     let kv_heads = file.count("phi2.attention.head_count_kv")?;
     file.count("phi2.block_count")?;
-    let hidden = file.count("phi2.embedding_length")?;
     let rope_dim = file.count("phi2.rope.dimension_count")?;
-    if file.opt_f64("phi2.attention.layer_norm_epsilon")?.is_none() {
-        return Err(file.config_error("phi2.attention.layer_norm_epsilon", "is missing"));
-    }
+    file.positive("phi2.attention.layer_norm_epsilon", None)?;
     if kv_heads != heads {
         return Err(file.config_error("phi2.attention.head_count_kv",
             format!("is {kv_heads} but candle's quantized phi2 needs it equal to head_count ({heads}): it has no grouped-query attention"),
         ));
     }
-    if hidden % heads != 0 {
-        return Err(file.config_error(
-            "phi2.embedding_length",
-            format!("{hidden} is not a multiple of head_count {heads}"),
-        ));
-    }
-    let head_dim = hidden / heads;
+    let head_dim = file.derived_head_dim(ARCH, heads)?;
     if rope_dim > head_dim || rope_dim % 2 != 0 {
         return Err(file.config_error(
             "phi2.rope.dimension_count",
             format!("must be even and at most the head size {head_dim}, found {rope_dim}"),
         ));
     }
-    if let Some(base) = file.opt_f64("phi2.rope.freq_base")? {
-        if (base - ROPE_BASE).abs() > 1e-3 {
-            return Err(file.config_error(
-                "phi2.rope.freq_base",
-                format!("is {base}, but candle's quantized phi2 hard-codes {ROPE_BASE}"),
-            ));
-        }
-    }
-    if let Some(kind) = file.get("phi2.rope.scaling.type") {
-        if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(file.config_error(
-                "phi2.rope.scaling.type",
-                format!("{kind:?} is not supported by candle's quantized phi2 (allowed: none)"),
-            ));
-        }
-    }
-    if !file
-        .content
-        .tensor_infos
-        .contains_key("blk.0.attn_qkv.weight")
-        && file
-            .content
-            .tensor_infos
-            .contains_key("blk.0.attn_q.weight")
+    check_rope_base(file, ARCH)?;
+    file.rope_scaling(ARCH, &["none"])?;
+    let tensors = &file.content.tensor_infos;
+    if !tensors.contains_key("blk.0.attn_qkv.weight") && tensors.contains_key("blk.0.attn_q.weight")
     {
         return Err(Error::model_file(
             &file.path,
@@ -91,10 +62,21 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     Ok(())
 }
 
+/// candle's quantized Phi models hard-code their RoPE base; a file that states another one is
+/// refused rather than run with the wrong one.
+pub(super) fn check_rope_base(file: &GgufFile, arch: &str) -> Result<()> {
+    let key = format!("{arch}.rope.freq_base");
+    match file.opt_f64(&key)? {
+        Some(base) if (base - ROPE_BASE).abs() > 1e-3 => Err(file.config_error(
+            &key,
+            format!("is {base}, but candle's quantized {arch} hard-codes {ROPE_BASE}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Architecture for QuantizedPhi2 {
-    const NAME: &'static str = "quantized_phi2";
-    const FORMAT: WeightFormat = WeightFormat::Gguf;
-    const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    const REGISTRATION: Registration = Registration::gguf("quantized_phi2", &[ARCH]);
     type Network = Pristine<candle_phi::ModelWeights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

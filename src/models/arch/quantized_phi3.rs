@@ -18,18 +18,17 @@
 //! - llama.cpp currently ignores Phi-3's sliding window (`phi3.attention.sliding_window`), and
 //!   so does candle; results match llama.cpp's, not a windowed reference, past the window.
 
+use super::quantized_phi2::check_rope_base;
 use crate::error::{Error, Result};
 use crate::models::adapter::{Loaded, Pristine, StockModel};
 use crate::models::gguf::GgufFile;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Tensor;
 use candle_transformers::models::quantized_phi3 as candle_phi3;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "phi3";
-/// The RoPE base candle's `quantized_phi3` hard-codes.
-const ROPE_BASE: f64 = 10_000.0;
 /// The longest context run here. Phi-3 files without `longrope` factors are trained at 4k
 /// (medium at 4k too); the cap only bounds what a malformed file can make candle allocate.
 pub const MAX_CONTEXT: usize = 32_768;
@@ -39,53 +38,20 @@ pub struct QuantizedPhi3;
 
 /// Checks everything candle's loader reads (and what it silently ignores) before it runs.
 fn check_metadata(file: &GgufFile) -> Result<()> {
-    let heads = file.count("phi3.attention.head_count")?;
-    let kv_heads = file.count("phi3.attention.head_count_kv")?;
+    let (heads, _) = file.heads(ARCH)?;
     file.count("phi3.block_count")?;
     file.count("phi3.feed_forward_length")?;
     file.count("phi3.context_length")?;
-    let hidden = file.count("phi3.embedding_length")?;
     let rope_dim = file.count("phi3.rope.dimension_count")?;
-    if file
-        .opt_f64("phi3.attention.layer_norm_rms_epsilon")?
-        .is_none()
-    {
-        return Err(file.config_error("phi3.attention.layer_norm_rms_epsilon", "is missing"));
-    }
-    if hidden % heads != 0 {
-        return Err(file.config_error(
-            "phi3.embedding_length",
-            format!("{hidden} is not a multiple of head_count {heads}"),
-        ));
-    }
-    if heads % kv_heads != 0 {
-        return Err(file.config_error(
-            "phi3.attention.head_count_kv",
-            format!("{kv_heads} does not divide head_count {heads}"),
-        ));
-    }
-    let head_dim = hidden / heads;
+    file.positive("phi3.attention.layer_norm_rms_epsilon", None)?;
+    let head_dim = file.derived_head_dim(ARCH, heads)?;
     if rope_dim != head_dim {
         return Err(file.config_error("phi3.rope.dimension_count",
             format!("is {rope_dim}, but candle's quantized phi3 rotates the whole head ({head_dim}): partial rotary embeddings are not supported"),
         ));
     }
-    if let Some(base) = file.opt_f64("phi3.rope.freq_base")? {
-        if (base - ROPE_BASE).abs() > 1e-3 {
-            return Err(file.config_error(
-                "phi3.rope.freq_base",
-                format!("is {base}, but candle's quantized phi3 hard-codes {ROPE_BASE}"),
-            ));
-        }
-    }
-    if let Some(kind) = file.get("phi3.rope.scaling.type") {
-        if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(file.config_error(
-                "phi3.rope.scaling.type",
-                format!("{kind:?} is not supported by candle's quantized phi3 (allowed: none)"),
-            ));
-        }
-    }
+    check_rope_base(file, ARCH)?;
+    file.rope_scaling(ARCH, &["none"])?;
     // The 128k Phi-3 files (and Phi-3.5/Phi-4-mini) scale RoPE with per-dimension `longrope`
     // factors, stored as these tensors; llama.cpp applies them at every length.
     for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
@@ -100,9 +66,7 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
 }
 
 impl Architecture for QuantizedPhi3 {
-    const NAME: &'static str = "quantized_phi3";
-    const FORMAT: WeightFormat = WeightFormat::Gguf;
-    const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    const REGISTRATION: Registration = Registration::gguf("quantized_phi3", &[ARCH]);
     type Network = Pristine<candle_phi3::ModelWeights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -25,7 +25,7 @@ use crate::models::layers::linear::{Embedding, Linear};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Device;
 use candle_nn::Activation;
 
@@ -52,59 +52,26 @@ pub struct Config {
 
 /// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let heads = file.count("qwen2.attention.head_count")?;
-    let kv_heads = file.count("qwen2.attention.head_count_kv")?;
-    let hidden = file.count("qwen2.embedding_length")?;
-    let ffn = file.count("qwen2.feed_forward_length")?;
-    let layers = file.count("qwen2.block_count")?;
-    file.count("qwen2.context_length")?;
-    let eps = file
-        .opt_f64("qwen2.attention.layer_norm_rms_epsilon")?
-        .ok_or_else(|| file.config_error("qwen2.attention.layer_norm_rms_epsilon", "is missing"))?;
-    // llama.cpp's default too when the key is absent.
-    let rope_base = file.opt_f64("qwen2.rope.freq_base")?.unwrap_or(10_000.0);
-    if rope_base.is_nan() || rope_base <= 0.0 || rope_base.is_infinite() {
-        return Err(file.config_error(
-            "qwen2.rope.freq_base",
-            format!("must be positive, found {rope_base}"),
-        ));
-    }
-    if let Some(kind) = file.get("qwen2.rope.scaling.type") {
-        if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(file.config_error(
-                "qwen2.rope.scaling.type",
-                format!("{kind:?} is not supported (allowed: none)"),
-            ));
-        }
-    }
-    if hidden % heads != 0 {
-        return Err(file.config_error(
-            "qwen2.embedding_length",
-            format!("{hidden} is not a multiple of head_count {heads}"),
-        ));
-    }
-    if heads % kv_heads != 0 {
-        return Err(file.config_error(
-            "qwen2.attention.head_count_kv",
-            format!("{kv_heads} does not divide head_count {heads}"),
-        ));
-    }
-    let head_dim = hidden / heads;
+    let (heads, kv_heads) = file.heads(ARCH)?;
+    let head_dim = file.derived_head_dim(ARCH, heads)?;
     if head_dim % 2 != 0 {
         return Err(file.config_error(
             "qwen2.embedding_length",
             format!("the head size {head_dim} must be even for RoPE"),
         ));
     }
+    file.count("qwen2.context_length")?;
+    file.rope_scaling(ARCH, &["none"])?;
     Ok(Config {
         heads,
         kv_heads,
         head_dim,
-        hidden,
-        ffn,
-        layers,
-        eps,
-        rope_base,
+        hidden: file.count("qwen2.embedding_length")?,
+        ffn: file.count("qwen2.feed_forward_length")?,
+        layers: file.count("qwen2.block_count")?,
+        eps: file.positive("qwen2.attention.layer_norm_rms_epsilon", None)?,
+        // llama.cpp's default too when the key is absent.
+        rope_base: file.positive("qwen2.rope.freq_base", Some(10_000.0))?,
         max_context: file.context_length(ARCH, MAX_CONTEXT)?,
         vocab: file.vocab_size(ARCH)?,
     })
@@ -146,9 +113,7 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
 }
 
 impl Architecture for QuantizedQwen2 {
-    const NAME: &'static str = "quantized_qwen2";
-    const FORMAT: WeightFormat = WeightFormat::Gguf;
-    const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    const REGISTRATION: Registration = Registration::gguf("quantized_qwen2", &[ARCH]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -28,7 +28,7 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::gguf::GgufFile;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Tensor;
 use candle_transformers::models::quantized_qwen3 as candle_qwen3;
@@ -56,58 +56,18 @@ pub struct State {
 
 /// Checks everything candle's loader reads (and what it silently ignores) before it runs.
 fn check_metadata(file: &GgufFile) -> Result<()> {
-    let heads = file.count("qwen3.attention.head_count")?;
-    let kv_heads = file.count("qwen3.attention.head_count_kv")?;
-    let head_dim = file.count("qwen3.attention.key_length")?;
+    file.heads(ARCH)?;
+    file.key_length(ARCH)?;
     file.count("qwen3.block_count")?;
     file.count("qwen3.embedding_length")?;
     file.count("qwen3.context_length")?;
-    for key in [
-        "qwen3.attention.layer_norm_rms_epsilon",
-        "qwen3.rope.freq_base",
-    ] {
-        match file.opt_f64(key)? {
-            None => return Err(file.config_error(key, "is missing")),
-            Some(v) if v.is_nan() || v <= 0.0 => {
-                return Err(file.config_error(key, format!("must be positive, found {v}")))
-            }
-            Some(_) => {}
-        }
-    }
-    if heads % kv_heads != 0 {
-        return Err(file.config_error(
-            "qwen3.attention.head_count_kv",
-            format!("{kv_heads} does not divide head_count {heads}"),
-        ));
-    }
-    if head_dim % 2 != 0 {
-        return Err(file.config_error(
-            "qwen3.attention.key_length",
-            format!("the head size {head_dim} must be even for RoPE"),
-        ));
-    }
-    if let Some(v) = file.opt_u64("qwen3.attention.value_length")? {
-        if v as usize != head_dim {
-            return Err(file.config_error("qwen3.attention.value_length",
-                format!("is {v}, but candle's quantized qwen3 needs it equal to key_length ({head_dim})"),
-            ));
-        }
-    }
-    if let Some(kind) = file.get("qwen3.rope.scaling.type") {
-        if !matches!(kind.to_string().map(String::as_str), Ok("none")) {
-            return Err(file.config_error(
-                "qwen3.rope.scaling.type",
-                format!("{kind:?} is not supported by candle's quantized qwen3 (allowed: none)"),
-            ));
-        }
-    }
-    Ok(())
+    file.positive("qwen3.attention.layer_norm_rms_epsilon", None)?;
+    file.positive("qwen3.rope.freq_base", None)?;
+    file.rope_scaling(ARCH, &["none"])
 }
 
 impl Architecture for QuantizedQwen3 {
-    const NAME: &'static str = "quantized_qwen3";
-    const FORMAT: WeightFormat = WeightFormat::Gguf;
-    const MODEL_TYPES: &'static [&'static str] = &[ARCH];
+    const REGISTRATION: Registration = Registration::gguf("quantized_qwen3", &[ARCH]);
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

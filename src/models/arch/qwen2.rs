@@ -28,7 +28,7 @@ use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_nn::{Activation, VarBuilder};
 
 /// Qwen2, as registered.
@@ -114,10 +114,7 @@ fn layer_windows(c: &HfConfig, num_layers: usize) -> Result<Vec<Option<usize>>> 
 }
 
 impl Architecture for Qwen2 {
-    const NAME: &'static str = "qwen2";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["qwen2"];
-    const HF_CLASSES: &'static [&'static str] = &["Qwen2ForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("qwen2", &["qwen2"], &["Qwen2ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -22,7 +22,7 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::{Loaded, Pristine, StockModel};
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::qwen3 as candle_qwen3;
@@ -134,10 +134,7 @@ fn first_sliding_layer(
 }
 
 impl Architecture for Qwen3 {
-    const NAME: &'static str = "qwen3";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["qwen3"];
-    const HF_CLASSES: &'static [&'static str] = &["Qwen3ForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("qwen3", &["qwen3"], &["Qwen3ForCausalLM"]);
     type Network = Pristine<candle_qwen3::ModelForCausalLM>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

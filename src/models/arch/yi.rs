@@ -8,16 +8,13 @@
 use super::llama::{config_from_hf, Network};
 use crate::error::Result;
 use crate::models::hf::HfConfig;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, WeightFormat};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 
 /// Yi, as registered: Llama's network under its own name.
 pub struct Yi;
 
 impl Architecture for Yi {
-    const NAME: &'static str = "yi";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["Yi", "yi"];
-    const HF_CLASSES: &'static [&'static str] = &["YiForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("yi", &["Yi", "yi"], &["YiForCausalLM"]);
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
