@@ -165,16 +165,32 @@ pub struct Loaded<N: Network> {
     pub max_context: usize,
 }
 
-impl<M: StockModel> Loaded<Pristine<M>> {
-    /// A freshly loaded stock model: its pristine copy is the network, the live one the cache.
-    pub fn pristine(model: M, vocab_size: usize, max_context: usize) -> Self {
-        let (network, cache) = Pristine::new(model);
+impl<N: Network> Loaded<N> {
+    /// A network, its empty cache and the sizes its [`ModelInfo`] reports.
+    pub fn new(network: N, cache: N::Cache, vocab_size: usize, max_context: usize) -> Self {
         Loaded {
             network,
             cache,
             vocab_size,
             max_context,
         }
+    }
+}
+
+impl<M: Clone + Send + 'static> Loaded<Pristine<M>> {
+    /// A freshly loaded stock model run by its `forward`: its pristine copy is the network, the
+    /// live one the cache.
+    pub fn pristine(
+        model: M,
+        forward: StockForward<M>,
+        vocab_size: usize,
+        max_context: usize,
+    ) -> Self {
+        let network = Pristine {
+            pristine: model.clone(),
+            forward,
+        };
+        Loaded::new(network, model, vocab_size, max_context)
     }
 }
 
@@ -185,33 +201,19 @@ impl<M: StockModel> Loaded<Pristine<M>> {
 /// when candle's own `clear_kv_cache` is missing or incomplete (mask caches, for example).
 /// KV caches that preallocate and write in place allocate lazily on the first append, so the
 /// pristine copy never shares a written buffer with the live one.
-pub struct Pristine<M: StockModel> {
+pub struct Pristine<M> {
     pristine: M,
+    forward: StockForward<M>,
 }
 
-impl<M: StockModel> Pristine<M> {
-    /// The network of a freshly loaded stock model, and its cache: the live copy.
-    pub fn new(model: M) -> (Self, M) {
-        (
-            Pristine {
-                pristine: model.clone(),
-            },
-            model,
-        )
-    }
-}
+/// candle's forward of a stock model: the ids and their position, with the cache inside.
+pub type StockForward<M> = fn(&mut M, &Tensor, usize) -> candle_core::Result<Tensor>;
 
-/// A candle model whose forward takes the ids and their position, with state inside.
-pub trait StockModel: Clone + Send + 'static {
-    /// candle's forward.
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor>;
-}
-
-impl<M: StockModel> Network for Pristine<M> {
+impl<M: Clone + Send + 'static> Network for Pristine<M> {
     type Cache = M;
 
     fn forward(&self, input_ids: &Tensor, position: usize, live: &mut M) -> Result<Tensor> {
-        live.forward(input_ids, position)
+        Ok((self.forward)(live, input_ids, position)?)
     }
 
     fn reset(&self, live: &mut M) -> Result<()> {

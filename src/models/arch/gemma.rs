@@ -15,10 +15,9 @@
 //! a clone taken at load time shares the weights and stays the freshly loaded model.
 
 use crate::error::{Error, Result};
-use crate::models::adapter::{Loaded, Pristine, StockModel};
+use crate::models::adapter::{Loaded, Pristine};
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
-use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::gemma as candle_gemma;
 
@@ -84,16 +83,11 @@ impl Architecture for Gemma {
             let model = candle_gemma::Model::new(false, cfg, vb)?;
             Ok(Loaded::pristine(
                 model,
+                candle_gemma::Model::forward,
                 cfg.vocab_size,
                 cfg.max_position_embeddings,
             ))
         })
-    }
-}
-
-impl StockModel for candle_gemma::Model {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        Ok(candle_gemma::Model::forward(self, input_ids, position)?)
     }
 }
 

@@ -39,12 +39,7 @@ impl Network {
             pristine_cache: cache.clone(),
         };
         let (vocab_size, max_context) = (config.vocab_size, config.max_position_embeddings);
-        Ok(Loaded {
-            network,
-            cache,
-            vocab_size,
-            max_context,
-        })
+        Ok(Loaded::new(network, cache, vocab_size, max_context))
     }
 }
 

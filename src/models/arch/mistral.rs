@@ -141,13 +141,9 @@ impl Network {
             pristine: model.clone(),
             sliding_window: config.sliding_window,
         };
-        Ok(Loaded {
-            network,
-            cache: model,
-            vocab_size: config.vocab_size,
-            // candle's RoPE table has exactly this many rows.
-            max_context: config.max_position_embeddings,
-        })
+        // candle's RoPE table has exactly max_position_embeddings rows.
+        let (vocab, context) = (config.vocab_size, config.max_position_embeddings);
+        Ok(Loaded::new(network, model, vocab, context))
     }
 }
 

@@ -40,13 +40,12 @@
 //! The RoPE frequencies are computed in f32 and linear scaling multiplies the positions, as
 //! candle's file and llama.cpp do.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::models::gguf::GgufFile;
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, FeedForward};
-use crate::models::layers::linear::{Embedding, Linear};
+use crate::models::layers::gguf_weights::GgufWeights;
 use crate::models::layers::mlp::Mlp;
-use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Device;
@@ -159,35 +158,11 @@ impl Architecture for QuantizedGemma3 {
 /// `1 + weight`): sandwich norms, q/k norms, scaled embeddings, local and global RoPE.
 fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder> {
     let (h, hd, eps) = (cfg.hidden, cfg.head_dim, cfg.eps);
-    let heads = Heads {
-        num_heads: cfg.heads,
-        num_kv_heads: cfg.kv_heads,
-        head_dim: hd,
-    };
-    let embed_dtype = file
-        .content
-        .tensor_infos
-        .get("token_embd.weight")
-        .map(|info| info.ggml_dtype);
-    if let Some(dtype) = embed_dtype {
-        let block = dtype.block_size();
-        if h % block != 0 {
-            return Err(Error::model_file(
-                &file.path,
-                format!(
-                    "token_embd.weight rows ({h} values) are not whole {dtype:?} blocks of {block}"
-                ),
-            ));
-        }
-    }
-    let embed = Embedding::from_gguf(file, "token_embd.weight", &[cfg.vocab, h], device)?;
-    let output = if file.content.tensor_infos.contains_key("output.weight") {
-        Linear::from_gguf(file, "output.weight", &[cfg.vocab, h], device)?
-    } else {
-        // Tied embeddings (every Gemma 3): the one quantized tensor serves both.
-        embed.tied_head(None)?
-    };
-    let norm = Norm::rms_from_gguf(file, "output_norm.weight", h, eps, device)?;
+    let heads = Heads::new(cfg.heads, cfg.kv_heads, hd);
+    let mut w = GgufWeights::new(file, device);
+    // Tied embeddings (every Gemma 3): the one quantized tensor serves both.
+    let (embed, output) = w.embeddings_and_head(cfg.vocab, h)?;
+    let norm = w.rms_norm("output_norm.weight", h, eps)?;
     // Two RoPE variants shared by all layers: 0 local (sliding layers), 1 global.
     let rotaries = vec![
         Rotary::new(inv_freq(hd, cfg.local_rope_base, Rounding::F32), device)?,
@@ -197,9 +172,7 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
     let mut layers = Vec::with_capacity(cfg.layers);
     for i in 0..cfg.layers {
         let prefix = format!("blk.{i}");
-        let mut norm = |name: &str, size: usize| {
-            Norm::rms_from_gguf(file, &format!("{prefix}.{name}.weight"), size, eps, device)
-        };
+        let mut norm = |name: &str, size| w.rms_norm(&format!("{prefix}.{name}.weight"), size, eps);
         let (q_norm, k_norm) = (norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?);
         let block = Block::Sequential {
             attn_norm: norm("attn_norm", h)?,
@@ -207,10 +180,10 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
             ffn_norm: norm("ffn_norm", h)?,
             post_ffn_norm: Some(norm("post_ffw_norm", h)?),
         };
-        let attention = Attention::from_gguf(file, &prefix, h, heads, false, device)?
+        let attention = Attention::from_gguf(&mut w, &prefix, h, heads, false)?
             .with_qk_norms(q_norm, k_norm)
             .with_scale(cfg.attn_scale);
-        let mlp = Mlp::gated_from_gguf(file, &prefix, h, cfg.ffn, cfg.act, device)?;
+        let mlp = Mlp::gated_from_gguf(&mut w, &prefix, (h, cfg.ffn), cfg.act)?;
         let sliding = cfg.is_sliding(i);
         layers.push(DecoderLayer {
             attention,

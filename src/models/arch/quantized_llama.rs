@@ -6,9 +6,8 @@
 //! every new prompt length, so the reset swaps in a pristine clone, which also drops the masks.
 
 use crate::error::Result;
-use crate::models::adapter::{Loaded, Pristine, StockModel};
+use crate::models::adapter::{Loaded, Pristine};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
-use candle_core::Tensor;
 use candle_transformers::models::quantized_llama as candle_qllama;
 
 /// Quantized Llama, as registered: candle's model, reset to a pristine clone.
@@ -24,15 +23,12 @@ impl Architecture for QuantizedLlama {
             let context = file.context_length("llama", candle_qllama::MAX_SEQ_LEN)?;
             let model =
                 candle_qllama::ModelWeights::from_gguf(file.content, &mut file.reader, device)?;
-            Ok(Loaded::pristine(model, vocab_size, context))
+            Ok(Loaded::pristine(
+                model,
+                candle_qllama::ModelWeights::forward,
+                vocab_size,
+                context,
+            ))
         })
-    }
-}
-
-impl StockModel for candle_qllama::ModelWeights {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        Ok(candle_qllama::ModelWeights::forward(
-            self, input_ids, position,
-        )?)
     }
 }

@@ -16,10 +16,9 @@
 //!   the error names the problem instead of a shape mismatch deep in a forward pass.
 
 use crate::error::{Error, Result};
-use crate::models::adapter::{Loaded, Pristine, StockModel};
+use crate::models::adapter::{Loaded, Pristine};
 use crate::models::gguf::GgufFile;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
-use candle_core::Tensor;
 use candle_transformers::models::quantized_phi as candle_phi;
 
 /// `general.architecture` of the files this adapter loads.
@@ -87,15 +86,12 @@ impl Architecture for QuantizedPhi2 {
             let context = file.context_length(ARCH, candle_phi::MAX_SEQ_LEN)?;
             let model =
                 candle_phi::ModelWeights::from_gguf(file.content, &mut file.reader, device)?;
-            Ok(Loaded::pristine(model, vocab_size, context))
+            Ok(Loaded::pristine(
+                model,
+                candle_phi::ModelWeights::forward,
+                vocab_size,
+                context,
+            ))
         })
-    }
-}
-
-impl StockModel for candle_phi::ModelWeights {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        Ok(candle_phi::ModelWeights::forward(
-            self, input_ids, position,
-        )?)
     }
 }

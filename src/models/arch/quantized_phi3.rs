@@ -20,11 +20,10 @@
 
 use super::quantized_phi2::check_rope_base;
 use crate::error::{Error, Result};
-use crate::models::adapter::{Loaded, Pristine, StockModel};
+use crate::models::adapter::{Loaded, Pristine};
 use crate::models::gguf::GgufFile;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::quantized::gguf_file::Value;
-use candle_core::Tensor;
 use candle_transformers::models::quantized_phi3 as candle_phi3;
 
 /// `general.architecture` of the files this adapter loads.
@@ -82,15 +81,12 @@ impl Architecture for QuantizedPhi3 {
                 .insert(key, Value::U32(context as u32));
             let (content, reader) = (file.content, &mut file.reader);
             let model = candle_phi3::ModelWeights::from_gguf(false, content, reader, device)?;
-            Ok(Loaded::pristine(model, vocab_size, context))
+            Ok(Loaded::pristine(
+                model,
+                candle_phi3::ModelWeights::forward,
+                vocab_size,
+                context,
+            ))
         })
-    }
-}
-
-impl StockModel for candle_phi3::ModelWeights {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        Ok(candle_phi3::ModelWeights::forward(
-            self, input_ids, position,
-        )?)
     }
 }

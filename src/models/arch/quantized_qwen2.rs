@@ -21,9 +21,8 @@ use crate::error::Result;
 use crate::models::gguf::GgufFile;
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
-use crate::models::layers::linear::{Embedding, Linear};
+use crate::models::layers::gguf_weights::GgufWeights;
 use crate::models::layers::mlp::Mlp;
-use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Device;
@@ -83,29 +82,22 @@ pub struct QuantizedQwen2;
 /// The pre-norm decoder with llama.cpp's Qwen2 tensors: biases on q, k and v, SwiGLU.
 fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder> {
     let (h, eps) = (cfg.hidden, cfg.eps);
-    let heads = Heads {
-        num_heads: cfg.heads,
-        num_kv_heads: cfg.kv_heads,
-        head_dim: cfg.head_dim,
-    };
-    let embed = Embedding::from_gguf(file, "token_embd.weight", &[cfg.vocab, h], device)?;
-    let output = if file.content.tensor_infos.contains_key("output.weight") {
-        Linear::from_gguf(file, "output.weight", &[cfg.vocab, h], device)?
-    } else {
-        // Tied embeddings: the same quantized tensor serves the lookup and the projection.
-        embed.tied_head(None)?
-    };
-    let norm = Norm::rms_from_gguf(file, "output_norm.weight", h, eps, device)?;
+    let heads = Heads::new(cfg.heads, cfg.kv_heads, cfg.head_dim);
+    let mut w = GgufWeights::new(file, device);
+    let (embed, output) = w.embeddings_and_head(cfg.vocab, h)?;
+    let norm = w.rms_norm("output_norm.weight", h, eps)?;
     let mut layers = Vec::with_capacity(cfg.layers);
     for i in 0..cfg.layers {
         let prefix = format!("blk.{i}");
-        let attention = Attention::from_gguf(file, &prefix, h, heads, true, device)?;
-        let mlp = Mlp::gated_from_gguf(file, &prefix, h, cfg.ffn, Activation::Silu, device)?;
+        let attention = Attention::from_gguf(&mut w, &prefix, h, heads, true)?;
+        let mlp = Mlp::gated_from_gguf(&mut w, &prefix, (h, cfg.ffn), Activation::Silu)?;
+        let attn_norm = w.rms_norm(&format!("{prefix}.attn_norm.weight"), h, eps)?;
+        let ffn_norm = w.rms_norm(&format!("{prefix}.ffn_norm.weight"), h, eps)?;
         layers.push(DecoderLayer::pre_norm(
             attention,
-            Norm::rms_from_gguf(file, &format!("{prefix}.attn_norm.weight"), h, eps, device)?,
+            attn_norm,
             FeedForward::Mlp(mlp),
-            Norm::rms_from_gguf(file, &format!("{prefix}.ffn_norm.weight"), h, eps, device)?,
+            ffn_norm,
         ));
     }
     let rotary = Rotary::new(inv_freq(cfg.head_dim, cfg.rope_base, Rounding::F32), device)?;

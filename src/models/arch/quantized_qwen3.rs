@@ -94,12 +94,7 @@ impl Architecture for QuantizedQwen3 {
             let network = Network {
                 on_cpu: device.is_cpu(),
             };
-            Ok(Loaded {
-                network,
-                cache: state,
-                vocab_size,
-                max_context,
-            })
+            Ok(Loaded::new(network, state, vocab_size, max_context))
         })
     }
 }

@@ -20,10 +20,9 @@
 //! loaded model.
 
 use crate::error::{Error, Result};
-use crate::models::adapter::{Loaded, Pristine, StockModel};
+use crate::models::adapter::{Loaded, Pristine};
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
-use candle_core::Tensor;
 use candle_nn::Activation;
 use candle_transformers::models::qwen3 as candle_qwen3;
 use serde_json::Value;
@@ -143,18 +142,11 @@ impl Architecture for Qwen3 {
             // candle's RoPE table has exactly this many rows.
             Ok(Loaded::pristine(
                 model,
+                candle_qwen3::ModelForCausalLM::forward,
                 cfg.vocab_size,
                 cfg.max_position_embeddings,
             ))
         })
-    }
-}
-
-impl StockModel for candle_qwen3::ModelForCausalLM {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        Ok(candle_qwen3::ModelForCausalLM::forward(
-            self, input_ids, position,
-        )?)
     }
 }
 

@@ -8,13 +8,13 @@
 //! the window counted as transformers counts it and the keys of a sliding layer starting where
 //! its cache does ([`first_cached_key`]).
 
+use super::gguf_weights::GgufWeights;
 use super::kv_cache::{first_cached_key, LayerCache};
 use super::linear::Linear;
 use super::norm::Norm;
 use super::rotary::{CosSin, Rotary};
 use crate::error::Result;
 use crate::models::common;
-use crate::models::gguf::GgufFile;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -106,39 +106,31 @@ impl Attention {
     }
 
     /// Reads llama.cpp's layout: `{prefix}.attn_q`, `attn_k`, `attn_v` and `attn_output`
-    /// (`.weight`, plus a dense `.bias` on q, k and v when `qkv_bias`), each shape checked.
+    /// (`.weight`, plus a dense `.bias` on q, k and v when `qkv_bias`).
     pub fn from_gguf(
-        file: &mut GgufFile,
+        w: &mut GgufWeights,
         prefix: &str,
         hidden: usize,
         heads: Heads,
         qkv_bias: bool,
-        device: &Device,
     ) -> Result<Self> {
         let (q_dim, kv_dim) = (
             heads.num_heads * heads.head_dim,
             heads.num_kv_heads * heads.head_dim,
         );
         let mut projection = |name: &str, out_dim: usize| -> Result<Linear> {
-            let linear = Linear::from_gguf(
-                file,
-                &format!("{prefix}.{name}.weight"),
-                &[out_dim, hidden],
-                device,
-            )?;
-            if !qkv_bias {
-                return Ok(linear);
-            }
-            let bias = file.read_tensor(&format!("{prefix}.{name}.bias"), &[out_dim], device)?;
-            Ok(linear.with_bias(bias.dequantize(device)?))
+            let linear = w.linear(&format!("{prefix}.{name}.weight"), [out_dim, hidden])?;
+            Ok(match qkv_bias {
+                true => linear.with_bias(w.vector(&format!("{prefix}.{name}.bias"), out_dim)?),
+                false => linear,
+            })
         };
         let (q, k, v) = (
             projection("attn_q", q_dim)?,
             projection("attn_k", kv_dim)?,
             projection("attn_v", kv_dim)?,
         );
-        let o_name = format!("{prefix}.attn_output.weight");
-        let o_proj = Linear::from_gguf(file, &o_name, &[hidden, q_dim], device)?;
+        let o_proj = w.linear(&format!("{prefix}.attn_output.weight"), [hidden, q_dim])?;
         Ok(Attention::new(q, k, v, o_proj, heads))
     }
 

@@ -234,12 +234,8 @@ impl<A: SelfAttention> Decoder<A> {
     /// The decoder with its empty cache, for a model of `vocab_size` tokens and a context of
     /// `max_context`.
     pub fn loaded(self, vocab_size: usize, max_context: usize) -> Loaded<Self> {
-        Loaded {
-            cache: self.new_cache(),
-            network: self,
-            vocab_size,
-            max_context,
-        }
+        let cache = self.new_cache();
+        Loaded::new(self, cache, vocab_size, max_context)
     }
 }
 

@@ -6,9 +6,8 @@
 //! more way for [`Linear::forward`] to compute, and every architecture gets it at once.
 
 use crate::error::Result;
-use crate::models::gguf::GgufFile;
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
@@ -57,17 +56,6 @@ impl Linear {
         Ok(Linear::dense(weight, bias))
     }
 
-    /// Reads a GGUF tensor `name` after checking its shape `(out_dim, in_dim)`.
-    pub fn from_gguf(
-        file: &mut GgufFile,
-        name: &str,
-        shape: &[usize],
-        device: &Device,
-    ) -> Result<Self> {
-        let tensor = file.read_tensor(name, shape, device)?;
-        Ok(Linear::quantized(QMatMul::from_qtensor(tensor)?, None))
-    }
-
     /// The same layer plus a bias, for GGUF files that store it as a tensor of its own.
     pub fn with_bias(mut self, bias: Tensor) -> Self {
         self.bias = Some(bias);
@@ -108,20 +96,6 @@ impl Embedding {
     /// Loads `weight` `(vocab, hidden)` from a safetensors prefix such as `model.embed_tokens`.
     pub fn load(vb: VarBuilder, vocab: usize, hidden: usize) -> Result<Self> {
         Ok(Embedding::Dense(candle_nn::embedding(vocab, hidden, vb)?))
-    }
-
-    /// Reads the GGUF table `name` after checking its shape `(vocab, hidden)`.
-    pub fn from_gguf(
-        file: &mut GgufFile,
-        name: &str,
-        shape: &[usize],
-        device: &Device,
-    ) -> Result<Self> {
-        let tensor = Arc::new(file.read_tensor(name, shape, device)?);
-        Ok(Embedding::Quantized {
-            table: QMatMul::from_arc(tensor.clone())?,
-            tensor,
-        })
     }
 
     /// The output head that reuses this table (tied embeddings), with an optional bias.

@@ -1,10 +1,10 @@
 //! Feed-forward blocks: gated (SwiGLU, GeGLU), gated with one fused `gate_up` matrix, and
 //! plain two-layer MLPs.
 
+use super::gguf_weights::GgufWeights;
 use super::linear::Linear;
 use crate::error::Result;
-use crate::models::gguf::GgufFile;
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{Module, Tensor, D};
 use candle_nn::{Activation, VarBuilder};
 
 /// A position-wise feed-forward block.
@@ -79,16 +79,12 @@ impl Mlp {
 
     /// The gated block in llama.cpp's layout: `{prefix}.ffn_gate`, `ffn_up`, `ffn_down`.
     pub fn gated_from_gguf(
-        file: &mut GgufFile,
+        w: &mut GgufWeights,
         prefix: &str,
-        hidden: usize,
-        intermediate: usize,
+        (hidden, intermediate): (usize, usize),
         act: Activation,
-        device: &Device,
     ) -> Result<Self> {
-        let mut linear = |name: &str, shape: [usize; 2]| {
-            Linear::from_gguf(file, &format!("{prefix}.{name}.weight"), &shape, device)
-        };
+        let mut linear = |name: &str, shape| w.linear(&format!("{prefix}.{name}.weight"), shape);
         Ok(Mlp::Gated {
             gate: linear("ffn_gate", [intermediate, hidden])?,
             up: linear("ffn_up", [intermediate, hidden])?,

@@ -1,8 +1,7 @@
 //! Normalisation layers: RMSNorm, Gemma's RMSNorm with `1 + weight`, and LayerNorm.
 
 use crate::error::Result;
-use crate::models::gguf::GgufFile;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// One normalisation over the last dimension.
@@ -40,20 +39,6 @@ impl Norm {
     /// LayerNorm `weight` and `bias` `(size,)` from a safetensors prefix.
     pub fn layer(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Norm::Layer(candle_nn::layer_norm(size, eps, vb)?))
-    }
-
-    /// RMSNorm from the GGUF tensor `name` `(size,)`, dequantized.
-    pub fn rms_from_gguf(
-        file: &mut GgufFile,
-        name: &str,
-        size: usize,
-        eps: f64,
-        device: &Device,
-    ) -> Result<Self> {
-        let weight = file
-            .read_tensor(name, &[size], device)?
-            .dequantize(device)?;
-        Ok(Norm::Rms(candle_nn::RmsNorm::new(weight, eps)))
     }
 }
 
