@@ -6,9 +6,7 @@ use super::linear::{Embedding, Linear};
 use super::norm::Norm;
 use crate::error::{Error, Result};
 use crate::models::gguf::GgufFile;
-use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
-use std::sync::Arc;
 
 /// A GGUF file being read onto a device.
 pub struct GgufWeights<'a> {
@@ -30,7 +28,7 @@ impl<'a> GgufWeights<'a> {
     /// A linear layer over the (quantized) tensor `name` of shape `(out, in)`.
     pub fn linear(&mut self, name: &str, shape: [usize; 2]) -> Result<Linear> {
         let tensor = self.file.read_tensor(name, &shape, self.device)?;
-        Ok(Linear::quantized(QMatMul::from_qtensor(tensor)?, None))
+        Linear::from_qtensor(tensor, None)
     }
 
     /// The tensor `name` of `size` values, dequantized (biases).
@@ -71,15 +69,10 @@ impl<'a> GgufWeights<'a> {
                 ));
             }
         }
-        let table = Arc::new(self.file.read_tensor(
-            "token_embd.weight",
-            &[vocab, hidden],
-            self.device,
-        )?);
-        let embed = Embedding::Quantized {
-            table: QMatMul::from_arc(table.clone())?,
-            tensor: table,
-        };
+        let table = self
+            .file
+            .read_tensor("token_embd.weight", &[vocab, hidden], self.device)?;
+        let embed = Embedding::from_qtensor(table)?;
         let head = if self.file.content.tensor_infos.contains_key("output.weight") {
             self.linear("output.weight", [vocab, hidden])?
         } else {

@@ -1,11 +1,13 @@
 //! Linear layers and token embeddings: the one place that decides how a projection computes.
 //!
 //! Every projection of every architecture that runs its own network is a [`Linear`]: a dense
-//! F32/F16/BF16 weight multiplied by candle's matmul, or a GGUF-quantized weight multiplied by
-//! candle's `QMatMul`, plus an optional bias. A faster quantized kernel plugs in here, as one
-//! more way for [`Linear::forward`] to compute, and every architecture gets it at once.
+//! F32/F16/BF16 weight multiplied by candle's matmul, or a GGUF-quantized weight, plus an
+//! optional bias. A GGUF weight on CPU of a type our kernels handle (Q4_1, Q5_0, Q8_0; see
+//! [`crate::kernels`]) is multiplied by them; any other type, and any other device, stays on
+//! candle's `QMatMul`. The choice is made once, at load, and every architecture gets it.
 
 use crate::error::Result;
+use crate::kernels::QuantizedWeight;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -25,6 +27,8 @@ enum Weight {
     Dense(candle_nn::Linear),
     /// A GGUF tensor: candle's quantized matmul (which dequantizes F32/F16 tensors).
     Quantized(QMatMul),
+    /// A GGUF tensor on CPU that our own kernels multiply (shared with a tied embedding).
+    Own(Arc<QuantizedWeight>),
 }
 
 impl Linear {
@@ -56,6 +60,28 @@ impl Linear {
         Ok(Linear::dense(weight, bias))
     }
 
+    /// A layer over a GGUF tensor: our kernels when they handle its type on its device,
+    /// candle's `QMatMul` otherwise.
+    pub fn from_qtensor(tensor: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(match QuantizedWeight::from_qtensor(&tensor)? {
+            Some(w) => Linear::own(Arc::new(w), bias),
+            None => Linear::quantized(QMatMul::from_qtensor(tensor)?, bias),
+        })
+    }
+
+    /// A layer over a weight our kernels multiply.
+    pub fn own(weight: Arc<QuantizedWeight>, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Own(weight),
+            bias,
+        }
+    }
+
+    /// Whether our own kernels compute this layer (for tests and diagnostics).
+    pub fn uses_own_kernels(&self) -> bool {
+        matches!(self.weight, Weight::Own(_))
+    }
+
     /// The same layer plus a bias, for GGUF files that store it as a tensor of its own.
     pub fn with_bias(mut self, bias: Tensor) -> Self {
         self.bias = Some(bias);
@@ -69,6 +95,7 @@ impl Module for Linear {
         let y = match &self.weight {
             Weight::Dense(l) => l.forward(x)?,
             Weight::Quantized(w) => w.forward(x)?,
+            Weight::Own(w) => w.forward(x)?,
         };
         match &self.bias {
             None => Ok(y),
@@ -90,12 +117,28 @@ pub enum Embedding {
         /// The tensor, for a tied output head to share.
         tensor: Arc<QTensor>,
     },
+    /// A GGUF table of a type our kernels handle, on CPU: rows are dequantized from its blocks
+    /// on lookup, and a tied head multiplies the same blocks (one copy of the table).
+    Own(Arc<QuantizedWeight>),
 }
 
 impl Embedding {
     /// Loads `weight` `(vocab, hidden)` from a safetensors prefix such as `model.embed_tokens`.
     pub fn load(vb: VarBuilder, vocab: usize, hidden: usize) -> Result<Self> {
         Ok(Embedding::Dense(candle_nn::embedding(vocab, hidden, vb)?))
+    }
+
+    /// A GGUF table `(vocab, hidden)`, kept quantized: our kernels' blocks when they handle
+    /// its type on its device (the rows dequantized on lookup), candle's `QMatMul` otherwise.
+    pub fn from_qtensor(tensor: QTensor) -> Result<Self> {
+        if let Some(w) = QuantizedWeight::from_qtensor(&tensor)? {
+            return Ok(Embedding::Own(Arc::new(w)));
+        }
+        let tensor = Arc::new(tensor);
+        Ok(Embedding::Quantized {
+            table: QMatMul::from_arc(tensor.clone())?,
+            tensor,
+        })
     }
 
     /// The output head that reuses this table (tied embeddings), with an optional bias.
@@ -105,6 +148,7 @@ impl Embedding {
             Embedding::Quantized { tensor, .. } => {
                 Linear::quantized(QMatMul::from_arc(tensor.clone())?, bias)
             }
+            Embedding::Own(w) => Linear::own(w.clone(), bias),
         })
     }
 }
@@ -114,6 +158,7 @@ impl Module for Embedding {
         match self {
             Embedding::Dense(e) => e.forward(ids),
             Embedding::Quantized { table, .. } => table.embedding(ids),
+            Embedding::Own(w) => w.embedding(ids),
         }
     }
 }
