@@ -2,7 +2,7 @@
 //! architectures other than x86_64. Same structure as the SIMD drivers: one weight row at a
 //! time, up to four activation rows per pass over it.
 
-use super::blocks::{BlockQ8, WeightBlock, QK};
+use super::blocks::{BlockQ8, WeightBlock};
 use std::ops::Range;
 
 /// `Σ w·a` of weight row `w` with `R` activation rows.
@@ -13,10 +13,7 @@ fn dot_rows<B: WeightBlock, const R: usize>(w: &[B], a: [&[BlockQ8]; R]) -> [f32
         let d = wb.scale();
         for (o, rows) in out.iter_mut().zip(a) {
             let ab = &rows[bi];
-            let mut sum = 0i32;
-            for i in 0..QK {
-                sum += codes[i] * ab.qs[i] as i32;
-            }
+            let sum: i32 = codes.iter().zip(&ab.qs).map(|(&c, &q)| c * q as i32).sum();
             *o += d * ab.d * sum as f32 + wb.correction(ab);
         }
     }
