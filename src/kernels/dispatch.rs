@@ -70,13 +70,16 @@ impl Level {
         }
     }
 
-    /// The best level this CPU supports.
+    /// The best level this CPU supports (detected once, then cached).
     pub fn detect() -> Level {
-        Level::ALL
-            .into_iter()
-            .rev()
-            .find(|l| l.supported())
-            .unwrap_or(Level::Scalar)
+        static DETECTED: OnceLock<Level> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            Level::ALL
+                .into_iter()
+                .rev()
+                .find(|l| l.supported())
+                .unwrap_or(Level::Scalar)
+        })
     }
 
     /// The levels this CPU supports, lowest first.
