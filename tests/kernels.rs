@@ -9,6 +9,7 @@ use candle_core::{Device, Module, Tensor};
 use llm_pool::kernels::blocks::{BlockQ8, Blocks, WeightBlock, QK};
 use llm_pool::kernels::quantize::{quantize_into, SumForm};
 use llm_pool::kernels::{Level, QuantizedWeight, WeightType};
+use llm_pool::models::layers::linear::Linear;
 use std::path::Path;
 
 const TYPES: [(GgmlDType, WeightType); 3] = [
@@ -260,5 +261,44 @@ fn demo_model_tensors_against_the_oracle_and_candle() {
         for m in [1, 3] {
             check(&q, &w, m, 400 + m as u64, &format!("{file} {name}"));
         }
+    }
+}
+
+#[test]
+fn the_dispatched_level_honours_the_environment() {
+    let detected = Level::detect();
+    let expected = match std::env::var(llm_pool::kernels::LEVEL_ENV) {
+        Ok(v) => Level::parse(&v).map_or(detected, |l| l.min(detected)),
+        Err(_) => detected,
+    };
+    assert_eq!(llm_pool::kernels::level(), expected);
+}
+
+#[test]
+fn the_linear_seam_takes_our_kernels_for_our_types_only() {
+    let x = Tensor::from_vec(values(2 * 3 * 256, 9), (2, 3, 256), &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(values(40 * 256, 6), (40, 256), &Device::Cpu).unwrap();
+    for dtype in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+    ] {
+        let theirs = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+        let linear = Linear::from_qtensor(QTensor::quantize(&w, dtype).unwrap(), None).unwrap();
+        assert_eq!(
+            linear.uses_own_kernels(),
+            dtype != GgmlDType::Q4K,
+            "{dtype:?}"
+        );
+        let (a, b) = (linear.forward(&x).unwrap(), theirs.forward(&x).unwrap());
+        assert_eq!(a.dims(), &[2, 3, 40]);
+        let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap();
+        let (diff, scale) = (
+            diff.to_scalar::<f32>().unwrap(),
+            scale.to_scalar::<f32>().unwrap(),
+        );
+        assert!(diff <= 1e-4 * scale, "{dtype:?}: {diff} vs scale {scale}");
     }
 }

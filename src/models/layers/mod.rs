@@ -8,7 +8,8 @@
 //! positions, ...).
 //!
 //! - [`linear`]: [`Linear`](linear::Linear), the one seam for how a projection computes
-//!   (dense F32/F16/BF16 or GGUF-quantized through candle's `QMatMul` today), and the token
+//!   (dense F32/F16/BF16; GGUF-quantized through our kernels for Q4_1/Q5_0/Q8_0 on CPU,
+//!   candle's `QMatMul` otherwise), and the token
 //!   [`Embedding`](linear::Embedding) that a tied output head shares;
 //! - [`norm`]: RMSNorm, Gemma's `1 + weight` RMSNorm, LayerNorm;
 //! - [`rotary`]: RoPE, computed for the positions of each forward;
