@@ -92,7 +92,7 @@ fn check(q: &QMatMul, w: &QuantizedWeight, m: usize, seed: u64, what: &str) {
             acts, scalar_acts,
             "{what}: {level:?} activation codes differ from scalar"
         );
-        let y = w.matmul_quantized(level, &acts, m);
+        let y = w.matmul_quantized(level, &acts, m).unwrap();
         let (exact, mag) = oracle(w, &acts, m);
         for i in 0..m * n {
             let err = (y[i] as f64 - exact[i]).abs();
@@ -194,6 +194,7 @@ fn zero_activations_give_zero() {
 fn mis_sized_inputs_are_errors_not_panics() {
     let (_, w) = weight(GgmlDType::Q8_0, 4, 64, 1);
     assert!(w.matmul(&[0.0; 65]).is_err());
+    assert!(w.matmul_quantized(Level::Scalar, &[], 1).is_err());
     assert!(QuantizedWeight::from_bytes(WeightType::Q4_1, &[0; 19], 1, 32).is_err());
     assert!(QuantizedWeight::from_bytes(WeightType::Q4_1, &[0; 20], 1, 33).is_err());
     let x = Tensor::zeros((2, 63), candle_core::DType::F32, &Device::Cpu).unwrap();

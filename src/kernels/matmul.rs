@@ -109,15 +109,22 @@ impl QuantizedWeight {
                 self.k
             )));
         }
-        let level = level.min(Level::detect());
         let acts = self.quantize_activations(level, x);
-        Ok(self.matmul_quantized(level, &acts, x.len() / self.k))
+        self.matmul_quantized(level, &acts, x.len() / self.k)
     }
 
     /// The matmul proper on already-quantized activations (`m` rows of `k / 32` blocks).
-    pub fn matmul_quantized(&self, level: Level, acts: &[BlockQ8], m: usize) -> Vec<f32> {
+    /// A level the CPU lacks is lowered to the best one it has.
+    pub fn matmul_quantized(&self, level: Level, acts: &[BlockQ8], m: usize) -> Result<Vec<f32>> {
         let (n, nb) = (self.n, self.k / QK);
-        debug_assert_eq!(acts.len(), m * nb);
+        if acts.len() != m * nb {
+            return Err(Error::Kernel(format!(
+                "{} activation blocks are not {m} rows of {nb}",
+                acts.len()
+            )));
+        }
+        // The SIMD entry points are only sound at a level this CPU has.
+        let level = level.min(Level::detect());
         let out = Mutex::new(vec![0f32; m * n]);
         let items = n.div_ceil(COLUMN_TILE);
         candle_core::utils::barrier_pool().execute_chunked(items, |range| {
@@ -131,7 +138,7 @@ impl QuantizedWeight {
                 out[r * n + cols.start..r * n + cols.end].copy_from_slice(src);
             }
         });
-        out.into_inner().unwrap_or_else(|e| e.into_inner())
+        Ok(out.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn tile(&self, level: Level, acts: &[BlockQ8], m: usize, cols: Range<usize>, out: &mut [f32]) {

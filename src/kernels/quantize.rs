@@ -54,15 +54,15 @@ fn quantize_block_scalar(x: &[f32], form: SumForm) -> BlockQ8 {
 }
 
 /// Quantizes `x` (a whole number of rows of `k` values, `k` a multiple of 32) into `out`,
-/// one block per 32 values, at `level`.
+/// one block per 32 values, at `level` (lowered to what the CPU has).
 pub fn quantize_into(level: Level, x: &[f32], form: SumForm, out: &mut Vec<BlockQ8>) {
     out.clear();
     out.reserve(x.len() / QK);
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if level.min(Level::detect()) >= Level::Avx2 {
         for chunk in x.chunks_exact(QK) {
-            // SAFETY: every level from Avx2 up is only selected when `Level::supported` saw
-            // AVX2, FMA and F16C on this CPU; `chunk` has 32 values.
+            // SAFETY: the level is capped by `Level::detect()`, which only returns Avx2 or
+            // above when `Level::supported` saw AVX2, FMA and F16C; `chunk` has 32 values.
             out.push(unsafe { x86::quantize_block_avx2(chunk, form) });
         }
         return;
