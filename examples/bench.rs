@@ -29,7 +29,10 @@
 //! - `multi`: two models generating at once in one pool, against each alone;
 //! - `http`: `llm-pool serve` (started with a temporary config on port 0) or any server given by
 //!   `--url`, streamed `/v1/completions`: TTFT, decode tok/s, aggregate tok/s under concurrency;
-//! - `all`: every one of the above in this process.
+//! - `all`: every one of the above in this process;
+//! - `kernels` (not part of `all`): our quantized matmul kernels against candle's `QMatMul` on
+//!   the same random tensors, per type (Q4_1, Q5_0, Q8_0) and dispatch level: GB/s of weights
+//!   at m = 1, GOP/s at m = 64 and 512, and the ratio to candle (time of candle / ours).
 //!
 //! Test names follow llama-bench: `tg128` generates 128 tokens (128 single-token forwards from a
 //! 1-token prompt), `pp64` / `pp512` run one prompt of 64 / 512 tokens. Prompts are fixed,
@@ -86,6 +89,8 @@ enum Cmd {
     Http,
     /// Everything above, in this process.
     All,
+    /// Our quantized kernels against candle's QMatMul, per type and dispatch level.
+    Kernels,
 }
 
 #[derive(Args, Clone)]
@@ -1361,6 +1366,99 @@ async fn bench_http(b: &Bench) -> Result<()> {
     Ok(())
 }
 
+/// Median-able samples of `f`'s wall time in seconds, after the warm-up runs.
+fn time_runs(b: &Bench, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(b.reps);
+    for i in 0..b.runs() {
+        let t = Instant::now();
+        f()?;
+        if i >= b.warmup {
+            samples.push(secs(t.elapsed()));
+        }
+    }
+    Ok(samples)
+}
+
+/// `kernels`: per type, a decode-sized weight (m = 1, bytes streamed from memory) and a
+/// layer-sized one (m = 64, 512), each multiplied by candle's `QMatMul` and by our kernels at
+/// every level this CPU has. Both sides include activation quantization and the output.
+fn bench_kernels(b: &Bench) -> Result<()> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::Module;
+    use llm_pool::kernels::{Level, QuantizedWeight};
+
+    let types = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0];
+    // (n, k, rows): 65536 x 1024 is 42-71 MB of blocks, beyond the caches, like a decode step's
+    // weights (candle repacks Q8_0 when k % 256 == 0 and n % 16 == 0, as here); 65536 x 640 is
+    // a quarter of Gemma 3's Q8_0 head (k = 640: no repack); 1536 x 576 is SmolLM2's MLP gate.
+    let shapes: [(usize, usize, &[usize]); 3] = [
+        (65536, 1024, &[1]),
+        (65536, 640, &[1]),
+        (1536, 576, &[64, 512]),
+    ];
+    let levels = Level::available();
+    eprintln!(
+        "kernels: levels {:?}, dispatched {:?}",
+        levels,
+        llm_pool::kernels::level()
+    );
+    for dtype in types {
+        for &(n, k, rows) in &shapes {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+            let q = QTensor::quantize(&w, dtype)?;
+            drop(w);
+            let bytes = q.storage_size_in_bytes() as f64;
+            let ours = QuantizedWeight::from_qtensor(&q)?
+                .ok_or_else(|| anyhow!("no kernel for {dtype:?}"))?;
+            let theirs = QMatMul::from_qtensor(q)?;
+            for &m in rows {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                let (unit, per_sec) = if m == 1 {
+                    ("GB/s", bytes / 1e9)
+                } else {
+                    ("GOP/s", 2.0 * (m * n * k) as f64 / 1e9)
+                };
+                let model = format!("{dtype:?} {n}x{k}");
+                let test = format!("m{m}");
+                let candle = time_runs(b, || {
+                    theirs.forward(&x)?;
+                    Ok(())
+                })?;
+                let rate = |t: &[f64]| t.iter().map(|s| per_sec / s).collect::<Vec<_>>();
+                b.emit(
+                    "candle",
+                    "kernels",
+                    &model,
+                    &test,
+                    unit,
+                    &rate(&candle),
+                    json!({}),
+                );
+                let candle_median = Stats::of(&candle).median;
+                for &level in &levels {
+                    let t = time_runs(b, || {
+                        ours.matmul_at(level, &xv)?;
+                        Ok(())
+                    })?;
+                    let ratio = candle_median / Stats::of(&t).median;
+                    b.emit(
+                        "llm-pool",
+                        "kernels",
+                        &model,
+                        &format!("{test}_{}", level.name()),
+                        unit,
+                        &rate(&t),
+                        json!({"level": level.name(), "vs_candle": ratio}),
+                    );
+                    eprintln!("{:>58} {ratio:.2}x candle", "");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let b = Bench::new(cli.opts);
@@ -1392,6 +1490,7 @@ fn main() -> Result<()> {
             Cmd::Concurrency => rt.block_on(bench_concurrency(&b))?,
             Cmd::Multi => rt.block_on(bench_multi(&b))?,
             Cmd::Http => rt.block_on(bench_http(&b))?,
+            Cmd::Kernels => bench_kernels(&b)?,
             Cmd::All => unreachable!(),
         }
     }

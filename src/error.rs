@@ -78,6 +78,10 @@ pub enum Error {
     #[error("the worker for model {model} crashed while serving this request and is restarting: {cause}")]
     WorkerRestarted { model: String, cause: String },
 
+    /// A quantized kernel was given data that does not fit its weight (shape, size).
+    #[error("quantized kernel: {0}")]
+    Kernel(String),
+
     /// Filesystem I/O failed.
     #[error("{path}: {source}")]
     Io {

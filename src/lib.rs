@@ -24,6 +24,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod metrics;
 pub mod models;
 pub mod pool;

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use llm_pool::models::gguf::GgufFile;
 use llm_pool::models::quantized_qwen2::QuantizedQwen2;
 use llm_pool::models::quantized_qwen3::QuantizedQwen3;
-use llm_pool::models::{Architecture, LanguageModel, LoadOptions, ModelSource};
+use llm_pool::models::{Adapter, Architecture, LanguageModel, LoadOptions, ModelSource};
 use std::path::Path;
 
 const ARCHITECTURES: [&str; 5] = [
@@ -20,7 +20,7 @@ const ARCHITECTURES: [&str; 5] = [
     "quantized_gemma3",
 ];
 
-fn load<A: Architecture>(path: &Path) -> A {
+fn load<A: Architecture>(path: &Path) -> Adapter<A> {
     let source = ModelSource::Gguf(GgufFile::open(path).unwrap());
     A::load(source, &LoadOptions::cpu()).unwrap_or_else(|e| panic!("{}: {e}", A::NAME))
 }
@@ -65,7 +65,7 @@ fn qwen2_matches_candle() {
     use candle_transformers::models::quantized_qwen2 as candle_qwen2;
     let tmp = tempfile::tempdir().unwrap();
     let path = common::tiny_gguf("quantized_qwen2", tmp.path()).unwrap();
-    let mut ours: QuantizedQwen2 = load(&path);
+    let mut ours: Adapter<QuantizedQwen2> = load(&path);
     let mut file = GgufFile::open(&path).unwrap();
     let mut theirs =
         candle_qwen2::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
@@ -93,7 +93,7 @@ fn qwen3_chunk_after_decode_steps_sees_every_token() {
     let tmp = tempfile::tempdir().unwrap();
     let path = common::tiny_gguf("quantized_qwen3", tmp.path()).unwrap();
     let tokens = [1u32, 14, 15, 92, 65, 35, 8, 40, 41];
-    let mut model: QuantizedQwen3 = load(&path);
+    let mut model: Adapter<QuantizedQwen3> = load(&path);
     run(&mut model, &tokens[..4], 0);
     run(&mut model, &tokens[4..5], 4);
     run(&mut model, &tokens[5..6], 5);
@@ -109,7 +109,7 @@ fn qwen3_chunk_after_decode_steps_sees_every_token() {
 fn qwen3_prefill_at_position_zero_starts_over() {
     let tmp = tempfile::tempdir().unwrap();
     let path = common::tiny_gguf("quantized_qwen3", tmp.path()).unwrap();
-    let mut model: QuantizedQwen3 = load(&path);
+    let mut model: Adapter<QuantizedQwen3> = load(&path);
     run(&mut model, &[1, 2, 3, 4], 0);
     run(&mut model, &[5], 4);
     let again = run(&mut model, &[1, 27, 18], 0);

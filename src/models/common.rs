@@ -1,5 +1,5 @@
 //! Helpers shared by the architecture adapters: normalising candle's many output shapes to
-//! last-position F32 logits, and resetting a model by swapping in a pristine clone.
+//! last-position F32 logits, token-id sets, and transformers' attention mask.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -28,38 +28,6 @@ pub fn last_position_f32(logits: Tensor) -> Result<Tensor> {
         logits.to_dtype(DType::F32)?
     };
     Ok(logits.contiguous()?)
-}
-
-/// A model plus a pristine copy taken right after loading.
-///
-/// candle's model structs hold their weights as reference-counted tensors, so `clone()` shares
-/// the weights and copies only the (empty) cache state. Resetting swaps in a fresh clone of the
-/// pristine copy: exactly the freshly loaded state, for models whose own `clear_kv_cache` is
-/// missing or incomplete. KV caches that preallocate and write in place allocate lazily on the
-/// first append, so the pristine copy never shares a written buffer with the live one.
-pub struct Pristine<M: Clone> {
-    live: M,
-    pristine: M,
-}
-
-impl<M: Clone> Pristine<M> {
-    /// Keeps a pristine copy of a freshly loaded model.
-    pub fn new(model: M) -> Self {
-        Pristine {
-            live: model.clone(),
-            pristine: model,
-        }
-    }
-
-    /// The model to run.
-    pub fn live(&mut self) -> &mut M {
-        &mut self.live
-    }
-
-    /// Restores the freshly loaded state.
-    pub fn reset(&mut self) {
-        self.live = self.pristine.clone();
-    }
 }
 
 /// Sorted, deduplicated token ids.
@@ -101,6 +69,31 @@ pub fn attention_mask(
         (1, 1, seq_len, kv_len),
         device,
     )?))
+}
+
+/// Test support: loads the Hugging Face fixture `name`, runs `ids` in chunks that end at each
+/// of `splits` and then at the end (a prefill, then decode steps or chunks on top of the
+/// cache), and returns the max abs difference between the last logits and those of one
+/// prefill of all of `ids` after a reset.
+#[cfg(test)]
+pub(crate) fn chunked_prefill_diff(name: &str, ids: &[u32], splits: &[usize]) -> f32 {
+    use super::{LanguageModel, LoadOptions, Model};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name);
+    let mut model = Model::load(&dir, &LoadOptions::cpu()).unwrap();
+    let (mut start, mut chunked) = (0, Vec::new());
+    for &end in splits.iter().chain([&ids.len()]) {
+        chunked = model.forward_ids(&ids[start..end], start).unwrap();
+        start = end;
+    }
+    model.reset_cache().unwrap();
+    let whole = model.forward_ids(ids, 0).unwrap();
+    chunked
+        .iter()
+        .zip(&whole)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
 }
 
 #[cfg(test)]

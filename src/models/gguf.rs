@@ -196,6 +196,114 @@ impl GgufFile {
         }
     }
 
+    /// Checks that the rows of `token_embd.weight` (what ids index) and of `output.weight`
+    /// (what the logits are) match the vocabulary, or ids and logits would disagree about what
+    /// a token is. `output.weight` may be absent when the output projection can be tied to the
+    /// embeddings (`tied_output`).
+    pub fn check_vocab(&self, vocab: usize, tied_output: bool) -> Result<()> {
+        for name in ["token_embd.weight", "output.weight"] {
+            let rows = match self.content.tensor_infos.get(name) {
+                Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+                None if tied_output && name == "output.weight" => continue,
+                None => {
+                    return Err(Error::model_file(
+                        &self.path,
+                        format!("tensor {name} is missing"),
+                    ))
+                }
+            };
+            if rows != vocab {
+                return Err(Error::model_file(
+                    &self.path,
+                    format!("tensor {name} has {rows} rows but the vocabulary has {vocab} tokens"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `{arch}.attention.head_count` and `head_count_kv`, checked for grouped-query
+    /// attention: the key/value heads must divide the query heads.
+    pub fn heads(&self, arch: &str) -> Result<(usize, usize)> {
+        let heads = self.count(&format!("{arch}.attention.head_count"))?;
+        let key = format!("{arch}.attention.head_count_kv");
+        let kv_heads = self.count(&key)?;
+        if heads % kv_heads != 0 {
+            return Err(self.config_error(
+                &key,
+                format!("{kv_heads} does not divide head_count {heads}"),
+            ));
+        }
+        Ok((heads, kv_heads))
+    }
+
+    /// The head size `{arch}.embedding_length / head_count`, which must divide exactly.
+    pub fn derived_head_dim(&self, arch: &str, heads: usize) -> Result<usize> {
+        let key = format!("{arch}.embedding_length");
+        let hidden = self.count(&key)?;
+        if hidden % heads != 0 {
+            return Err(self.config_error(
+                &key,
+                format!("{hidden} is not a multiple of head_count {heads}"),
+            ));
+        }
+        Ok(hidden / heads)
+    }
+
+    /// The head size `{arch}.attention.key_length`: even (RoPE rotates pairs), and equal to
+    /// `value_length` when the file states one.
+    pub fn key_length(&self, arch: &str) -> Result<usize> {
+        let key = format!("{arch}.attention.key_length");
+        let head_dim = self.count(&key)?;
+        if head_dim % 2 != 0 {
+            return Err(self.config_error(
+                &key,
+                format!("the head size {head_dim} must be even for RoPE"),
+            ));
+        }
+        let value_key = format!("{arch}.attention.value_length");
+        if let Some(v) = self.opt_u64(&value_key)? {
+            if v as usize != head_dim {
+                return Err(self.config_error(
+                    &value_key,
+                    format!("is {v}, but must equal key_length ({head_dim})"),
+                ));
+            }
+        }
+        Ok(head_dim)
+    }
+
+    /// A positive, finite number: `default` when absent, or an error when there is none.
+    pub fn positive(&self, key: &str, default: Option<f64>) -> Result<f64> {
+        match (self.opt_f64(key)?, default) {
+            (None, Some(d)) => Ok(d),
+            (None, None) => Err(self.config_error(key, "is missing")),
+            (Some(v), _) if v > 0.0 && v.is_finite() => Ok(v),
+            (Some(v), _) => Err(self.config_error(key, format!("must be positive, found {v}"))),
+        }
+    }
+
+    /// Refuses a `{arch}.rope.scaling.type` outside `allowed` (an absent key is `none`).
+    pub fn rope_scaling(&self, arch: &str, allowed: &[&str]) -> Result<()> {
+        let key = format!("{arch}.rope.scaling.type");
+        match self.get(&key) {
+            Some(kind)
+                if !kind
+                    .to_string()
+                    .is_ok_and(|k| allowed.contains(&k.as_str())) =>
+            {
+                Err(self.config_error(
+                    &key,
+                    format!(
+                        "{kind:?} is not supported (allowed: {})",
+                        allowed.join(", ")
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// `{arch}.context_length`, capped by what the candle implementation can address.
     pub fn context_length(&self, arch: &str, implementation_limit: usize) -> Result<usize> {
         let declared = self

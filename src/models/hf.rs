@@ -464,6 +464,161 @@ impl HfConfig {
     }
 }
 
+/// Mappings several architectures share, each refusing what no implementation here computes.
+impl HfConfig {
+    /// `num_attention_heads` and `num_key_value_heads`, with the family's defaults when absent
+    /// (`None`: the query heads are required; the key/value heads default to as many), checked
+    /// for grouped-query attention: whole groups only.
+    pub fn heads(
+        &self,
+        default_heads: Option<usize>,
+        default_kv_heads: Option<usize>,
+    ) -> Result<(usize, usize)> {
+        let heads = match default_heads {
+            Some(d) => self.usize_or("num_attention_heads", d)?,
+            None => self.usize("num_attention_heads")?,
+        };
+        let kv_heads = self.usize_or("num_key_value_heads", default_kv_heads.unwrap_or(heads))?;
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(self.err(
+                "num_key_value_heads",
+                format!("{kv_heads} must be positive and divide num_attention_heads {heads}"),
+            ));
+        }
+        Ok((heads, kv_heads))
+    }
+
+    /// transformers' `head_dim or hidden_size // num_attention_heads` (an explicit 0 counts as
+    /// absent), checked even for RoPE.
+    pub fn head_dim(&self, hidden_size: usize, heads: usize) -> Result<usize> {
+        let head_dim = match self.opt_usize("head_dim")? {
+            Some(hd) if hd > 0 => hd,
+            _ => {
+                if heads == 0 || !hidden_size.is_multiple_of(heads) {
+                    return Err(self.err(
+                        "num_attention_heads",
+                        format!("{heads} must divide hidden_size {hidden_size} when head_dim is not given"),
+                    ));
+                }
+                hidden_size / heads
+            }
+        };
+        if !head_dim.is_multiple_of(2) {
+            return Err(self.err(
+                "head_dim",
+                format!("{head_dim} is not supported; RoPE needs an even head_dim"),
+            ));
+        }
+        Ok(head_dim)
+    }
+
+    /// The RoPE base of a family that rotates whole heads with no scaling; anything else is
+    /// refused, naming the family.
+    pub fn plain_rope(
+        &self,
+        layer_type: Option<&str>,
+        default_theta: f64,
+        family: &str,
+    ) -> Result<f64> {
+        let rope = self.rope(layer_type, default_theta)?;
+        if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
+        {
+            return Err(self.unsupported_rope(&rope, family, &["default"]));
+        }
+        Ok(rope.theta)
+    }
+
+    /// The rotated part of each head: `partial_rotary_factor` (from `rope`, else
+    /// `default_factor`) of `head_dim`, which must be an even, non-zero number of dimensions.
+    pub fn rotary_dim(&self, rope: &Rope, default_factor: f64, head_dim: usize) -> Result<usize> {
+        let partial = rope.partial_rotary_factor.unwrap_or(default_factor);
+        let rotary_dim = (partial * head_dim as f64) as usize;
+        if !(partial > 0.0 && partial <= 1.0) || rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(self.err(
+                "partial_rotary_factor",
+                format!(
+                    "{partial} is not supported: it must be in (0, 1] and rotate an even, non-zero \
+                     number of the {head_dim} head dimensions (found {rotary_dim})"
+                ),
+            ));
+        }
+        Ok(rotary_dim)
+    }
+
+    /// The activation, read as [`HfConfig::activation`] does and mapped to candle's:
+    /// transformers' `gelu` is the exact (erf) GELU, `gelu_new` and `gelu_pytorch_tanh` the
+    /// tanh approximation.
+    pub fn activation_fn(&self, allowed: &[&str], default: &str) -> Result<candle_nn::Activation> {
+        use candle_nn::Activation;
+        Ok(match self.activation(allowed, default)?.as_str() {
+            "silu" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluPytorchTanh,
+            other => {
+                return Err(self.err(
+                    "hidden_act",
+                    format!("{other:?} has no implementation here"),
+                ))
+            }
+        })
+    }
+
+    /// `sliding_window`: the keys a query sees, itself included, or `None` for full attention.
+    /// `absent` is the family's default when the key is missing; an explicit `null` means none
+    /// and 0 is an error.
+    pub fn sliding_window(&self, absent: Option<usize>) -> Result<Option<usize>> {
+        let window = match self.value.get("sliding_window") {
+            None => absent,
+            Some(Value::Null) => None,
+            Some(_) => self.opt_usize("sliding_window")?,
+        };
+        if window == Some(0) {
+            return Err(self.err(
+                "sliding_window",
+                "0 is not a valid window; use null for full attention".into(),
+            ));
+        }
+        Ok(window)
+    }
+
+    /// `layer_types` (transformers >= 5 writes it for models with sliding layers): per layer,
+    /// `true` for `sliding_attention`, `false` for `full_attention`. `None` when the config
+    /// predates the key, and the family derives the pattern itself.
+    pub fn layer_types(&self, num_layers: usize) -> Result<Option<Vec<bool>>> {
+        let Some(v) = self.get("layer_types") else {
+            return Ok(None);
+        };
+        let items = v.as_array().ok_or_else(|| {
+            self.err(
+                "layer_types",
+                format!("must be a list of layer type names, found {v}"),
+            )
+        })?;
+        if items.len() != num_layers {
+            return Err(self.err(
+                "layer_types",
+                format!(
+                    "lists {} layers but num_hidden_layers is {num_layers}",
+                    items.len()
+                ),
+            ));
+        }
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(self.err(
+                    "layer_types",
+                    format!("entry {i} is {t}; allowed: \"full_attention\", \"sliding_attention\""),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
 /// RoPE settings read from config.json.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
@@ -506,6 +661,24 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
+    /// A number among the parameters of a rule the caller interprets ([`RopeScaling::Other`]):
+    /// `None` when absent or null (or for another rule), an error naming `rope_scaling.{key}`
+    /// when it is not a number.
+    pub fn param(&self, key: &str) -> Result<Option<f64>> {
+        let RopeScaling::Other { params, .. } = self else {
+            return Ok(None);
+        };
+        match params.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                Error::config(
+                    format!("rope_scaling.{key}"),
+                    format!("must be a number, found {v}"),
+                )
+            }),
+        }
+    }
+
     /// The rule's `rope_type` name.
     pub fn name(&self) -> &str {
         match self {
@@ -514,6 +687,18 @@ impl RopeScaling {
             RopeScaling::Llama3 { .. } => "llama3",
             RopeScaling::Other { rope_type, .. } => rope_type,
         }
+    }
+}
+
+/// Test support: a config.json under `tests/fixtures/` (`hf/qwen2/config.json`, ...).
+#[cfg(test)]
+pub(crate) fn fixture_config(file: &str) -> HfConfig {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(file);
+    match HfConfig::from_file(&path) {
+        Ok(c) => c,
+        Err(e) => panic!("{}: {e}", path.display()),
     }
 }
 

@@ -1,37 +1,47 @@
 //! The model layer: every architecture behind one trait.
 //!
-//! Every architecture implements [`LanguageModel`] (the runtime face: one `forward`
-//! signature for all, a `reset_cache` that really resets, and a [`ModelInfo`]) and
-//! [`Architecture`] (how it is detected and loaded). The [`register_architectures!`]
-//! list at the bottom of this file generates the [`AnyArchitecture`] enum, its dispatch,
-//! and the [`ARCHITECTURES`] table that detection walks.
+//! Every loaded model implements [`LanguageModel`] (the runtime face: one `forward` signature
+//! for all, a `reset_cache` that really resets, and a [`ModelInfo`]) through one generic
+//! [`Adapter`]. What differs per architecture is its [`Architecture`] (how it is detected and
+//! loaded: config mapping, weights) and its [`Network`] (the forward over a cache), in one
+//! module of `arch/`, composed from the shared blocks of [`layers`]. The
+//! [`register_architectures!`] list at the bottom of this file generates the
+//! [`AnyArchitecture`] enum, its dispatch, and the [`ARCHITECTURES`] table that detection walks.
 //!
 //! # Adding an architecture
 //!
-//! 1. Write one module in `src/models/`, say `falcon.rs`, holding a struct that
-//!    implements [`LanguageModel`] and [`Architecture`]. Use the helpers in [`hf`] (config.json
-//!    fields, RoPE settings, safetensors) or [`gguf`] (metadata, tensors) and in
-//!    [`common`] (last-position logits, pristine-clone resets).
-//! 2. Add one line `Falcon => falcon::Falcon,` to the `register_architectures!` list below.
+//! 1. Write one module, say `src/models/arch/falcon.rs`, with a unit struct `Falcon` that
+//!    implements [`Architecture`]: its name, format and detection names, its network type, and
+//!    `load` (map config.json with [`hf::HfConfig`] or GGUF metadata with [`gguf::GgufFile`],
+//!    build the network from [`layers`], return an [`Adapter`]).
+//! 2. Declare it in `arch/mod.rs` (`pub mod falcon;`) and register it with one line
+//!    `Falcon => falcon::Falcon,` in the `register_architectures!` list below.
 //!
-//! No other file changes. The macro declares the module, so a line without its module, or a
-//! module whose struct lacks either trait impl, does not compile. The generic tests in
-//! `tests/model_conformance.rs` walk [`ARCHITECTURES`], so the new line is covered by the cache
-//! conformance test at once (and fails until its fixture exists).
+//! No other file changes. A registered line without its module does not compile; a declared
+//! module that is not registered is dead code, which clippy's `-D warnings` rejects. The
+//! generic tests in `tests/model_conformance.rs` walk [`ARCHITECTURES`], so the new line is
+//! covered by the cache conformance test at once (and fails until its fixture exists).
 //!
-//! # The contract every adapter keeps
+//! # The contract every model keeps
 //!
 //! - `forward(input_ids, position)`: `input_ids` is a `(batch, seq)` u32 tensor, `position` the
-//!   number of tokens already in the KV cache. The result is `(batch, vocab)` F32 logits of the
-//!   last position. [`Model`] checks that `position` follows the cache, so adapters may rely on it.
+//!   number of tokens already in the KV cache (0 starts a new sequence). The result is
+//!   `(batch, vocab)` F32 logits of the last position. The [`Adapter`] checks that `position`
+//!   follows the cache, so networks may rely on it.
 //! - `reset_cache()`: afterwards the model computes exactly what a freshly loaded one would.
-//!   Adapters use the mechanism that really works for their candle model (a fresh cache object,
-//!   a pristine clone sharing the weights, or a reload) and return an error if it cannot be done.
+//!   Networks reset with the mechanism that really works for them (an emptied cache, or a
+//!   pristine clone of a candle model sharing the weights) and return an error if it cannot be
+//!   done.
 
+pub mod adapter;
+mod arch;
 pub mod common;
 pub mod detect;
 pub mod gguf;
 pub mod hf;
+pub mod layers;
+
+pub use adapter::{Adapter, Network};
 
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
@@ -53,6 +63,27 @@ pub struct ModelInfo {
     pub bos_token_id: Option<u32>,
     /// The dtype the weights are computed in.
     pub dtype: DType,
+}
+
+impl ModelInfo {
+    /// The info of a model loaded from a Hugging Face directory: end-of-sequence ids from
+    /// config.json and generation_config.json, the beginning-of-sequence id from config.json.
+    pub fn from_hf(
+        architecture: &'static str,
+        dir: &hf::HfModelDir,
+        vocab_size: usize,
+        max_context: usize,
+        dtype: DType,
+    ) -> Self {
+        ModelInfo {
+            architecture,
+            vocab_size,
+            max_context,
+            eos_token_ids: common::token_set(dir.eos_token_ids()),
+            bos_token_id: dir.bos_token_id(),
+            dtype,
+        }
+    }
 }
 
 /// The weight format an architecture loads from.
@@ -86,20 +117,61 @@ pub trait LanguageModel: Send {
     fn info(&self) -> &ModelInfo;
 }
 
-/// How an architecture is detected and loaded. Implemented once per module in `src/models/`.
-pub trait Architecture: LanguageModel + Sized + 'static {
+/// How an architecture is detected and loaded. Implemented once per module in `arch/`, on a
+/// unit struct naming the architecture; the loaded model is an [`Adapter`] of it.
+pub trait Architecture: Sized + 'static {
+    /// Its name, format and the names files declare it by.
+    const REGISTRATION: Registration;
     /// The registered name, unique across the list.
-    const NAME: &'static str;
+    const NAME: &'static str = Self::REGISTRATION.name;
+
+    /// The network it runs: weights, one forward over a cache, and the reset of that cache.
+    type Network: Network;
+
+    /// Reads the config and the weights from the detected source: the network, its empty
+    /// cache and its [`ModelInfo`], in an [`Adapter`].
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>>;
+}
+
+/// How an architecture is registered and detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registration {
+    /// The registered name, unique across the list.
+    pub name: &'static str,
     /// Which files it loads from.
-    const FORMAT: WeightFormat;
+    pub format: WeightFormat,
     /// Names it is detected by: config.json `model_type` values for safetensors, or GGUF
     /// `general.architecture` values.
-    const MODEL_TYPES: &'static [&'static str];
+    pub model_types: &'static [&'static str],
     /// config.json `architectures[0]` class names, the fallback when `model_type` is absent.
-    const HF_CLASSES: &'static [&'static str] = &[];
+    pub hf_classes: &'static [&'static str],
+}
 
-    /// Loads the model from its detected source.
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self>;
+impl Registration {
+    /// An architecture of Hugging Face directories, detected by config.json `model_type`, else
+    /// by the `architectures[0]` class.
+    pub const fn hf(
+        name: &'static str,
+        model_types: &'static [&'static str],
+        hf_classes: &'static [&'static str],
+    ) -> Self {
+        Registration {
+            name,
+            format: WeightFormat::Safetensors,
+            model_types,
+            hf_classes,
+        }
+    }
+
+    /// An architecture of GGUF files, detected by `general.architecture`.
+    pub const fn gguf(name: &'static str, architectures: &'static [&'static str]) -> Self {
+        Registration {
+            name,
+            format: WeightFormat::Gguf,
+            model_types: architectures,
+            hf_classes: &[],
+        }
+    }
 }
 
 /// The files an architecture loads from, already opened and validated by detection.
@@ -199,16 +271,21 @@ impl std::fmt::Debug for ArchitectureEntry {
 }
 
 /// Generates the enum over all architectures, its [`LanguageModel`] dispatch, and the
-/// [`ARCHITECTURES`] table, from one list of `Variant => module::Type` lines.
+/// [`ARCHITECTURES`] table, from one list of `Variant => module::Type` lines, and re-exports
+/// each module of `arch/` as `models::module`.
+///
+/// The modules themselves are declared in `arch/mod.rs`, which is private: a module that is
+/// declared there but not listed here is never used, which clippy's `-D warnings` rejects;
+/// a line listed here without its module does not compile.
 macro_rules! register_architectures {
     ($($variant:ident => $module:ident :: $ty:ident),+ $(,)?) => {
-        $(pub mod $module;)+
+        $(pub use arch::$module;)+
 
         /// One loaded model of any registered architecture.
         pub enum AnyArchitecture {
             $(
                 #[allow(missing_docs)]
-                $variant($module::$ty),
+                $variant(Adapter<$module::$ty>),
             )+
         }
 
@@ -235,12 +312,12 @@ macro_rules! register_architectures {
         /// Every registered architecture, in registration order.
         pub static ARCHITECTURES: &[ArchitectureEntry] = &[
             $(ArchitectureEntry {
-                name: <$module::$ty as Architecture>::NAME,
-                format: <$module::$ty as Architecture>::FORMAT,
-                model_types: <$module::$ty as Architecture>::MODEL_TYPES,
-                hf_classes: <$module::$ty as Architecture>::HF_CLASSES,
+                name: <$module::$ty as Architecture>::REGISTRATION.name,
+                format: <$module::$ty as Architecture>::REGISTRATION.format,
+                model_types: <$module::$ty as Architecture>::REGISTRATION.model_types,
+                hf_classes: <$module::$ty as Architecture>::REGISTRATION.hf_classes,
                 load: |source, options| {
-                    Ok(AnyArchitecture::$variant(<$module::$ty as Architecture>::load(source, options)?))
+                    <$module::$ty as Architecture>::load(source, options).map(AnyArchitecture::$variant)
                 },
             },)+
         ];

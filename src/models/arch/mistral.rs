@@ -13,25 +13,28 @@
 //!   `max_position_embeddings`, `rope_theta` and `rms_norm_eps` at the top level, which
 //!   transformers >= 5 moves into `rope_parameters`); it is filled from [`HfConfig`] getters.
 //!
-//! Reset: a [`Pristine`] clone taken at load time. candle's model is `Clone`, its weights are
+//! Reset: a pristine clone taken at load time. candle's model is `Clone`, its weights are
 //! reference-counted tensors that nothing writes in place, and its only state, the per-layer
 //! `Option<(k, v)>` cache, is `None` in the pristine copy and grows by concatenation (new
 //! tensors), so a clone of the pristine copy is exactly the freshly loaded model.
 
-use super::common::{Pristine, attention_mask, last_position_f32, token_set};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
+use crate::models::adapter::Loaded;
+use crate::models::common::attention_mask;
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::{Module, Tensor};
-use candle_nn::Activation;
+use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::mistral as candle_mistral;
 use serde_json::Value;
 
-/// A Mistral model with its KV cache.
-pub struct Mistral {
-    model: Pristine<candle_mistral::Model>,
+/// Mistral, as registered.
+pub struct Mistral;
+
+/// candle's Mistral as loaded (the pristine copy resets clone from) and its window.
+pub struct Network {
+    pristine: candle_mistral::Model,
     sliding_window: Option<usize>,
-    info: ModelInfo,
 }
 
 /// What config.json says, mapped to candle's config.
@@ -56,8 +59,7 @@ pub(crate) fn settings_from_hf(c: &HfConfig) -> Result<MistralSettings> {
     };
     c.activation(&["silu"], "silu")?;
     let rope = c.rope(None, 10_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
-    {
+    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
         return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
     }
     // transformers' MistralConfig: an absent sliding_window means 4096, an explicit null none.
@@ -112,64 +114,66 @@ fn check_heads(c: &HfConfig, hidden: usize, heads: usize, kv_heads: usize) -> Re
     Ok(())
 }
 
-
 impl Architecture for Mistral {
-    const NAME: &'static str = "mistral";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["mistral"];
-    const HF_CLASSES: &'static [&'static str] = &["MistralForCausalLM"];
+    const REGISTRATION: Registration =
+        Registration::hf("mistral", &["mistral"], &["MistralForCausalLM"]);
+    type Network = Network;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
-        let dir = source.into_hf(Self::NAME)?;
-        let settings = settings_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let mut vb = dir.var_builder(dtype, &options.device)?;
-        if settings.tie_word_embeddings {
-            // Tied checkpoints store no lm_head; candle's Mistral always reads one.
-            vb = vb.rename_f(|name| {
-                if name == "lm_head.weight" {
-                    "model.embed_tokens.weight".to_string()
-                } else {
-                    name.to_string()
-                }
-            });
-        }
-        let model = candle_mistral::Model::new(&settings.config, vb)?;
-        let config = &settings.config;
-        Ok(Mistral {
-            model: Pristine::new(model),
-            sliding_window: config.sliding_window,
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: config.vocab_size,
-                // candle's RoPE table has exactly this many rows.
-                max_context: config.max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
-        })
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
+        Adapter::load_hf(source, options, settings_from_hf, Network::load)
     }
 }
 
-impl LanguageModel for Mistral {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
+impl Network {
+    /// candle's Mistral, as loaded.
+    fn load(settings: &MistralSettings, vb: VarBuilder) -> Result<Loaded<Self>> {
+        let vb = match settings.tie_word_embeddings {
+            // Tied checkpoints store no lm_head; candle's Mistral always reads one.
+            true => vb.rename_f(|name| match name {
+                "lm_head.weight" => "model.embed_tokens.weight".to_string(),
+                _ => name.to_string(),
+            }),
+            false => vb,
+        };
+        let config = &settings.config;
+        let model = candle_mistral::Model::new(config, vb)?;
+        let network = Network {
+            pristine: model.clone(),
+            sliding_window: config.sliding_window,
+        };
+        // candle's RoPE table has exactly max_position_embeddings rows.
+        let (vocab, context) = (config.vocab_size, config.max_position_embeddings);
+        Ok(Loaded::new(network, model, vocab, context))
+    }
+}
+
+impl crate::models::Network for Network {
+    /// The live copy of candle's model, which holds its KV cache.
+    type Cache = candle_mistral::Model;
+
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position: usize,
+        live: &mut Self::Cache,
+    ) -> Result<Tensor> {
         let (_batch, seq_len) = input_ids.dims2()?;
-        let model = self.model.live();
-        let embeds = model.embed_tokens().forward(input_ids)?;
-        let mask = attention_mask(seq_len, position, 0, self.sliding_window, input_ids.device())?
-            .map(|m| m.to_dtype(embeds.dtype()))
-            .transpose()?;
-        last_position_f32(model.forward_embeds(&embeds, mask.as_ref(), position)?)
+        let embeds = live.embed_tokens().forward(input_ids)?;
+        let mask = attention_mask(
+            seq_len,
+            position,
+            0,
+            self.sliding_window,
+            input_ids.device(),
+        )?
+        .map(|m| m.to_dtype(embeds.dtype()))
+        .transpose()?;
+        Ok(live.forward_embeds(&embeds, mask.as_ref(), position)?)
     }
 
-    fn reset_cache(&mut self) -> Result<()> {
-        self.model.reset();
+    fn reset(&self, live: &mut Self::Cache) -> Result<()> {
+        *live = self.pristine.clone();
         Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }
 
@@ -179,7 +183,9 @@ mod tests {
     use std::path::Path;
 
     fn settings(file: &str) -> MistralSettings {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(file);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(file);
         settings_from_hf(&HfConfig::from_file(&path).unwrap()).unwrap()
     }
 
@@ -215,7 +221,10 @@ mod tests {
         let mut value = HfConfig::from_file(&path).unwrap().value().clone();
         value.as_object_mut().unwrap().remove("sliding_window");
         let c = HfConfig::from_value(&path, value);
-        assert_eq!(settings_from_hf(&c).unwrap().config.sliding_window, Some(4096));
+        assert_eq!(
+            settings_from_hf(&c).unwrap().config.sliding_window,
+            Some(4096)
+        );
     }
 
     /// The Llama fixture is a tied checkpoint (no `lm_head.weight`) of the same network as a
@@ -239,10 +248,9 @@ mod tests {
         cfg["sliding_window"] = Value::Null;
         assert_eq!(cfg["tie_word_embeddings"], serde_json::json!(true));
         std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
-        let reference: Value = serde_json::from_str(
-            &std::fs::read_to_string(llama.join("reference.json")).unwrap(),
-        )
-        .unwrap();
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(llama.join("reference.json")).unwrap())
+                .unwrap();
         let prompt: Vec<u32> = serde_json::from_value(reference["prompt_ids"].clone()).unwrap();
         let expected: Vec<Vec<f32>> =
             serde_json::from_value(reference["step_logits"].clone()).unwrap();
@@ -255,7 +263,9 @@ mod tests {
             .zip(&expected[0])
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(diff <= 1e-4, "tied Mistral differs from the reference by {diff}");
+        assert!(
+            diff <= 1e-4,
+            "tied Mistral differs from the reference by {diff}"
+        );
     }
-
 }

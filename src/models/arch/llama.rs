@@ -3,65 +3,67 @@
 //! candle's llama takes an external `Cache` and builds its RoPE tables inside it, so the
 //! reset swaps in a clone of the cache made at load time: empty KV, same tables.
 
-use super::common::{last_position_f32, token_set};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::Result;
+use crate::models::adapter::Loaded;
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use candle_transformers::models::llama as candle_llama;
 
-/// A Llama model with its KV cache.
-pub struct Llama {
+/// Llama, as registered.
+pub struct Llama;
+
+/// candle's Llama, with the cache it was loaded with, to reset to.
+pub struct Network {
     model: candle_llama::Llama,
-    cache: candle_llama::Cache,
     pristine_cache: candle_llama::Cache,
-    info: ModelInfo,
 }
 
 impl Architecture for Llama {
-    const NAME: &'static str = "llama";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["llama"];
-    const HF_CLASSES: &'static [&'static str] = &["LlamaForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("llama", &["llama"], &["LlamaForCausalLM"]);
+    type Network = Network;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
-        Self::load_as(Self::NAME, source, options)
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
+        let config = |c: &HfConfig| config_from_hf(c, Self::NAME);
+        Adapter::load_hf(source, options, config, Network::load)
     }
 }
 
-impl Llama {
-    /// Loads a Llama-shaped checkpoint, reporting `architecture` as its name (Yi reuses this).
-    pub(crate) fn load_as(
-        architecture: &'static str,
-        source: ModelSource,
-        options: &LoadOptions,
-    ) -> Result<Self> {
-        let dir = source.into_hf(architecture)?;
-        let config = llama_config(&dir.config, architecture)?;
-        let (vocab_size, max_position_embeddings) =
-            (config.vocab_size, config.max_position_embeddings);
-        let dtype = dir.dtype(options)?;
-        let vb = dir.var_builder(dtype, &options.device)?;
-        let model = candle_llama::Llama::load(vb, &config)?;
-        let cache = candle_llama::Cache::new(true, dtype, &config, &options.device)?;
-        Ok(Llama {
-            model,
+impl Network {
+    /// candle's Llama, and the cache (with its RoPE tables) it starts from.
+    pub(crate) fn load(config: &candle_llama::Config, vb: VarBuilder) -> Result<Loaded<Self>> {
+        let cache = candle_llama::Cache::new(true, vb.dtype(), config, vb.device())?;
+        let network = Network {
+            model: candle_llama::Llama::load(vb, config)?,
             pristine_cache: cache.clone(),
-            cache,
-            info: ModelInfo {
-                architecture,
-                vocab_size,
-                max_context: max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
-        })
+        };
+        let (vocab_size, max_context) = (config.vocab_size, config.max_position_embeddings);
+        Ok(Loaded::new(network, cache, vocab_size, max_context))
+    }
+}
+
+impl crate::models::Network for Network {
+    // candle's llama takes an external cache that also holds its RoPE tables.
+    type Cache = candle_llama::Cache;
+
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        position: usize,
+        cache: &mut Self::Cache,
+    ) -> Result<Tensor> {
+        Ok(self.model.forward(input_ids, position, cache)?)
+    }
+
+    fn reset(&self, cache: &mut Self::Cache) -> Result<()> {
+        *cache = self.pristine_cache.clone();
+        Ok(())
     }
 }
 
 /// candle's llama config from config.json, refusing what candle's llama cannot compute.
-fn llama_config(c: &HfConfig, architecture: &str) -> Result<candle_llama::Config> {
+pub(crate) fn config_from_hf(c: &HfConfig, architecture: &str) -> Result<candle_llama::Config> {
     c.require_derived_head_dim()?;
     c.require_bool("attention_bias", false, architecture)?;
     c.require_bool("mlp_bias", false, architecture)?;
@@ -107,21 +109,6 @@ fn llama_config(c: &HfConfig, architecture: &str) -> Result<candle_llama::Config
     })
 }
 
-impl LanguageModel for Llama {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.forward(input_ids, position, &mut self.cache)?)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.cache = self.pristine_cache.clone();
-        Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,7 +116,7 @@ mod tests {
 
     #[test]
     fn llama_3_1_with_rope_scaling_maps() {
-        let c = llama_config(&real_config("llama-Llama-3.1-8B.json"), "llama").unwrap();
+        let c = config_from_hf(&real_config("llama-Llama-3.1-8B.json"), "llama").unwrap();
         assert_eq!(
             (c.hidden_size, c.num_attention_heads, c.num_key_value_heads),
             (4096, 32, 8)
@@ -146,10 +133,10 @@ mod tests {
 
     #[test]
     fn llama_3_2_tied_and_smollm2_map() {
-        let c = llama_config(&real_config("llama-Llama-3.2-1B.json"), "llama").unwrap();
+        let c = config_from_hf(&real_config("llama-Llama-3.2-1B.json"), "llama").unwrap();
         assert!(c.tie_word_embeddings);
         assert_eq!((c.hidden_size, c.num_hidden_layers), (2048, 16));
-        let c = llama_config(&real_config("llama-SmolLM2-135M-Instruct.json"), "llama").unwrap();
+        let c = config_from_hf(&real_config("llama-SmolLM2-135M-Instruct.json"), "llama").unwrap();
         assert_eq!(
             (c.hidden_size, c.num_attention_heads, c.num_key_value_heads),
             (576, 9, 3)
@@ -160,7 +147,7 @@ mod tests {
 
     #[test]
     fn yi_maps() {
-        let c = llama_config(&real_config("yi-Yi-6B.json"), "yi").unwrap();
+        let c = config_from_hf(&real_config("yi-Yi-6B.json"), "yi").unwrap();
         assert_eq!(
             (c.num_attention_heads, c.num_key_value_heads, c.vocab_size),
             (32, 4, 64000)

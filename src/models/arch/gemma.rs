@@ -10,23 +10,19 @@
 //!   Those are errors here;
 //! - its output, `(b, 1, vocab)` in the model dtype, normalised to F32 `(b, vocab)`.
 //!
-//! Reset: [`Pristine`]. candle's `Model` is `Clone`; its only state is the per-layer KV cache,
+//! Reset: a pristine clone. candle's `Model` is `Clone`; its only state is the per-layer KV cache,
 //! an `Option<(Tensor, Tensor)>` that is replaced (by `Tensor::cat`), never written in place, so
 //! a clone taken at load time shares the weights and stays the freshly loaded model.
 
-use super::common::{last_position_f32, token_set, Pristine};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
-use candle_core::Tensor;
+use crate::models::adapter::{Loaded, Pristine};
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_nn::Activation;
 use candle_transformers::models::gemma as candle_gemma;
 
-/// A Gemma model with its KV cache.
-pub struct Gemma {
-    model: Pristine<candle_gemma::Model>,
-    info: ModelInfo,
-}
+/// Gemma, as registered: candle's model, reset to a pristine clone.
+pub struct Gemma;
 
 /// Maps config.json to candle's Gemma config, refusing what candle cannot compute.
 fn gemma_config(c: &HfConfig) -> Result<candle_gemma::Config> {
@@ -79,43 +75,19 @@ fn check_heads(heads: usize, kv_heads: usize) -> Result<()> {
 }
 
 impl Architecture for Gemma {
-    const NAME: &'static str = "gemma";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["gemma"];
-    const HF_CLASSES: &'static [&'static str] = &["GemmaForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("gemma", &["gemma"], &["GemmaForCausalLM"]);
+    type Network = Pristine<candle_gemma::Model>;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
-        let dir = source.into_hf(Self::NAME)?;
-        let config = gemma_config(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let vb = dir.var_builder(dtype, &options.device)?;
-        let model = candle_gemma::Model::new(false, &config, vb)?;
-        Ok(Gemma {
-            model: Pristine::new(model),
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: config.vocab_size,
-                max_context: config.max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
+        Adapter::load_hf(source, options, gemma_config, |cfg, vb| {
+            let model = candle_gemma::Model::new(false, cfg, vb)?;
+            Ok(Loaded::pristine(
+                model,
+                candle_gemma::Model::forward,
+                cfg.vocab_size,
+                cfg.max_position_embeddings,
+            ))
         })
-    }
-}
-
-impl LanguageModel for Gemma {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.live().forward(input_ids, position)?)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.model.reset();
-        Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }
 
@@ -124,7 +96,6 @@ mod tests {
     use super::*;
     use crate::models::hf::real_config;
     use std::path::Path;
-
 
     #[test]
     fn gemma_2b_with_both_activation_keys_maps() {
@@ -144,7 +115,10 @@ mod tests {
         let c = gemma_config(&real_config("gemma-gemma-7b.json")).unwrap();
         assert_eq!(c.hidden_act, Some(Activation::GeluPytorchTanh));
         // head_dim 256 is not hidden_size / heads (192): it must come from the config.
-        assert_eq!((c.hidden_size, c.num_attention_heads, c.head_dim), (3072, 16, 256));
+        assert_eq!(
+            (c.hidden_size, c.num_attention_heads, c.head_dim),
+            (3072, 16, 256)
+        );
     }
 
     #[test]
@@ -154,6 +128,9 @@ mod tests {
         let err = gemma_config(&HfConfig::from_value(Path::new("config.json"), v))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("linear") && err.contains("allowed: default"), "{err}");
+        assert!(
+            err.contains("linear") && err.contains("allowed: default"),
+            "{err}"
+        );
     }
 }

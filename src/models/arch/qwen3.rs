@@ -13,26 +13,22 @@
 //!   config with any sliding layer is refused here with an error naming the key, instead of
 //!   being computed as full attention.
 //!
-//! Reset: a [`Pristine`] clone taken at load time. candle's model is `Clone`; its weights and
+//! Reset: a pristine clone taken at load time. candle's model is `Clone`; its weights and
 //! RoPE tables are reference-counted tensors that nothing writes in place, and its only state,
 //! each layer's `ConcatKvCache`, is empty (`None`) in the pristine copy and grows by
 //! concatenation into new tensors, so a clone of the pristine copy is exactly the freshly
 //! loaded model.
 
-use super::common::{last_position_f32, token_set, Pristine};
-use super::hf::{HfConfig, RopeScaling};
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, WeightFormat};
 use crate::error::{Error, Result};
-use candle_core::Tensor;
+use crate::models::adapter::{Loaded, Pristine};
+use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
 use candle_nn::Activation;
 use candle_transformers::models::qwen3 as candle_qwen3;
 use serde_json::Value;
 
-/// A Qwen3 model with its KV cache.
-pub struct Qwen3 {
-    model: Pristine<candle_qwen3::ModelForCausalLM>,
-    info: ModelInfo,
-}
+/// Qwen3, as registered: candle's model, reset to a pristine clone.
+pub struct Qwen3;
 
 /// Maps config.json to candle's Qwen3 config, refusing what candle cannot compute.
 pub(crate) fn config_from_hf(c: &HfConfig) -> Result<candle_qwen3::Config> {
@@ -62,8 +58,7 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<candle_qwen3::Config> {
     }
     c.activation(&["silu"], "silu")?;
     let rope = c.rope(None, 10_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0)
-    {
+    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
         return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
     }
     let max_window_layers = c.usize_or("max_window_layers", 28)?;
@@ -127,7 +122,10 @@ fn first_sliding_layer(
         }
         return Ok(None);
     }
-    let window_set = matches!(c.value().get("sliding_window"), None | Some(Value::Number(_)));
+    let window_set = matches!(
+        c.value().get("sliding_window"),
+        None | Some(Value::Number(_))
+    );
     if c.bool_or("use_sliding_window", false)? && window_set && max_window_layers < num_layers {
         return Ok(Some(max_window_layers));
     }
@@ -135,58 +133,28 @@ fn first_sliding_layer(
 }
 
 impl Architecture for Qwen3 {
-    const NAME: &'static str = "qwen3";
-    const FORMAT: WeightFormat = WeightFormat::Safetensors;
-    const MODEL_TYPES: &'static [&'static str] = &["qwen3"];
-    const HF_CLASSES: &'static [&'static str] = &["Qwen3ForCausalLM"];
+    const REGISTRATION: Registration = Registration::hf("qwen3", &["qwen3"], &["Qwen3ForCausalLM"]);
+    type Network = Pristine<candle_qwen3::ModelForCausalLM>;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Self> {
-        let dir = source.into_hf(Self::NAME)?;
-        let config = config_from_hf(&dir.config)?;
-        let dtype = dir.dtype(options)?;
-        let vb = dir.var_builder(dtype, &options.device)?;
-        let model = candle_qwen3::ModelForCausalLM::new(&config, vb)?;
-        Ok(Qwen3 {
-            model: Pristine::new(model),
-            info: ModelInfo {
-                architecture: Self::NAME,
-                vocab_size: config.vocab_size,
-                // candle's RoPE table has exactly this many rows.
-                max_context: config.max_position_embeddings,
-                eos_token_ids: token_set(dir.eos_token_ids()),
-                bos_token_id: dir.bos_token_id(),
-                dtype,
-            },
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
+        Adapter::load_hf(source, options, config_from_hf, |cfg, vb| {
+            let model = candle_qwen3::ModelForCausalLM::new(cfg, vb)?;
+            // candle's RoPE table has exactly this many rows.
+            Ok(Loaded::pristine(
+                model,
+                candle_qwen3::ModelForCausalLM::forward,
+                cfg.vocab_size,
+                cfg.max_position_embeddings,
+            ))
         })
-    }
-}
-
-impl LanguageModel for Qwen3 {
-    fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        last_position_f32(self.model.live().forward(input_ids, position)?)
-    }
-
-    fn reset_cache(&mut self) -> Result<()> {
-        self.model.reset();
-        Ok(())
-    }
-
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::fixture_config as hf;
     use std::path::Path;
-
-    fn hf(file: &str) -> HfConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file);
-        HfConfig::from_file(&path).unwrap()
-    }
 
     #[test]
     fn real_configs_map() {
@@ -209,7 +177,10 @@ mod tests {
     #[test]
     fn both_fixture_layouts_map_alike() {
         let new = config_from_hf(&hf("hf/qwen3/config.json")).unwrap();
-        assert_eq!(new, config_from_hf(&hf("hf/qwen3/config.legacy.json")).unwrap());
+        assert_eq!(
+            new,
+            config_from_hf(&hf("hf/qwen3/config.legacy.json")).unwrap()
+        );
         assert_eq!(new.head_dim, 32);
     }
 

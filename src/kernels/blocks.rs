@@ -1,0 +1,264 @@
+//! Block layouts: the GGUF weight blocks we compute on, and our own activation block.
+//!
+//! The weight blocks are byte-for-byte the GGUF (ggml) layouts, parsed once at load from the
+//! tensor's raw bytes, so no `unsafe` cast of a byte buffer is needed and the memory a decode
+//! step streams is exactly the file's. Every type computes in one form: unsigned weight codes
+//! times signed 8-bit activations, plus a per-block correction (see [`crate::kernels`]).
+
+use half::f16;
+
+/// Values per block, for every type this module handles.
+pub const QK: usize = 32;
+
+/// The weight types we have kernels for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightType {
+    /// `w = d·q + m`, `q` in 0..=15 (4-bit), activations as Q8_1 (with their sums).
+    Q4_1,
+    /// `w = d·(q − 16)`, `q` in 0..=31 (4 low bits plus one high bit), activations as Q8_0.
+    Q5_0,
+    /// `w = d·q`, `q` a signed byte, activations as Q8_0.
+    Q8_0,
+}
+
+impl WeightType {
+    /// Bytes of one GGUF block of this type.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            WeightType::Q4_1 => 20,
+            WeightType::Q5_0 => 22,
+            WeightType::Q8_0 => 34,
+        }
+    }
+
+    /// The type for a candle GGML dtype, when we have a kernel for it.
+    pub fn from_ggml(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType;
+        match dtype {
+            GgmlDType::Q4_1 => Some(WeightType::Q4_1),
+            GgmlDType::Q5_0 => Some(WeightType::Q5_0),
+            GgmlDType::Q8_0 => Some(WeightType::Q8_0),
+            _ => None,
+        }
+    }
+}
+
+/// A GGUF Q4_1 block: scale, minimum, 32 nibbles (element `i` low, element `i + 16` high).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; QK / 2],
+}
+
+/// A GGUF Q5_0 block: scale, the 32 fifth bits (bit `i` for element `i`), 32 nibbles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ5_0 {
+    pub d: f16,
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+/// A GGUF Q8_0 block: scale and 32 signed bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; QK],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+
+/// One quantized activation block, ours: 32 signed bytes, the scale as f32 (already rounded
+/// through f16, as ggml stores it, so results match candle's), and the per-block sum term.
+///
+/// `s` is `d · Σqs`; for Q4_1 weights it is rounded through f16 exactly as ggml's Q8_1 stores
+/// it (candle: `f16(Σqs) * f16(d)`), for the others it is exact in f32. 40 bytes; the
+/// kernels load `qs` unaligned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C, align(8))]
+pub struct BlockQ8 {
+    pub qs: [i8; QK],
+    pub d: f32,
+    pub s: f32,
+}
+
+impl Default for BlockQ8 {
+    fn default() -> Self {
+        BlockQ8 {
+            qs: [0; QK],
+            d: 0.0,
+            s: 0.0,
+        }
+    }
+}
+
+/// The weight blocks of one matrix, row-major: row `j` is blocks `j·nb .. (j+1)·nb`.
+#[derive(Debug, Clone)]
+pub enum Blocks {
+    Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+fn f16_at(b: &[u8], i: usize) -> f16 {
+    f16::from_le_bytes([b[i], b[i + 1]])
+}
+
+impl Blocks {
+    /// Parses raw GGUF block bytes; `bytes.len()` must be a whole number of blocks (checked by
+    /// the caller, which knows the tensor's shape).
+    pub fn parse(ty: WeightType, bytes: &[u8]) -> Self {
+        let chunks = bytes.chunks_exact(ty.block_bytes());
+        match ty {
+            WeightType::Q4_1 => Blocks::Q4_1(
+                chunks
+                    .map(|b| {
+                        let mut qs = [0u8; QK / 2];
+                        qs.copy_from_slice(&b[4..20]);
+                        BlockQ4_1 {
+                            d: f16_at(b, 0),
+                            m: f16_at(b, 2),
+                            qs,
+                        }
+                    })
+                    .collect(),
+            ),
+            WeightType::Q5_0 => Blocks::Q5_0(
+                chunks
+                    .map(|b| {
+                        let mut qh = [0u8; 4];
+                        qh.copy_from_slice(&b[2..6]);
+                        let mut qs = [0u8; QK / 2];
+                        qs.copy_from_slice(&b[6..22]);
+                        BlockQ5_0 {
+                            d: f16_at(b, 0),
+                            qh,
+                            qs,
+                        }
+                    })
+                    .collect(),
+            ),
+            WeightType::Q8_0 => Blocks::Q8_0(
+                chunks
+                    .map(|b| {
+                        let mut qs = [0i8; QK];
+                        for (q, &x) in qs.iter_mut().zip(&b[2..34]) {
+                            *q = x as i8;
+                        }
+                        BlockQ8_0 {
+                            d: f16_at(b, 0),
+                            qs,
+                        }
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The weight type.
+    pub fn weight_type(&self) -> WeightType {
+        match self {
+            Blocks::Q4_1(_) => WeightType::Q4_1,
+            Blocks::Q5_0(_) => WeightType::Q5_0,
+            Blocks::Q8_0(_) => WeightType::Q8_0,
+        }
+    }
+
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        match self {
+            Blocks::Q4_1(b) => b.len(),
+            Blocks::Q5_0(b) => b.len(),
+            Blocks::Q8_0(b) => b.len(),
+        }
+    }
+
+    /// Whether there are no blocks.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the kernels need of a weight block, in the one form every type computes in:
+/// `Σ w·a = d_w·d_a·Σ code·q_a + correction`.
+pub trait WeightBlock: Copy + Send + Sync + 'static {
+    /// The type.
+    const TYPE: WeightType;
+    /// The block's 32 unsigned codes (0..=15 or 0..=31), or for Q8_0 the signed bytes.
+    fn codes(&self) -> [i32; QK];
+    /// The scale `d`.
+    fn scale(&self) -> f32;
+    /// The block's correction for one activation block: Q4_1 `m·s`, Q5_0 `−16·d·s`; Q8_0 0.
+    fn correction(&self, a: &BlockQ8) -> f32;
+    /// The 32 weights as f32, computed as ggml (and candle) dequantize them.
+    fn dequantize(&self) -> [f32; QK];
+}
+
+impl WeightBlock for BlockQ4_1 {
+    const TYPE: WeightType = WeightType::Q4_1;
+    fn codes(&self) -> [i32; QK] {
+        let mut c = [0; QK];
+        for i in 0..QK / 2 {
+            c[i] = (self.qs[i] & 0x0f) as i32;
+            c[i + QK / 2] = (self.qs[i] >> 4) as i32;
+        }
+        c
+    }
+    fn scale(&self) -> f32 {
+        self.d.to_f32()
+    }
+    fn correction(&self, a: &BlockQ8) -> f32 {
+        self.m.to_f32() * a.s
+    }
+    fn dequantize(&self) -> [f32; QK] {
+        let (d, m) = (self.d.to_f32(), self.m.to_f32());
+        self.codes().map(|c| c as f32 * d + m)
+    }
+}
+
+impl WeightBlock for BlockQ5_0 {
+    const TYPE: WeightType = WeightType::Q5_0;
+    fn codes(&self) -> [i32; QK] {
+        let qh = u32::from_le_bytes(self.qh);
+        let mut c = [0; QK];
+        for i in 0..QK / 2 {
+            let hi0 = ((qh >> i) & 1) << 4;
+            let hi1 = ((qh >> (i + 16)) & 1) << 4;
+            c[i] = ((self.qs[i] & 0x0f) as u32 | hi0) as i32;
+            c[i + QK / 2] = ((self.qs[i] >> 4) as u32 | hi1) as i32;
+        }
+        c
+    }
+    fn scale(&self) -> f32 {
+        self.d.to_f32()
+    }
+    fn correction(&self, a: &BlockQ8) -> f32 {
+        -16.0 * self.d.to_f32() * a.s
+    }
+    fn dequantize(&self) -> [f32; QK] {
+        let d = self.d.to_f32();
+        self.codes().map(|c| (c - 16) as f32 * d)
+    }
+}
+
+impl WeightBlock for BlockQ8_0 {
+    const TYPE: WeightType = WeightType::Q8_0;
+    fn codes(&self) -> [i32; QK] {
+        self.qs.map(|q| q as i32)
+    }
+    fn scale(&self) -> f32 {
+        self.d.to_f32()
+    }
+    fn correction(&self, _a: &BlockQ8) -> f32 {
+        0.0
+    }
+    fn dequantize(&self) -> [f32; QK] {
+        let d = self.d.to_f32();
+        self.codes().map(|c| c as f32 * d)
+    }
+}

@@ -1,0 +1,247 @@
+//! The quantized matrix: GGUF blocks held in memory, multiplied by f32 activations on CPU.
+//!
+//! One matmul: quantize the activations once (Q8_1-style sums for Q4_1, Q8_0 for the others),
+//! then split the output columns into contiguous ranges over candle's barrier pool, each range
+//! computing all activation rows (see the level's `tile`). The barrier pool is the one
+//! candle's own quantized matmuls run on: the fallback types (Q4_K, Q6_K, …) in the same model
+//! use it too, so one set of worker threads serves every quantized matmul instead of two pools
+//! spinning against each other on the same cores (rayon is left to candle's f32 `gemm`).
+
+use super::blocks::{BlockQ8, Blocks, WeightBlock, WeightType, QK};
+use super::dispatch::{self, Level};
+use super::quantize::{quantize_into, SumForm};
+use super::scalar;
+use crate::error::{Error, Result};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Storage, Tensor};
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// Output columns per work item: small enough to balance two to a few dozen threads, large
+/// enough that a column range amortises its item overhead.
+const COLUMN_TILE: usize = 16;
+
+/// A quantized `(n, k)` weight (`n` outputs, `k` inputs) that our kernels multiply.
+#[derive(Debug, Clone)]
+pub struct QuantizedWeight {
+    blocks: Blocks,
+    n: usize,
+    k: usize,
+}
+
+impl QuantizedWeight {
+    /// Takes the GGUF blocks `bytes` of an `(n, k)` matrix of type `ty`.
+    pub fn from_bytes(ty: WeightType, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        if k == 0 || !k.is_multiple_of(QK) {
+            return Err(Error::Kernel(format!(
+                "k = {k} is not a positive multiple of {QK}"
+            )));
+        }
+        let expected = n * (k / QK) * ty.block_bytes();
+        if bytes.len() != expected {
+            return Err(Error::Kernel(format!(
+                "{ty:?} ({n}, {k}): {} bytes, expected {expected}",
+                bytes.len()
+            )));
+        }
+        Ok(QuantizedWeight {
+            blocks: Blocks::parse(ty, bytes),
+            n,
+            k,
+        })
+    }
+
+    /// Takes a CPU GGUF tensor `(n, k)` when we have a kernel for its type; `None` otherwise
+    /// (other types, other devices, other ranks), for the caller to keep candle's `QMatMul`.
+    pub fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
+        let Some(ty) = WeightType::from_ggml(t.dtype()) else {
+            return Ok(None);
+        };
+        let (n, k) = match (t.device(), t.shape().dims()) {
+            (Device::Cpu, &[n, k]) if k.is_multiple_of(QK) => (n, k),
+            _ => return Ok(None),
+        };
+        Ok(Some(Self::from_bytes(ty, &t.data()?, n, k)?))
+    }
+
+    /// The weight type.
+    pub fn weight_type(&self) -> WeightType {
+        self.blocks.weight_type()
+    }
+
+    /// `(n, k)`: outputs, inputs.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// The blocks, row-major.
+    pub fn blocks(&self) -> &Blocks {
+        &self.blocks
+    }
+
+    /// The activation form this weight type multiplies with.
+    pub fn sum_form(&self) -> SumForm {
+        match self.weight_type() {
+            WeightType::Q4_1 => SumForm::F16,
+            WeightType::Q5_0 | WeightType::Q8_0 => SumForm::F32,
+        }
+    }
+
+    /// Quantizes `m` activation rows of `k` values at `level`, as a matmul does.
+    pub fn quantize_activations(&self, level: Level, x: &[f32]) -> Vec<BlockQ8> {
+        let mut acts = Vec::new();
+        quantize_into(level, x, self.sum_form(), &mut acts);
+        acts
+    }
+
+    /// `y = x Wᵀ` for `x` of `m × k` values, at the dispatched level; `m × n` values.
+    pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.matmul_at(dispatch::level(), x)
+    }
+
+    /// [`Self::matmul`] at a given level (tests and benchmarks run every level in one process).
+    /// A level the CPU lacks is lowered to the best one it has.
+    pub fn matmul_at(&self, level: Level, x: &[f32]) -> Result<Vec<f32>> {
+        if !x.len().is_multiple_of(self.k) {
+            return Err(Error::Kernel(format!(
+                "{} activation values are not rows of k = {}",
+                x.len(),
+                self.k
+            )));
+        }
+        let acts = self.quantize_activations(level, x);
+        self.matmul_quantized(level, &acts, x.len() / self.k)
+    }
+
+    /// The matmul proper on already-quantized activations (`m` rows of `k / 32` blocks).
+    /// A level the CPU lacks is lowered to the best one it has.
+    pub fn matmul_quantized(&self, level: Level, acts: &[BlockQ8], m: usize) -> Result<Vec<f32>> {
+        let (n, nb) = (self.n, self.k / QK);
+        if acts.len() != m * nb {
+            return Err(Error::Kernel(format!(
+                "{} activation blocks are not {m} rows of {nb}",
+                acts.len()
+            )));
+        }
+        // The SIMD entry points are only sound at a level this CPU has.
+        let level = level.min(Level::detect());
+        let out = Mutex::new(vec![0f32; m * n]);
+        let items = n.div_ceil(COLUMN_TILE);
+        candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+            let cols = range.start * COLUMN_TILE..(range.end * COLUMN_TILE).min(n);
+            let mut local = vec![0f32; m * cols.len()];
+            self.tile(level, acts, m, cols.clone(), &mut local);
+            // A poisoned lock only means another item panicked; the pool re-raises that panic.
+            let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+            let width = cols.len();
+            for (r, src) in local.chunks_exact(width).enumerate() {
+                out[r * n + cols.start..r * n + cols.end].copy_from_slice(src);
+            }
+        });
+        Ok(out.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn tile(&self, level: Level, acts: &[BlockQ8], m: usize, cols: Range<usize>, out: &mut [f32]) {
+        match &self.blocks {
+            Blocks::Q4_1(w) => tile_at(level, w, self.k / QK, acts, m, cols, out),
+            Blocks::Q5_0(w) => tile_at(level, w, self.k / QK, acts, m, cols, out),
+            Blocks::Q8_0(w) => tile_at(level, w, self.k / QK, acts, m, cols, out),
+        }
+    }
+
+    /// Row `j` dequantized into `out` (`k` values).
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        fn rows<B: WeightBlock>(w: &[B], j: usize, nb: usize, out: &mut [f32]) {
+            for (b, o) in w[j * nb..(j + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
+                o.copy_from_slice(&b.dequantize());
+            }
+        }
+        let nb = self.k / QK;
+        match &self.blocks {
+            Blocks::Q4_1(w) => rows(w, j, nb, out),
+            Blocks::Q5_0(w) => rows(w, j, nb, out),
+            Blocks::Q8_0(w) => rows(w, j, nb, out),
+        }
+    }
+
+    /// An embedding lookup: the rows `ids` (any shape) dequantized, shape `ids.dims() + [k]`.
+    pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut shape = ids.dims().to_vec();
+        shape.push(self.k);
+        let ids = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        let mut out = vec![0f32; ids.len() * self.k];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.k)) {
+            let j = id as usize;
+            if j >= self.n {
+                candle_core::bail!(
+                    "embedding: token id {id} is outside the table of {}",
+                    self.n
+                )
+            }
+            self.dequantize_row(j, row);
+        }
+        Tensor::from_vec(out, shape, &Device::Cpu)
+    }
+
+    /// `x Wᵀ` over the last dimension of a CPU tensor; any leading dimensions are kept.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let Some((&k, lead)) = dims.split_last() else {
+            candle_core::bail!("quantized matmul: a scalar has no last dimension")
+        };
+        if k != self.k {
+            candle_core::bail!(
+                "quantized matmul: input {:?} does not end in k = {}",
+                x.shape(),
+                self.k
+            );
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let y = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(cpu), Some((start, end))) => {
+                let values = &cpu.as_slice::<f32>()?[start..end];
+                self.matmul(values)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            }
+            _ => candle_core::bail!("quantized matmul: our kernels take CPU tensors only"),
+        };
+        let mut shape = lead.to_vec();
+        shape.push(self.n);
+        Tensor::from_vec(y, shape, &Device::Cpu)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn tile_at<B: super::x86::Unpack>(
+    level: Level,
+    w: &[B],
+    nb: usize,
+    acts: &[BlockQ8],
+    m: usize,
+    cols: Range<usize>,
+    out: &mut [f32],
+) {
+    use super::x86;
+    // SAFETY: `level` was capped by `Level::detect()`, which only returns a level whose
+    // features `is_x86_feature_detected!` reported on this CPU.
+    match level {
+        Level::Avx512Vnni => unsafe { x86::tile_avx512_vnni(w, nb, acts, m, cols, out) },
+        Level::AvxVnni => unsafe { x86::tile_avx_vnni(w, nb, acts, m, cols, out) },
+        Level::Avx2 => unsafe { x86::tile_avx2(w, nb, acts, m, cols, out) },
+        Level::Scalar => scalar::tile(w, nb, acts, m, cols, out),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn tile_at<B: WeightBlock>(
+    _level: Level,
+    w: &[B],
+    nb: usize,
+    acts: &[BlockQ8],
+    m: usize,
+    cols: Range<usize>,
+    out: &mut [f32],
+) {
+    scalar::tile(w, nb, acts, m, cols, out)
+}

@@ -1,0 +1,34 @@
+//! Our own quantized matmul kernels for CPU: GGUF Q4_1, Q5_0 and Q8_0 weights times f32
+//! activations, for the linear-layer seam ([`crate::models::layers::Linear`]).
+//!
+//! Why: candle 0.11's CPU path multiplies Q4_1 and Q5_0 with scalar code, quantizes the
+//! activations serially, and unpacks every weight block again for each activation row. These
+//! types carry most of the demo models' bytes (SmolLM2: Q4_1 layers; Gemma 3: Q5_0 layers and
+//! a Q8_0 head), so they come first; every other type stays on candle's `QMatMul`.
+//!
+//! How one matmul runs ([`QuantizedWeight::matmul`]):
+//! 1. the activations are quantized once to 8-bit blocks ([`quantize`]), with the per-block
+//!    sum term the weight type needs (Q8_1-style for Q4_1, Q8_0 for the others);
+//! 2. the output columns are split into contiguous ranges over candle's barrier pool (the pool
+//!    candle's own quantized matmuls use, so one set of threads serves both);
+//! 3. each range walks its weight rows, unpacking each block once for four activation rows.
+//!
+//! Every type computes in one form: unsigned weight codes × signed activation bytes, then
+//! `d_w·d_a` and a per-block correction (Q4_1 `m·s`, Q5_0 `−16·d·s`; Q8_0 uses the sign trick
+//! instead).
+//!
+//! Dispatch ([`dispatch`]): AVX-512 VNNI → AVX-VNNI → AVX2 → scalar, detected once;
+//! `LLM_POOL_KERNEL_LEVEL=scalar|avx2|avx-vnni|avx512-vnni` forces a lower level. Other
+//! architectures run the scalar kernels.
+
+pub mod blocks;
+pub mod dispatch;
+mod matmul;
+pub mod quantize;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use blocks::WeightType;
+pub use dispatch::{level, Level, LEVEL_ENV};
+pub use matmul::QuantizedWeight;

@@ -1,0 +1,177 @@
+//! StarCoder2 from a Hugging Face directory.
+//!
+//! The network is the shared pre-norm [`Decoder`] (LayerNorm, biases, a plain GELU MLP), not
+//! candle-transformers' `starcoder2.rs`, because candle's model cannot be used as it is:
+//!
+//! - its `Config` has only private fields and needs `rope_theta` at the top level, so a
+//!   transformers >= 5 config (`rope_parameters`) does not load;
+//! - every StarCoder2 checkpoint has a sliding window (4096) and candle's mask lets a query see
+//!   `sliding_window + 1` keys instead of `sliding_window`, and never masks cached keys (a
+//!   single-token decode gets no mask), so it diverges from transformers past the window;
+//! - it builds the RoPE tables in the model dtype, so under BF16 the positions themselves are
+//!   rounded (every position above 256 is off);
+//! - it ignores `head_dim` and `tie_word_embeddings` (it always ties).
+//!
+//! Here the config is read through [`HfConfig`] into [`Config`], the mask is transformers'
+//! (window counted with the query itself, cached keys included), and the RoPE angles are
+//! computed in F32.
+
+use crate::error::Result;
+use crate::models::adapter::Loaded;
+use crate::models::hf::HfConfig;
+use crate::models::layers::attention::{Attention, Heads};
+use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::linear::Linear;
+use crate::models::layers::mlp::Mlp;
+use crate::models::layers::norm::Norm;
+use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use candle_nn::{Activation, VarBuilder};
+
+/// StarCoder2, as registered.
+pub struct Starcoder2;
+
+/// The settings of a StarCoder2 checkpoint, read from config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// MLP inner size.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// The MLP activation.
+    pub hidden_act: Activation,
+    /// The longest sequence.
+    pub max_position_embeddings: usize,
+    /// LayerNorm epsilon.
+    pub norm_epsilon: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Whether every linear layer has a bias.
+    pub use_bias: bool,
+    /// The attention window of every layer, or `None` for full attention.
+    pub sliding_window: Option<usize>,
+    /// Whether the output head reuses the embedding matrix.
+    pub tie_word_embeddings: bool,
+}
+
+/// Maps config.json to [`Config`], refusing what this implementation cannot compute.
+pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
+    let hidden_size = c.usize("hidden_size")?;
+    let (num_attention_heads, num_key_value_heads) = c.heads(None, Some(2))?;
+    Ok(Config {
+        vocab_size: c.usize("vocab_size")?,
+        hidden_size,
+        intermediate_size: c.usize("intermediate_size")?,
+        num_hidden_layers: c.usize("num_hidden_layers")?,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim: c.head_dim(hidden_size, num_attention_heads)?,
+        hidden_act: c.activation_fn(
+            &["gelu_pytorch_tanh", "gelu_new", "gelu"],
+            "gelu_pytorch_tanh",
+        )?,
+        max_position_embeddings: c.usize_or("max_position_embeddings", 4096)?,
+        norm_epsilon: c.f64_or("norm_epsilon", 1e-5)?,
+        rope_theta: c.plain_rope(None, 10_000.0, "starcoder2")?,
+        use_bias: c.bool_or("use_bias", true)?,
+        sliding_window: c.sliding_window(None)?,
+        // transformers' Starcoder2Config default: tied.
+        tie_word_embeddings: c.bool_or("tie_word_embeddings", true)?,
+    })
+}
+
+impl Architecture for Starcoder2 {
+    const REGISTRATION: Registration =
+        Registration::hf("starcoder2", &["starcoder2"], &["Starcoder2ForCausalLM"]);
+    type Network = Decoder;
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
+        Adapter::load_hf(source, options, config_from_hf, network)
+    }
+}
+
+/// The pre-norm decoder with StarCoder2's weights.
+fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
+    let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.use_bias);
+    let heads = Heads::new(
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    // StarCoder2 uses LayerNorm with a bias (not RMSNorm), whatever `use_bias` says.
+    let eps = cfg.norm_epsilon;
+    let layer = |_: usize, vb: VarBuilder| {
+        let attention = Attention::load(&vb.pp("self_attn"), h, heads, (bias, bias), "o_proj")?;
+        let mlp = FeedForward::Mlp(Mlp::Plain {
+            fc1: Linear::load(vb.pp("mlp.c_fc"), h, i, bias)?,
+            fc2: Linear::load(vb.pp("mlp.c_proj"), i, h, bias)?,
+            act: cfg.hidden_act,
+        });
+        Ok(
+            DecoderLayer::load_pre_norm(&vb, attention, mlp, |vb| Norm::layer(h, eps, vb))?
+                .with_window(cfg.sliding_window),
+        )
+    };
+    let inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta, Rounding::F32Inverse);
+    let embeddings = (cfg.vocab_size, h, cfg.tie_word_embeddings);
+    let rotaries = vec![Rotary::new(inv_freq, vb.device())?];
+    let decoder = Decoder::load_hf(
+        &vb,
+        embeddings,
+        cfg.num_hidden_layers,
+        layer,
+        Norm::layer(h, eps, vb.pp("model.norm"))?,
+        rotaries,
+    )?;
+    Ok(decoder.loaded(cfg.vocab_size, cfg.max_position_embeddings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::hf::fixture_config as hf;
+
+    #[test]
+    fn real_configs_map() {
+        let cfg = config_from_hf(&hf("real_configs/starcoder2-starcoder2-3b.json")).unwrap();
+        assert_eq!(cfg.hidden_size, 3072);
+        assert_eq!(cfg.num_attention_heads, 24);
+        assert_eq!(cfg.num_key_value_heads, 2);
+        assert_eq!(cfg.head_dim, 128);
+        // serde_json's default float parsing may be one ulp off the literal.
+        assert!((cfg.rope_theta - 999_999.442_035_881_3).abs() < 1e-6);
+        assert_eq!(cfg.sliding_window, Some(4096));
+        assert_eq!(cfg.max_position_embeddings, 16384);
+        assert_eq!(cfg.hidden_act, Activation::GeluPytorchTanh);
+        assert!(cfg.use_bias);
+        // No tie_word_embeddings key: transformers ties.
+        assert!(cfg.tie_word_embeddings);
+
+        let cfg = config_from_hf(&hf("real_configs/starcoder2-starcoder2-15b.json")).unwrap();
+        assert_eq!(cfg.hidden_size, 6144);
+        assert_eq!(cfg.num_attention_heads, 48);
+        assert_eq!(cfg.num_key_value_heads, 4);
+        assert_eq!(cfg.rope_theta, 100_000.0);
+        assert_eq!(cfg.sliding_window, Some(4096));
+    }
+
+    #[test]
+    fn both_fixture_layouts_map_alike() {
+        let new = config_from_hf(&hf("hf/starcoder2/config.json")).unwrap();
+        assert_eq!(
+            new,
+            config_from_hf(&hf("hf/starcoder2/config.legacy.json")).unwrap()
+        );
+        assert_eq!(new.sliding_window, Some(6));
+    }
+}

@@ -1,0 +1,299 @@
+//! Grouped-query self-attention: projections, per-head norms, RoPE, the KV cache, and the
+//! core every architecture shares ([`attend`]).
+//!
+//! The core computes as transformers' eager attention does: scores scaled (by `1/sqrt(d)`
+//! unless the architecture says otherwise, as Gemma's `query_pre_attn_scalar`), optionally
+//! soft-capped, then cast to F32 for the mask and the softmax, and back to the activations'
+//! dtype for the product with the values. Masks come from [`common::attention_mask`], with
+//! the window counted as transformers counts it and the keys of a sliding layer starting where
+//! its cache does ([`first_cached_key`]).
+
+use super::gguf_weights::GgufWeights;
+use super::kv_cache::{first_cached_key, LayerCache};
+use super::linear::Linear;
+use super::norm::Norm;
+use super::rotary::{CosSin, Rotary};
+use crate::error::Result;
+use crate::models::common;
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// The head layout of an attention block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heads {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads; each serves `num_heads / num_kv_heads` query heads.
+    pub num_kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+}
+
+impl Heads {
+    /// `num_heads` query heads sharing `num_kv_heads` key/value heads of `head_dim`.
+    pub fn new(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        Heads {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        }
+    }
+}
+
+/// The query, key and value projections.
+#[derive(Debug, Clone)]
+enum Projections {
+    /// Three matrices.
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// One matrix whose output is `[q | k | v]` (Phi-3's `qkv_proj`).
+    Fused(Linear),
+}
+
+/// Self-attention over a KV cache.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    projections: Projections,
+    o_proj: Linear,
+    /// Per-head norms of queries and keys, applied before RoPE (Gemma 3, Phi's qk_layernorm).
+    qk_norms: Option<(Norm, Norm)>,
+    heads: Heads,
+    scale: f64,
+    softcap: Option<f64>,
+}
+
+impl Attention {
+    /// Attention with separate query, key and value projections.
+    pub fn new(q: Linear, k: Linear, v: Linear, o_proj: Linear, heads: Heads) -> Self {
+        Self::with_projections(Projections::Separate { q, k, v }, o_proj, heads)
+    }
+
+    /// Attention with one fused `[q | k | v]` projection.
+    pub fn fused(qkv: Linear, o_proj: Linear, heads: Heads) -> Self {
+        Self::with_projections(Projections::Fused(qkv), o_proj, heads)
+    }
+
+    fn with_projections(projections: Projections, o_proj: Linear, heads: Heads) -> Self {
+        Attention {
+            projections,
+            o_proj,
+            qk_norms: None,
+            scale: 1.0 / (heads.head_dim as f64).sqrt(),
+            softcap: None,
+            heads,
+        }
+    }
+
+    /// Loads the Hugging Face layout: `q_proj`, `k_proj`, `v_proj` (with biases when
+    /// `qkv_bias`) and the output projection `o_name` (with a bias when `o_bias`).
+    pub fn load(
+        vb: &VarBuilder,
+        hidden: usize,
+        heads: Heads,
+        (qkv_bias, o_bias): (bool, bool),
+        o_name: &str,
+    ) -> Result<Self> {
+        let (q_dim, kv_dim) = (
+            heads.num_heads * heads.head_dim,
+            heads.num_kv_heads * heads.head_dim,
+        );
+        Ok(Attention::new(
+            Linear::load(vb.pp("q_proj"), hidden, q_dim, qkv_bias)?,
+            Linear::load(vb.pp("k_proj"), hidden, kv_dim, qkv_bias)?,
+            Linear::load(vb.pp("v_proj"), hidden, kv_dim, qkv_bias)?,
+            Linear::load(vb.pp(o_name), q_dim, hidden, o_bias)?,
+            heads,
+        ))
+    }
+
+    /// Reads llama.cpp's layout: `{prefix}.attn_q`, `attn_k`, `attn_v` and `attn_output`
+    /// (`.weight`, plus a dense `.bias` on q, k and v when `qkv_bias`).
+    pub fn from_gguf(
+        w: &mut GgufWeights,
+        prefix: &str,
+        hidden: usize,
+        heads: Heads,
+        qkv_bias: bool,
+    ) -> Result<Self> {
+        let (q_dim, kv_dim) = (
+            heads.num_heads * heads.head_dim,
+            heads.num_kv_heads * heads.head_dim,
+        );
+        let mut projection = |name: &str, out_dim: usize| -> Result<Linear> {
+            let linear = w.linear(&format!("{prefix}.{name}.weight"), [out_dim, hidden])?;
+            Ok(match qkv_bias {
+                true => linear.with_bias(w.vector(&format!("{prefix}.{name}.bias"), out_dim)?),
+                false => linear,
+            })
+        };
+        let (q, k, v) = (
+            projection("attn_q", q_dim)?,
+            projection("attn_k", kv_dim)?,
+            projection("attn_v", kv_dim)?,
+        );
+        let o_proj = w.linear(&format!("{prefix}.attn_output.weight"), [hidden, q_dim])?;
+        Ok(Attention::new(q, k, v, o_proj, heads))
+    }
+
+    /// Scales the scores by `scale` instead of `1/sqrt(head_dim)`.
+    pub fn with_scale(mut self, scale: f64) -> Self {
+        self.scale = scale;
+        self
+    }
+
+    /// Soft-caps the scores: `cap * tanh(scores / cap)` (Gemma 2).
+    pub fn with_softcap(mut self, softcap: Option<f64>) -> Self {
+        self.softcap = softcap;
+        self
+    }
+
+    /// Normalises each query and key head before RoPE.
+    pub fn with_qk_norms(mut self, q_norm: Norm, k_norm: Norm) -> Self {
+        self.qk_norms = Some((q_norm, k_norm));
+        self
+    }
+}
+
+/// What a layer's attention needs to know about the positions of a chunk: its RoPE, the cos
+/// and sin computed for those positions, and its mask (`None` when nothing is hidden).
+#[derive(Debug, Clone, Copy)]
+pub struct Positions<'a> {
+    /// The layer's RoPE variant.
+    pub rotary: &'a Rotary,
+    /// cos and sin of the chunk's positions.
+    pub cos_sin: &'a CosSin,
+    /// The additive mask over cached and new keys.
+    pub mask: Option<&'a Tensor>,
+}
+
+impl Positions<'_> {
+    /// Rotates `x` `(batch, heads, seq_len, head_dim)` to the chunk's positions.
+    pub fn rotate(&self, x: &Tensor) -> Result<Tensor> {
+        self.rotary.apply(x, self.cos_sin)
+    }
+}
+
+/// An attention block a decoder layer can hold: this module's [`Attention`], or an
+/// architecture's own (DeepSeek-V2's latent attention).
+pub trait SelfAttention: Send + Sync + 'static {
+    /// Attends `x` `(batch, seq_len, hidden)` at `at` to the cached keys and its own, and
+    /// appends its keys and values to `cache`.
+    fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor>;
+}
+
+impl SelfAttention for Attention {
+    fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
+        let (b, seq_len, _) = x.dims3()?;
+        let Heads {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = self.heads;
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, seq_len, n, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = match &self.projections {
+            Projections::Separate { q, k, v } => (x.apply(q)?, x.apply(k)?, x.apply(v)?),
+            Projections::Fused(qkv) => {
+                let qkv = x.apply(qkv)?;
+                let (q_size, kv_size) = (num_heads * head_dim, num_kv_heads * head_dim);
+                (
+                    qkv.narrow(D::Minus1, 0, q_size)?,
+                    qkv.narrow(D::Minus1, q_size, kv_size)?,
+                    qkv.narrow(D::Minus1, q_size + kv_size, kv_size)?,
+                )
+            }
+        };
+        let (q, k, v) = (
+            split(q, num_heads)?,
+            split(k, num_kv_heads)?,
+            split(v, num_kv_heads)?,
+        );
+        let (q, k) = match &self.qk_norms {
+            Some((qn, kn)) => (q.apply(qn)?, k.apply(kn)?),
+            None => (q, k),
+        };
+        let (q, k) = (at.rotate(&q)?, at.rotate(&k)?);
+        let (k, v) = cache.append(k, v)?;
+        attend(&q, k, v, self.scale, self.softcap, at.mask)?
+            .transpose(1, 2)?
+            .reshape((b, seq_len, ()))?
+            .apply(&self.o_proj)
+            .map_err(Into::into)
+    }
+}
+
+/// The attention core: `softmax(q k^T * scale [soft-capped] + mask) v`, with grouped-query
+/// keys and values repeated to the query heads. `q` is `(batch, heads, seq_len, d)`, `k` and
+/// `v` `(batch, kv_heads, kv_len, d)`; the result is `(batch, heads, seq_len, d_v)`.
+pub fn attend(
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let groups = q.dim(1)? / k.dim(1)?;
+    let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
+    let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match softcap {
+        None => scores,
+        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+    };
+    // Mask and softmax in F32, as transformers' eager attention does.
+    let scores = scores.to_dtype(DType::F32)?;
+    let scores = match mask {
+        None => scores,
+        Some(m) => scores.broadcast_add(m)?,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    Ok(probs.matmul(&v)?)
+}
+
+/// The additive mask of a chunk of `seq_len` queries at `position` for a layer with `window`
+/// (`None`: causal only), over the keys its cache holds plus the chunk's own; `None` when
+/// nothing is hidden.
+pub fn mask(
+    seq_len: usize,
+    position: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    common::attention_mask(
+        seq_len,
+        position,
+        first_cached_key(window, position),
+        window,
+        device,
+    )
+}
+
+/// The masks of one forward, built once per distinct window (a model has one or two).
+#[derive(Debug, Default)]
+pub struct Masks {
+    built: Vec<(Option<usize>, Option<Tensor>)>,
+}
+
+impl Masks {
+    /// The mask for layers with `window`, built on first use.
+    pub fn get(
+        &mut self,
+        seq_len: usize,
+        position: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Option<&Tensor>> {
+        let index = match self.built.iter().position(|(w, _)| *w == window) {
+            Some(i) => i,
+            None => {
+                let m = mask(seq_len, position, window, device)?;
+                self.built.push((window, m));
+                self.built.len() - 1
+            }
+        };
+        Ok(self.built[index].1.as_ref())
+    }
+}

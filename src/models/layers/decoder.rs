@@ -1,0 +1,281 @@
+//! The decoder stack most architectures are: token embeddings, a stack of blocks that each
+//! attend and then feed forward around residual connections, a final norm, and the output
+//! head over the last position.
+//!
+//! What distinguishes the families is settings of the one [`Decoder`]:
+//!
+//! - the block: pre-norm ([`Block::Sequential`], Llama, Qwen2, Mistral, StarCoder2, Phi-3),
+//!   optionally with Gemma's sandwich norms on each sub-block's output; or Phi's parallel
+//!   block, where attention and MLP read the same normalised input ([`Block::Parallel`]);
+//! - the feed-forward part: an MLP or a mixture of experts ([`FeedForward`]);
+//! - per layer, its sliding window and which of the model's RoPE variants it uses (Gemma's
+//!   local and global layers);
+//! - Gemma's scaling of the embeddings by `sqrt(hidden)` and soft-capping of the logits.
+//!
+//! The attention is a type parameter: the grouped-query [`Attention`] of `layers`, or an
+//! architecture's own (DeepSeek-V2's latent attention) behind [`SelfAttention`].
+//!
+//! Its cache is a [`KvCache`]: all the state there is. The weights are read-only, so a reset
+//! is an emptied cache.
+
+use super::attention::{Attention, Masks, Positions, SelfAttention};
+use super::kv_cache::{KvCache, LayerCache};
+use super::linear::{Embedding, Linear};
+use super::mlp::Mlp;
+use super::moe::SparseMoe;
+use super::norm::Norm;
+use super::rotary::Rotary;
+use crate::error::Result;
+use crate::models::adapter::Loaded;
+use crate::models::Network;
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+/// The feed-forward part of a block.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    /// A dense MLP.
+    Mlp(Mlp),
+    /// A mixture of experts.
+    Moe(Box<SparseMoe>),
+}
+
+impl FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Mlp(mlp) => Ok(x.apply(mlp)?),
+            FeedForward::Moe(moe) => moe.forward(x),
+        }
+    }
+}
+
+/// How a block wires its attention and feed-forward parts.
+#[derive(Debug, Clone)]
+pub enum Block {
+    /// `x += post_attn(attn(attn_norm(x)))`, then `x += post_ffn(ffn(ffn_norm(x)))`; the
+    /// `post_*` norms are Gemma's sandwich, absent elsewhere.
+    Sequential {
+        /// Before attention (`input_layernorm`).
+        attn_norm: Norm,
+        /// On the attention output (Gemma's `post_attention_layernorm`).
+        post_attn_norm: Option<Norm>,
+        /// Before the feed-forward part (`post_attention_layernorm` in Llama's naming,
+        /// `pre_feedforward_layernorm` in Gemma's).
+        ffn_norm: Norm,
+        /// On the feed-forward output (Gemma's `post_feedforward_layernorm`).
+        post_ffn_norm: Option<Norm>,
+    },
+    /// `x += attn(norm(x)) + ffn(norm(x))` (Phi).
+    Parallel {
+        /// The one norm both parts read.
+        norm: Norm,
+    },
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer<A = Attention> {
+    /// Self-attention.
+    pub attention: A,
+    /// The feed-forward part.
+    pub ffn: FeedForward,
+    /// The wiring and its norms.
+    pub block: Block,
+    /// The sliding window, `None` for full attention.
+    pub window: Option<usize>,
+    /// Which of the decoder's RoPE variants this layer uses.
+    pub rotary: usize,
+}
+
+impl<A: SelfAttention> DecoderLayer<A> {
+    /// A pre-norm layer (no sandwich norms) with full attention and the first RoPE variant.
+    pub fn pre_norm(attention: A, attn_norm: Norm, ffn: FeedForward, ffn_norm: Norm) -> Self {
+        DecoderLayer {
+            attention,
+            ffn,
+            block: Block::Sequential {
+                attn_norm,
+                post_attn_norm: None,
+                ffn_norm,
+                post_ffn_norm: None,
+            },
+            window: None,
+            rotary: 0,
+        }
+    }
+
+    /// A pre-norm layer in the Hugging Face layout: `norm` reads `input_layernorm` (before
+    /// the attention) and `post_attention_layernorm` (before the feed-forward part) from `vb`.
+    pub fn load_pre_norm(
+        vb: &VarBuilder,
+        attention: A,
+        ffn: FeedForward,
+        norm: impl Fn(VarBuilder) -> Result<Norm>,
+    ) -> Result<Self> {
+        let attn_norm = norm(vb.pp("input_layernorm"))?;
+        let ffn_norm = norm(vb.pp("post_attention_layernorm"))?;
+        Ok(Self::pre_norm(attention, attn_norm, ffn, ffn_norm))
+    }
+
+    /// The same layer with a sliding window.
+    pub fn with_window(mut self, window: Option<usize>) -> Self {
+        self.window = window;
+        self
+    }
+
+    fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
+        match &self.block {
+            Block::Sequential {
+                attn_norm,
+                post_attn_norm,
+                ffn_norm,
+                post_ffn_norm,
+            } => {
+                let h = self.attention.forward(&x.apply(attn_norm)?, at, cache)?;
+                let h = match post_attn_norm {
+                    Some(n) => h.apply(n)?,
+                    None => h,
+                };
+                let x = (h + x)?;
+                let h = self.ffn.forward(&x.apply(ffn_norm)?)?;
+                let h = match post_ffn_norm {
+                    Some(n) => h.apply(n)?,
+                    None => h,
+                };
+                Ok((h + x)?)
+            }
+            Block::Parallel { norm } => {
+                let normed = x.apply(norm)?;
+                let attn = self.attention.forward(&normed, at, cache)?;
+                Ok(((attn + self.ffn.forward(&normed)?)? + x)?)
+            }
+        }
+    }
+}
+
+/// The decoder network.
+#[derive(Debug, Clone)]
+pub struct Decoder<A = Attention> {
+    embed: Embedding,
+    /// Multiplies the embeddings (Gemma: `sqrt(hidden)`).
+    embed_scale: Option<f64>,
+    layers: Vec<DecoderLayer<A>>,
+    norm: Norm,
+    lm_head: Linear,
+    rotaries: Vec<Rotary>,
+    /// Soft-caps the logits: `cap * tanh(logits / cap)` (Gemma 2).
+    final_softcap: Option<f64>,
+}
+
+impl<A: SelfAttention> Decoder<A> {
+    /// A decoder from its parts; each layer's `rotary` indexes `rotaries`.
+    pub fn new(
+        embed: Embedding,
+        layers: Vec<DecoderLayer<A>>,
+        norm: Norm,
+        lm_head: Linear,
+        rotaries: Vec<Rotary>,
+    ) -> Self {
+        Decoder {
+            embed,
+            embed_scale: None,
+            layers,
+            norm,
+            lm_head,
+            rotaries,
+            final_softcap: None,
+        }
+    }
+
+    /// A Hugging Face checkpoint's decoder: `model.embed_tokens` `(vocab, hidden)`, the
+    /// `num_layers` layers `layer` builds from `model.layers.{i}`, the final `norm` (whose name
+    /// and kind vary), and `lm_head`, or the embedding matrix when `tied`.
+    pub fn load_hf(
+        vb: &VarBuilder,
+        (vocab, hidden, tied): (usize, usize, bool),
+        num_layers: usize,
+        mut layer: impl FnMut(usize, VarBuilder) -> Result<DecoderLayer<A>>,
+        norm: Norm,
+        rotaries: Vec<Rotary>,
+    ) -> Result<Self> {
+        let embed = Embedding::load(vb.pp("model.embed_tokens"), vocab, hidden)?;
+        let lm_head = match tied {
+            true => embed.tied_head(None)?,
+            false => Linear::load(vb.pp("lm_head"), hidden, vocab, false)?,
+        };
+        let layers = (0..num_layers)
+            .map(|i| layer(i, vb.pp("model.layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Decoder::new(embed, layers, norm, lm_head, rotaries))
+    }
+
+    /// Multiplies the token embeddings by `scale`.
+    pub fn with_embed_scale(mut self, scale: f64) -> Self {
+        self.embed_scale = Some(scale);
+        self
+    }
+
+    /// Soft-caps the logits.
+    pub fn with_final_softcap(mut self, cap: Option<f64>) -> Self {
+        self.final_softcap = cap;
+        self
+    }
+
+    /// The layers, for tests that check what was loaded.
+    pub fn layers(&self) -> &[DecoderLayer<A>] {
+        &self.layers
+    }
+
+    /// An empty cache: one slot per layer, trimmed to the layer's window.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.iter().map(|l| l.window))
+    }
+
+    /// The decoder with its empty cache, for a model of `vocab_size` tokens and a context of
+    /// `max_context`.
+    pub fn loaded(self, vocab_size: usize, max_context: usize) -> Loaded<Self> {
+        let cache = self.new_cache();
+        Loaded::new(self, cache, vocab_size, max_context)
+    }
+}
+
+impl<A: SelfAttention> Network for Decoder<A> {
+    type Cache = KvCache;
+
+    fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let (_batch, seq_len) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let mut x = input_ids.apply(&self.embed)?;
+        if let Some(scale) = self.embed_scale {
+            x = (x * scale)?;
+        }
+        let cos_sin = self
+            .rotaries
+            .iter()
+            .map(|r| r.cos_sin(position, seq_len, x.dtype()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut masks = Masks::default();
+        for (layer, slot) in self.layers.iter().zip(cache.layers_mut()) {
+            let at = Positions {
+                rotary: &self.rotaries[layer.rotary],
+                cos_sin: &cos_sin[layer.rotary],
+                mask: masks.get(seq_len, position, layer.window, device)?,
+            };
+            x = layer.forward(&x, &at, slot)?;
+        }
+        // Only the last position's logits are returned, so only it is projected.
+        let logits = x
+            .narrow(1, seq_len - 1, 1)?
+            .apply(&self.norm)?
+            .apply(&self.lm_head)?;
+        Ok(match self.final_softcap {
+            None => logits,
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+        })
+    }
+
+    fn reset(&self, cache: &mut KvCache) -> Result<()> {
+        cache.reset();
+        Ok(())
+    }
+}
