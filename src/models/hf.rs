@@ -502,6 +502,15 @@ impl HfConfig {
         Ok(head_dim)
     }
 
+    /// `head_dim` as the config states it, else `hidden_size / num_attention_heads`, which must
+    /// then divide exactly (Phi-3, Gemma).
+    pub fn stated_head_dim(&self) -> Result<usize> {
+        match self.opt_usize("head_dim")? {
+            Some(hd) => Ok(hd),
+            None => self.require_derived_head_dim(),
+        }
+    }
+
     /// The RoPE base of a family that rotates whole heads with no scaling; anything else is
     /// refused, naming the family.
     pub fn plain_rope(

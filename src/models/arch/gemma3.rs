@@ -111,10 +111,14 @@ mod tests {
     fn gemma_3_270m_with_layer_types_maps() {
         let c = config_from_hf(&real_config("gemma3-gemma-3-270m.json")).unwrap();
         assert_eq!(
-            (c.hidden_size, c.head_dim, c.num_hidden_layers),
+            (
+                c.dims.hidden_size,
+                c.dims.heads.head_dim,
+                c.dims.num_hidden_layers
+            ),
             (640, 256, 18)
         );
-        assert_eq!((c.num_attention_heads, c.num_key_value_heads), (4, 1));
+        assert_eq!((c.dims.heads.num_heads, c.dims.heads.num_kv_heads), (4, 1));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         assert_eq!(c.query_pre_attn_scalar, 256.0);
         assert_eq!(
@@ -132,7 +136,7 @@ mod tests {
     #[test]
     fn gemma_3_1b_with_sliding_window_pattern_maps() {
         let c = config_from_hf(&real_config("gemma3-gemma-3-1b-it.json")).unwrap();
-        assert_eq!((c.hidden_size, c.num_hidden_layers), (1152, 26));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (1152, 26));
         let full: Vec<usize> = (0..26).filter(|&i| !c.sliding_layers[i]).collect();
         assert_eq!(full, vec![5, 11, 17, 23]);
         assert_eq!(c.rope_local, (10_000.0, 1.0));

@@ -43,7 +43,7 @@
 use crate::error::Result;
 use crate::models::gguf::GgufFile;
 use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::gguf_weights::GgufWeights;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
@@ -67,12 +67,8 @@ const LAYERS_27B: usize = 62;
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
 pub struct Config {
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    hidden: usize,
-    ffn: usize,
-    layers: usize,
+    /// Vocabulary, widths, layers and heads.
+    dims: Dims,
     eps: f64,
     /// Keys a sliding layer's query sees, itself included.
     window: usize,
@@ -86,15 +82,21 @@ pub struct Config {
     /// The MLP's activation: GELU with the tanh approximation.
     act: Activation,
     max_context: usize,
-    vocab: usize,
 }
 
 /// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let (heads, kv_heads) = file.heads(ARCH)?;
-    let head_dim = file.key_length(ARCH)?;
-    let hidden = file.count("gemma3.embedding_length")?;
-    let layers = file.count("gemma3.block_count")?;
+    let dims = Dims::from_gguf(file, ARCH, |_| file.key_length(ARCH))?;
+    let Dims {
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        heads: Heads {
+            num_heads: heads,
+            head_dim,
+            ..
+        },
+        ..
+    } = dims;
     file.count("gemma3.context_length")?;
     let pattern = match file.opt_u64("gemma3.attention.sliding_window_type")? {
         None => DEFAULT_SLIDING_PATTERN,
@@ -113,12 +115,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
         1.0 / (head_dim as f64).sqrt()
     };
     Ok(Config {
-        heads,
-        kv_heads,
-        head_dim,
-        hidden,
-        ffn: file.count("gemma3.feed_forward_length")?,
-        layers,
+        dims,
         eps: file.positive("gemma3.attention.layer_norm_rms_epsilon", None)?,
         window: file.count("gemma3.attention.sliding_window")?,
         pattern,
@@ -129,7 +126,6 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
         attn_scale,
         act: Activation::GeluPytorchTanh,
         max_context: file.context_length(ARCH, MAX_CONTEXT)?,
-        vocab: file.vocab_size(ARCH)?,
     })
 }
 
@@ -149,7 +145,7 @@ impl Architecture for QuantizedGemma3 {
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         Adapter::load_gguf(source, options, |mut file, device| {
             let cfg = config_from_gguf(&file)?;
-            Ok(network(&mut file, &cfg, device)?.loaded(cfg.vocab, cfg.max_context))
+            Ok(network(&mut file, &cfg, device)?.loaded(cfg.dims.vocab_size, cfg.max_context))
         })
     }
 }
@@ -157,11 +153,11 @@ impl Architecture for QuantizedGemma3 {
 /// The Gemma decoder with llama.cpp's Gemma 3 tensors (whose norms already hold
 /// `1 + weight`): sandwich norms, q/k norms, scaled embeddings, local and global RoPE.
 fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder> {
-    let (h, hd, eps) = (cfg.hidden, cfg.head_dim, cfg.eps);
-    let heads = Heads::new(cfg.heads, cfg.kv_heads, hd);
+    let (dims, eps) = (cfg.dims, cfg.eps);
+    let (h, hd) = (dims.hidden_size, dims.heads.head_dim);
     let mut w = GgufWeights::new(file, device);
     // Tied embeddings (every Gemma 3): the one quantized tensor serves both.
-    let (embed, output) = w.embeddings_and_head(cfg.vocab, h)?;
+    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
     let norm = w.rms_norm("output_norm.weight", h, eps)?;
     // Two RoPE variants shared by all layers: 0 local (sliding layers), 1 global.
     let rotaries = vec![
@@ -169,8 +165,8 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
         Rotary::new(inv_freq(hd, cfg.global_rope_base, Rounding::F32), device)?
             .with_position_scale(cfg.global_rope_scale),
     ];
-    let mut layers = Vec::with_capacity(cfg.layers);
-    for i in 0..cfg.layers {
+    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
+    for i in 0..dims.num_hidden_layers {
         let prefix = format!("blk.{i}");
         let mut norm = |name: &str, size| w.rms_norm(&format!("{prefix}.{name}.weight"), size, eps);
         let (q_norm, k_norm) = (norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?);
@@ -180,10 +176,10 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
             ffn_norm: norm("ffn_norm", h)?,
             post_ffn_norm: Some(norm("post_ffw_norm", h)?),
         };
-        let attention = Attention::from_gguf(&mut w, &prefix, h, heads, false)?
+        let attention = Attention::from_gguf(&mut w, &prefix, h, dims.heads, false)?
             .with_qk_norms(q_norm, k_norm)
             .with_scale(cfg.attn_scale);
-        let mlp = Mlp::gated_from_gguf(&mut w, &prefix, (h, cfg.ffn), cfg.act)?;
+        let mlp = Mlp::gated_from_gguf(&mut w, &prefix, (h, dims.intermediate_size), cfg.act)?;
         let sliding = cfg.is_sliding(i);
         layers.push(DecoderLayer {
             attention,
@@ -239,7 +235,7 @@ mod tests {
             |mut file, device| {
                 let mut cfg = config_from_gguf(&file)?;
                 edit(&mut cfg);
-                Ok(network(&mut file, &cfg, device)?.loaded(cfg.vocab, cfg.max_context))
+                Ok(network(&mut file, &cfg, device)?.loaded(cfg.dims.vocab_size, cfg.max_context))
             },
         )
         .unwrap()
