@@ -288,6 +288,14 @@ impl GgufFile {
         }
     }
 
+    /// [`GgufFile::vocab_size`], checked against the embedding and output rows
+    /// ([`GgufFile::check_vocab`]).
+    pub fn checked_vocab_size(&self, arch: &str, tied_output: bool) -> Result<usize> {
+        let vocab = self.vocab_size(arch)?;
+        self.check_vocab(vocab, tied_output)?;
+        Ok(vocab)
+    }
+
     /// `{arch}.context_length`, capped by what the candle implementation can address.
     pub fn context_length(&self, arch: &str, implementation_limit: usize) -> Result<usize> {
         let declared = self

@@ -38,7 +38,7 @@ use crate::models::layers::mlp::Mlp;
 use crate::models::layers::moe::{Router, Routing, SparseMoe};
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{Pairing, Rotary};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Activation, VarBuilder};
 use serde_json::Value;
@@ -331,8 +331,7 @@ fn rope_config(c: &HfConfig, dim: usize) -> Result<RopeConfig> {
 pub struct DeepSeek2;
 
 impl Architecture for DeepSeek2 {
-    const REGISTRATION: Registration =
-        Registration::hf("deepseek2", &["deepseek_v2"], &["DeepseekV2ForCausalLM"]);
+    const NAMES: Names = Names::hf("deepseek2", &["deepseek_v2"], &["DeepseekV2ForCausalLM"]);
     type Network = Decoder<LatentAttention>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -17,7 +17,7 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::{Loaded, Pristine};
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::Activation;
 use candle_transformers::models::gemma as candle_gemma;
 
@@ -75,7 +75,7 @@ fn check_heads(heads: usize, kv_heads: usize) -> Result<()> {
 }
 
 impl Architecture for Gemma {
-    const REGISTRATION: Registration = Registration::hf("gemma", &["gemma"], &["GemmaForCausalLM"]);
+    const NAMES: Names = Names::hf("gemma", &["gemma"], &["GemmaForCausalLM"]);
     type Network = Pristine<candle_gemma::Model>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -31,7 +31,7 @@ use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, Dims, FeedFor
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq_linear, Rotary};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// Gemma 2, as registered.
@@ -152,8 +152,7 @@ pub(super) fn config_from_hf_with(c: &HfConfig, family: Family) -> Result<Config
 }
 
 impl Architecture for Gemma2 {
-    const REGISTRATION: Registration =
-        Registration::hf("gemma2", &["gemma2"], &["Gemma2ForCausalLM"]);
+    const NAMES: Names = Names::hf("gemma2", &["gemma2"], &["Gemma2ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

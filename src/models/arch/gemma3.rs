@@ -24,7 +24,7 @@ use super::gemma2::{config_from_hf_with, network, Config, Family};
 use crate::error::{Error, Result};
 use crate::models::hf::{HfConfig, Rope, RopeScaling};
 use crate::models::layers::decoder::Decoder;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use serde_json::Value;
 
 /// Gemma 3 (text), as registered.
@@ -90,8 +90,7 @@ fn rope_setting(c: &HfConfig, rope: &Rope) -> Result<(f64, f64)> {
 }
 
 impl Architecture for Gemma3 {
-    const REGISTRATION: Registration =
-        Registration::hf("gemma3", &["gemma3_text"], &["Gemma3ForCausalLM"]);
+    const NAMES: Names = Names::hf("gemma3", &["gemma3_text"], &["Gemma3ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::{Module, Tensor};
 use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::mistral as candle_mistral;
@@ -115,8 +115,7 @@ fn check_heads(c: &HfConfig, hidden: usize, heads: usize, kv_heads: usize) -> Re
 }
 
 impl Architecture for Mistral {
-    const REGISTRATION: Registration =
-        Registration::hf("mistral", &["mistral"], &["MistralForCausalLM"]);
+    const NAMES: Names = Names::hf("mistral", &["mistral"], &["MistralForCausalLM"]);
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -29,7 +29,7 @@ use crate::models::layers::mlp::Mlp;
 use crate::models::layers::moe::{Router, Routing, SparseMoe};
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// Mixtral, as registered.
@@ -84,8 +84,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Mixtral {
-    const REGISTRATION: Registration =
-        Registration::hf("mixtral", &["mixtral"], &["MixtralForCausalLM"]);
+    const NAMES: Names = Names::hf("mixtral", &["mixtral"], &["MixtralForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

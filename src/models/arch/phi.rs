@@ -24,7 +24,7 @@ use crate::models::layers::linear::{Embedding, Linear};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// Phi, as registered.
@@ -70,7 +70,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Phi {
-    const REGISTRATION: Registration = Registration::hf("phi", &["phi"], &["PhiForCausalLM"]);
+    const NAMES: Names = Names::hf("phi", &["phi"], &["PhiForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

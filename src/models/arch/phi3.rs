@@ -30,7 +30,7 @@ use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::Rotary;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 use serde_json::Value;
 
@@ -145,7 +145,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Phi3 {
-    const REGISTRATION: Registration = Registration::hf("phi3", &["phi3"], &["Phi3ForCausalLM"]);
+    const NAMES: Names = Names::hf("phi3", &["phi3"], &["Phi3ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -41,13 +41,14 @@
 //! candle's file and llama.cpp do.
 
 use crate::error::Result;
+use crate::models::adapter::Loaded;
 use crate::models::gguf::GgufFile;
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::gguf_weights::GgufWeights;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::Device;
 use candle_nn::Activation;
 
@@ -139,23 +140,20 @@ impl Config {
 pub struct QuantizedGemma3;
 
 impl Architecture for QuantizedGemma3 {
-    const REGISTRATION: Registration = Registration::gguf("quantized_gemma3", &[ARCH]);
+    const NAMES: Names = Names::gguf("quantized_gemma3", &[ARCH]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |mut file, device| {
-            let cfg = config_from_gguf(&file)?;
-            Ok(network(&mut file, &cfg, device)?.loaded(cfg.dims.vocab_size, cfg.max_context))
-        })
+        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
     }
 }
 
 /// The Gemma decoder with llama.cpp's Gemma 3 tensors (whose norms already hold
 /// `1 + weight`): sandwich norms, q/k norms, scaled embeddings, local and global RoPE.
-fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder> {
+fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
     let (dims, eps) = (cfg.dims, cfg.eps);
     let (h, hd) = (dims.hidden_size, dims.heads.head_dim);
-    let mut w = GgufWeights::new(file, device);
+    let mut w = GgufWeights::new(&mut file, device);
     // Tied embeddings (every Gemma 3): the one quantized tensor serves both.
     let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
     let norm = w.rms_norm("output_norm.weight", h, eps)?;
@@ -189,7 +187,10 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
             rotary: if sliding { 0 } else { 1 },
         });
     }
-    Ok(Decoder::new(embed, layers, norm, output, rotaries).with_embed_scale((h as f64).sqrt()))
+    let decoder = Decoder::new(embed, layers, norm, output, rotaries);
+    Ok(decoder
+        .with_embed_scale((h as f64).sqrt())
+        .loaded(dims.vocab_size, cfg.max_context))
 }
 
 /// The tiny GGUF writers of the integration tests, shared so both test the same files.
@@ -229,16 +230,13 @@ mod tests {
         edit: impl FnOnce(&mut Config),
     ) -> Adapter<QuantizedGemma3> {
         let file = open(path, overrides);
-        Adapter::load_gguf(
-            ModelSource::Gguf(file),
-            &LoadOptions::cpu(),
-            |mut file, device| {
-                let mut cfg = config_from_gguf(&file)?;
-                edit(&mut cfg);
-                Ok(network(&mut file, &cfg, device)?.loaded(cfg.dims.vocab_size, cfg.max_context))
-            },
-        )
-        .unwrap()
+        let config = |file: &mut GgufFile| {
+            let mut cfg = config_from_gguf(file)?;
+            edit(&mut cfg);
+            Ok(cfg)
+        };
+        let source = ModelSource::Gguf(file);
+        Adapter::load_gguf(source, &LoadOptions::cpu(), config, network).unwrap()
     }
 
     fn ids(ids: &[u32]) -> Tensor {

@@ -18,13 +18,14 @@
 //! quantized tensor.
 
 use crate::error::Result;
+use crate::models::adapter::Loaded;
 use crate::models::gguf::GgufFile;
 use crate::models::layers::attention::Attention;
 use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::gguf_weights::GgufWeights;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::Device;
 use candle_nn::Activation;
 
@@ -71,10 +72,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
 pub struct QuantizedQwen2;
 
 /// The pre-norm decoder with llama.cpp's Qwen2 tensors: biases on q, k and v, SwiGLU.
-fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder> {
+fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
     let (dims, eps) = (cfg.dims, cfg.eps);
     let h = dims.hidden_size;
-    let mut w = GgufWeights::new(file, device);
+    let mut w = GgufWeights::new(&mut file, device);
     let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
     let norm = w.rms_norm("output_norm.weight", h, eps)?;
     let mut layers = Vec::with_capacity(dims.num_hidden_layers);
@@ -100,17 +101,15 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
         inv_freq(dims.heads.head_dim, cfg.rope_base, Rounding::F32),
         device,
     )?;
-    Ok(Decoder::new(embed, layers, norm, output, vec![rotary]))
+    let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
+    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }
 
 impl Architecture for QuantizedQwen2 {
-    const REGISTRATION: Registration = Registration::gguf("quantized_qwen2", &[ARCH]);
+    const NAMES: Names = Names::gguf("quantized_qwen2", &[ARCH]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |mut file, device| {
-            let cfg = config_from_gguf(&file)?;
-            Ok(network(&mut file, &cfg, device)?.loaded(cfg.dims.vocab_size, cfg.max_context))
-        })
+        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
     }
 }

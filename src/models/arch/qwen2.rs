@@ -28,7 +28,7 @@ use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// Qwen2, as registered.
@@ -97,7 +97,7 @@ fn layer_windows(c: &HfConfig, num_layers: usize) -> Result<Vec<Option<usize>>> 
 }
 
 impl Architecture for Qwen2 {
-    const REGISTRATION: Registration = Registration::hf("qwen2", &["qwen2"], &["Qwen2ForCausalLM"]);
+    const NAMES: Names = Names::hf("qwen2", &["qwen2"], &["Qwen2ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

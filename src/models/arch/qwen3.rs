@@ -22,7 +22,7 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::{Loaded, Pristine};
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::Activation;
 use candle_transformers::models::qwen3 as candle_qwen3;
 use serde_json::Value;
@@ -133,7 +133,7 @@ fn first_sliding_layer(
 }
 
 impl Architecture for Qwen3 {
-    const REGISTRATION: Registration = Registration::hf("qwen3", &["qwen3"], &["Qwen3ForCausalLM"]);
+    const NAMES: Names = Names::hf("qwen3", &["qwen3"], &["Qwen3ForCausalLM"]);
     type Network = Pristine<candle_qwen3::ModelForCausalLM>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

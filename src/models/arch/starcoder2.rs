@@ -25,7 +25,7 @@ use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// StarCoder2, as registered.
@@ -71,8 +71,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Starcoder2 {
-    const REGISTRATION: Registration =
-        Registration::hf("starcoder2", &["starcoder2"], &["Starcoder2ForCausalLM"]);
+    const NAMES: Names = Names::hf("starcoder2", &["starcoder2"], &["Starcoder2ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
