@@ -701,6 +701,30 @@ pub(crate) fn fixture_config(file: &str) -> HfConfig {
     }
 }
 
+/// Test support: maps the fixture `hf/{name}` in both config.json layouts (`config.json`,
+/// as transformers >= 5 writes it, and `config.legacy.json`), asserts they map alike, and
+/// returns the mapping.
+#[cfg(test)]
+pub(crate) fn both_layouts<C: PartialEq + std::fmt::Debug>(
+    name: &str,
+    map: impl Fn(&HfConfig) -> Result<C>,
+) -> C {
+    let layout = |file: &str| map(&fixture_config(&format!("hf/{name}/{file}"))).unwrap();
+    let new = layout("config.json");
+    assert_eq!(new, layout("config.legacy.json"));
+    new
+}
+
+/// Test support: the error message `map` gives for the config.json `value`.
+#[cfg(test)]
+pub(crate) fn mapping_error<C: std::fmt::Debug>(
+    map: impl Fn(&HfConfig) -> Result<C>,
+    value: Value,
+) -> String {
+    let config = HfConfig::from_value(Path::new("config.json"), value);
+    map(&config).unwrap_err().to_string()
+}
+
 /// Test support: a real hub config.json from `tests/fixtures/real_configs/`.
 #[cfg(test)]
 pub(crate) fn real_config(name: &str) -> HfConfig {

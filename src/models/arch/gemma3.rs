@@ -102,6 +102,7 @@ impl Architecture for Gemma3 {
 mod tests {
     use super::*;
     use crate::models::common::chunked_prefill_diff;
+    use crate::models::hf::mapping_error;
     use crate::models::hf::real_config;
     use candle_nn::Activation;
     use std::path::Path;
@@ -161,9 +162,7 @@ mod tests {
 
         v["rope_parameters"]["full_attention"] =
             serde_json::json!({"rope_type": "yarn", "factor": 8.0, "rope_theta": 1000000.0});
-        let err = config_from_hf(&HfConfig::from_value(Path::new("config.json"), v))
-            .unwrap_err()
-            .to_string();
+        let err = mapping_error(config_from_hf, v);
         assert!(
             err.contains("yarn") && err.contains("allowed: default, linear"),
             "{err}"

@@ -154,8 +154,9 @@ fn experts(cfg: &Config, vb: VarBuilder) -> Result<SparseMoe> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::both_layouts;
     use crate::models::hf::fixture_config as hf;
-    use std::path::Path;
+    use crate::models::hf::mapping_error;
 
     #[test]
     fn real_configs_map() {
@@ -179,11 +180,7 @@ mod tests {
 
     #[test]
     fn both_fixture_layouts_map_alike() {
-        let new = config_from_hf(&hf("hf/mixtral/config.json")).unwrap();
-        assert_eq!(
-            new,
-            config_from_hf(&hf("hf/mixtral/config.legacy.json")).unwrap()
-        );
+        let new = both_layouts("mixtral", config_from_hf);
         assert_eq!(new.sliding_window, Some(6));
         assert_eq!((new.num_local_experts, new.num_experts_per_tok), (4, 2));
     }
@@ -194,9 +191,7 @@ mod tests {
             .value()
             .clone();
         value["num_experts_per_tok"] = serde_json::json!(9);
-        let err = config_from_hf(&HfConfig::from_value(Path::new("config.json"), value))
-            .unwrap_err()
-            .to_string();
+        let err = mapping_error(config_from_hf, value);
         assert!(
             err.contains("num_experts_per_tok") && err.contains('9'),
             "{err}"

@@ -129,6 +129,7 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::both_layouts;
     use crate::models::hf::fixture_config as hf;
     use serde_json::Value;
     use std::path::Path;
@@ -156,11 +157,7 @@ mod tests {
 
     #[test]
     fn both_fixture_layouts_map_alike() {
-        let new = config_from_hf(&hf("hf/qwen2/config.json")).unwrap();
-        assert_eq!(
-            new,
-            config_from_hf(&hf("hf/qwen2/config.legacy.json")).unwrap()
-        );
+        let new = both_layouts("qwen2", config_from_hf);
         assert_eq!(new.layer_windows, vec![None, Some(6)]);
     }
 

@@ -126,6 +126,7 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::both_layouts;
     use crate::models::hf::fixture_config as hf;
 
     #[test]
@@ -154,11 +155,7 @@ mod tests {
 
     #[test]
     fn both_fixture_layouts_map_alike() {
-        let new = config_from_hf(&hf("hf/starcoder2/config.json")).unwrap();
-        assert_eq!(
-            new,
-            config_from_hf(&hf("hf/starcoder2/config.legacy.json")).unwrap()
-        );
+        let new = both_layouts("starcoder2", config_from_hf);
         assert_eq!(new.sliding_window, Some(6));
     }
 }
