@@ -183,24 +183,16 @@ impl<N: Network> Loaded<N> {
 }
 
 impl<M: Clone + Send + 'static, A: Architecture<Network = Pristine<M>>> Adapter<A> {
-    /// Loads a GGUF file into candle's own model: `config` checks the metadata and gives the
-    /// vocabulary size and context, `from_gguf` and `forward` are candle's.
+    /// Loads a GGUF file into candle's own model.
     pub fn load_stock_gguf(
         source: ModelSource,
         options: &LoadOptions,
-        config: fn(&mut GgufFile) -> Result<(usize, usize)>,
-        from_gguf: StockFromGguf<M>,
-        forward: StockForward<M>,
+        stock: StockGguf<M>,
     ) -> Result<Self> {
-        Self::load_gguf(
-            source,
-            options,
-            config,
-            |mut file, &(vocab, context), device| {
-                let model = from_gguf(file.content, &mut file.reader, device)?;
-                Ok(Loaded::pristine(model, forward, vocab, context))
-            },
-        )
+        Self::load_gguf(source, options, stock.config, |mut file, sizes, device| {
+            let model = (stock.from_gguf)(file.content, &mut file.reader, device)?;
+            Ok(Loaded::pristine(model, stock.forward, sizes.0, sizes.1))
+        })
     }
 }
 
@@ -238,6 +230,17 @@ pub type StockForward<M> = fn(&mut M, &Tensor, usize) -> candle_core::Result<Ten
 
 /// candle's loader of a stock model from GGUF content and the file it indexes.
 pub type StockFromGguf<M> = fn(Content, &mut BufReader<File>, &Device) -> candle_core::Result<M>;
+
+/// How a stock candle model is loaded from GGUF and run.
+pub struct StockGguf<M> {
+    /// Checks the metadata (and rewrites what candle reads); gives the vocabulary size and the
+    /// context.
+    pub config: fn(&mut GgufFile) -> Result<(usize, usize)>,
+    /// candle's loader.
+    pub from_gguf: StockFromGguf<M>,
+    /// candle's forward.
+    pub forward: StockForward<M>,
+}
 
 impl<M: Clone + Send + 'static> Network for Pristine<M> {
     type Cache = M;

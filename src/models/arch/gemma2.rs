@@ -219,15 +219,8 @@ mod tests {
     #[test]
     fn gemma_2_2b_maps() {
         let c = config_from_hf(&real_config("gemma2-gemma-2-2b.json")).unwrap();
-        assert_eq!(
-            (
-                c.dims.hidden_size,
-                c.dims.heads.head_dim,
-                c.dims.num_hidden_layers
-            ),
-            (2304, 256, 26)
-        );
-        assert_eq!((c.dims.heads.num_heads, c.dims.heads.num_kv_heads), (8, 4));
+        assert_eq!(c.dims.heads, Heads::new(8, 4, 256));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (2304, 26));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         assert_eq!(c.query_pre_attn_scalar, 256.0);
         assert_eq!(c.attn_logit_softcapping, Some(50.0));

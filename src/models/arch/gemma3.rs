@@ -104,21 +104,15 @@ mod tests {
     use crate::models::common::chunked_prefill_diff;
     use crate::models::hf::mapping_error;
     use crate::models::hf::real_config;
+    use crate::models::layers::attention::Heads;
     use candle_nn::Activation;
     use std::path::Path;
 
     #[test]
     fn gemma_3_270m_with_layer_types_maps() {
         let c = config_from_hf(&real_config("gemma3-gemma-3-270m.json")).unwrap();
-        assert_eq!(
-            (
-                c.dims.hidden_size,
-                c.dims.heads.head_dim,
-                c.dims.num_hidden_layers
-            ),
-            (640, 256, 18)
-        );
-        assert_eq!((c.dims.heads.num_heads, c.dims.heads.num_kv_heads), (4, 1));
+        assert_eq!(c.dims.heads, Heads::new(4, 1, 256));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (640, 18));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         assert_eq!(c.query_pre_attn_scalar, 256.0);
         assert_eq!(

@@ -80,13 +80,8 @@ impl Architecture for Phi {
 
 /// One Phi layer: parallel attention and MLP over one LayerNorm.
 fn layer(cfg: &Config, vb: VarBuilder) -> Result<DecoderLayer> {
-    let Dims {
-        hidden_size: h,
-        intermediate_size: i,
-        heads,
-        ..
-    } = cfg.dims;
-    let eps = cfg.layer_norm_eps;
+    let (dims, eps) = (cfg.dims, cfg.layer_norm_eps);
+    let (h, i, heads) = (dims.hidden_size, dims.intermediate_size, dims.heads);
     let vb_attn = vb.pp("self_attn");
     let mut attention = Attention::load(&vb_attn, h, heads, (true, true), "dense")?;
     if cfg.qk_layernorm {
@@ -143,18 +138,8 @@ mod tests {
     #[test]
     fn phi_2_maps() {
         let c = config_from_hf(&real_config("phi-phi-2.json")).unwrap();
-        assert_eq!(
-            (
-                c.dims.hidden_size,
-                c.dims.num_hidden_layers,
-                c.dims.heads.head_dim
-            ),
-            (2560, 32, 80)
-        );
-        assert_eq!(
-            (c.dims.heads.num_heads, c.dims.heads.num_kv_heads),
-            (32, 32)
-        );
+        assert_eq!(c.dims.heads, Heads::new(32, 32, 80));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (2560, 32));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         // partial_rotary_factor 0.4 of 80.
         assert_eq!(c.rotary_dim, 32);

@@ -171,13 +171,8 @@ fn rotary(cfg: &RopeConfig, vb: &VarBuilder) -> Result<Rotary> {
 
 /// The pre-norm decoder with Phi-3's fused projections.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let Dims {
-        hidden_size: h,
-        intermediate_size: i,
-        heads,
-        ..
-    } = cfg.dims;
-    let eps = cfg.rms_norm_eps;
+    let (dims, eps) = (cfg.dims, cfg.rms_norm_eps);
+    let (h, i, heads) = (dims.hidden_size, dims.intermediate_size, dims.heads);
     let q_dim = heads.num_heads * heads.head_dim;
     let qkv_dim = q_dim + 2 * heads.num_kv_heads * heads.head_dim;
     let layer = |_: usize, vb: VarBuilder| {
@@ -215,18 +210,8 @@ mod tests {
     #[test]
     fn phi_3_mini_4k_maps() {
         let c = config_from_hf(&real_config("phi3-Phi-3-mini-4k-instruct.json")).unwrap();
-        assert_eq!(
-            (
-                c.dims.hidden_size,
-                c.dims.heads.head_dim,
-                c.dims.num_hidden_layers
-            ),
-            (3072, 96, 32)
-        );
-        assert_eq!(
-            (c.dims.heads.num_heads, c.dims.heads.num_kv_heads),
-            (32, 32)
-        );
+        assert_eq!(c.dims.heads, Heads::new(32, 32, 96));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (3072, 32));
         assert_eq!(c.activation, Activation::Silu);
         assert_eq!(c.sliding_window, Some(2047));
         assert_eq!(c.rope.theta, 10000.0);

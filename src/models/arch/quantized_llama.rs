@@ -6,7 +6,7 @@
 //! every new prompt length, so the reset swaps in a pristine clone, which also drops the masks.
 
 use crate::error::Result;
-use crate::models::adapter::Pristine;
+use crate::models::adapter::{Pristine, StockGguf};
 use crate::models::gguf::GgufFile;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_transformers::models::quantized_llama::{ModelWeights as Weights, MAX_SEQ_LEN};
@@ -19,13 +19,7 @@ impl Architecture for QuantizedLlama {
     type Network = Pristine<Weights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_stock_gguf(
-            source,
-            options,
-            config_from_gguf,
-            Weights::from_gguf,
-            Weights::forward,
-        )
+        Adapter::load_stock_gguf(source, options, STOCK)
     }
 }
 
@@ -36,3 +30,10 @@ fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
         file.context_length("llama", MAX_SEQ_LEN)?,
     ))
 }
+
+/// candle's model, after our checks of the metadata.
+const STOCK: StockGguf<Weights> = StockGguf {
+    config: config_from_gguf,
+    from_gguf: Weights::from_gguf,
+    forward: Weights::forward,
+};

@@ -16,7 +16,7 @@
 //!   the error names the problem instead of a shape mismatch deep in a forward pass.
 
 use crate::error::{Error, Result};
-use crate::models::adapter::Pristine;
+use crate::models::adapter::{Pristine, StockGguf};
 use crate::models::gguf::GgufFile;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_transformers::models::quantized_phi::{ModelWeights as Weights, MAX_SEQ_LEN};
@@ -65,6 +65,13 @@ fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
     ))
 }
 
+/// candle's model, after our checks of the metadata.
+const STOCK: StockGguf<Weights> = StockGguf {
+    config: config_from_gguf,
+    from_gguf: Weights::from_gguf,
+    forward: Weights::forward,
+};
+
 /// candle's quantized Phi models hard-code their RoPE base; a file that states another one is
 /// refused rather than run with the wrong one.
 pub(super) fn check_rope_base(file: &GgufFile, arch: &str) -> Result<()> {
@@ -83,12 +90,6 @@ impl Architecture for QuantizedPhi2 {
     type Network = Pristine<Weights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_stock_gguf(
-            source,
-            options,
-            config_from_gguf,
-            Weights::from_gguf,
-            Weights::forward,
-        )
+        Adapter::load_stock_gguf(source, options, STOCK)
     }
 }

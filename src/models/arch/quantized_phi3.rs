@@ -20,7 +20,7 @@
 
 use super::quantized_phi2::check_rope_base;
 use crate::error::{Error, Result};
-use crate::models::adapter::Pristine;
+use crate::models::adapter::{Pristine, StockGguf};
 use crate::models::gguf::GgufFile;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -74,6 +74,13 @@ fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
     Ok((file.checked_vocab_size(ARCH, false)?, context))
 }
 
+/// candle's model, after our checks of the metadata.
+const STOCK: StockGguf<Weights> = StockGguf {
+    config: config_from_gguf,
+    from_gguf,
+    forward: Weights::forward,
+};
+
 /// candle's loader, without flash attention (a CUDA kernel the default build does not have).
 fn from_gguf(
     content: Content,
@@ -88,12 +95,6 @@ impl Architecture for QuantizedPhi3 {
     type Network = Pristine<Weights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_stock_gguf(
-            source,
-            options,
-            config_from_gguf,
-            from_gguf,
-            Weights::forward,
-        )
+        Adapter::load_stock_gguf(source, options, STOCK)
     }
 }
