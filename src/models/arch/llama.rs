@@ -47,13 +47,8 @@ impl crate::models::Network for Network {
     // candle's llama takes an external cache that also holds its RoPE tables.
     type Cache = candle_llama::Cache;
 
-    fn forward(
-        &self,
-        input_ids: &Tensor,
-        position: usize,
-        cache: &mut Self::Cache,
-    ) -> Result<Tensor> {
-        Ok(self.model.forward(input_ids, position, cache)?)
+    fn forward(&self, ids: &Tensor, position: usize, cache: &mut Self::Cache) -> Result<Tensor> {
+        Ok(self.model.forward(ids, position, cache)?)
     }
 
     fn reset(&self, cache: &mut Self::Cache) -> Result<()> {

@@ -150,23 +150,12 @@ impl crate::models::Network for Network {
     /// The live copy of candle's model, which holds its KV cache.
     type Cache = candle_mistral::Model;
 
-    fn forward(
-        &self,
-        input_ids: &Tensor,
-        position: usize,
-        live: &mut Self::Cache,
-    ) -> Result<Tensor> {
-        let (_batch, seq_len) = input_ids.dims2()?;
-        let embeds = live.embed_tokens().forward(input_ids)?;
-        let mask = attention_mask(
-            seq_len,
-            position,
-            0,
-            self.sliding_window,
-            input_ids.device(),
-        )?
-        .map(|m| m.to_dtype(embeds.dtype()))
-        .transpose()?;
+    fn forward(&self, ids: &Tensor, position: usize, live: &mut Self::Cache) -> Result<Tensor> {
+        let (_batch, seq_len) = ids.dims2()?;
+        let embeds = live.embed_tokens().forward(ids)?;
+        let mask = attention_mask(seq_len, position, 0, self.sliding_window, ids.device())?
+            .map(|m| m.to_dtype(embeds.dtype()))
+            .transpose()?;
         Ok(live.forward_embeds(&embeds, mask.as_ref(), position)?)
     }
 

@@ -107,20 +107,18 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
         let layer = DecoderLayer::load_pre_norm(&vb, attention, moe, |vb| Norm::rms(h, eps, vb))?;
         Ok(layer.with_window(cfg.sliding_window))
     };
-    let theta = cfg.rope_theta;
-    let rotary = Rotary::new(
-        inv_freq(cfg.dims.heads.head_dim, theta, Rounding::F32Inverse),
-        vb.device(),
-    )?;
-    let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
-    Decoder::load_hf(
-        &vb,
+    let inv_freq = inv_freq(
+        cfg.dims.heads.head_dim,
+        cfg.rope_theta,
+        Rounding::F32Inverse,
+    );
+    let rotaries = vec![Rotary::new(inv_freq, vb.device())?];
+    let (norm, head) = (
+        Norm::rms(h, eps, vb.pp("model.norm"))?,
         (&cfg.dims, cfg.tie_word_embeddings),
-        layer,
-        norm,
-        vec![rotary],
-    )
-    .map(|d| d.loaded(cfg.dims.vocab_size, cfg.max_position_embeddings))
+    );
+    let decoder = Decoder::load_hf(&vb, head, layer, norm, rotaries)?;
+    Ok(decoder.loaded(cfg.dims.vocab_size, cfg.max_position_embeddings))
 }
 
 /// The routed MLP: `gate` routes, each expert is a SwiGLU MLP (`w1` gate, `w3` up, `w2` down).

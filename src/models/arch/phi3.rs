@@ -189,15 +189,11 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
         Ok(layer.with_window(cfg.sliding_window))
     };
     let rotaries = vec![rotary(&cfg.rope, &vb)?];
+    let tied = cfg.tie_word_embeddings;
     let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
-    Decoder::load_hf(
-        &vb,
-        (&cfg.dims, cfg.tie_word_embeddings),
-        layer,
-        norm,
-        rotaries,
-    )
-    .map(|decoder| decoder.loaded(cfg.dims.vocab_size, cfg.max_context))
+    let decoder = Decoder::load_hf(&vb, (&dims, tied), layer, norm, rotaries)?;
+    // A LongRoPE model reports only the context computed exactly (see the module docs).
+    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }
 
 #[cfg(test)]

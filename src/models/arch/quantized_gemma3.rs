@@ -251,6 +251,15 @@ mod tests {
         out.squeeze(0).unwrap().to_vec1().unwrap()
     }
 
+    fn candle_logits(
+        model: &mut candle_gemma3::ModelWeights,
+        tokens: &[u32],
+        position: usize,
+    ) -> Vec<f32> {
+        let out = model.forward(&ids(tokens), position).unwrap();
+        out.squeeze(0).unwrap().to_vec1().unwrap()
+    }
+
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter()
@@ -275,24 +284,12 @@ mod tests {
                 .unwrap();
         let prompt = [2u32, 14, 15, 92, 65, 35, 8];
         let a = logits(&mut ours, &prompt, 0);
-        let b: Vec<f32> = theirs
-            .forward(&ids(&prompt), 0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let b = candle_logits(&mut theirs, &prompt, 0);
         let diff = max_diff(&a, &b);
         assert!(diff <= 1e-4, "prefill: max abs diff {diff}");
         for (position, token) in (prompt.len()..).zip([40u32, 41, 3]) {
             let a = logits(&mut ours, &[token], position);
-            let b: Vec<f32> = theirs
-                .forward(&ids(&[token]), position)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let b = candle_logits(&mut theirs, &[token], position);
             let diff = max_diff(&a, &b);
             assert!(diff <= 1e-4, "decode at {position}: max abs diff {diff}");
         }

@@ -104,21 +104,19 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
         let layer = DecoderLayer::load_pre_norm(&vb, attention, mlp, |vb| Norm::layer(h, eps, vb))?;
         Ok(layer.with_window(cfg.sliding_window))
     };
-    let rotary = Rotary::new(
-        inv_freq(
-            cfg.dims.heads.head_dim,
-            cfg.rope_theta,
-            Rounding::F32Inverse,
-        ),
-        vb.device(),
-    )?;
+    let inv_freq = inv_freq(
+        cfg.dims.heads.head_dim,
+        cfg.rope_theta,
+        Rounding::F32Inverse,
+    );
     let norm = Norm::layer(h, eps, vb.pp("model.norm"))?;
+    let head = (&cfg.dims, cfg.tie_word_embeddings);
     let decoder = Decoder::load_hf(
         &vb,
-        (&cfg.dims, cfg.tie_word_embeddings),
+        head,
         layer,
         norm,
-        vec![rotary],
+        vec![Rotary::new(inv_freq, vb.device())?],
     )?;
     Ok(decoder.loaded(cfg.dims.vocab_size, cfg.max_position_embeddings))
 }
