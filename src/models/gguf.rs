@@ -228,12 +228,9 @@ impl GgufFile {
         let heads = self.count(&format!("{arch}.attention.head_count"))?;
         let key = format!("{arch}.attention.head_count_kv");
         let kv_heads = self.count(&key)?;
-        if heads % kv_heads != 0 {
-            return Err(self.config_error(
-                &key,
-                format!("{kv_heads} does not divide head_count {heads}"),
-            ));
-        }
+        self.require(&key, heads % kv_heads == 0, || {
+            format!("{kv_heads} does not divide head_count {heads}")
+        })?;
         Ok((heads, kv_heads))
     }
 
@@ -241,13 +238,17 @@ impl GgufFile {
     pub fn derived_head_dim(&self, arch: &str, heads: usize) -> Result<usize> {
         let key = format!("{arch}.embedding_length");
         let hidden = self.count(&key)?;
-        if hidden % heads != 0 {
-            return Err(self.config_error(
-                &key,
-                format!("{hidden} is not a multiple of head_count {heads}"),
-            ));
-        }
+        let message = || format!("{hidden} is not a multiple of head_count {heads}");
+        self.require(&key, hidden % heads == 0, message)?;
         Ok(hidden / heads)
+    }
+
+    /// An error about `key` with `message` unless `ok`.
+    fn require(&self, key: &str, ok: bool, message: impl FnOnce() -> String) -> Result<()> {
+        match ok {
+            true => Ok(()),
+            false => Err(self.config_error(key, message())),
+        }
     }
 
     /// The head size `{arch}.attention.key_length`: even (RoPE rotates pairs), and equal to
@@ -302,6 +303,14 @@ impl GgufFile {
             }
             _ => Ok(()),
         }
+    }
+
+    /// [`GgufFile::vocab_size`], checked against the embedding and output rows
+    /// ([`GgufFile::check_vocab`]).
+    pub fn checked_vocab_size(&self, arch: &str, tied_output: bool) -> Result<usize> {
+        let vocab = self.vocab_size(arch)?;
+        self.check_vocab(vocab, tied_output)?;
+        Ok(vocab)
     }
 
     /// `{arch}.context_length`, capped by what the candle implementation can address.

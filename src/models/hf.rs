@@ -512,6 +512,15 @@ impl HfConfig {
         Ok(head_dim)
     }
 
+    /// `head_dim` as the config states it, else `hidden_size / num_attention_heads`, which must
+    /// then divide exactly (Phi-3, Gemma).
+    pub fn stated_head_dim(&self) -> Result<usize> {
+        match self.opt_usize("head_dim")? {
+            Some(hd) => Ok(hd),
+            None => self.require_derived_head_dim(),
+        }
+    }
+
     /// The RoPE base of a family that rotates whole heads with no scaling; anything else is
     /// refused, naming the family.
     pub fn plain_rope(
@@ -700,6 +709,30 @@ pub(crate) fn fixture_config(file: &str) -> HfConfig {
         Ok(c) => c,
         Err(e) => panic!("{}: {e}", path.display()),
     }
+}
+
+/// Test support: maps the fixture `hf/{name}` in both config.json layouts (`config.json`,
+/// as transformers >= 5 writes it, and `config.legacy.json`), asserts they map alike, and
+/// returns the mapping.
+#[cfg(test)]
+pub(crate) fn both_layouts<C: PartialEq + std::fmt::Debug>(
+    name: &str,
+    map: impl Fn(&HfConfig) -> Result<C>,
+) -> C {
+    let layout = |file: &str| map(&fixture_config(&format!("hf/{name}/{file}"))).unwrap();
+    let new = layout("config.json");
+    assert_eq!(new, layout("config.legacy.json"));
+    new
+}
+
+/// Test support: the error message `map` gives for the config.json `value`.
+#[cfg(test)]
+pub(crate) fn mapping_error<C: std::fmt::Debug>(
+    map: impl Fn(&HfConfig) -> Result<C>,
+    value: Value,
+) -> String {
+    let config = HfConfig::from_value(Path::new("config.json"), value);
+    map(&config).unwrap_err().to_string()
 }
 
 /// Test support: a real hub config.json from `tests/fixtures/real_configs/`.

@@ -120,10 +120,10 @@ pub trait LanguageModel: Send {
 /// How an architecture is detected and loaded. Implemented once per module in `arch/`, on a
 /// unit struct naming the architecture; the loaded model is an [`Adapter`] of it.
 pub trait Architecture: Sized + 'static {
-    /// Its name, format and the names files declare it by.
-    const REGISTRATION: Registration;
+    /// Its registered name, format and the names files declare it by.
+    const NAMES: Names;
     /// The registered name, unique across the list.
-    const NAME: &'static str = Self::REGISTRATION.name;
+    const NAME: &'static str = Self::NAMES.name;
 
     /// The network it runs: weights, one forward over a cache, and the reset of that cache.
     type Network: Network;
@@ -133,9 +133,10 @@ pub trait Architecture: Sized + 'static {
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>>;
 }
 
-/// How an architecture is registered and detected.
+/// An architecture's names: the registered one, its format, and the names its files declare
+/// it by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Registration {
+pub struct Names {
     /// The registered name, unique across the list.
     pub name: &'static str,
     /// Which files it loads from.
@@ -147,7 +148,7 @@ pub struct Registration {
     pub hf_classes: &'static [&'static str],
 }
 
-impl Registration {
+impl Names {
     /// An architecture of Hugging Face directories, detected by config.json `model_type`, else
     /// by the `architectures[0]` class.
     pub const fn hf(
@@ -155,7 +156,7 @@ impl Registration {
         model_types: &'static [&'static str],
         hf_classes: &'static [&'static str],
     ) -> Self {
-        Registration {
+        Names {
             name,
             format: WeightFormat::Safetensors,
             model_types,
@@ -165,7 +166,7 @@ impl Registration {
 
     /// An architecture of GGUF files, detected by `general.architecture`.
     pub const fn gguf(name: &'static str, architectures: &'static [&'static str]) -> Self {
-        Registration {
+        Names {
             name,
             format: WeightFormat::Gguf,
             model_types: architectures,
@@ -312,10 +313,10 @@ macro_rules! register_architectures {
         /// Every registered architecture, in registration order.
         pub static ARCHITECTURES: &[ArchitectureEntry] = &[
             $(ArchitectureEntry {
-                name: <$module::$ty as Architecture>::REGISTRATION.name,
-                format: <$module::$ty as Architecture>::REGISTRATION.format,
-                model_types: <$module::$ty as Architecture>::REGISTRATION.model_types,
-                hf_classes: <$module::$ty as Architecture>::REGISTRATION.hf_classes,
+                name: <$module::$ty as Architecture>::NAMES.name,
+                format: <$module::$ty as Architecture>::NAMES.format,
+                model_types: <$module::$ty as Architecture>::NAMES.model_types,
+                hf_classes: <$module::$ty as Architecture>::NAMES.hf_classes,
                 load: |source, options| {
                     <$module::$ty as Architecture>::load(source, options).map(AnyArchitecture::$variant)
                 },

@@ -30,15 +30,15 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::layers::attention::{attend, Positions, SelfAttention};
-use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::attention::{attend, Heads, Positions, SelfAttention};
+use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::kv_cache::LayerCache;
 use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::moe::{Router, Routing, SparseMoe};
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{Pairing, Rotary};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Activation, VarBuilder};
 use serde_json::Value;
@@ -77,11 +77,8 @@ struct RopeConfig {
 /// The DeepSeek-V2 settings llm-pool reads from config.json.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
+    /// Vocabulary, widths, layers and heads.
+    dims: Dims,
     q_lora_rank: Option<usize>,
     kv_lora_rank: usize,
     qk_nope_head_dim: usize,
@@ -108,7 +105,6 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
         _ => Activation::Silu,
     };
     c.require_bool("mlp_bias", false, FAMILY)?;
-    let num_hidden_layers = c.usize("num_hidden_layers")?;
     let num_attention_heads = c.usize("num_attention_heads")?;
     // Every head gets its own key and value out of the shared latent; transformers' grouped
     // path would not even run with fewer key/value heads.
@@ -127,20 +123,19 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
             format!("{qk_rope_head_dim} must be even and positive"),
         ));
     }
+    let q_head_dim = qk_nope_head_dim + qk_rope_head_dim;
+    let heads = Heads::new(num_attention_heads, num_attention_heads, q_head_dim);
+    let dims = Dims::from_hf(c, |_| Ok(heads))?;
     let max_position_embeddings = c.usize_or("max_position_embeddings", 2048)?;
     let rope = rope_config(c, qk_rope_head_dim)?;
     let first_k_dense_replace = c.usize_or("first_k_dense_replace", 0)?;
-    let moe = if first_k_dense_replace >= num_hidden_layers {
+    let moe = if first_k_dense_replace >= dims.num_hidden_layers {
         None
     } else {
         Some(moe_config(c, first_k_dense_replace)?)
     };
     Ok(Config {
-        vocab_size: c.usize("vocab_size")?,
-        hidden_size: c.usize("hidden_size")?,
-        intermediate_size: c.usize("intermediate_size")?,
-        num_hidden_layers,
-        num_attention_heads,
+        dims,
         q_lora_rank: c.opt_usize("q_lora_rank")?,
         kv_lora_rank: c.usize("kv_lora_rank")?,
         qk_nope_head_dim,
@@ -336,8 +331,7 @@ fn rope_config(c: &HfConfig, dim: usize) -> Result<RopeConfig> {
 pub struct DeepSeek2;
 
 impl Architecture for DeepSeek2 {
-    const REGISTRATION: Registration =
-        Registration::hf("deepseek2", &["deepseek_v2"], &["DeepseekV2ForCausalLM"]);
+    const NAMES: Names = Names::hf("deepseek2", &["deepseek_v2"], &["DeepseekV2ForCausalLM"]);
     type Network = Decoder<LatentAttention>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -373,7 +367,11 @@ pub struct LatentAttention {
 
 impl LatentAttention {
     fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let (h, nh, bias) = (cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias);
+        let (h, nh, bias) = (
+            cfg.dims.hidden_size,
+            cfg.dims.heads.num_heads,
+            cfg.attention_bias,
+        );
         let q_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim;
         let (rank, eps) = (cfg.kv_lora_rank, cfg.rms_norm_eps);
         let q = match cfg.q_lora_rank {
@@ -449,7 +447,11 @@ impl SelfAttention for LatentAttention {
 
 /// Routed experts plus shared experts, routed in F32 as transformers does.
 fn moe(cfg: &Config, moe: &MoeConfig, vb: VarBuilder) -> Result<SparseMoe> {
-    let (h, i, act) = (cfg.hidden_size, moe.moe_intermediate_size, cfg.activation);
+    let (h, i, act) = (
+        cfg.dims.hidden_size,
+        moe.moe_intermediate_size,
+        cfg.activation,
+    );
     let experts = (0..moe.n_routed_experts)
         .map(|e| Mlp::load_gated(&vb.pp("experts").pp(e), h, i, act))
         .collect::<Result<Vec<_>>>()?;
@@ -493,7 +495,7 @@ fn routing(moe: &MoeConfig) -> Routing {
 /// The decoder with DeepSeek-V2's weights: latent attention, dense MLPs in the first
 /// `first_k_dense_replace` layers, mixtures of experts after.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder<LatentAttention>>> {
-    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    let (h, eps) = (cfg.dims.hidden_size, cfg.rms_norm_eps);
     let layer = |i: usize, vb: VarBuilder| {
         let mlp = vb.pp("mlp");
         let ffn = match &cfg.moe {
@@ -503,7 +505,7 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder<LatentAttentio
             _ => FeedForward::Mlp(Mlp::load_gated(
                 &mlp,
                 h,
-                cfg.intermediate_size,
+                cfg.dims.intermediate_size,
                 cfg.activation,
             )?),
         };
@@ -515,23 +517,27 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder<LatentAttentio
         .with_attention_factor(cfg.rope.attention_factor)
         .with_pairing(Pairing::Interleaved);
     let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
-    let head = (cfg.vocab_size, h, cfg.tie_word_embeddings);
-    let decoder = Decoder::load_hf(&vb, head, cfg.num_hidden_layers, layer, norm, vec![rotary])?;
-    Ok(decoder.loaded(cfg.vocab_size, cfg.max_position_embeddings))
+    let tied = cfg.tie_word_embeddings;
+    let decoder = Decoder::load_hf(&vb, (&cfg.dims, tied), layer, norm, vec![rotary])?;
+    Ok(decoder.loaded(cfg.dims.vocab_size, cfg.max_position_embeddings))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::models::common::chunked_prefill_diff;
+    use crate::models::hf::mapping_error;
     use crate::models::hf::real_config;
-    use std::path::Path;
 
     #[test]
     fn deepseek_v2_lite_maps() {
         let c = config_from_hf(&real_config("deepseek2-DeepSeek-V2-Lite.json")).unwrap();
         assert_eq!(
-            (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
+            (
+                c.dims.hidden_size,
+                c.dims.num_hidden_layers,
+                c.dims.heads.num_heads
+            ),
             (2048, 27, 16)
         );
         assert_eq!(c.q_lora_rank, None);
@@ -588,9 +594,7 @@ mod tests {
             .value()
             .clone();
         v["norm_topk_prob"] = true.into();
-        let err = config_from_hf(&HfConfig::from_value(Path::new("config.json"), v))
-            .unwrap_err()
-            .to_string();
+        let err = mapping_error(config_from_hf, v);
         assert!(err.contains("norm_topk_prob"), "{err}");
     }
 

@@ -17,7 +17,7 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::{Loaded, Pristine};
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::Activation;
 use candle_transformers::models::gemma as candle_gemma;
 
@@ -75,7 +75,7 @@ fn check_heads(heads: usize, kv_heads: usize) -> Result<()> {
 }
 
 impl Architecture for Gemma {
-    const REGISTRATION: Registration = Registration::hf("gemma", &["gemma"], &["GemmaForCausalLM"]);
+    const NAMES: Names = Names::hf("gemma", &["gemma"], &["GemmaForCausalLM"]);
     type Network = Pristine<candle_gemma::Model>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -94,8 +94,8 @@ impl Architecture for Gemma {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::mapping_error;
     use crate::models::hf::real_config;
-    use std::path::Path;
 
     #[test]
     fn gemma_2b_with_both_activation_keys_maps() {
@@ -125,9 +125,7 @@ mod tests {
     fn rope_scaling_is_refused() {
         let mut v = real_config("gemma-gemma-2b.json").value().clone();
         v["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
-        let err = gemma_config(&HfConfig::from_value(Path::new("config.json"), v))
-            .unwrap_err()
-            .to_string();
+        let err = mapping_error(gemma_config, v);
         assert!(
             err.contains("linear") && err.contains("allowed: default"),
             "{err}"

@@ -27,11 +27,11 @@ use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::hf::HfConfig;
 use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq_linear, Rotary};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// Gemma 2, as registered.
@@ -40,13 +40,8 @@ pub struct Gemma2;
 /// The Gemma 2 / Gemma 3 settings llm-pool reads from config.json.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    pub(super) vocab_size: usize,
-    pub(super) hidden_size: usize,
-    pub(super) intermediate_size: usize,
-    pub(super) num_hidden_layers: usize,
-    pub(super) num_attention_heads: usize,
-    pub(super) num_key_value_heads: usize,
-    pub(super) head_dim: usize,
+    /// Vocabulary, widths, layers and heads.
+    pub(super) dims: Dims,
     pub(super) activation: Activation,
     pub(super) rms_norm_eps: f64,
     /// RoPE of the full-attention layers: base frequency and linear scaling factor.
@@ -103,12 +98,11 @@ pub(super) fn config_from_hf_with(c: &HfConfig, family: Family) -> Result<Config
     )?;
     c.require_bool("tie_word_embeddings", true, family.name)?;
     c.require_bool("use_bidirectional_attention", false, family.name)?;
-    let num_hidden_layers = c.usize("num_hidden_layers")?;
-    let (num_attention_heads, num_key_value_heads) = c.heads(None, None)?;
-    let head_dim = match c.opt_usize("head_dim")? {
-        Some(hd) => hd,
-        None => c.require_derived_head_dim()?,
-    };
+    let dims = Dims::from_hf(c, |_| {
+        let (heads, kv_heads) = c.heads(None, None)?;
+        Ok(Heads::new(heads, kv_heads, c.stated_head_dim()?))
+    })?;
+    let num_hidden_layers = dims.num_hidden_layers;
     let sliding_layers = match c.layer_types(num_hidden_layers)? {
         Some(types) => types,
         None => (0..num_hidden_layers)
@@ -140,13 +134,7 @@ pub(super) fn config_from_hf_with(c: &HfConfig, family: Family) -> Result<Config
         ));
     }
     Ok(Config {
-        vocab_size: c.usize("vocab_size")?,
-        hidden_size: c.usize("hidden_size")?,
-        intermediate_size: c.usize("intermediate_size")?,
-        num_hidden_layers,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
+        dims,
         activation,
         rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
         rope_global: family.rope.0,
@@ -164,8 +152,7 @@ pub(super) fn config_from_hf_with(c: &HfConfig, family: Family) -> Result<Config
 }
 
 impl Architecture for Gemma2 {
-    const REGISTRATION: Registration =
-        Registration::hf("gemma2", &["gemma2"], &["Gemma2ForCausalLM"]);
+    const NAMES: Names = Names::hf("gemma2", &["gemma2"], &["Gemma2ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -175,12 +162,8 @@ impl Architecture for Gemma2 {
 
 /// The Gemma decoder: sandwich norms, `1 + weight` RMSNorms, scaled embeddings, soft-caps.
 pub(super) fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
-    let heads = Heads {
-        num_heads: cfg.num_attention_heads,
-        num_kv_heads: cfg.num_key_value_heads,
-        head_dim: hd,
-    };
+    let (h, heads, eps) = (cfg.dims.hidden_size, cfg.dims.heads, cfg.rms_norm_eps);
+    let hd = heads.head_dim;
     let rotary = |(theta, factor)| Rotary::new(inv_freq_linear(hd, theta, factor), vb.device());
     let mut rotaries = vec![rotary(cfg.rope_global)?];
     // Gemma 3's sliding layers have a RoPE of their own; Gemma 2's use the one.
@@ -203,7 +186,7 @@ pub(super) fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
             attention =
                 attention.with_qk_norms(q_norm, Norm::gemma_rms(hd, eps, vb_attn.pp("k_norm"))?);
         }
-        let mlp = Mlp::load_gated(&vb.pp("mlp"), h, cfg.intermediate_size, cfg.activation)?;
+        let mlp = Mlp::load_gated(&vb.pp("mlp"), h, cfg.dims.intermediate_size, cfg.activation)?;
         let sliding = cfg.sliding_layers[i];
         Ok(DecoderLayer {
             attention,
@@ -219,13 +202,11 @@ pub(super) fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
         })
     };
     let norm = Norm::gemma_rms(h, eps, vb.pp("model.norm"))?;
-    let embeddings = (cfg.vocab_size, h, true);
-    let layers = cfg.sliding_layers.len();
     Ok(
-        Decoder::load_hf(&vb, embeddings, layers, layer, norm, rotaries)?
+        Decoder::load_hf(&vb, (&cfg.dims, true), layer, norm, rotaries)?
             .with_embed_scale((h as f64).sqrt())
             .with_final_softcap(cfg.final_logit_softcapping)
-            .loaded(cfg.vocab_size, cfg.max_position_embeddings),
+            .loaded(cfg.dims.vocab_size, cfg.max_position_embeddings),
     )
 }
 
@@ -238,11 +219,8 @@ mod tests {
     #[test]
     fn gemma_2_2b_maps() {
         let c = config_from_hf(&real_config("gemma2-gemma-2-2b.json")).unwrap();
-        assert_eq!(
-            (c.hidden_size, c.head_dim, c.num_hidden_layers),
-            (2304, 256, 26)
-        );
-        assert_eq!((c.num_attention_heads, c.num_key_value_heads), (8, 4));
+        assert_eq!(c.dims.heads, Heads::new(8, 4, 256));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (2304, 26));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         assert_eq!(c.query_pre_attn_scalar, 256.0);
         assert_eq!(c.attn_logit_softcapping, Some(50.0));
@@ -260,7 +238,10 @@ mod tests {
     #[test]
     fn gemma_2_27b_query_scale_differs_from_head_dim() {
         let c = config_from_hf(&real_config("gemma2-gemma-2-27b.json")).unwrap();
-        assert_eq!((c.head_dim, c.query_pre_attn_scalar), (128, 144.0));
+        assert_eq!(
+            (c.dims.heads.head_dim, c.query_pre_attn_scalar),
+            (128, 144.0)
+        );
         assert_eq!(c.sliding_layers.len(), 46);
     }
 

@@ -24,7 +24,7 @@ use super::gemma2::{config_from_hf_with, network, Config, Family};
 use crate::error::{Error, Result};
 use crate::models::hf::{HfConfig, Rope, RopeScaling};
 use crate::models::layers::decoder::Decoder;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use serde_json::Value;
 
 /// Gemma 3 (text), as registered.
@@ -90,8 +90,7 @@ fn rope_setting(c: &HfConfig, rope: &Rope) -> Result<(f64, f64)> {
 }
 
 impl Architecture for Gemma3 {
-    const REGISTRATION: Registration =
-        Registration::hf("gemma3", &["gemma3_text"], &["Gemma3ForCausalLM"]);
+    const NAMES: Names = Names::hf("gemma3", &["gemma3_text"], &["Gemma3ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -103,18 +102,17 @@ impl Architecture for Gemma3 {
 mod tests {
     use super::*;
     use crate::models::common::chunked_prefill_diff;
+    use crate::models::hf::mapping_error;
     use crate::models::hf::real_config;
+    use crate::models::layers::attention::Heads;
     use candle_nn::Activation;
     use std::path::Path;
 
     #[test]
     fn gemma_3_270m_with_layer_types_maps() {
         let c = config_from_hf(&real_config("gemma3-gemma-3-270m.json")).unwrap();
-        assert_eq!(
-            (c.hidden_size, c.head_dim, c.num_hidden_layers),
-            (640, 256, 18)
-        );
-        assert_eq!((c.num_attention_heads, c.num_key_value_heads), (4, 1));
+        assert_eq!(c.dims.heads, Heads::new(4, 1, 256));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (640, 18));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         assert_eq!(c.query_pre_attn_scalar, 256.0);
         assert_eq!(
@@ -132,7 +130,7 @@ mod tests {
     #[test]
     fn gemma_3_1b_with_sliding_window_pattern_maps() {
         let c = config_from_hf(&real_config("gemma3-gemma-3-1b-it.json")).unwrap();
-        assert_eq!((c.hidden_size, c.num_hidden_layers), (1152, 26));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (1152, 26));
         let full: Vec<usize> = (0..26).filter(|&i| !c.sliding_layers[i]).collect();
         assert_eq!(full, vec![5, 11, 17, 23]);
         assert_eq!(c.rope_local, (10_000.0, 1.0));
@@ -158,9 +156,7 @@ mod tests {
 
         v["rope_parameters"]["full_attention"] =
             serde_json::json!({"rope_type": "yarn", "factor": 8.0, "rope_theta": 1000000.0});
-        let err = config_from_hf(&HfConfig::from_value(Path::new("config.json"), v))
-            .unwrap_err()
-            .to_string();
+        let err = mapping_error(config_from_hf, v);
         assert!(
             err.contains("yarn") && err.contains("allowed: default, linear"),
             "{err}"

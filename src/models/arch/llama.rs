@@ -6,7 +6,7 @@
 use crate::error::Result;
 use crate::models::adapter::Loaded;
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama as candle_llama;
@@ -21,7 +21,7 @@ pub struct Network {
 }
 
 impl Architecture for Llama {
-    const REGISTRATION: Registration = Registration::hf("llama", &["llama"], &["LlamaForCausalLM"]);
+    const NAMES: Names = Names::hf("llama", &["llama"], &["LlamaForCausalLM"]);
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -47,13 +47,8 @@ impl crate::models::Network for Network {
     // candle's llama takes an external cache that also holds its RoPE tables.
     type Cache = candle_llama::Cache;
 
-    fn forward(
-        &self,
-        input_ids: &Tensor,
-        position: usize,
-        cache: &mut Self::Cache,
-    ) -> Result<Tensor> {
-        Ok(self.model.forward(input_ids, position, cache)?)
+    fn forward(&self, ids: &Tensor, position: usize, cache: &mut Self::Cache) -> Result<Tensor> {
+        Ok(self.model.forward(ids, position, cache)?)
     }
 
     fn reset(&self, cache: &mut Self::Cache) -> Result<()> {

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::common::attention_mask;
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::{Module, Tensor};
 use candle_nn::{Activation, VarBuilder};
 use candle_transformers::models::mistral as candle_mistral;
@@ -115,8 +115,7 @@ fn check_heads(c: &HfConfig, hidden: usize, heads: usize, kv_heads: usize) -> Re
 }
 
 impl Architecture for Mistral {
-    const REGISTRATION: Registration =
-        Registration::hf("mistral", &["mistral"], &["MistralForCausalLM"]);
+    const NAMES: Names = Names::hf("mistral", &["mistral"], &["MistralForCausalLM"]);
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -151,23 +150,12 @@ impl crate::models::Network for Network {
     /// The live copy of candle's model, which holds its KV cache.
     type Cache = candle_mistral::Model;
 
-    fn forward(
-        &self,
-        input_ids: &Tensor,
-        position: usize,
-        live: &mut Self::Cache,
-    ) -> Result<Tensor> {
-        let (_batch, seq_len) = input_ids.dims2()?;
-        let embeds = live.embed_tokens().forward(input_ids)?;
-        let mask = attention_mask(
-            seq_len,
-            position,
-            0,
-            self.sliding_window,
-            input_ids.device(),
-        )?
-        .map(|m| m.to_dtype(embeds.dtype()))
-        .transpose()?;
+    fn forward(&self, ids: &Tensor, position: usize, live: &mut Self::Cache) -> Result<Tensor> {
+        let (_batch, seq_len) = ids.dims2()?;
+        let embeds = live.embed_tokens().forward(ids)?;
+        let mask = attention_mask(seq_len, position, 0, self.sliding_window, ids.device())?
+            .map(|m| m.to_dtype(embeds.dtype()))
+            .transpose()?;
         Ok(live.forward_embeds(&embeds, mask.as_ref(), position)?)
     }
 

@@ -22,14 +22,14 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::hf::HfConfig;
-use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::attention::Attention;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::moe::{Router, Routing, SparseMoe};
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// Mixtral, as registered.
@@ -38,20 +38,8 @@ pub struct Mixtral;
 /// The settings of a Mixtral checkpoint, read from config.json.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// Hidden size.
-    pub hidden_size: usize,
-    /// Inner size of each expert.
-    pub intermediate_size: usize,
-    /// Decoder layers.
-    pub num_hidden_layers: usize,
-    /// Query heads.
-    pub num_attention_heads: usize,
-    /// Key/value heads.
-    pub num_key_value_heads: usize,
-    /// Size of one head.
-    pub head_dim: usize,
+    /// Vocabulary, widths, layers and heads.
+    pub dims: Dims,
     /// The longest sequence.
     pub max_position_embeddings: usize,
     /// RMSNorm epsilon.
@@ -70,8 +58,7 @@ pub struct Config {
 
 /// Maps config.json to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
-    let hidden_size = c.usize("hidden_size")?;
-    let (num_attention_heads, num_key_value_heads) = c.heads(Some(32), Some(8))?;
+    let dims = Dims::from_hf_derived(c, (Some(32), Some(8)))?;
     c.activation(&["silu"], "silu")?;
     let num_local_experts = c.usize_or("num_local_experts", 8)?;
     let num_experts_per_tok = c.usize_or("num_experts_per_tok", 2)?;
@@ -84,13 +71,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
         ));
     }
     Ok(Config {
-        vocab_size: c.usize("vocab_size")?,
-        hidden_size,
-        intermediate_size: c.usize("intermediate_size")?,
-        num_hidden_layers: c.usize("num_hidden_layers")?,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim: c.head_dim(hidden_size, num_attention_heads)?,
+        dims,
         // transformers' MixtralConfig default.
         max_position_embeddings: c.usize_or("max_position_embeddings", 4096 * 32)?,
         rms_norm_eps: c.f64_or("rms_norm_eps", 1e-5)?,
@@ -103,8 +84,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Mixtral {
-    const REGISTRATION: Registration =
-        Registration::hf("mixtral", &["mixtral"], &["MixtralForCausalLM"]);
+    const NAMES: Names = Names::hf("mixtral", &["mixtral"], &["MixtralForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -114,39 +94,36 @@ impl Architecture for Mixtral {
 
 /// The pre-norm decoder with Mixtral's weights: no biases, a mixture of experts per layer.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-    let heads = Heads::new(
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (h, eps) = (cfg.dims.hidden_size, cfg.rms_norm_eps);
     let layer = |_: usize, vb: VarBuilder| {
-        let attention = Attention::load(&vb.pp("self_attn"), h, heads, (false, false), "o_proj")?;
+        let attention = Attention::load(
+            &vb.pp("self_attn"),
+            h,
+            cfg.dims.heads,
+            (false, false),
+            "o_proj",
+        )?;
         let moe = FeedForward::Moe(Box::new(experts(cfg, vb.pp("block_sparse_moe"))?));
         let layer = DecoderLayer::load_pre_norm(&vb, attention, moe, |vb| Norm::rms(h, eps, vb))?;
         Ok(layer.with_window(cfg.sliding_window))
     };
-    let theta = cfg.rope_theta;
-    let rotaries = vec![Rotary::new(
-        inv_freq(cfg.head_dim, theta, Rounding::F32Inverse),
-        vb.device(),
-    )?];
-    let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
-    let embeddings = (cfg.vocab_size, h, cfg.tie_word_embeddings);
-    Decoder::load_hf(
-        &vb,
-        embeddings,
-        cfg.num_hidden_layers,
-        layer,
-        norm,
-        rotaries,
-    )
-    .map(|d| d.loaded(cfg.vocab_size, cfg.max_position_embeddings))
+    let inv_freq = inv_freq(
+        cfg.dims.heads.head_dim,
+        cfg.rope_theta,
+        Rounding::F32Inverse,
+    );
+    let rotaries = vec![Rotary::new(inv_freq, vb.device())?];
+    let (norm, head) = (
+        Norm::rms(h, eps, vb.pp("model.norm"))?,
+        (&cfg.dims, cfg.tie_word_embeddings),
+    );
+    let decoder = Decoder::load_hf(&vb, head, layer, norm, rotaries)?;
+    Ok(decoder.loaded(cfg.dims.vocab_size, cfg.max_position_embeddings))
 }
 
 /// The routed MLP: `gate` routes, each expert is a SwiGLU MLP (`w1` gate, `w3` up, `w2` down).
 fn experts(cfg: &Config, vb: VarBuilder) -> Result<SparseMoe> {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (h, i) = (cfg.dims.hidden_size, cfg.dims.intermediate_size);
     let experts = (0..cfg.num_local_experts)
         .map(|e| {
             let vb = vb.pp("experts").pp(e);
@@ -175,36 +152,33 @@ fn experts(cfg: &Config, vb: VarBuilder) -> Result<SparseMoe> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::both_layouts;
     use crate::models::hf::fixture_config as hf;
-    use std::path::Path;
+    use crate::models::hf::mapping_error;
 
     #[test]
     fn real_configs_map() {
         let cfg = config_from_hf(&hf("real_configs/mixtral-Mixtral-8x7B-v0.1.json")).unwrap();
-        assert_eq!(cfg.hidden_size, 4096);
-        assert_eq!(cfg.num_attention_heads, 32);
-        assert_eq!(cfg.num_key_value_heads, 8);
-        assert_eq!(cfg.head_dim, 128);
+        assert_eq!(cfg.dims.hidden_size, 4096);
+        assert_eq!(cfg.dims.heads.num_heads, 32);
+        assert_eq!(cfg.dims.heads.num_kv_heads, 8);
+        assert_eq!(cfg.dims.heads.head_dim, 128);
         assert_eq!(cfg.rope_theta, 1_000_000.0);
         // `sliding_window: null`, which candle's own Config cannot even parse.
         assert_eq!(cfg.sliding_window, None);
         assert_eq!((cfg.num_local_experts, cfg.num_experts_per_tok), (8, 2));
 
         let cfg = config_from_hf(&hf("real_configs/mixtral-Mixtral-8x22B-v0.1.json")).unwrap();
-        assert_eq!(cfg.hidden_size, 6144);
-        assert_eq!(cfg.num_attention_heads, 48);
-        assert_eq!(cfg.num_hidden_layers, 56);
+        assert_eq!(cfg.dims.hidden_size, 6144);
+        assert_eq!(cfg.dims.heads.num_heads, 48);
+        assert_eq!(cfg.dims.num_hidden_layers, 56);
         assert_eq!(cfg.max_position_embeddings, 65536);
         assert_eq!(cfg.rope_theta, 1_000_000.0);
     }
 
     #[test]
     fn both_fixture_layouts_map_alike() {
-        let new = config_from_hf(&hf("hf/mixtral/config.json")).unwrap();
-        assert_eq!(
-            new,
-            config_from_hf(&hf("hf/mixtral/config.legacy.json")).unwrap()
-        );
+        let new = both_layouts("mixtral", config_from_hf);
         assert_eq!(new.sliding_window, Some(6));
         assert_eq!((new.num_local_experts, new.num_experts_per_tok), (4, 2));
     }
@@ -215,9 +189,7 @@ mod tests {
             .value()
             .clone();
         value["num_experts_per_tok"] = serde_json::json!(9);
-        let err = config_from_hf(&HfConfig::from_value(Path::new("config.json"), value))
-            .unwrap_err()
-            .to_string();
+        let err = mapping_error(config_from_hf, value);
         assert!(
             err.contains("num_experts_per_tok") && err.contains('9'),
             "{err}"

@@ -19,12 +19,12 @@ use crate::error::Result;
 use crate::models::adapter::Loaded;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::linear::{Embedding, Linear};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// Phi, as registered.
@@ -33,13 +33,8 @@ pub struct Phi;
 /// The Phi settings llm-pool reads from config.json.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: usize,
-    head_dim: usize,
+    /// Vocabulary, widths, layers and heads.
+    dims: Dims,
     activation: Activation,
     layer_norm_eps: f64,
     rope_theta: f64,
@@ -52,25 +47,22 @@ pub struct Config {
 /// Maps config.json to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
     let activation = c.activation_fn(&["gelu_new", "gelu", "gelu_pytorch_tanh"], "gelu_new")?;
-    let head_dim = c.require_derived_head_dim()?;
-    let (num_attention_heads, num_key_value_heads) = c.heads(None, None)?;
+    let dims = Dims::from_hf(c, |_| {
+        let head_dim = c.require_derived_head_dim()?;
+        let (heads, kv_heads) = c.heads(None, None)?;
+        Ok(Heads::new(heads, kv_heads, head_dim))
+    })?;
     let rope = c.rope(None, 10_000.0)?;
     if rope.scaling != RopeScaling::None {
         return Err(c.unsupported_rope(&rope, "phi", &["default"]));
     }
     Ok(Config {
-        vocab_size: c.usize("vocab_size")?,
-        hidden_size: c.usize("hidden_size")?,
-        intermediate_size: c.usize("intermediate_size")?,
-        num_hidden_layers: c.usize("num_hidden_layers")?,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
+        dims,
         activation,
         layer_norm_eps: c.f64_or("layer_norm_eps", 1e-5)?,
         rope_theta: rope.theta,
         // transformers' Phi rotates half of each head unless the config says otherwise.
-        rotary_dim: c.rotary_dim(&rope, 0.5, head_dim)?,
+        rotary_dim: c.rotary_dim(&rope, 0.5, dims.heads.head_dim)?,
         qk_layernorm: c.bool_or("qk_layernorm", false)?,
         tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
         max_position_embeddings: c.usize_or("max_position_embeddings", 2048)?,
@@ -78,7 +70,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Phi {
-    const REGISTRATION: Registration = Registration::hf("phi", &["phi"], &["PhiForCausalLM"]);
+    const NAMES: Names = Names::hf("phi", &["phi"], &["PhiForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -88,19 +80,15 @@ impl Architecture for Phi {
 
 /// One Phi layer: parallel attention and MLP over one LayerNorm.
 fn layer(cfg: &Config, vb: VarBuilder) -> Result<DecoderLayer> {
-    let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
-    let heads = Heads::new(
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (dims, eps) = (cfg.dims, cfg.layer_norm_eps);
+    let (h, i, heads) = (dims.hidden_size, dims.intermediate_size, dims.heads);
     let vb_attn = vb.pp("self_attn");
     let mut attention = Attention::load(&vb_attn, h, heads, (true, true), "dense")?;
     if cfg.qk_layernorm {
         // Per head, as transformers normalises them.
         attention = attention.with_qk_norms(
-            Norm::layer(cfg.head_dim, eps, vb_attn.pp("q_layernorm"))?,
-            Norm::layer(cfg.head_dim, eps, vb_attn.pp("k_layernorm"))?,
+            Norm::layer(heads.head_dim, eps, vb_attn.pp("q_layernorm"))?,
+            Norm::layer(heads.head_dim, eps, vb_attn.pp("k_layernorm"))?,
         );
     }
     let mlp = Mlp::Plain {
@@ -121,7 +109,7 @@ fn layer(cfg: &Config, vb: VarBuilder) -> Result<DecoderLayer> {
 
 /// The decoder with Phi's weights.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
+    let (h, vocab) = (cfg.dims.hidden_size, cfg.dims.vocab_size);
     let embed = Embedding::load(vb.pp("model.embed_tokens"), vocab, h)?;
     // Phi's head has a bias even when its weight is tied to the embeddings.
     let lm_head = if cfg.tie_word_embeddings {
@@ -129,7 +117,7 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
     } else {
         Linear::load(vb.pp("lm_head"), h, vocab, true)?
     };
-    let layers = (0..cfg.num_hidden_layers)
+    let layers = (0..cfg.dims.num_hidden_layers)
         .map(|i| layer(cfg, vb.pp("model.layers").pp(i)))
         .collect::<Result<Vec<_>>>()?;
     let norm = Norm::layer(h, cfg.layer_norm_eps, vb.pp("model.final_layernorm"))?;
@@ -150,11 +138,8 @@ mod tests {
     #[test]
     fn phi_2_maps() {
         let c = config_from_hf(&real_config("phi-phi-2.json")).unwrap();
-        assert_eq!(
-            (c.hidden_size, c.num_hidden_layers, c.head_dim),
-            (2560, 32, 80)
-        );
-        assert_eq!((c.num_attention_heads, c.num_key_value_heads), (32, 32));
+        assert_eq!(c.dims.heads, Heads::new(32, 32, 80));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (2560, 32));
         assert_eq!(c.activation, Activation::GeluPytorchTanh);
         // partial_rotary_factor 0.4 of 80.
         assert_eq!(c.rotary_dim, 32);
@@ -166,7 +151,7 @@ mod tests {
     #[test]
     fn phi_1_5_with_null_kv_heads_maps() {
         let c = config_from_hf(&real_config("phi-phi-1_5.json")).unwrap();
-        assert_eq!(c.num_key_value_heads, 32);
+        assert_eq!(c.dims.heads.num_kv_heads, 32);
         assert_eq!(c.rotary_dim, 32);
     }
 

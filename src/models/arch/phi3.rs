@@ -25,12 +25,12 @@ use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::hf::{HfConfig, RopeScaling};
 use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::Rotary;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 use serde_json::Value;
 
@@ -40,13 +40,8 @@ pub struct Phi3;
 /// The Phi-3 settings llm-pool reads from config.json.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: usize,
-    head_dim: usize,
+    /// Vocabulary, widths, layers and heads.
+    dims: Dims,
     activation: Activation,
     rms_norm_eps: f64,
     rope: RopeConfig,
@@ -72,12 +67,11 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
     const FAMILY: &str = "phi3";
     let activation = c.activation_fn(&["silu", "gelu_pytorch_tanh", "gelu_new", "gelu"], "silu")?;
     c.require_bool("attention_bias", false, FAMILY)?;
-    let hidden_size = c.usize("hidden_size")?;
-    let (num_attention_heads, num_key_value_heads) = c.heads(None, None)?;
-    let head_dim = match c.opt_usize("head_dim")? {
-        Some(hd) => hd,
-        None => c.require_derived_head_dim()?,
-    };
+    let dims = Dims::from_hf(c, |_| {
+        let (heads, kv_heads) = c.heads(None, None)?;
+        Ok(Heads::new(heads, kv_heads, c.stated_head_dim()?))
+    })?;
+    let head_dim = dims.heads.head_dim;
     let max_position_embeddings = c.usize_or("max_position_embeddings", 4096)?;
     let rope = c.rope(None, 10_000.0)?;
     let rotary_dim = c.rotary_dim(&rope, 1.0, head_dim)?;
@@ -135,13 +129,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
         _ => return Err(c.unsupported_rope(&rope, FAMILY, &["default", "longrope", "su"])),
     };
     Ok(Config {
-        vocab_size: c.usize("vocab_size")?,
-        hidden_size,
-        intermediate_size: c.usize("intermediate_size")?,
-        num_hidden_layers: c.usize("num_hidden_layers")?,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
+        dims,
         activation,
         rms_norm_eps: c.f64_or("rms_norm_eps", 1e-5)?,
         rope: RopeConfig {
@@ -157,7 +145,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Phi3 {
-    const REGISTRATION: Registration = Registration::hf("phi3", &["phi3"], &["Phi3ForCausalLM"]);
+    const NAMES: Names = Names::hf("phi3", &["phi3"], &["Phi3ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -183,16 +171,10 @@ fn rotary(cfg: &RopeConfig, vb: &VarBuilder) -> Result<Rotary> {
 
 /// The pre-norm decoder with Phi-3's fused projections.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let (h, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
-    let heads = Heads::new(
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
-    let (q_dim, qkv_dim) = (
-        heads.num_heads * cfg.head_dim,
-        (heads.num_heads + 2 * heads.num_kv_heads) * cfg.head_dim,
-    );
+    let (dims, eps) = (cfg.dims, cfg.rms_norm_eps);
+    let (h, i, heads) = (dims.hidden_size, dims.intermediate_size, dims.heads);
+    let q_dim = heads.num_heads * heads.head_dim;
+    let qkv_dim = q_dim + 2 * heads.num_kv_heads * heads.head_dim;
     let layer = |_: usize, vb: VarBuilder| {
         let qkv_proj = Linear::load(vb.pp("self_attn.qkv_proj"), h, qkv_dim, false)?;
         let o_proj = Linear::load(vb.pp("self_attn.o_proj"), q_dim, h, false)?;
@@ -209,15 +191,9 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
     let rotaries = vec![rotary(&cfg.rope, &vb)?];
     let tied = cfg.tie_word_embeddings;
     let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
-    Decoder::load_hf(
-        &vb,
-        (cfg.vocab_size, h, tied),
-        cfg.num_hidden_layers,
-        layer,
-        norm,
-        rotaries,
-    )
-    .map(|decoder| decoder.loaded(cfg.vocab_size, cfg.max_context))
+    let decoder = Decoder::load_hf(&vb, (&dims, tied), layer, norm, rotaries)?;
+    // A LongRoPE model reports only the context computed exactly (see the module docs).
+    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }
 
 #[cfg(test)]
@@ -230,11 +206,8 @@ mod tests {
     #[test]
     fn phi_3_mini_4k_maps() {
         let c = config_from_hf(&real_config("phi3-Phi-3-mini-4k-instruct.json")).unwrap();
-        assert_eq!(
-            (c.hidden_size, c.head_dim, c.num_hidden_layers),
-            (3072, 96, 32)
-        );
-        assert_eq!((c.num_attention_heads, c.num_key_value_heads), (32, 32));
+        assert_eq!(c.dims.heads, Heads::new(32, 32, 96));
+        assert_eq!((c.dims.hidden_size, c.dims.num_hidden_layers), (3072, 32));
         assert_eq!(c.activation, Activation::Silu);
         assert_eq!(c.sliding_window, Some(2047));
         assert_eq!(c.rope.theta, 10000.0);

@@ -41,13 +41,14 @@
 //! candle's file and llama.cpp do.
 
 use crate::error::Result;
+use crate::models::adapter::Loaded;
 use crate::models::gguf::GgufFile;
 use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::gguf_weights::GgufWeights;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::Device;
 use candle_nn::Activation;
 
@@ -67,12 +68,8 @@ const LAYERS_27B: usize = 62;
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
 pub struct Config {
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    hidden: usize,
-    ffn: usize,
-    layers: usize,
+    /// Vocabulary, widths, layers and heads.
+    dims: Dims,
     eps: f64,
     /// Keys a sliding layer's query sees, itself included.
     window: usize,
@@ -86,15 +83,21 @@ pub struct Config {
     /// The MLP's activation: GELU with the tanh approximation.
     act: Activation,
     max_context: usize,
-    vocab: usize,
 }
 
 /// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let (heads, kv_heads) = file.heads(ARCH)?;
-    let head_dim = file.key_length(ARCH)?;
-    let hidden = file.count("gemma3.embedding_length")?;
-    let layers = file.count("gemma3.block_count")?;
+    let dims = Dims::from_gguf(file, ARCH, |_| file.key_length(ARCH))?;
+    let Dims {
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        heads: Heads {
+            num_heads: heads,
+            head_dim,
+            ..
+        },
+        ..
+    } = dims;
     file.count("gemma3.context_length")?;
     let pattern = match file.opt_u64("gemma3.attention.sliding_window_type")? {
         None => DEFAULT_SLIDING_PATTERN,
@@ -113,12 +116,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
         1.0 / (head_dim as f64).sqrt()
     };
     Ok(Config {
-        heads,
-        kv_heads,
-        head_dim,
-        hidden,
-        ffn: file.count("gemma3.feed_forward_length")?,
-        layers,
+        dims,
         eps: file.positive("gemma3.attention.layer_norm_rms_epsilon", None)?,
         window: file.count("gemma3.attention.sliding_window")?,
         pattern,
@@ -129,7 +127,6 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
         attn_scale,
         act: Activation::GeluPytorchTanh,
         max_context: file.context_length(ARCH, MAX_CONTEXT)?,
-        vocab: file.vocab_size(ARCH)?,
     })
 }
 
@@ -143,25 +140,22 @@ impl Config {
 pub struct QuantizedGemma3;
 
 impl Architecture for QuantizedGemma3 {
-    const REGISTRATION: Registration = Registration::gguf("quantized_gemma3", &[ARCH]);
+    const NAMES: Names = Names::gguf("quantized_gemma3", &[ARCH]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |mut file, device| {
-            let cfg = config_from_gguf(&file)?;
-            Ok(network(&mut file, &cfg, device)?.loaded(cfg.vocab, cfg.max_context))
-        })
+        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
     }
 }
 
 /// The Gemma decoder with llama.cpp's Gemma 3 tensors (whose norms already hold
 /// `1 + weight`): sandwich norms, q/k norms, scaled embeddings, local and global RoPE.
-fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder> {
-    let (h, hd, eps) = (cfg.hidden, cfg.head_dim, cfg.eps);
-    let heads = Heads::new(cfg.heads, cfg.kv_heads, hd);
-    let mut w = GgufWeights::new(file, device);
+fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
+    let (dims, eps) = (cfg.dims, cfg.eps);
+    let (h, hd) = (dims.hidden_size, dims.heads.head_dim);
+    let mut w = GgufWeights::new(&mut file, device);
     // Tied embeddings (every Gemma 3): the one quantized tensor serves both.
-    let (embed, output) = w.embeddings_and_head(cfg.vocab, h)?;
+    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
     let norm = w.rms_norm("output_norm.weight", h, eps)?;
     // Two RoPE variants shared by all layers: 0 local (sliding layers), 1 global.
     let rotaries = vec![
@@ -169,8 +163,8 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
         Rotary::new(inv_freq(hd, cfg.global_rope_base, Rounding::F32), device)?
             .with_position_scale(cfg.global_rope_scale),
     ];
-    let mut layers = Vec::with_capacity(cfg.layers);
-    for i in 0..cfg.layers {
+    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
+    for i in 0..dims.num_hidden_layers {
         let prefix = format!("blk.{i}");
         let mut norm = |name: &str, size| w.rms_norm(&format!("{prefix}.{name}.weight"), size, eps);
         let (q_norm, k_norm) = (norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?);
@@ -180,10 +174,10 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
             ffn_norm: norm("ffn_norm", h)?,
             post_ffn_norm: Some(norm("post_ffw_norm", h)?),
         };
-        let attention = Attention::from_gguf(&mut w, &prefix, h, heads, false)?
+        let attention = Attention::from_gguf(&mut w, &prefix, h, dims.heads, false)?
             .with_qk_norms(q_norm, k_norm)
             .with_scale(cfg.attn_scale);
-        let mlp = Mlp::gated_from_gguf(&mut w, &prefix, (h, cfg.ffn), cfg.act)?;
+        let mlp = Mlp::gated_from_gguf(&mut w, &prefix, (h, dims.intermediate_size), cfg.act)?;
         let sliding = cfg.is_sliding(i);
         layers.push(DecoderLayer {
             attention,
@@ -193,7 +187,10 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
             rotary: if sliding { 0 } else { 1 },
         });
     }
-    Ok(Decoder::new(embed, layers, norm, output, rotaries).with_embed_scale((h as f64).sqrt()))
+    let decoder = Decoder::new(embed, layers, norm, output, rotaries);
+    Ok(decoder
+        .with_embed_scale((h as f64).sqrt())
+        .loaded(dims.vocab_size, cfg.max_context))
 }
 
 /// The tiny GGUF writers of the integration tests, shared so both test the same files.
@@ -233,16 +230,13 @@ mod tests {
         edit: impl FnOnce(&mut Config),
     ) -> Adapter<QuantizedGemma3> {
         let file = open(path, overrides);
-        Adapter::load_gguf(
-            ModelSource::Gguf(file),
-            &LoadOptions::cpu(),
-            |mut file, device| {
-                let mut cfg = config_from_gguf(&file)?;
-                edit(&mut cfg);
-                Ok(network(&mut file, &cfg, device)?.loaded(cfg.vocab, cfg.max_context))
-            },
-        )
-        .unwrap()
+        let config = |file: &mut GgufFile| {
+            let mut cfg = config_from_gguf(file)?;
+            edit(&mut cfg);
+            Ok(cfg)
+        };
+        let source = ModelSource::Gguf(file);
+        Adapter::load_gguf(source, &LoadOptions::cpu(), config, network).unwrap()
     }
 
     fn ids(ids: &[u32]) -> Tensor {
@@ -253,6 +247,15 @@ mod tests {
     }
 
     fn logits(model: &mut Adapter<QuantizedGemma3>, tokens: &[u32], position: usize) -> Vec<f32> {
+        let out = model.forward(&ids(tokens), position).unwrap();
+        out.squeeze(0).unwrap().to_vec1().unwrap()
+    }
+
+    fn candle_logits(
+        model: &mut candle_gemma3::ModelWeights,
+        tokens: &[u32],
+        position: usize,
+    ) -> Vec<f32> {
         let out = model.forward(&ids(tokens), position).unwrap();
         out.squeeze(0).unwrap().to_vec1().unwrap()
     }
@@ -281,24 +284,12 @@ mod tests {
                 .unwrap();
         let prompt = [2u32, 14, 15, 92, 65, 35, 8];
         let a = logits(&mut ours, &prompt, 0);
-        let b: Vec<f32> = theirs
-            .forward(&ids(&prompt), 0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let b = candle_logits(&mut theirs, &prompt, 0);
         let diff = max_diff(&a, &b);
         assert!(diff <= 1e-4, "prefill: max abs diff {diff}");
         for (position, token) in (prompt.len()..).zip([40u32, 41, 3]) {
             let a = logits(&mut ours, &[token], position);
-            let b: Vec<f32> = theirs
-                .forward(&ids(&[token]), position)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let b = candle_logits(&mut theirs, &[token], position);
             let diff = max_diff(&a, &b);
             assert!(diff <= 1e-4, "decode at {position}: max abs diff {diff}");
         }

@@ -6,29 +6,34 @@
 //! every new prompt length, so the reset swaps in a pristine clone, which also drops the masks.
 
 use crate::error::Result;
-use crate::models::adapter::{Loaded, Pristine};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
-use candle_transformers::models::quantized_llama as candle_qllama;
+use crate::models::adapter::{Pristine, StockGguf};
+use crate::models::gguf::GgufFile;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
+use candle_transformers::models::quantized_llama::{ModelWeights as Weights, MAX_SEQ_LEN};
 
 /// Quantized Llama, as registered: candle's model, reset to a pristine clone.
 pub struct QuantizedLlama;
 
 impl Architecture for QuantizedLlama {
-    const REGISTRATION: Registration = Registration::gguf("quantized_llama", &["llama"]);
-    type Network = Pristine<candle_qllama::ModelWeights>;
+    const NAMES: Names = Names::gguf("quantized_llama", &["llama"]);
+    type Network = Pristine<Weights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |mut file, device| {
-            let vocab_size = file.vocab_size("llama")?;
-            let context = file.context_length("llama", candle_qllama::MAX_SEQ_LEN)?;
-            let model =
-                candle_qllama::ModelWeights::from_gguf(file.content, &mut file.reader, device)?;
-            Ok(Loaded::pristine(
-                model,
-                candle_qllama::ModelWeights::forward,
-                vocab_size,
-                context,
-            ))
-        })
+        Adapter::load_stock_gguf(source, options, STOCK)
     }
 }
+
+/// The vocabulary size, and the file's context capped at candle's RoPE table.
+fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
+    Ok((
+        file.vocab_size("llama")?,
+        file.context_length("llama", MAX_SEQ_LEN)?,
+    ))
+}
+
+/// candle's model, after our checks of the metadata.
+const STOCK: StockGguf<Weights> = StockGguf {
+    config: config_from_gguf,
+    from_gguf: Weights::from_gguf,
+    forward: Weights::forward,
+};

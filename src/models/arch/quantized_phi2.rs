@@ -16,10 +16,10 @@
 //!   the error names the problem instead of a shape mismatch deep in a forward pass.
 
 use crate::error::{Error, Result};
-use crate::models::adapter::{Loaded, Pristine};
+use crate::models::adapter::{Pristine, StockGguf};
 use crate::models::gguf::GgufFile;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
-use candle_transformers::models::quantized_phi as candle_phi;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
+use candle_transformers::models::quantized_phi::{ModelWeights as Weights, MAX_SEQ_LEN};
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "phi2";
@@ -29,8 +29,9 @@ const ROPE_BASE: f64 = 10_000.0;
 /// Quantized Phi-2, as registered: candle's model, reset to a pristine clone.
 pub struct QuantizedPhi2;
 
-/// Checks everything candle's loader reads (and what it silently ignores) before it runs.
-fn check_metadata(file: &GgufFile) -> Result<()> {
+/// The vocabulary size and the context (capped at candle's RoPE table), after checking
+/// everything candle's loader reads (and what it silently ignores).
+fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
     let heads = file.count("phi2.attention.head_count")?;
     let kv_heads = file.count("phi2.attention.head_count_kv")?;
     file.count("phi2.block_count")?;
@@ -58,8 +59,18 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
             "this phi2 file has separate attn_q/attn_k/attn_v tensors; candle's quantized phi2 needs the fused blk.N.attn_qkv layout",
         ));
     }
-    Ok(())
+    Ok((
+        file.checked_vocab_size(ARCH, false)?,
+        file.context_length(ARCH, MAX_SEQ_LEN)?,
+    ))
 }
+
+/// candle's model, after our checks of the metadata.
+const STOCK: StockGguf<Weights> = StockGguf {
+    config: config_from_gguf,
+    from_gguf: Weights::from_gguf,
+    forward: Weights::forward,
+};
 
 /// candle's quantized Phi models hard-code their RoPE base; a file that states another one is
 /// refused rather than run with the wrong one.
@@ -75,23 +86,10 @@ pub(super) fn check_rope_base(file: &GgufFile, arch: &str) -> Result<()> {
 }
 
 impl Architecture for QuantizedPhi2 {
-    const REGISTRATION: Registration = Registration::gguf("quantized_phi2", &[ARCH]);
-    type Network = Pristine<candle_phi::ModelWeights>;
+    const NAMES: Names = Names::gguf("quantized_phi2", &[ARCH]);
+    type Network = Pristine<Weights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |mut file, device| {
-            check_metadata(&file)?;
-            let vocab_size = file.vocab_size(ARCH)?;
-            file.check_vocab(vocab_size, false)?;
-            let context = file.context_length(ARCH, candle_phi::MAX_SEQ_LEN)?;
-            let model =
-                candle_phi::ModelWeights::from_gguf(file.content, &mut file.reader, device)?;
-            Ok(Loaded::pristine(
-                model,
-                candle_phi::ModelWeights::forward,
-                vocab_size,
-                context,
-            ))
-        })
+        Adapter::load_stock_gguf(source, options, STOCK)
     }
 }

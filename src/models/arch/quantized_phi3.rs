@@ -20,11 +20,14 @@
 
 use super::quantized_phi2::check_rope_base;
 use crate::error::{Error, Result};
-use crate::models::adapter::{Loaded, Pristine};
+use crate::models::adapter::{Pristine, StockGguf};
 use crate::models::gguf::GgufFile;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
-use candle_core::quantized::gguf_file::Value;
-use candle_transformers::models::quantized_phi3 as candle_phi3;
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::Device;
+use candle_transformers::models::quantized_phi3::ModelWeights as Weights;
+use std::fs::File;
+use std::io::BufReader;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "phi3";
@@ -35,8 +38,9 @@ pub const MAX_CONTEXT: usize = 32_768;
 /// Quantized Phi-3, as registered: candle's model, reset to a pristine clone.
 pub struct QuantizedPhi3;
 
-/// Checks everything candle's loader reads (and what it silently ignores) before it runs.
-fn check_metadata(file: &GgufFile) -> Result<()> {
+/// The vocabulary size and the context, after checking everything candle's loader reads (and
+/// what it silently ignores); the capped context is written back for candle to read.
+fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
     let (heads, _) = file.heads(ARCH)?;
     file.count("phi3.block_count")?;
     file.count("phi3.feed_forward_length")?;
@@ -61,32 +65,36 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
             ));
         }
     }
-    Ok(())
+    let context = file.context_length(ARCH, MAX_CONTEXT)?;
+    // candle sizes both the RoPE table and each layer's KV buffer from this key.
+    let key = "phi3.context_length".to_string();
+    file.content
+        .metadata
+        .insert(key, Value::U32(context as u32));
+    Ok((file.checked_vocab_size(ARCH, false)?, context))
+}
+
+/// candle's model, after our checks of the metadata.
+const STOCK: StockGguf<Weights> = StockGguf {
+    config: config_from_gguf,
+    from_gguf,
+    forward: Weights::forward,
+};
+
+/// candle's loader, without flash attention (a CUDA kernel the default build does not have).
+fn from_gguf(
+    content: Content,
+    reader: &mut BufReader<File>,
+    device: &Device,
+) -> candle_core::Result<Weights> {
+    Weights::from_gguf(false, content, reader, device)
 }
 
 impl Architecture for QuantizedPhi3 {
-    const REGISTRATION: Registration = Registration::gguf("quantized_phi3", &[ARCH]);
-    type Network = Pristine<candle_phi3::ModelWeights>;
+    const NAMES: Names = Names::gguf("quantized_phi3", &[ARCH]);
+    type Network = Pristine<Weights>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |mut file, device| {
-            check_metadata(&file)?;
-            let vocab_size = file.vocab_size(ARCH)?;
-            file.check_vocab(vocab_size, false)?;
-            let context = file.context_length(ARCH, MAX_CONTEXT)?;
-            // candle sizes both the RoPE table and each layer's KV buffer from this key.
-            let key = "phi3.context_length".to_string();
-            file.content
-                .metadata
-                .insert(key, Value::U32(context as u32));
-            let (content, reader) = (file.content, &mut file.reader);
-            let model = candle_phi3::ModelWeights::from_gguf(false, content, reader, device)?;
-            Ok(Loaded::pristine(
-                model,
-                candle_phi3::ModelWeights::forward,
-                vocab_size,
-                context,
-            ))
-        })
+        Adapter::load_stock_gguf(source, options, STOCK)
     }
 }

@@ -18,13 +18,14 @@
 //! quantized tensor.
 
 use crate::error::Result;
+use crate::models::adapter::Loaded;
 use crate::models::gguf::GgufFile;
-use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::attention::Attention;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::gguf_weights::GgufWeights;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::Device;
 use candle_nn::Activation;
 
@@ -37,42 +38,33 @@ pub const MAX_CONTEXT: usize = 131_072;
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
 pub struct Config {
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    hidden: usize,
-    ffn: usize,
-    layers: usize,
+    /// Vocabulary, widths, layers and heads.
+    dims: Dims,
     eps: f64,
     rope_base: f64,
     max_context: usize,
-    vocab: usize,
 }
 
 /// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let (heads, kv_heads) = file.heads(ARCH)?;
-    let head_dim = file.derived_head_dim(ARCH, heads)?;
-    if head_dim % 2 != 0 {
-        return Err(file.config_error(
-            "qwen2.embedding_length",
-            format!("the head size {head_dim} must be even for RoPE"),
-        ));
-    }
+    let dims = Dims::from_gguf(file, ARCH, |heads| {
+        let head_dim = file.derived_head_dim(ARCH, heads)?;
+        if head_dim % 2 != 0 {
+            return Err(file.config_error(
+                "qwen2.embedding_length",
+                format!("the head size {head_dim} must be even for RoPE"),
+            ));
+        }
+        Ok(head_dim)
+    })?;
     file.count("qwen2.context_length")?;
     file.rope_scaling(ARCH, &["none"])?;
     Ok(Config {
-        heads,
-        kv_heads,
-        head_dim,
-        hidden: file.count("qwen2.embedding_length")?,
-        ffn: file.count("qwen2.feed_forward_length")?,
-        layers: file.count("qwen2.block_count")?,
+        dims,
         eps: file.positive("qwen2.attention.layer_norm_rms_epsilon", None)?,
         // llama.cpp's default too when the key is absent.
         rope_base: file.positive("qwen2.rope.freq_base", Some(10_000.0))?,
         max_context: file.context_length(ARCH, MAX_CONTEXT)?,
-        vocab: file.vocab_size(ARCH)?,
     })
 }
 
@@ -80,17 +72,22 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
 pub struct QuantizedQwen2;
 
 /// The pre-norm decoder with llama.cpp's Qwen2 tensors: biases on q, k and v, SwiGLU.
-fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder> {
-    let (h, eps) = (cfg.hidden, cfg.eps);
-    let heads = Heads::new(cfg.heads, cfg.kv_heads, cfg.head_dim);
-    let mut w = GgufWeights::new(file, device);
-    let (embed, output) = w.embeddings_and_head(cfg.vocab, h)?;
+fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
+    let (dims, eps) = (cfg.dims, cfg.eps);
+    let h = dims.hidden_size;
+    let mut w = GgufWeights::new(&mut file, device);
+    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
     let norm = w.rms_norm("output_norm.weight", h, eps)?;
-    let mut layers = Vec::with_capacity(cfg.layers);
-    for i in 0..cfg.layers {
+    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
+    for i in 0..dims.num_hidden_layers {
         let prefix = format!("blk.{i}");
-        let attention = Attention::from_gguf(&mut w, &prefix, h, heads, true)?;
-        let mlp = Mlp::gated_from_gguf(&mut w, &prefix, (h, cfg.ffn), Activation::Silu)?;
+        let attention = Attention::from_gguf(&mut w, &prefix, h, dims.heads, true)?;
+        let mlp = Mlp::gated_from_gguf(
+            &mut w,
+            &prefix,
+            (h, dims.intermediate_size),
+            Activation::Silu,
+        )?;
         let attn_norm = w.rms_norm(&format!("{prefix}.attn_norm.weight"), h, eps)?;
         let ffn_norm = w.rms_norm(&format!("{prefix}.ffn_norm.weight"), h, eps)?;
         layers.push(DecoderLayer::pre_norm(
@@ -100,18 +97,19 @@ fn network(file: &mut GgufFile, cfg: &Config, device: &Device) -> Result<Decoder
             ffn_norm,
         ));
     }
-    let rotary = Rotary::new(inv_freq(cfg.head_dim, cfg.rope_base, Rounding::F32), device)?;
-    Ok(Decoder::new(embed, layers, norm, output, vec![rotary]))
+    let rotary = Rotary::new(
+        inv_freq(dims.heads.head_dim, cfg.rope_base, Rounding::F32),
+        device,
+    )?;
+    let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
+    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }
 
 impl Architecture for QuantizedQwen2 {
-    const REGISTRATION: Registration = Registration::gguf("quantized_qwen2", &[ARCH]);
+    const NAMES: Names = Names::gguf("quantized_qwen2", &[ARCH]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |mut file, device| {
-            let cfg = config_from_gguf(&file)?;
-            Ok(network(&mut file, &cfg, device)?.loaded(cfg.vocab, cfg.max_context))
-        })
+        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
     }
 }

@@ -28,10 +28,10 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::gguf::GgufFile;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Tensor;
-use candle_transformers::models::quantized_qwen3 as candle_qwen3;
+use candle_transformers::models::quantized_qwen3::ModelWeights as Weights;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "qwen3";
@@ -48,14 +48,16 @@ pub struct Network {
 
 /// candle's model, whose weights and caches are one struct, and what its CPU path needs.
 pub struct State {
-    model: candle_qwen3::ModelWeights,
+    model: Weights,
     /// Whether a single-token step ran since the last clear (CPU path): the interleaved cache
     /// then lacks tokens, so multi-token chunks must go one token at a time.
     decoded: bool,
 }
 
-/// Checks everything candle's loader reads (and what it silently ignores) before it runs.
-fn check_metadata(file: &GgufFile) -> Result<()> {
+/// The vocabulary size and the context, after checking everything candle's loader reads (and
+/// what it silently ignores); the capped context and F32 RoPE tables are written back for
+/// candle to read.
+fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
     file.heads(ARCH)?;
     file.key_length(ARCH)?;
     file.count("qwen3.block_count")?;
@@ -63,39 +65,38 @@ fn check_metadata(file: &GgufFile) -> Result<()> {
     file.count("qwen3.context_length")?;
     file.positive("qwen3.attention.layer_norm_rms_epsilon", None)?;
     file.positive("qwen3.rope.freq_base", None)?;
-    file.rope_scaling(ARCH, &["none"])
+    file.rope_scaling(ARCH, &["none"])?;
+    let context = file.context_length(ARCH, MAX_CONTEXT)?;
+    let metadata = &mut file.content.metadata;
+    // candle sizes its RoPE table from this key.
+    metadata.insert("qwen3.context_length".into(), Value::U32(context as u32));
+    // 0 is candle's code for F32 RoPE tables (see the module docs).
+    metadata.insert("general.dtype".into(), Value::U32(0));
+    // The output projection may be tied to the embeddings.
+    Ok((file.checked_vocab_size(ARCH, true)?, context))
 }
 
 impl Architecture for QuantizedQwen3 {
-    const REGISTRATION: Registration = Registration::gguf("quantized_qwen3", &[ARCH]);
+    const NAMES: Names = Names::gguf("quantized_qwen3", &[ARCH]);
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |mut file, device| {
-            check_metadata(&file)?;
-            let vocab_size = file.vocab_size(ARCH)?;
-            // The output projection may be tied to the embeddings.
-            file.check_vocab(vocab_size, true)?;
-            let max_context = file.context_length(ARCH, MAX_CONTEXT)?;
-            let metadata = &mut file.content.metadata;
-            // candle sizes its RoPE table from this key.
-            metadata.insert(
-                "qwen3.context_length".to_string(),
-                Value::U32(max_context as u32),
-            );
-            // 0 is candle's code for F32 RoPE tables (see the module docs).
-            metadata.insert("general.dtype".to_string(), Value::U32(0));
-            let model =
-                candle_qwen3::ModelWeights::from_gguf(file.content, &mut file.reader, device)?;
-            let state = State {
-                model,
-                decoded: false,
-            };
-            let network = Network {
-                on_cpu: device.is_cpu(),
-            };
-            Ok(Loaded::new(network, state, vocab_size, max_context))
-        })
+        Adapter::load_gguf(
+            source,
+            options,
+            config_from_gguf,
+            |mut file, &(vocab, context), device| {
+                let model = Weights::from_gguf(file.content, &mut file.reader, device)?;
+                let state = State {
+                    model,
+                    decoded: false,
+                };
+                let network = Network {
+                    on_cpu: device.is_cpu(),
+                };
+                Ok(Loaded::new(network, state, vocab, context))
+            },
+        )
     }
 }
 

@@ -23,12 +23,12 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::hf::HfConfig;
-use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::attention::Attention;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// Qwen2, as registered.
@@ -37,18 +37,8 @@ pub struct Qwen2;
 /// The settings of a Qwen2 checkpoint, read from config.json.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// Hidden size.
-    pub hidden_size: usize,
-    /// MLP inner size.
-    pub intermediate_size: usize,
-    /// Query heads.
-    pub num_attention_heads: usize,
-    /// Key/value heads.
-    pub num_key_value_heads: usize,
-    /// Size of one head.
-    pub head_dim: usize,
+    /// Vocabulary, widths, layers and heads.
+    pub dims: Dims,
     /// The longest sequence.
     pub max_position_embeddings: usize,
     /// RMSNorm epsilon.
@@ -63,22 +53,15 @@ pub struct Config {
 
 /// Maps config.json to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
-    let hidden_size = c.usize("hidden_size")?;
-    let num_hidden_layers = c.usize("num_hidden_layers")?;
-    let (num_attention_heads, num_key_value_heads) = c.heads(None, None)?;
+    let dims = Dims::from_hf_derived(c, (None, None))?;
     c.activation(&["silu"], "silu")?;
     Ok(Config {
-        vocab_size: c.usize("vocab_size")?,
-        hidden_size,
-        intermediate_size: c.usize("intermediate_size")?,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim: c.head_dim(hidden_size, num_attention_heads)?,
+        dims,
         max_position_embeddings: c.usize_or("max_position_embeddings", 32768)?,
         rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
         rope_theta: c.plain_rope(None, 10_000.0, "qwen2")?,
         tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
-        layer_windows: layer_windows(c, num_hidden_layers)?,
+        layer_windows: layer_windows(c, dims.num_hidden_layers)?,
     })
 }
 
@@ -114,7 +97,7 @@ fn layer_windows(c: &HfConfig, num_layers: usize) -> Result<Vec<Option<usize>>> 
 }
 
 impl Architecture for Qwen2 {
-    const REGISTRATION: Registration = Registration::hf("qwen2", &["qwen2"], &["Qwen2ForCausalLM"]);
+    const NAMES: Names = Names::hf("qwen2", &["qwen2"], &["Qwen2ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -124,41 +107,29 @@ impl Architecture for Qwen2 {
 
 /// The pre-norm decoder with Qwen2's weights.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-    let heads = Heads::new(
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let (dims, eps) = (cfg.dims, cfg.rms_norm_eps);
+    let h = dims.hidden_size;
     let layer = |i: usize, vb: VarBuilder| {
         // Qwen2 has biases on q, k and v, none on o.
-        let attention = Attention::load(&vb.pp("self_attn"), h, heads, (true, false), "o_proj")?;
-        let mlp = Mlp::load_gated(&vb.pp("mlp"), h, cfg.intermediate_size, Activation::Silu)?;
+        let attention =
+            Attention::load(&vb.pp("self_attn"), h, dims.heads, (true, false), "o_proj")?;
+        let mlp = Mlp::load_gated(&vb.pp("mlp"), h, dims.intermediate_size, Activation::Silu)?;
         let layer = DecoderLayer::load_pre_norm(&vb, attention, FeedForward::Mlp(mlp), |vb| {
             Norm::rms(h, eps, vb)
         })?;
         Ok(layer.with_window(cfg.layer_windows[i]))
     };
-    let rotary = Rotary::new(
-        inv_freq(cfg.head_dim, cfg.rope_theta, Rounding::F32Inverse),
-        vb.device(),
-    )?;
+    let inv_freq = inv_freq(dims.heads.head_dim, cfg.rope_theta, Rounding::F32Inverse);
+    let rotaries = vec![Rotary::new(inv_freq, vb.device())?];
     let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
-    let (vocab, tied) = (cfg.vocab_size, cfg.tie_word_embeddings);
-    let decoder = Decoder::load_hf(
-        &vb,
-        (vocab, h, tied),
-        cfg.layer_windows.len(),
-        layer,
-        norm,
-        vec![rotary],
-    )?;
-    Ok(decoder.loaded(vocab, cfg.max_position_embeddings))
+    let decoder = Decoder::load_hf(&vb, (&dims, cfg.tie_word_embeddings), layer, norm, rotaries)?;
+    Ok(decoder.loaded(dims.vocab_size, cfg.max_position_embeddings))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::both_layouts;
     use crate::models::hf::fixture_config as hf;
     use serde_json::Value;
     use std::path::Path;
@@ -166,31 +137,27 @@ mod tests {
     #[test]
     fn real_configs_map() {
         let cfg = config_from_hf(&hf("real_configs/qwen2-Qwen2.5-0.5B.json")).unwrap();
-        assert_eq!(cfg.hidden_size, 896);
-        assert_eq!(cfg.num_attention_heads, 14);
-        assert_eq!(cfg.num_key_value_heads, 2);
-        assert_eq!(cfg.head_dim, 64);
+        assert_eq!(cfg.dims.hidden_size, 896);
+        assert_eq!(cfg.dims.heads.num_heads, 14);
+        assert_eq!(cfg.dims.heads.num_kv_heads, 2);
+        assert_eq!(cfg.dims.heads.head_dim, 64);
         assert_eq!(cfg.rope_theta, 1_000_000.0);
         assert!(cfg.tie_word_embeddings);
         // sliding_window is set but use_sliding_window is false: every layer is full.
         assert_eq!(cfg.layer_windows, vec![None; 24]);
 
         let cfg = config_from_hf(&hf("real_configs/qwen2-Qwen2.5-7B-Instruct.json")).unwrap();
-        assert_eq!(cfg.hidden_size, 3584);
-        assert_eq!(cfg.num_attention_heads, 28);
-        assert_eq!(cfg.num_key_value_heads, 4);
-        assert_eq!(cfg.head_dim, 128);
+        assert_eq!(cfg.dims.hidden_size, 3584);
+        assert_eq!(cfg.dims.heads.num_heads, 28);
+        assert_eq!(cfg.dims.heads.num_kv_heads, 4);
+        assert_eq!(cfg.dims.heads.head_dim, 128);
         assert!(!cfg.tie_word_embeddings);
         assert_eq!(cfg.layer_windows, vec![None; 28]);
     }
 
     #[test]
     fn both_fixture_layouts_map_alike() {
-        let new = config_from_hf(&hf("hf/qwen2/config.json")).unwrap();
-        assert_eq!(
-            new,
-            config_from_hf(&hf("hf/qwen2/config.legacy.json")).unwrap()
-        );
+        let new = both_layouts("qwen2", config_from_hf);
         assert_eq!(new.layer_windows, vec![None, Some(6)]);
     }
 

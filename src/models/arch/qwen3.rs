@@ -22,7 +22,7 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::{Loaded, Pristine};
 use crate::models::hf::{HfConfig, RopeScaling};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::Activation;
 use candle_transformers::models::qwen3 as candle_qwen3;
 use serde_json::Value;
@@ -133,7 +133,7 @@ fn first_sliding_layer(
 }
 
 impl Architecture for Qwen3 {
-    const REGISTRATION: Registration = Registration::hf("qwen3", &["qwen3"], &["Qwen3ForCausalLM"]);
+    const NAMES: Names = Names::hf("qwen3", &["qwen3"], &["Qwen3ForCausalLM"]);
     type Network = Pristine<candle_qwen3::ModelForCausalLM>;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -153,8 +153,9 @@ impl Architecture for Qwen3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::both_layouts;
     use crate::models::hf::fixture_config as hf;
-    use std::path::Path;
+    use crate::models::hf::mapping_error;
 
     #[test]
     fn real_configs_map() {
@@ -176,11 +177,7 @@ mod tests {
 
     #[test]
     fn both_fixture_layouts_map_alike() {
-        let new = config_from_hf(&hf("hf/qwen3/config.json")).unwrap();
-        assert_eq!(
-            new,
-            config_from_hf(&hf("hf/qwen3/config.legacy.json")).unwrap()
-        );
+        let new = both_layouts("qwen3", config_from_hf);
         assert_eq!(new.head_dim, 32);
     }
 
@@ -190,9 +187,7 @@ mod tests {
         value["use_sliding_window"] = serde_json::json!(true);
         value["sliding_window"] = serde_json::json!(4096);
         value["max_window_layers"] = serde_json::json!(20);
-        let err = config_from_hf(&HfConfig::from_value(Path::new("config.json"), value))
-            .unwrap_err()
-            .to_string();
+        let err = mapping_error(config_from_hf, value);
         assert!(err.contains("layer 20") && err.contains("sliding"), "{err}");
     }
 }

@@ -19,13 +19,13 @@
 use crate::error::Result;
 use crate::models::adapter::Loaded;
 use crate::models::hf::HfConfig;
-use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward};
+use crate::models::layers::attention::Attention;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::linear::Linear;
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::norm::Norm;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::{Activation, VarBuilder};
 
 /// StarCoder2, as registered.
@@ -34,20 +34,8 @@ pub struct Starcoder2;
 /// The settings of a StarCoder2 checkpoint, read from config.json.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// Hidden size.
-    pub hidden_size: usize,
-    /// MLP inner size.
-    pub intermediate_size: usize,
-    /// Decoder layers.
-    pub num_hidden_layers: usize,
-    /// Query heads.
-    pub num_attention_heads: usize,
-    /// Key/value heads.
-    pub num_key_value_heads: usize,
-    /// Size of one head.
-    pub head_dim: usize,
+    /// Vocabulary, widths, layers and heads.
+    pub dims: Dims,
     /// The MLP activation.
     pub hidden_act: Activation,
     /// The longest sequence.
@@ -66,16 +54,8 @@ pub struct Config {
 
 /// Maps config.json to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
-    let hidden_size = c.usize("hidden_size")?;
-    let (num_attention_heads, num_key_value_heads) = c.heads(None, Some(2))?;
     Ok(Config {
-        vocab_size: c.usize("vocab_size")?,
-        hidden_size,
-        intermediate_size: c.usize("intermediate_size")?,
-        num_hidden_layers: c.usize("num_hidden_layers")?,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim: c.head_dim(hidden_size, num_attention_heads)?,
+        dims: Dims::from_hf_derived(c, (None, Some(2)))?,
         hidden_act: c.activation_fn(
             &["gelu_pytorch_tanh", "gelu_new", "gelu"],
             "gelu_pytorch_tanh",
@@ -91,8 +71,7 @@ pub fn config_from_hf(c: &HfConfig) -> Result<Config> {
 }
 
 impl Architecture for Starcoder2 {
-    const REGISTRATION: Registration =
-        Registration::hf("starcoder2", &["starcoder2"], &["Starcoder2ForCausalLM"]);
+    const NAMES: Names = Names::hf("starcoder2", &["starcoder2"], &["Starcoder2ForCausalLM"]);
     type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
@@ -102,52 +81,59 @@ impl Architecture for Starcoder2 {
 
 /// The pre-norm decoder with StarCoder2's weights.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.use_bias);
-    let heads = Heads::new(
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
+    let Dims {
+        hidden_size: h,
+        intermediate_size: i,
+        ..
+    } = cfg.dims;
     // StarCoder2 uses LayerNorm with a bias (not RMSNorm), whatever `use_bias` says.
-    let eps = cfg.norm_epsilon;
+    let (eps, bias) = (cfg.norm_epsilon, cfg.use_bias);
     let layer = |_: usize, vb: VarBuilder| {
-        let attention = Attention::load(&vb.pp("self_attn"), h, heads, (bias, bias), "o_proj")?;
+        let attention = Attention::load(
+            &vb.pp("self_attn"),
+            h,
+            cfg.dims.heads,
+            (bias, bias),
+            "o_proj",
+        )?;
         let mlp = FeedForward::Mlp(Mlp::Plain {
             fc1: Linear::load(vb.pp("mlp.c_fc"), h, i, bias)?,
             fc2: Linear::load(vb.pp("mlp.c_proj"), i, h, bias)?,
             act: cfg.hidden_act,
         });
-        Ok(
-            DecoderLayer::load_pre_norm(&vb, attention, mlp, |vb| Norm::layer(h, eps, vb))?
-                .with_window(cfg.sliding_window),
-        )
+        let layer = DecoderLayer::load_pre_norm(&vb, attention, mlp, |vb| Norm::layer(h, eps, vb))?;
+        Ok(layer.with_window(cfg.sliding_window))
     };
-    let inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta, Rounding::F32Inverse);
-    let embeddings = (cfg.vocab_size, h, cfg.tie_word_embeddings);
-    let rotaries = vec![Rotary::new(inv_freq, vb.device())?];
+    let inv_freq = inv_freq(
+        cfg.dims.heads.head_dim,
+        cfg.rope_theta,
+        Rounding::F32Inverse,
+    );
+    let norm = Norm::layer(h, eps, vb.pp("model.norm"))?;
+    let head = (&cfg.dims, cfg.tie_word_embeddings);
     let decoder = Decoder::load_hf(
         &vb,
-        embeddings,
-        cfg.num_hidden_layers,
+        head,
         layer,
-        Norm::layer(h, eps, vb.pp("model.norm"))?,
-        rotaries,
+        norm,
+        vec![Rotary::new(inv_freq, vb.device())?],
     )?;
-    Ok(decoder.loaded(cfg.vocab_size, cfg.max_position_embeddings))
+    Ok(decoder.loaded(cfg.dims.vocab_size, cfg.max_position_embeddings))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hf::both_layouts;
     use crate::models::hf::fixture_config as hf;
 
     #[test]
     fn real_configs_map() {
         let cfg = config_from_hf(&hf("real_configs/starcoder2-starcoder2-3b.json")).unwrap();
-        assert_eq!(cfg.hidden_size, 3072);
-        assert_eq!(cfg.num_attention_heads, 24);
-        assert_eq!(cfg.num_key_value_heads, 2);
-        assert_eq!(cfg.head_dim, 128);
+        assert_eq!(cfg.dims.hidden_size, 3072);
+        assert_eq!(cfg.dims.heads.num_heads, 24);
+        assert_eq!(cfg.dims.heads.num_kv_heads, 2);
+        assert_eq!(cfg.dims.heads.head_dim, 128);
         // serde_json's default float parsing may be one ulp off the literal.
         assert!((cfg.rope_theta - 999_999.442_035_881_3).abs() < 1e-6);
         assert_eq!(cfg.sliding_window, Some(4096));
@@ -158,20 +144,16 @@ mod tests {
         assert!(cfg.tie_word_embeddings);
 
         let cfg = config_from_hf(&hf("real_configs/starcoder2-starcoder2-15b.json")).unwrap();
-        assert_eq!(cfg.hidden_size, 6144);
-        assert_eq!(cfg.num_attention_heads, 48);
-        assert_eq!(cfg.num_key_value_heads, 4);
+        assert_eq!(cfg.dims.hidden_size, 6144);
+        assert_eq!(cfg.dims.heads.num_heads, 48);
+        assert_eq!(cfg.dims.heads.num_kv_heads, 4);
         assert_eq!(cfg.rope_theta, 100_000.0);
         assert_eq!(cfg.sliding_window, Some(4096));
     }
 
     #[test]
     fn both_fixture_layouts_map_alike() {
-        let new = config_from_hf(&hf("hf/starcoder2/config.json")).unwrap();
-        assert_eq!(
-            new,
-            config_from_hf(&hf("hf/starcoder2/config.legacy.json")).unwrap()
-        );
+        let new = both_layouts("starcoder2", config_from_hf);
         assert_eq!(new.sliding_window, Some(6));
     }
 }

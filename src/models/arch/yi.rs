@@ -8,13 +8,13 @@
 use super::llama::{config_from_hf, Network};
 use crate::error::Result;
 use crate::models::hf::HfConfig;
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Registration};
+use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 
 /// Yi, as registered: Llama's network under its own name.
 pub struct Yi;
 
 impl Architecture for Yi {
-    const REGISTRATION: Registration = Registration::hf("yi", &["Yi", "yi"], &["YiForCausalLM"]);
+    const NAMES: Names = Names::hf("yi", &["Yi", "yi"], &["YiForCausalLM"]);
     type Network = Network;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {

@@ -18,7 +18,7 @@
 //! Its cache is a [`KvCache`]: all the state there is. The weights are read-only, so a reset
 //! is an emptied cache.
 
-use super::attention::{Attention, Masks, Positions, SelfAttention};
+use super::attention::{Attention, Heads, Masks, Positions, SelfAttention};
 use super::kv_cache::{KvCache, LayerCache};
 use super::linear::{Embedding, Linear};
 use super::mlp::Mlp;
@@ -27,9 +27,69 @@ use super::norm::Norm;
 use super::rotary::Rotary;
 use crate::error::Result;
 use crate::models::adapter::Loaded;
+use crate::models::gguf::GgufFile;
+use crate::models::hf::HfConfig;
 use crate::models::Network;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+
+/// The sizes every decoder's config states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// Rows of the embedding table and of the logits.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP (of each expert, in a mixture of experts).
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// The attention heads and their size.
+    pub heads: Heads,
+}
+
+impl Dims {
+    /// Reads `vocab_size`, `hidden_size`, `intermediate_size` and `num_hidden_layers` from
+    /// config.json; `heads` works out the heads from the hidden size, by the family's rule.
+    pub fn from_hf(c: &HfConfig, heads: impl FnOnce(usize) -> Result<Heads>) -> Result<Self> {
+        let hidden_size = c.usize("hidden_size")?;
+        Ok(Dims {
+            vocab_size: c.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: c.usize("intermediate_size")?,
+            num_hidden_layers: c.usize("num_hidden_layers")?,
+            heads: heads(hidden_size)?,
+        })
+    }
+
+    /// [`Dims::from_hf`] with transformers' usual head rule: `num_attention_heads` and
+    /// `num_key_value_heads` (with the family's defaults when absent), and `head_dim` or
+    /// `hidden_size / num_attention_heads`.
+    pub fn from_hf_derived(c: &HfConfig, defaults: (Option<usize>, Option<usize>)) -> Result<Self> {
+        Self::from_hf(c, |hidden| {
+            let (heads, kv_heads) = c.heads(defaults.0, defaults.1)?;
+            Ok(Heads::new(heads, kv_heads, c.head_dim(hidden, heads)?))
+        })
+    }
+
+    /// Reads `{arch}.embedding_length`, `feed_forward_length`, `block_count` and the attention
+    /// heads from GGUF metadata, with the vocabulary of the file; `head_dim` works out the head
+    /// size from the query heads, by the file's rule.
+    pub fn from_gguf(
+        file: &GgufFile,
+        arch: &str,
+        head_dim: impl FnOnce(usize) -> Result<usize>,
+    ) -> Result<Self> {
+        let (heads, kv_heads) = file.heads(arch)?;
+        Ok(Dims {
+            vocab_size: file.vocab_size(arch)?,
+            hidden_size: file.count(&format!("{arch}.embedding_length"))?,
+            intermediate_size: file.count(&format!("{arch}.feed_forward_length"))?,
+            num_hidden_layers: file.count(&format!("{arch}.block_count"))?,
+            heads: Heads::new(heads, kv_heads, head_dim(heads)?),
+        })
+    }
+}
 
 /// The feed-forward part of a block.
 #[derive(Debug, Clone)]
@@ -187,17 +247,18 @@ impl<A: SelfAttention> Decoder<A> {
         }
     }
 
-    /// A Hugging Face checkpoint's decoder: `model.embed_tokens` `(vocab, hidden)`, the
-    /// `num_layers` layers `layer` builds from `model.layers.{i}`, the final `norm` (whose name
-    /// and kind vary), and `lm_head`, or the embedding matrix when `tied`.
+    /// A Hugging Face checkpoint's decoder: `model.embed_tokens`, the layers `layer` builds
+    /// from `model.layers.{i}`, the final `norm` (whose name and kind vary), and `lm_head`, or
+    /// the embedding matrix when `tied`.
     pub fn load_hf(
         vb: &VarBuilder,
-        (vocab, hidden, tied): (usize, usize, bool),
-        num_layers: usize,
+        (dims, tied): (&Dims, bool),
         mut layer: impl FnMut(usize, VarBuilder) -> Result<DecoderLayer<A>>,
         norm: Norm,
         rotaries: Vec<Rotary>,
     ) -> Result<Self> {
+        let (vocab, hidden, num_layers) =
+            (dims.vocab_size, dims.hidden_size, dims.num_hidden_layers);
         let embed = Embedding::load(vb.pp("model.embed_tokens"), vocab, hidden)?;
         let lm_head = match tied {
             true => embed.tied_head(None)?,
