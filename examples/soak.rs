@@ -59,10 +59,7 @@ struct Args {
     /// Seconds between admin unload/load cycles and between fault injections.
     #[arg(long, default_value_t = 8)]
     cycle_secs: u64,
-    /// Seconds of traffic before the RSS baseline is taken (at most half the duration).
-    #[arg(long, default_value_t = 60)]
-    warmup_secs: u64,
-    /// Allowed RSS growth from after warm-up to after the run, in MiB.
+    /// Allowed RSS growth past the first half's peak, at the end and in the second half, in MiB.
     #[arg(long, default_value_t = 48)]
     rss_bound_mib: u64,
     /// Seconds a single request may take before it counts as hung (generous: a loaded 2-core
@@ -708,9 +705,7 @@ async fn main() -> Result<()> {
             }
         }));
     }
-    // RSS every 10 s, to tell a leak (a climb) from a plateau. The baseline is taken once the
-    // mix has run for a while (`--warmup-secs`): the first minutes grow the working set
-    // (allocator arenas of the HTTP and compute threads, candle's per-thread buffers) once.
+    // RSS every 10 s, to tell a leak (a climb) from a plateau.
     let rss_series = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
     {
         let series = rss_series.clone();
@@ -723,17 +718,23 @@ async fn main() -> Result<()> {
             }
         }));
     }
-    let warmup = Duration::from_secs(args.warmup_secs.min(args.duration / 2));
-    tokio::time::sleep(warmup).await;
-    let rss_warm = rss_bytes(pid);
-    eprintln!(
-        "soak: after {} s of traffic, RSS {} MiB",
-        warmup.as_secs(),
-        rss_warm >> 20
-    );
     for t in tasks {
         let _ = t.await;
     }
+    // The baseline: the peak of the first half of the run. RSS swings by tens of MiB as models
+    // unload and load; a leak shows as the end (or the second half) climbing past that peak.
+    let half = args.duration / 2;
+    let series: Vec<(u64, u64)> = rss_series.lock().map(|s| s.clone()).unwrap_or_default();
+    let peak = |keep: &dyn Fn(u64) -> bool| {
+        series
+            .iter()
+            .filter(|(t, _)| keep(*t))
+            .map(|(_, mib)| *mib << 20)
+            .max()
+            .unwrap_or(0)
+    };
+    let rss_warm = peak(&|t| t <= half);
+    let rss_second_half = peak(&|t| t > half);
     let traffic_secs = started.elapsed().as_secs_f64();
 
     // Any injected panic not yet fired fires now, on a request of its own.
@@ -851,6 +852,14 @@ async fn main() -> Result<()> {
             ));
         }
     }
+    if rss_second_half > rss_warm + (args.rss_bound_mib << 20) {
+        failures.push(format!(
+            "RSS peaked at {} MiB in the second half, {} MiB in the first (bound {} MiB)",
+            rss_second_half >> 20,
+            rss_warm >> 20,
+            args.rss_bound_mib
+        ));
+    }
     let growth = rss_end.saturating_sub(rss_warm);
     if growth > args.rss_bound_mib << 20 {
         failures.push(format!(
@@ -881,7 +890,7 @@ async fn main() -> Result<()> {
         "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
         "outcomes": table,
         "faults": {"panics": injected.panics, "failed_loads": injected.failed_loads},
-        "rss_mib": {"after_warmup": rss_warm >> 20, "warmup_s": warmup.as_secs(), "after_run": rss_end >> 20, "bound": args.rss_bound_mib},
+        "rss_mib": {"first_half_peak": rss_warm >> 20, "second_half_peak": rss_second_half >> 20, "after_run": rss_end >> 20, "bound": args.rss_bound_mib},
         "rss_mib_every_10s": rss_series.lock().map(|s| s.iter().map(|(_, m)| *m).collect::<Vec<_>>()).unwrap_or_default(),
         "open_fds": {"idle": fds_idle, "after_run": fds_end},
         "threads": {"idle": threads_idle, "after_run": threads_end},

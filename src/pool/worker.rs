@@ -118,14 +118,10 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         dec(&handle.in_flight);
         handle.touch();
         match outcome {
-            Ok(Ok(finish)) => {
+            Ok(Ok(_)) => {
+                // `serve` counted the outcome before its final event, so that a client that
+                // has its answer finds it counted.
                 handle.consecutive_failures.store(0, Ordering::SeqCst);
-                let outcome = if finish == FinishReason::Cancelled {
-                    "cancelled"
-                } else {
-                    "ok"
-                };
-                crate::metrics::request(handle.name(), outcome);
             }
             Ok(Err(e)) if session.is_poisoned() => {
                 let cause = e.to_string();
@@ -214,6 +210,12 @@ fn serve(
         output.decode,
     );
     let finish = output.finish_reason;
+    let outcome = if finish == FinishReason::Cancelled {
+        "cancelled"
+    } else {
+        "ok"
+    };
+    crate::metrics::request(handle.name(), outcome);
     let _ = job.events.send(Ok(GenerationEvent::Done(GenerationResult {
         completion_tokens: output.completion_tokens(),
         text: output.text,

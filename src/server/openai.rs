@@ -253,11 +253,20 @@ struct Parsed {
 /// Parses and checks the body of `POST /v1/chat/completions`.
 fn parse_chat(value: &Value) -> Result<Parsed, ApiError> {
     let body: ChatRequest = parse(value)?;
-    let sampling: Sampling = parse(value)?;
     let messages = chat_messages(body.messages)?;
-    let request = apply_sampling(GenerateRequest::chat(messages), &sampling)?;
+    with_sampling(body.model, GenerateRequest::chat(messages), value)
+}
+
+/// Reads the sampling fields both routes share into the request.
+fn with_sampling(
+    model: Option<String>,
+    request: GenerateRequest,
+    value: &Value,
+) -> Result<Parsed, ApiError> {
+    let sampling: Sampling = parse(value)?;
+    let request = apply_sampling(request, &sampling)?;
     Ok(Parsed {
-        model: body.model,
+        model,
         request,
         sampling,
     })
@@ -266,7 +275,6 @@ fn parse_chat(value: &Value) -> Result<Parsed, ApiError> {
 /// Parses and checks the body of `POST /v1/completions`.
 fn parse_completion(value: &Value) -> Result<Parsed, ApiError> {
     let body: CompletionRequest = parse(value)?;
-    let sampling: Sampling = parse(value)?;
     let prompt = match body.prompt {
         None => return Err(ApiError::invalid("prompt", "prompt is required")),
         Some(CompletionPrompt::Text(t)) => Prompt::Text(t),
@@ -284,12 +292,7 @@ fn parse_completion(value: &Value) -> Result<Parsed, ApiError> {
     };
     let mut request = GenerateRequest::text(String::new());
     request.prompt = prompt;
-    let request = apply_sampling(request, &sampling)?;
-    Ok(Parsed {
-        model: body.model,
-        request,
-        sampling,
-    })
+    with_sampling(body.model, request, value)
 }
 
 /// `POST /v1/chat/completions`.
@@ -298,18 +301,7 @@ pub async fn chat_completions(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let tenant = state.tenants.authenticate(&req)?;
-    let value = read_value(payload, state.max_body_bytes).await?;
-    let parsed = parse_chat(&value)?;
-    let admitted = admit(&state, &tenant, parsed.model)?;
-    respond(
-        state,
-        admitted,
-        parsed.request,
-        &parsed.sampling,
-        Kind::Chat,
-    )
-    .await
+    complete(req, payload, state, Kind::Chat).await
 }
 
 /// `POST /v1/completions`.
@@ -318,18 +310,24 @@ pub async fn completions(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    complete(req, payload, state, Kind::Completion).await
+}
+
+/// Both routes: authenticate, parse, admit, then generate and respond.
+async fn complete(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    kind: Kind,
+) -> Result<HttpResponse, ApiError> {
     let tenant = state.tenants.authenticate(&req)?;
     let value = read_value(payload, state.max_body_bytes).await?;
-    let parsed = parse_completion(&value)?;
+    let parsed = match kind {
+        Kind::Chat => parse_chat(&value)?,
+        Kind::Completion => parse_completion(&value)?,
+    };
     let admitted = admit(&state, &tenant, parsed.model)?;
-    respond(
-        state,
-        admitted,
-        parsed.request,
-        &parsed.sampling,
-        Kind::Completion,
-    )
-    .await
+    respond(state, admitted, parsed.request, &parsed.sampling, kind).await
 }
 
 #[derive(Clone, Copy, PartialEq)]
