@@ -358,12 +358,15 @@ proptest! {
         let messages: Vec<ChatMessage> =
             messages.into_iter().map(|(r, c)| ChatMessage::new(r, c)).collect();
         match template.render(&messages, add_generation_prompt) {
-            // The contents are data: they come out verbatim, never evaluated.
+            // The contents are data, never evaluated: `{{ 7*7 }}` never becomes 49. (Whether a
+            // message appears at all is the template's choice: Gemma's drops a system message
+            // that has no user turn to fold into.)
             Ok(text) => {
-                for m in &messages {
-                    if m.content.contains("{{ 7*7 }}") {
-                        prop_assert!(text.contains("{{ 7*7 }}"));
-                    }
+                let planted = messages
+                    .iter()
+                    .any(|m| m.content.contains("49") || m.role.contains("49"));
+                if !planted {
+                    prop_assert!(!text.contains("49"), "a message was evaluated: {text}");
                 }
             }
             Err(Error::InvalidParameter { param, .. }) => prop_assert_eq!(param, "messages"),

@@ -102,10 +102,19 @@ impl GgufFile {
         self.config_error(key, message)
     }
 
-    /// A required, non-zero count (heads, layers, lengths).
+    /// A required, non-zero count (heads, layers, lengths), at most
+    /// [`MAX_CONFIG_INTEGER`](crate::models::hf::MAX_CONFIG_INTEGER): counts size allocations
+    /// (layer lists, caches), so a corrupt one must be an error, not an aborting allocation.
     pub fn count(&self, key: &str) -> Result<usize> {
         match self.u64(key)? {
             0 => Err(self.config_error(key, "must be at least 1")),
+            n if n > crate::models::hf::MAX_CONFIG_INTEGER => Err(self.config_error(
+                key,
+                format!(
+                    "is {n}, more than the largest supported value {}",
+                    crate::models::hf::MAX_CONFIG_INTEGER
+                ),
+            )),
             n => Ok(n as usize),
         }
     }

@@ -23,8 +23,29 @@ impl Architecture for QuantizedLlama {
     }
 }
 
-/// The vocabulary size, and the file's context capped at candle's RoPE table.
+/// The vocabulary size, and the file's context capped at candle's RoPE table. candle sizes
+/// its RoPE table by `rope.dimension_count` without checking it, so a corrupt value would be an
+/// allocation of that size: it must be the head size, as llama.cpp requires for llama.
 fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
+    let (heads, _) = file.heads("llama")?;
+    let head_dim = file.derived_head_dim("llama", heads)?;
+    let key = "llama.rope.dimension_count";
+    let rope_dim = file.count(key)?;
+    if rope_dim != head_dim {
+        return Err(file.config_error(
+            key,
+            format!(
+                "is {rope_dim}, but the head size (embedding_length / head_count) is {head_dim}"
+            ),
+        ));
+    }
+    // candle reserves one layer per `block_count` before it reads any: the last one must exist.
+    let key = "llama.block_count";
+    let blocks = file.count(key)?;
+    let last = format!("blk.{}.attn_q.weight", blocks - 1);
+    if !file.content.tensor_infos.contains_key(&last) {
+        return Err(file.config_error(key, format!("is {blocks}, but tensor {last} is missing")));
+    }
     Ok((
         file.vocab_size("llama")?,
         file.context_length("llama", MAX_SEQ_LEN)?,
