@@ -60,7 +60,7 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     cycle_secs: u64,
     /// Allowed RSS growth past the first half's peak, at the end and in the second half, in MiB.
-    #[arg(long, default_value_t = 48)]
+    #[arg(long, default_value_t = 128)]
     rss_bound_mib: u64,
     /// Seconds a single request may take before it counts as hung (generous: a loaded 2-core
     /// machine serves a full queue slowly, and a hang is forever).
