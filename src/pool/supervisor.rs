@@ -201,6 +201,25 @@ impl Supervisor {
         true
     }
 
+    /// Starts the model; when it cannot start, the requests queued for it get the reason
+    /// instead of waiting for a load that never comes.
+    fn start_or_answer_queue(
+        &mut self,
+        handle: &Arc<ModelHandle>,
+        ctx: &mut Context<Self>,
+    ) -> Result<()> {
+        let started = self.start_model(handle, ctx);
+        if let Err(e) = &started {
+            let reason = e.to_string();
+            let name = handle.name().to_string();
+            handle.drain_queue(|| Error::Unavailable {
+                model: name.clone(),
+                reason: format!("it cannot be loaded: {reason}"),
+            });
+        }
+        started
+    }
+
     fn stop_model(&self, handle: &ModelHandle, state: ModelState, reason: &str) {
         let was_loaded = matches!(handle.state(), ModelState::Ready | ModelState::Loading);
         handle.next_generation();
@@ -246,17 +265,7 @@ impl Handler<Load> for Supervisor {
 
     fn handle(&mut self, msg: Load, ctx: &mut Self::Context) -> Self::Result {
         let handle = self.registry.get(&msg.name)?;
-        let started = self.start_model(&handle, ctx);
-        if let Err(e) = &started {
-            // Requests queued for a lazy load would otherwise wait for a load that never
-            // comes: they get the reason instead.
-            let reason = e.to_string();
-            handle.drain_queue(|| Error::Unavailable {
-                model: msg.name.clone(),
-                reason: format!("it cannot be loaded: {reason}"),
-            });
-        }
-        started
+        self.start_or_answer_queue(&handle, ctx)
     }
 }
 
@@ -326,14 +335,7 @@ impl Handler<WorkerExited> for Supervisor {
                         model = handle.name(),
                         "requests arrived during an unload; loading the model again"
                     );
-                    if let Err(e) = self.start_model(&handle, ctx) {
-                        let reason = e.to_string();
-                        let name = handle.name().to_string();
-                        handle.drain_queue(|| Error::Unavailable {
-                            model: name.clone(),
-                            reason: format!("it cannot be loaded: {reason}"),
-                        });
-                    }
+                    let _ = self.start_or_answer_queue(&handle, ctx);
                 }
                 return;
             }
