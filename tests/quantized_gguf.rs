@@ -5,14 +5,17 @@
 mod common;
 
 use candle_core::quantized::gguf_file::{TensorInfo, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use llm_pool::models::gguf::GgufFile;
+use llm_pool::models::quantized_llama::QuantizedLlama;
 use llm_pool::models::quantized_qwen2::QuantizedQwen2;
 use llm_pool::models::quantized_qwen3::QuantizedQwen3;
 use llm_pool::models::{Adapter, Architecture, LanguageModel, LoadOptions, ModelSource};
 use std::path::Path;
 
-const ARCHITECTURES: [&str; 5] = [
+const ARCHITECTURES: [&str; 6] = [
+    "quantized_llama",
     "quantized_phi2",
     "quantized_phi3",
     "quantized_qwen2",
@@ -84,6 +87,81 @@ fn qwen2_matches_candle() {
         assert!(diff <= 1e-4, "at position {position}: max abs diff {diff}");
         position += chunk.len();
     }
+}
+
+/// Our Llama computes what candle's `quantized_llama` computes (interleaved RoPE, SwiGLU),
+/// in F32 and with Q8_0 weights, where our kernels multiply fused q/k/v and gate/up matrices
+/// and candle its own `QMatMul`s: prefill, a decode step, then a chunk on the cache. (Q4_1 and
+/// Q5_0 would need rows of an even number of blocks for candle's debug assertions; the tiny
+/// model's are one block. tests/kernels.rs compares those types with candle at real sizes.)
+#[test]
+fn llama_matches_candle() {
+    use candle_transformers::models::quantized_llama as candle_llama;
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_path = common::tiny_gguf("quantized_llama", tmp.path()).unwrap();
+    for dtype in [None, Some(GgmlDType::Q8_0)] {
+        let path = match dtype {
+            None => f32_path.clone(),
+            Some(dtype) => {
+                let path = tmp.path().join(format!("llama-{dtype:?}.gguf"));
+                common::quantize_gguf(&f32_path, &path, dtype);
+                path
+            }
+        };
+        let mut ours: Adapter<QuantizedLlama> = load(&path);
+        let attention_fused = ours.network().layers()[0].attention.fused_projections();
+        assert_eq!(attention_fused, dtype.is_some(), "{dtype:?}");
+        let mut file = GgufFile::open(&path).unwrap();
+        let mut theirs =
+            candle_llama::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
+                .unwrap();
+        let mut position = 0;
+        for chunk in [&[1u32, 5, 9, 33, 2, 60][..], &[7], &[11, 12, 13]] {
+            let a = run(&mut ours, chunk, position);
+            let b: Vec<f32> = theirs
+                .forward(&ids(chunk), position)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let diff = common::max_abs_diff(&a, &b);
+            assert!(
+                diff <= 1e-4,
+                "{dtype:?} at position {position}: max abs diff {diff}"
+            );
+            position += chunk.len();
+        }
+    }
+}
+
+/// Llama 3.1's RoPE scaling (the `rope_freqs.weight` divisors) changes the logits, as
+/// llama.cpp applies it; divisors of 1 change nothing; a non-positive one is refused.
+#[test]
+fn llama_rope_freqs_divide_the_frequencies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = common::tiny_gguf("quantized_llama", tmp.path()).unwrap();
+    let pairs = common::TINY_HIDDEN / common::TINY_HEADS / 2;
+    let with_divisors = |divisors: Vec<f32>, name: &str| {
+        let dst = tmp.path().join(name);
+        common::add_gguf_tensor(&path, &dst, "rope_freqs.weight", divisors);
+        dst
+    };
+    let tokens = [1u32, 5, 9, 33, 2, 60, 7, 11];
+    let plain = run(&mut load::<QuantizedLlama>(&path), &tokens, 0);
+    let ones = with_divisors(vec![1.0; pairs], "ones.gguf");
+    let same = run(&mut load::<QuantizedLlama>(&ones), &tokens, 0);
+    assert!(common::max_abs_diff(&plain, &same) <= 1e-6);
+    let scaled = with_divisors((0..pairs).map(|i| 1.0 + i as f32).collect(), "scaled.gguf");
+    let differs = run(&mut load::<QuantizedLlama>(&scaled), &tokens, 0);
+    assert!(common::max_abs_diff(&plain, &differs) > 1e-3);
+    let bad = with_divisors(vec![0.0; pairs], "zero.gguf");
+    let source = ModelSource::Gguf(GgufFile::open(&bad).unwrap());
+    let err = QuantizedLlama::load(source, &LoadOptions::cpu())
+        .err()
+        .expect("a zero divisor loaded")
+        .to_string();
+    assert!(err.contains("rope_freqs.weight"), "{err}");
 }
 
 /// A prompt chunk after decode steps (a conversation continuing on its cache) must see the
@@ -194,7 +272,13 @@ fn impossible_hyperparameters_are_named() {
 #[test]
 fn rope_settings_candle_ignores_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str, Value, &str); 5] = [
+    let cases: [(&str, &str, Value, &str); 6] = [
+        (
+            "quantized_llama",
+            "llama.rope.scaling.type",
+            Value::String("yarn".into()),
+            "allowed: none, linear",
+        ),
         (
             "quantized_phi2",
             "phi2.rope.freq_base",

@@ -292,6 +292,71 @@ pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
     Some(path)
 }
 
+/// Copies the GGUF file `src` to `dst` with every matrix whose rows are whole blocks of
+/// `dtype` quantized to it; norms, biases and other vectors stay F32, as llama.cpp's quantizer
+/// leaves them. The tiny files of [`tiny_gguf`] then exercise the quantized paths.
+pub fn quantize_gguf(src: &Path, dst: &Path, dtype: GgmlDType) {
+    use candle_core::quantized::gguf_file::Content;
+    let mut file = std::fs::File::open(src).unwrap();
+    let content = Content::read(&mut file).unwrap();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .into_iter()
+        .map(|name| {
+            let tensor = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+            let dims = tensor.shape().dims().to_vec();
+            let quantize = dims.len() == 2 && dims[1] % dtype.block_size() == 0;
+            let tensor = match quantize {
+                true => {
+                    QTensor::quantize(&tensor.dequantize(&Device::Cpu).unwrap(), dtype).unwrap()
+                }
+                false => tensor,
+            };
+            (name.clone(), tensor)
+        })
+        .collect();
+    let md: Vec<(&str, &Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::fs::File::create(dst).unwrap();
+    candle_core::quantized::gguf_file::write(&mut out, &md, &ts).unwrap();
+}
+
+/// Copies the GGUF file `src` to `dst` with one more F32 tensor, `name` = `values` (1-D).
+pub fn add_gguf_tensor(src: &Path, dst: &Path, name: &str, values: Vec<f32>) {
+    use candle_core::quantized::gguf_file::Content;
+    let mut file = std::fs::File::open(src).unwrap();
+    let content = Content::read(&mut file).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            (
+                n.clone(),
+                content.tensor(&mut file, n, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let n = values.len();
+    let extra = Tensor::from_vec(values, n, &Device::Cpu).unwrap();
+    tensors.push((
+        name.to_string(),
+        QTensor::quantize(&extra, GgmlDType::F32).unwrap(),
+    ));
+    let md: Vec<(&str, &Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::fs::File::create(dst).unwrap();
+    candle_core::quantized::gguf_file::write(&mut out, &md, &ts).unwrap();
+}
+
 /// A real demo model fetched by scripts/fetch-models; fails with the fix when it is missing.
 pub fn real_model(file: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -106,7 +106,8 @@ impl Attention {
     }
 
     /// Reads llama.cpp's layout: `{prefix}.attn_q`, `attn_k`, `attn_v` and `attn_output`
-    /// (`.weight`, plus a dense `.bias` on q, k and v when `qkv_bias`).
+    /// (`.weight`, plus a dense `.bias` on q, k and v when `qkv_bias`). Q, K and V become one
+    /// fused projection where our kernels compute all three ([`GgufWeights::fused_linear`]).
     pub fn from_gguf(
         w: &mut GgufWeights,
         prefix: &str,
@@ -118,6 +119,25 @@ impl Attention {
             heads.num_heads * heads.head_dim,
             heads.num_kv_heads * heads.head_dim,
         );
+        let names = ["attn_q", "attn_k", "attn_v"].map(|n| format!("{prefix}.{n}"));
+        let dims = [q_dim, kv_dim, kv_dim];
+        let weights = names.each_ref().map(|n| format!("{n}.weight"));
+        let parts: Vec<(&str, usize)> = weights.iter().map(String::as_str).zip(dims).collect();
+        if let Some(qkv) = w.fused_linear(&parts, hidden)? {
+            let qkv = match qkv_bias {
+                false => qkv,
+                true => {
+                    let biases = names
+                        .iter()
+                        .zip(dims)
+                        .map(|(n, dim)| w.vector(&format!("{n}.bias"), dim))
+                        .collect::<Result<Vec<_>>>()?;
+                    qkv.with_bias(Tensor::cat(&biases, 0)?)
+                }
+            };
+            let o_proj = w.linear(&format!("{prefix}.attn_output.weight"), [hidden, q_dim])?;
+            return Ok(Attention::fused(qkv, o_proj, heads));
+        }
         let mut projection = |name: &str, out_dim: usize| -> Result<Linear> {
             let linear = w.linear(&format!("{prefix}.{name}.weight"), [out_dim, hidden])?;
             Ok(match qkv_bias {
@@ -144,6 +164,11 @@ impl Attention {
     pub fn with_softcap(mut self, softcap: Option<f64>) -> Self {
         self.softcap = softcap;
         self
+    }
+
+    /// Whether q, k and v are one fused projection (for tests and diagnostics).
+    pub fn fused_projections(&self) -> bool {
+        matches!(self.projections, Projections::Fused(_))
     }
 
     /// Normalises each query and key head before RoPE.

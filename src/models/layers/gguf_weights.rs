@@ -5,8 +5,11 @@
 use super::linear::{Embedding, Linear};
 use super::norm::Norm;
 use crate::error::{Error, Result};
+use crate::kernels::blocks::QK;
+use crate::kernels::{QuantizedWeight, WeightType};
 use crate::models::gguf::GgufFile;
 use candle_core::{Device, Tensor};
+use std::sync::Arc;
 
 /// A GGUF file being read onto a device.
 pub struct GgufWeights<'a> {
@@ -29,6 +32,50 @@ impl<'a> GgufWeights<'a> {
     pub fn linear(&mut self, name: &str, shape: [usize; 2]) -> Result<Linear> {
         let tensor = self.file.read_tensor(name, &shape, self.device)?;
         Linear::from_qtensor(tensor, None)
+    }
+
+    /// One layer over the row-concatenation of the tensors `parts` (name, rows), each
+    /// `(rows, in_dim)`: its output is their outputs side by side, in order. Projections that
+    /// read the same input (q/k/v, gate/up) then cost one activation quantization and one
+    /// parallel dispatch instead of several, with the same products.
+    ///
+    /// Fused only where our kernels compute all of them: the same weight type, one they
+    /// handle, on CPU. `None` otherwise (mixed types, other types or devices, or a tensor
+    /// that is missing or mis-shaped), for the caller to read them one by one, which also
+    /// names whatever is wrong with them.
+    pub fn fused_linear(
+        &mut self,
+        parts: &[(&str, usize)],
+        in_dim: usize,
+    ) -> Result<Option<Linear>> {
+        if !self.device.is_cpu() || in_dim == 0 || !in_dim.is_multiple_of(QK) {
+            return Ok(None);
+        }
+        let mut ty = None;
+        for (name, rows) in parts {
+            let Some(info) = self.file.content.tensor_infos.get(*name) else {
+                return Ok(None);
+            };
+            let this = WeightType::from_ggml(info.ggml_dtype);
+            if this.is_none()
+                || ty.is_some_and(|t| Some(t) != this)
+                || info.shape.dims() != [*rows, in_dim]
+            {
+                return Ok(None);
+            }
+            ty = this;
+        }
+        let Some(ty) = ty else { return Ok(None) };
+        let rows: usize = parts.iter().map(|(_, r)| r).sum();
+        let mut bytes = Vec::with_capacity(rows * (in_dim / QK) * ty.block_bytes());
+        for (name, part_rows) in parts {
+            let tensor = self
+                .file
+                .read_tensor(name, &[*part_rows, in_dim], self.device)?;
+            bytes.extend_from_slice(&tensor.data()?);
+        }
+        let weight = QuantizedWeight::from_bytes(ty, &bytes, rows, in_dim)?;
+        Ok(Some(Linear::own(Arc::new(weight), None)))
     }
 
     /// The tensor `name` of `size` values, dequantized (biases).

@@ -77,14 +77,29 @@ impl Mlp {
         })
     }
 
-    /// The gated block in llama.cpp's layout: `{prefix}.ffn_gate`, `ffn_up`, `ffn_down`.
+    /// The gated block in llama.cpp's layout: `{prefix}.ffn_gate`, `ffn_up`, `ffn_down`; gate
+    /// and up become one fused matrix where our kernels compute both
+    /// ([`GgufWeights::fused_linear`]).
     pub fn gated_from_gguf(
         w: &mut GgufWeights,
         prefix: &str,
         (hidden, intermediate): (usize, usize),
         act: Activation,
     ) -> Result<Self> {
+        let (gate, up) = (
+            format!("{prefix}.ffn_gate.weight"),
+            format!("{prefix}.ffn_up.weight"),
+        );
+        let fused = w.fused_linear(&[(&gate, intermediate), (&up, intermediate)], hidden)?;
         let mut linear = |name: &str, shape| w.linear(&format!("{prefix}.{name}.weight"), shape);
+        if let Some(gate_up) = fused {
+            return Ok(Mlp::FusedGated {
+                gate_up,
+                down: linear("ffn_down", [hidden, intermediate])?,
+                act,
+                intermediate,
+            });
+        }
         Ok(Mlp::Gated {
             gate: linear("ffn_gate", [intermediate, hidden])?,
             up: linear("ffn_up", [intermediate, hidden])?,
