@@ -130,7 +130,7 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
         assert_eq!(r["model"], file, "{name}: the fixture is for another file");
         let (prompt, greedy) = (ids(&r["prompt"]), ids(&r["greedy"]));
         assert_eq!(greedy.len(), 32, "{name}");
-        let mut model = Model::load(&real_model(file), &LoadOptions::cpu()).unwrap();
+        let mut model = Model::load(real_model(file), &LoadOptions::cpu()).unwrap();
         let mut logits = model.forward_ids(&prompt, 0).unwrap();
         let mut disagreements = Vec::new();
         for (step, &expected) in greedy.iter().enumerate() {

@@ -306,7 +306,7 @@ pub fn quantize_gguf(src: &Path, dst: &Path, dtype: GgmlDType) {
         .map(|name| {
             let tensor = content.tensor(&mut file, name, &Device::Cpu).unwrap();
             let dims = tensor.shape().dims().to_vec();
-            let quantize = dims.len() == 2 && dims[1] % dtype.block_size() == 0;
+            let quantize = dims.len() == 2 && dims[1].is_multiple_of(dtype.block_size());
             let tensor = match quantize {
                 true => {
                     QTensor::quantize(&tensor.dequantize(&Device::Cpu).unwrap(), dtype).unwrap()
