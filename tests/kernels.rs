@@ -179,6 +179,26 @@ fn simd_activation_quantization_matches_scalar_with_the_sums() {
     }
 }
 
+/// A prompt's activations are quantized in parallel ranges; the blocks are exactly those of
+/// quantizing each row on its own (including a last range shorter than the others).
+#[test]
+fn parallel_activation_quantization_equals_row_by_row() {
+    let (rows, k) = (257, 640);
+    let x = values(rows * k, 9);
+    for level in Level::available() {
+        let mut whole = Vec::new();
+        quantize_into(level, &x, SumForm::F16, &mut whole);
+        let mut by_row = Vec::new();
+        for row in x.chunks_exact(k) {
+            let mut one = Vec::new();
+            quantize_into(level, row, SumForm::F16, &mut one);
+            by_row.extend(one);
+        }
+        assert_eq!(whole.len(), rows * k / 32);
+        assert!(whole == by_row, "{level:?}");
+    }
+}
+
 #[test]
 fn zero_activations_give_zero() {
     for (dtype, _) in TYPES {

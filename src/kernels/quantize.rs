@@ -53,9 +53,42 @@ fn quantize_block_scalar(x: &[f32], form: SumForm) -> BlockQ8 {
     b
 }
 
+/// Blocks per work item when a prompt's activations are quantized in parallel; below two
+/// items (every decode step) one thread does it, as waking the pool would cost more.
+const PARALLEL_BLOCKS: usize = 1024;
+
 /// Quantizes `x` (a whole number of rows of `k` values, `k` a multiple of 32) into `out`,
-/// one block per 32 values, at `level` (lowered to what the CPU has).
+/// one block per 32 values, at `level` (lowered to what the CPU has). A prompt's worth of
+/// activations is split into contiguous ranges over candle's barrier pool, the pool the
+/// matmul itself runs on.
 pub fn quantize_into(level: Level, x: &[f32], form: SumForm, out: &mut Vec<BlockQ8>) {
+    let blocks = x.len() / QK;
+    if blocks < 2 * PARALLEL_BLOCKS {
+        quantize_serial(level, x, form, out);
+        return;
+    }
+    out.clear();
+    out.resize(blocks, BlockQ8::default());
+    let parts: Vec<std::sync::Mutex<(&[f32], &mut [BlockQ8])>> = x
+        .chunks(PARALLEL_BLOCKS * QK)
+        .zip(out.chunks_mut(PARALLEL_BLOCKS))
+        .map(std::sync::Mutex::new)
+        .collect();
+    candle_core::utils::barrier_pool().execute_chunked(parts.len(), |range| {
+        let mut scratch = Vec::with_capacity(PARALLEL_BLOCKS);
+        for part in &parts[range] {
+            // Each part is locked by the one item that owns it; a poisoned lock only means a
+            // panic elsewhere, which the pool re-raises.
+            let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+            let (src, dst) = &mut *part;
+            quantize_serial(level, src, form, &mut scratch);
+            dst.copy_from_slice(&scratch);
+        }
+    });
+}
+
+/// [`quantize_into`] on the calling thread.
+fn quantize_serial(level: Level, x: &[f32], form: SumForm, out: &mut Vec<BlockQ8>) {
     out.clear();
     out.reserve(x.len() / QK);
     #[cfg(target_arch = "x86_64")]

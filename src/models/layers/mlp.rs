@@ -1,10 +1,11 @@
 //! Feed-forward blocks: gated (SwiGLU, GeGLU), gated with one fused `gate_up` matrix, and
 //! plain two-layer MLPs.
 
+use super::activation;
 use super::gguf_weights::GgufWeights;
 use super::linear::Linear;
 use crate::error::Result;
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
 /// A position-wise feed-forward block.
@@ -117,20 +118,13 @@ impl Module for Mlp {
                 up,
                 down,
                 act,
-            } => {
-                let gate = x.apply(gate)?.apply(act)?;
-                (gate * x.apply(up)?)?.apply(down)
-            }
+            } => activation::gated(*act, &x.apply(gate)?, &x.apply(up)?)?.apply(down),
             Mlp::FusedGated {
                 gate_up,
                 down,
                 act,
                 intermediate,
-            } => {
-                let gate_up = x.apply(gate_up)?;
-                let gate = gate_up.narrow(D::Minus1, 0, *intermediate)?.apply(act)?;
-                (gate * gate_up.narrow(D::Minus1, *intermediate, *intermediate)?)?.apply(down)
-            }
+            } => activation::gated_fused(*act, &x.apply(gate_up)?, *intermediate)?.apply(down),
             Mlp::Plain { fc1, fc2, act } => x.apply(fc1)?.apply(act)?.apply(fc2),
         }
     }

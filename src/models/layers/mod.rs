@@ -16,11 +16,13 @@
 //! - [`kv_cache`]: per-layer keys and values, trimmed to a sliding window by one rule;
 //! - [`attention`]: grouped-query attention and its core (soft-capping, F32 softmax, mask);
 //! - [`mlp`]: gated (SwiGLU/GeGLU) and plain feed-forward blocks;
+//! - [`activation`]: the gated MLP's `act(gate) * up` in one vectorized pass on CPU;
 //! - [`moe`]: mixture-of-experts routing and dispatch;
 //! - [`gguf_weights`]: reading these blocks from a GGUF file by llama.cpp's names;
 //! - [`decoder`]: the decoder stack most architectures are: embeddings, pre-norm blocks
 //!   (optionally Gemma's sandwich norms, or Phi's parallel block), final norm and head.
 
+pub mod activation;
 pub mod attention;
 pub mod decoder;
 pub mod gguf_weights;
