@@ -11,7 +11,8 @@
 //!    sum term the weight type needs (Q8_1-style for Q4_1, Q8_0 for the others);
 //! 2. the output columns are split into contiguous ranges over candle's barrier pool (the pool
 //!    candle's own quantized matmuls use, so one set of threads serves both);
-//! 3. each range walks its weight rows, unpacking each block once for four activation rows.
+//! 3. each range walks its weight rows, unpacking each block once for up to eight activation
+//!    rows.
 //!
 //! Every type computes in one form: unsigned weight codes × signed activation bytes, then
 //! `d_w·d_a` and a per-block correction (Q4_1 `m·s`, Q5_0 `−16·d·s`; Q8_0 uses the sign trick
