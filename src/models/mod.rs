@@ -368,6 +368,8 @@ pub struct Model {
     cached: usize,
     /// Set when a forward failed part way: the cache may hold partial state until a reset.
     needs_reset: bool,
+    /// On CPU, the rayon pool this model's forwards run in (see [`Model::forward_ids_into`]).
+    cpu_pool: Option<rayon::ThreadPool>,
 }
 
 impl Model {
@@ -412,12 +414,18 @@ impl Model {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
+        let cpu_pool = options
+            .device
+            .is_cpu()
+            .then(|| cpu_pool(entry.name))
+            .flatten();
         Ok(Model {
             inner,
             path,
             device: options.device.clone(),
             cached: 0,
             needs_reset: false,
+            cpu_pool,
         })
     }
 
@@ -467,13 +475,22 @@ impl Model {
         }
         let device = self.device();
         let input = Tensor::from_slice(ids, (1, ids.len()), &device)?;
-        // On CPU the forward runs inside candle's rayon pool: its norms, RoPE, softmax and f32
-        // matmuls each fan out over rayon, and called from outside the pool every one of them
-        // wakes a pool thread and sleeps until it is done (two context switches an op, about
-        // 15% of a SmolLM2 decode step in `perf`). Inside, they start on the current thread.
-        let logits = device
-            .with_context(|| self.forward(&input, position))?
-            .squeeze(0)?;
+        // On CPU the forward runs inside this model's rayon pool: candle's norms, RoPE, softmax
+        // and f32 matmuls each fan out over rayon, and called from outside a pool every one of
+        // them wakes a pool thread and sleeps until it is done (two context switches an op,
+        // about 15% of a SmolLM2 decode step in `perf`). Inside, they start on the current
+        // thread. The pool is the model's own, not candle's shared one: a pool thread waiting
+        // in a join runs whatever job is queued, so two models installing into one pool would
+        // each wait on the other's whole forward.
+        let logits = match self.cpu_pool.take() {
+            Some(pool) => {
+                let result = pool.install(|| self.forward(&input, position));
+                self.cpu_pool = Some(pool);
+                result?
+            }
+            None => self.forward(&input, position)?,
+        }
+        .squeeze(0)?;
         out.clear();
         let (storage, layout) = logits.storage_and_layout();
         match (&*storage, layout.contiguous_offsets()) {
@@ -491,6 +508,24 @@ impl Model {
 
     fn device(&self) -> Device {
         self.device.clone()
+    }
+}
+
+/// A rayon pool for one model's CPU forwards, as many threads as candle uses (`RAYON_NUM_THREADS`
+/// or the cores). `None`, with a warning, when the threads cannot be started: the forwards then
+/// run on the caller's thread as before.
+fn cpu_pool(architecture: &str) -> Option<rayon::ThreadPool> {
+    let name = architecture.to_string();
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(candle_core::utils::get_num_threads())
+        .thread_name(move |i| format!("{name}-cpu-{i}"))
+        .build()
+    {
+        Ok(pool) => Some(pool),
+        Err(e) => {
+            tracing::warn!(architecture, error = %e, "no rayon pool for the model's forwards");
+            None
+        }
     }
 }
 
