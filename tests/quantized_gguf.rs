@@ -73,18 +73,30 @@ fn qwen2_matches_candle() {
     let mut theirs =
         candle_qwen2::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
             .unwrap();
+    matches_candle(&mut ours, |x, p| theirs.forward(x, p), "qwen2");
+}
+
+/// Runs a prefill, a decode step and a chunk on the cache through ours and candle's `forward`,
+/// and checks the last-position logits agree within 1e-4.
+fn matches_candle(
+    ours: &mut impl LanguageModel,
+    mut theirs: impl FnMut(&Tensor, usize) -> candle_core::Result<Tensor>,
+    what: &str,
+) {
     let mut position = 0;
     for chunk in [&[1u32, 5, 9, 33, 2, 60][..], &[7], &[11, 12, 13]] {
-        let a = run(&mut ours, chunk, position);
-        let b: Vec<f32> = theirs
-            .forward(&ids(chunk), position)
+        let a = run(ours, chunk, position);
+        let b: Vec<f32> = theirs(&ids(chunk), position)
             .unwrap()
             .squeeze(0)
             .unwrap()
             .to_vec1()
             .unwrap();
         let diff = common::max_abs_diff(&a, &b);
-        assert!(diff <= 1e-4, "at position {position}: max abs diff {diff}");
+        assert!(
+            diff <= 1e-4,
+            "{what} at position {position}: max abs diff {diff}"
+        );
         position += chunk.len();
     }
 }
@@ -115,23 +127,11 @@ fn llama_matches_candle() {
         let mut theirs =
             candle_llama::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
                 .unwrap();
-        let mut position = 0;
-        for chunk in [&[1u32, 5, 9, 33, 2, 60][..], &[7], &[11, 12, 13]] {
-            let a = run(&mut ours, chunk, position);
-            let b: Vec<f32> = theirs
-                .forward(&ids(chunk), position)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let diff = common::max_abs_diff(&a, &b);
-            assert!(
-                diff <= 1e-4,
-                "{dtype:?} at position {position}: max abs diff {diff}"
-            );
-            position += chunk.len();
-        }
+        matches_candle(
+            &mut ours,
+            |x, p| theirs.forward(x, p),
+            &format!("llama {dtype:?}"),
+        );
     }
 }
 

@@ -252,6 +252,17 @@ impl GgufFile {
         Ok(hidden / heads)
     }
 
+    /// [`GgufFile::derived_head_dim`] for a model that rotates whole heads, which must then
+    /// have an even size (RoPE rotates pairs).
+    pub fn rope_head_dim(&self, arch: &str, heads: usize) -> Result<usize> {
+        let head_dim = self.derived_head_dim(arch, heads)?;
+        let key = format!("{arch}.embedding_length");
+        self.require(&key, head_dim % 2 == 0, || {
+            format!("the head size {head_dim} must be even for RoPE")
+        })?;
+        Ok(head_dim)
+    }
+
     /// An error about `key` with `message` unless `ok`.
     fn require(&self, key: &str, ok: bool, message: impl FnOnce() -> String) -> Result<()> {
         match ok {

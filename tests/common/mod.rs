@@ -316,6 +316,15 @@ pub fn quantize_gguf(src: &Path, dst: &Path, dtype: GgmlDType) {
             (name.clone(), tensor)
         })
         .collect();
+    write_like(&content, &tensors, dst);
+}
+
+/// Writes `tensors` to `dst` with the metadata of `content`.
+fn write_like(
+    content: &candle_core::quantized::gguf_file::Content,
+    tensors: &[(String, QTensor)],
+    dst: &Path,
+) {
     let md: Vec<(&str, &Value)> = content
         .metadata
         .iter()
@@ -347,14 +356,7 @@ pub fn add_gguf_tensor(src: &Path, dst: &Path, name: &str, values: Vec<f32>) {
         name.to_string(),
         QTensor::quantize(&extra, GgmlDType::F32).unwrap(),
     ));
-    let md: Vec<(&str, &Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut out = std::fs::File::create(dst).unwrap();
-    candle_core::quantized::gguf_file::write(&mut out, &md, &ts).unwrap();
+    write_like(&content, &tensors, dst);
 }
 
 /// A real demo model fetched by scripts/fetch-models; fails with the fix when it is missing.

@@ -47,16 +47,7 @@ pub struct Config {
 
 /// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
 pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let dims = Dims::from_gguf(file, ARCH, |heads| {
-        let head_dim = file.derived_head_dim(ARCH, heads)?;
-        if head_dim % 2 != 0 {
-            return Err(file.config_error(
-                "qwen2.embedding_length",
-                format!("the head size {head_dim} must be even for RoPE"),
-            ));
-        }
-        Ok(head_dim)
-    })?;
+    let dims = Dims::from_gguf(file, ARCH, |heads| file.rope_head_dim(ARCH, heads))?;
     file.count("qwen2.context_length")?;
     file.rope_scaling(ARCH, &["none"])?;
     Ok(Config {
