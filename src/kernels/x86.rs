@@ -14,6 +14,7 @@
 
 use super::blocks::{BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, WeightBlock};
 use std::arch::x86_64::*;
+use std::array::from_fn;
 use std::ops::Range;
 
 /// The byte product of one level: `Σ_4 u8·i8` per 32-bit lane.
@@ -215,49 +216,37 @@ unsafe fn tile<B: Unpack, D: Dot>(
     out: &mut [f32],
 ) {
     let width = cols.len();
+    let row = |r: usize| &acts[r * nb..(r + 1) * nb];
     for (c, j) in cols.enumerate() {
         let wr = &w[j * nb..(j + 1) * nb];
-        let row = |r: usize| &acts[r * nb..(r + 1) * nb];
+        // The products of activation rows `r..r + R` with this weight row, into column `c`.
+        let mut rows = |r: usize, y: &[f32]| {
+            for (i, &v) in y.iter().enumerate() {
+                out[(r + i) * width + c] = v;
+            }
+        };
         let mut r = 0;
         // SAFETY (all calls below): the level's features are guaranteed by the caller.
         while r + 8 <= m {
-            let rows = [
-                row(r),
-                row(r + 1),
-                row(r + 2),
-                row(r + 3),
-                row(r + 4),
-                row(r + 5),
-                row(r + 6),
-                row(r + 7),
-            ];
-            let y = unsafe { dot_rows::<B, D, 8>(wr, rows) };
-            for (i, v) in y.into_iter().enumerate() {
-                out[(r + i) * width + c] = v;
-            }
+            rows(r, &unsafe {
+                dot_rows::<B, D, 8>(wr, from_fn(|i| row(r + i)))
+            });
             r += 8;
         }
-        while r + 4 <= m {
-            let y =
-                unsafe { dot_rows::<B, D, 4>(wr, [row(r), row(r + 1), row(r + 2), row(r + 3)]) };
-            for (i, v) in y.into_iter().enumerate() {
-                out[(r + i) * width + c] = v;
-            }
+        if r + 4 <= m {
+            rows(r, &unsafe {
+                dot_rows::<B, D, 4>(wr, from_fn(|i| row(r + i)))
+            });
             r += 4;
         }
         match m - r {
-            3 => {
-                let y = unsafe { dot_rows::<B, D, 3>(wr, [row(r), row(r + 1), row(r + 2)]) };
-                for (i, v) in y.into_iter().enumerate() {
-                    out[(r + i) * width + c] = v;
-                }
-            }
-            2 => {
-                let y = unsafe { dot_rows::<B, D, 2>(wr, [row(r), row(r + 1)]) };
-                out[r * width + c] = y[0];
-                out[(r + 1) * width + c] = y[1];
-            }
-            1 => out[r * width + c] = unsafe { dot_rows::<B, D, 1>(wr, [row(r)]) }[0],
+            3 => rows(r, &unsafe {
+                dot_rows::<B, D, 3>(wr, from_fn(|i| row(r + i)))
+            }),
+            2 => rows(r, &unsafe {
+                dot_rows::<B, D, 2>(wr, from_fn(|i| row(r + i)))
+            }),
+            1 => rows(r, &unsafe { dot_rows::<B, D, 1>(wr, [row(r)]) }),
             _ => {}
         }
     }
