@@ -116,15 +116,6 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
             .map(|x| x.as_u64().unwrap() as u32)
             .collect()
     };
-    let argmax = |logits: &[f32]| -> u32 {
-        let mut best = 0;
-        for (i, &x) in logits.iter().enumerate() {
-            if x > logits[best] {
-                best = i;
-            }
-        }
-        best as u32
-    };
     for (name, file, floor) in TEACHER_FORCED_FLOOR {
         let r = &reference["models"][name];
         assert_eq!(r["model"], file, "{name}: the fixture is for another file");
@@ -134,7 +125,7 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
         let mut logits = model.forward_ids(&prompt, 0).unwrap();
         let mut disagreements = Vec::new();
         for (step, &expected) in greedy.iter().enumerate() {
-            let ours = argmax(&logits);
+            let ours = llm_pool::text::sampling::argmax(&logits);
             if ours != expected {
                 disagreements.push((step, ours, expected, r["top2_logprob_gap"][step].clone()));
             }

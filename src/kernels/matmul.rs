@@ -13,7 +13,7 @@ use super::quantize::{quantize_into, SumForm};
 use super::scalar;
 use crate::error::{Error, Result};
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -197,15 +197,10 @@ impl QuantizedWeight {
             );
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let y = match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(cpu), Some((start, end))) => {
-                let values = &cpu.as_slice::<f32>()?[start..end];
-                self.matmul(values)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-            }
-            _ => candle_core::bail!("quantized matmul: our kernels take CPU tensors only"),
-        };
+        let y = super::with_cpu_f32(&x, "quantized matmul", |values| {
+            self.matmul(values)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })?;
         let mut shape = lead.to_vec();
         shape.push(self.n);
         Tensor::from_vec(y, shape, &Device::Cpu)

@@ -33,3 +33,19 @@ mod x86;
 pub use blocks::WeightType;
 pub use dispatch::{level, Level, LEVEL_ENV};
 pub use matmul::QuantizedWeight;
+
+/// Runs `f` on the values of a contiguous F32 CPU tensor; `what` names the operation in the
+/// error for any other tensor.
+pub(crate) fn with_cpu_f32<T>(
+    t: &candle_core::Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<T>,
+) -> candle_core::Result<T> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            f(&cpu.as_slice::<f32>()?[start..end])
+        }
+        _ => candle_core::bail!("{what}: expected a contiguous F32 CPU tensor"),
+    }
+}

@@ -14,7 +14,11 @@
 //! relative, far inside every parity tolerance. Other activations, dtypes and devices go
 //! through candle.
 
-use candle_core::{DType, Device, Storage, Tensor, D};
+use crate::kernels::with_cpu_f32;
+use candle_core::{DType, Device, Tensor, D};
+
+/// The operation's name in errors.
+const WHAT: &str = "gated activation";
 use candle_nn::Activation;
 
 /// `act(gate) * up` for `gate` and `up` of the same shape.
@@ -22,8 +26,8 @@ pub fn gated(act: Activation, gate: &Tensor, up: &Tensor) -> candle_core::Result
     if let Some(f) = fast(act, gate) {
         if gate.shape() == up.shape() && up.dtype() == DType::F32 {
             let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-            let out = with_f32(&gate, |g| {
-                with_f32(&up, |u| {
+            let out = with_cpu_f32(&gate, WHAT, |g| {
+                with_cpu_f32(&up, WHAT, |u| {
                     let mut out = vec![0f32; g.len()];
                     f(g, u, &mut out);
                     Ok(out)
@@ -44,7 +48,7 @@ pub fn gated_fused(
     if let Some(f) = fast(act, gate_up) {
         if gate_up.dim(D::Minus1)? == 2 * intermediate {
             let gate_up = gate_up.contiguous()?;
-            let out = with_f32(&gate_up, |gu| {
+            let out = with_cpu_f32(&gate_up, WHAT, |gu| {
                 let rows = gu.len() / (2 * intermediate);
                 let mut out = vec![0f32; rows * intermediate];
                 for (row, o) in gu
@@ -79,18 +83,6 @@ fn fast(act: Activation, x: &Tensor) -> Option<GatedLoop> {
         Activation::Silu => Some(silu_mul),
         Activation::GeluPytorchTanh | Activation::NewGelu => Some(gelu_tanh_mul),
         _ => None,
-    }
-}
-
-/// Runs `f` on the values of a contiguous F32 CPU tensor.
-fn with_f32<T>(
-    t: &Tensor,
-    f: impl FnOnce(&[f32]) -> candle_core::Result<T>,
-) -> candle_core::Result<T> {
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(cpu), Some((start, end))) => f(&cpu.as_slice::<f32>()?[start..end]),
-        _ => candle_core::bail!("gated activation: expected a contiguous F32 CPU tensor"),
     }
 }
 
