@@ -12,7 +12,8 @@
 //! 2. the output columns are split into contiguous ranges over candle's barrier pool (the pool
 //!    candle's own quantized matmuls use, so one set of threads serves both);
 //! 3. each range walks its weight rows, unpacking each block once for up to eight activation
-//!    rows.
+//!    rows; at the AVX-512 VNNI level a prompt's rows are first packed in panels of eight, and
+//!    one 512-bit product covers a step of all eight (see `x86`).
 //!
 //! Every type computes in one form: unsigned weight codes × signed activation bytes, then
 //! `d_w·d_a` and a per-block correction (Q4_1 `m·s`, Q5_0 `−16·d·s`; Q8_0 uses the sign trick
