@@ -102,28 +102,15 @@ fn matches_candle(
 }
 
 /// Our Llama computes what candle's `quantized_llama` computes (interleaved RoPE, SwiGLU),
-/// in F32 and with Q8_0 weights, where our kernels multiply fused q/k/v and gate/up matrices
-/// and candle its own `QMatMul`s: prefill, a decode step, then a chunk on the cache. (Q4_1 and
-/// Q5_0 would need rows of an even number of blocks for candle's debug assertions; the tiny
-/// model's are one block. tests/kernels.rs compares those types with candle at real sizes.)
+/// in F32 and Q8_0 ([`f32_and_q8_0`]): prefill, a decode step, then a chunk on the cache.
 #[test]
 fn llama_matches_candle() {
     use candle_transformers::models::quantized_llama as candle_llama;
-    let tmp = tempfile::tempdir().unwrap();
-    let f32_path = common::tiny_gguf("quantized_llama", tmp.path()).unwrap();
-    for dtype in [None, Some(GgmlDType::Q8_0)] {
-        let path = match dtype {
-            None => f32_path.clone(),
-            Some(dtype) => {
-                let path = tmp.path().join(format!("llama-{dtype:?}.gguf"));
-                common::quantize_gguf(&f32_path, &path, dtype);
-                path
-            }
-        };
-        let mut ours: Adapter<QuantizedLlama> = load(&path);
+    f32_and_q8_0("quantized_llama", |path, dtype| {
+        let mut ours: Adapter<QuantizedLlama> = load(path);
         let attention_fused = ours.network().layers()[0].attention.fused_projections();
         assert_eq!(attention_fused, dtype.is_some(), "{dtype:?}");
-        let mut file = GgufFile::open(&path).unwrap();
+        let mut file = GgufFile::open(path).unwrap();
         let mut theirs =
             candle_llama::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
                 .unwrap();
@@ -132,7 +119,60 @@ fn llama_matches_candle() {
             |x, p| theirs.forward(x, p),
             &format!("llama {dtype:?}"),
         );
-    }
+    });
+}
+
+/// Runs `check` on the tiny fixture of `arch` in F32, then with every matrix quantized to
+/// Q8_0 (`None` and `Some(Q8_0)`). Q8_0 is where our kernels multiply (fused q/k/v and
+/// gate/up included) and candle its own `QMatMul`s. (Q4_1 and Q5_0 would need rows of an even
+/// number of blocks for candle's debug assertions; the tiny models' are one or two blocks.
+/// tests/kernels.rs compares those types with candle at real sizes.)
+fn f32_and_q8_0(arch: &str, mut check: impl FnMut(&Path, Option<GgmlDType>)) {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_path = common::tiny_gguf(arch, tmp.path()).unwrap();
+    check(&f32_path, None);
+    let path = tmp.path().join(format!("{arch}-q8_0.gguf"));
+    common::quantize_gguf(&f32_path, &path, GgmlDType::Q8_0);
+    check(&path, Some(GgmlDType::Q8_0));
+}
+
+/// Our Qwen3 computes what candle's `quantized_qwen3` computes (per-head q/k RMSNorms, NEOX
+/// RoPE, SwiGLU), in F32 and Q8_0: prefill, a decode step, then a chunk on the cache. candle is
+/// set up where it is wrong by design, so that the comparison is fair: its RoPE tables are F32
+/// (`general.dtype` = 0; by default they are F16, see
+/// `qwen3_f16_rope_table_is_wrong_and_f32_is_not`), and after a decode step its CPU path only
+/// has every token in its raw cache, which a multi-token chunk does not read, so that chunk is
+/// fed to it one token at a time.
+#[test]
+fn qwen3_matches_candle() {
+    use candle_transformers::models::quantized_qwen3 as candle_qwen3;
+    f32_and_q8_0("quantized_qwen3", |path, dtype| {
+        let mut ours: Adapter<QuantizedQwen3> = load(path);
+        let attention_fused = ours.network().layers()[0].attention.fused_projections();
+        assert_eq!(attention_fused, dtype.is_some(), "{dtype:?}");
+        let mut file = GgufFile::open(path).unwrap();
+        file.content
+            .metadata
+            .insert("general.dtype".into(), Value::U32(0));
+        let mut theirs =
+            candle_qwen3::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
+                .unwrap();
+        let mut decoded = false;
+        let theirs = |x: &Tensor, position: usize| {
+            let n = x.dim(1)?;
+            if n == 1 {
+                decoded = true;
+            } else if decoded {
+                let mut logits = None;
+                for i in 0..n {
+                    logits = Some(theirs.forward(&x.narrow(1, i, 1)?, position + i)?);
+                }
+                return Ok(logits.unwrap());
+            }
+            theirs.forward(x, position)
+        };
+        matches_candle(&mut ours, theirs, &format!("qwen3 {dtype:?}"));
+    });
 }
 
 /// Llama 3.1's RoPE scaling (the `rope_freqs.weight` divisors) changes the logits, as
@@ -165,7 +205,7 @@ fn llama_rope_freqs_divide_the_frequencies() {
 }
 
 /// A prompt chunk after decode steps (a conversation continuing on its cache) must see the
-/// decoded tokens; candle's CPU path for qwen3 alone would attend without them.
+/// decoded tokens (candle's CPU path for qwen3 attends without them).
 #[test]
 fn qwen3_chunk_after_decode_steps_sees_every_token() {
     let tmp = tempfile::tempdir().unwrap();
@@ -195,7 +235,8 @@ fn qwen3_prefill_at_position_zero_starts_over() {
     assert!(common::max_abs_diff(&again, &fresh) <= 1e-6);
 }
 
-/// Why the qwen3 adapter asks candle for F32 RoPE tables: its default F16 table is far off.
+/// Why `qwen3_matches_candle` asks candle for F32 RoPE tables (our Qwen3 computes the angles in
+/// F32): candle's default F16 table is far off.
 #[test]
 fn qwen3_f16_rope_table_is_wrong_and_f32_is_not() {
     use candle_transformers::models::quantized_qwen3::RotaryEmbedding;
@@ -360,7 +401,7 @@ fn phi_layouts_candle_cannot_run_are_refused() {
 /// matmul later.
 #[test]
 fn a_mis_shaped_tensor_is_named() {
-    for arch in ["quantized_qwen2", "quantized_gemma3"] {
+    for arch in ["quantized_qwen2", "quantized_qwen3", "quantized_gemma3"] {
         let tmp = tempfile::tempdir().unwrap();
         let path = common::tiny_gguf(arch, tmp.path()).unwrap();
         let err = load_edited(&path, |f| {
