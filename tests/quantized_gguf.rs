@@ -1,6 +1,9 @@
-//! The quirks the phi2, phi3, qwen2, qwen3 and gemma3 GGUF adapters exist to hide, each pinned
-//! by a test: candle parity of our own Qwen2, Qwen3's cache restarts and chunked prefill, clear
-//! errors for metadata that is missing, mistyped or beyond what candle implements.
+//! The GGUF architectures, each pinned by a test: our networks against candle's stock models
+//! (Llama, Qwen2, Qwen3, Phi-2, Phi-3, in F32 and Q8_0), what candle could not run and ours
+//! does (Llama 3.1's RoPE divisors, the file's RoPE settings, Phi-3's partial rotation and
+//! LongRoPE, Phi-2's separate q/k/v and grouped-query attention, Qwen3's chunks after decode
+//! steps), and clear errors for metadata that is missing, mistyped or beyond what is
+//! implemented.
 
 mod common;
 

@@ -13,7 +13,8 @@ pub struct GgufFile {
     pub path: PathBuf,
     /// Metadata and tensor directory.
     pub content: Content,
-    /// A reader positioned anywhere; adapters pass it to candle's `from_gguf`.
+    /// A reader positioned anywhere (for reading tensors, and for candle's `from_gguf` where a
+    /// test compares with candle's models).
     pub reader: BufReader<File>,
 }
 
