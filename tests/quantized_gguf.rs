@@ -1,6 +1,9 @@
-//! The quirks the phi2, phi3, qwen2, qwen3 and gemma3 GGUF adapters exist to hide, each pinned
-//! by a test: candle parity of our own Qwen2, Qwen3's cache restarts and chunked prefill, clear
-//! errors for metadata that is missing, mistyped or beyond what candle implements.
+//! The GGUF architectures, each pinned by a test: our networks against candle's stock models
+//! (Llama, Qwen2, Qwen3, Phi-2, Phi-3, in F32 and Q8_0), what candle could not run and ours
+//! does (Llama 3.1's RoPE divisors, the file's RoPE settings, Phi-3's partial rotation and
+//! LongRoPE, Phi-2's separate q/k/v and grouped-query attention, Qwen3's chunks after decode
+//! steps), and clear errors for metadata that is missing, mistyped or beyond what is
+//! implemented.
 
 mod common;
 
@@ -9,6 +12,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use llm_pool::models::gguf::GgufFile;
 use llm_pool::models::quantized_llama::QuantizedLlama;
+use llm_pool::models::quantized_phi2::QuantizedPhi2;
+use llm_pool::models::quantized_phi3::QuantizedPhi3;
 use llm_pool::models::quantized_qwen2::QuantizedQwen2;
 use llm_pool::models::quantized_qwen3::QuantizedQwen3;
 use llm_pool::models::{Adapter, Architecture, LanguageModel, LoadOptions, ModelSource};
@@ -102,28 +107,15 @@ fn matches_candle(
 }
 
 /// Our Llama computes what candle's `quantized_llama` computes (interleaved RoPE, SwiGLU),
-/// in F32 and with Q8_0 weights, where our kernels multiply fused q/k/v and gate/up matrices
-/// and candle its own `QMatMul`s: prefill, a decode step, then a chunk on the cache. (Q4_1 and
-/// Q5_0 would need rows of an even number of blocks for candle's debug assertions; the tiny
-/// model's are one block. tests/kernels.rs compares those types with candle at real sizes.)
+/// in F32 and Q8_0 ([`f32_and_q8_0`]): prefill, a decode step, then a chunk on the cache.
 #[test]
 fn llama_matches_candle() {
     use candle_transformers::models::quantized_llama as candle_llama;
-    let tmp = tempfile::tempdir().unwrap();
-    let f32_path = common::tiny_gguf("quantized_llama", tmp.path()).unwrap();
-    for dtype in [None, Some(GgmlDType::Q8_0)] {
-        let path = match dtype {
-            None => f32_path.clone(),
-            Some(dtype) => {
-                let path = tmp.path().join(format!("llama-{dtype:?}.gguf"));
-                common::quantize_gguf(&f32_path, &path, dtype);
-                path
-            }
-        };
-        let mut ours: Adapter<QuantizedLlama> = load(&path);
+    f32_and_q8_0("quantized_llama", |path, dtype| {
+        let mut ours: Adapter<QuantizedLlama> = load(path);
         let attention_fused = ours.network().layers()[0].attention.fused_projections();
         assert_eq!(attention_fused, dtype.is_some(), "{dtype:?}");
-        let mut file = GgufFile::open(&path).unwrap();
+        let mut file = GgufFile::open(path).unwrap();
         let mut theirs =
             candle_llama::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
                 .unwrap();
@@ -132,7 +124,108 @@ fn llama_matches_candle() {
             |x, p| theirs.forward(x, p),
             &format!("llama {dtype:?}"),
         );
-    }
+    });
+}
+
+/// Runs `check` on the tiny fixture of `arch` in F32, then with every matrix quantized to
+/// Q8_0 (`None` and `Some(Q8_0)`). Q8_0 is where our kernels multiply (fused q/k/v and
+/// gate/up included) and candle its own `QMatMul`s. (Q4_1 and Q5_0 would need rows of an even
+/// number of blocks for candle's debug assertions; the tiny models' are one or two blocks.
+/// tests/kernels.rs compares those types with candle at real sizes.)
+fn f32_and_q8_0(arch: &str, mut check: impl FnMut(&Path, Option<GgmlDType>)) {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_path = common::tiny_gguf(arch, tmp.path()).unwrap();
+    check(&f32_path, None);
+    let path = tmp.path().join(format!("{arch}-q8_0.gguf"));
+    common::quantize_gguf(&f32_path, &path, GgmlDType::Q8_0);
+    check(&path, Some(GgmlDType::Q8_0));
+}
+
+/// Our Qwen3 computes what candle's `quantized_qwen3` computes (per-head q/k RMSNorms, NEOX
+/// RoPE, SwiGLU), in F32 and Q8_0: prefill, a decode step, then a chunk on the cache. candle is
+/// set up where it is wrong by design, so that the comparison is fair: its RoPE tables are F32
+/// (`general.dtype` = 0; by default they are F16, see
+/// `qwen3_f16_rope_table_is_wrong_and_f32_is_not`), and after a decode step its CPU path only
+/// has every token in its raw cache, which a multi-token chunk does not read, so that chunk is
+/// fed to it one token at a time.
+#[test]
+fn qwen3_matches_candle() {
+    use candle_transformers::models::quantized_qwen3 as candle_qwen3;
+    f32_and_q8_0("quantized_qwen3", |path, dtype| {
+        let mut ours: Adapter<QuantizedQwen3> = load(path);
+        let attention_fused = ours.network().layers()[0].attention.fused_projections();
+        assert_eq!(attention_fused, dtype.is_some(), "{dtype:?}");
+        let mut file = GgufFile::open(path).unwrap();
+        file.content
+            .metadata
+            .insert("general.dtype".into(), Value::U32(0));
+        let mut theirs =
+            candle_qwen3::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
+                .unwrap();
+        let mut decoded = false;
+        let theirs = |x: &Tensor, position: usize| {
+            let n = x.dim(1)?;
+            if n == 1 {
+                decoded = true;
+            } else if decoded {
+                let mut logits = None;
+                for i in 0..n {
+                    logits = Some(theirs.forward(&x.narrow(1, i, 1)?, position + i)?);
+                }
+                return Ok(logits.unwrap());
+            }
+            theirs.forward(x, position)
+        };
+        matches_candle(&mut ours, theirs, &format!("qwen3 {dtype:?}"));
+    });
+}
+
+/// Our Phi-3 computes what candle's `quantized_phi3` computes (fused q/k/v, fused gate/up
+/// SwiGLU, NEOX RoPE), in F32 and Q8_0: prefill, a decode step, then a chunk on the cache. The
+/// fixture is one candle computes right: RoPE base 10000 (candle hard-codes it) over whole
+/// heads (candle cannot rotate part of a head).
+#[test]
+fn phi3_matches_candle() {
+    use candle_transformers::models::quantized_phi3 as candle_phi3;
+    f32_and_q8_0("quantized_phi3", |path, dtype| {
+        let mut ours: Adapter<QuantizedPhi3> = load(path);
+        assert!(ours.network().layers()[0].attention.fused_projections());
+        let mut file = GgufFile::open(path).unwrap();
+        let mut theirs = candle_phi3::ModelWeights::from_gguf(
+            false,
+            file.content,
+            &mut file.reader,
+            &Device::Cpu,
+        )
+        .unwrap();
+        matches_candle(
+            &mut ours,
+            |x, p| theirs.forward(x, p),
+            &format!("phi3 {dtype:?}"),
+        );
+    });
+}
+
+/// Our Phi-2 computes what candle's `quantized_phi` computes (parallel block, LayerNorms and
+/// biases, GELU, partial NEOX RoPE), in F32 and Q8_0: prefill, a decode step, then a chunk on
+/// the cache. The fixture is one candle computes right: fused q/k/v, as many kv heads as
+/// heads, RoPE base 10000, and positions far below candle's fixed 4096-row RoPE table.
+#[test]
+fn phi2_matches_candle() {
+    use candle_transformers::models::quantized_phi as candle_phi2;
+    f32_and_q8_0("quantized_phi2", |path, dtype| {
+        let mut ours: Adapter<QuantizedPhi2> = load(path);
+        assert!(ours.network().layers()[0].attention.fused_projections());
+        let mut file = GgufFile::open(path).unwrap();
+        let mut theirs =
+            candle_phi2::ModelWeights::from_gguf(file.content, &mut file.reader, &Device::Cpu)
+                .unwrap();
+        matches_candle(
+            &mut ours,
+            |x, p| theirs.forward(x, p),
+            &format!("phi2 {dtype:?}"),
+        );
+    });
 }
 
 /// Llama 3.1's RoPE scaling (the `rope_freqs.weight` divisors) changes the logits, as
@@ -165,7 +258,7 @@ fn llama_rope_freqs_divide_the_frequencies() {
 }
 
 /// A prompt chunk after decode steps (a conversation continuing on its cache) must see the
-/// decoded tokens; candle's CPU path for qwen3 alone would attend without them.
+/// decoded tokens (candle's CPU path for qwen3 attends without them).
 #[test]
 fn qwen3_chunk_after_decode_steps_sees_every_token() {
     let tmp = tempfile::tempdir().unwrap();
@@ -195,7 +288,8 @@ fn qwen3_prefill_at_position_zero_starts_over() {
     assert!(common::max_abs_diff(&again, &fresh) <= 1e-6);
 }
 
-/// Why the qwen3 adapter asks candle for F32 RoPE tables: its default F16 table is far off.
+/// Why `qwen3_matches_candle` asks candle for F32 RoPE tables (our Qwen3 computes the angles in
+/// F32): candle's default F16 table is far off.
 #[test]
 fn qwen3_f16_rope_table_is_wrong_and_f32_is_not() {
     use candle_transformers::models::quantized_qwen3::RotaryEmbedding;
@@ -268,99 +362,276 @@ fn impossible_hyperparameters_are_named() {
     }
 }
 
-/// What candle would silently get wrong is refused, with the reason.
+/// RoPE scalings we do not compute (YaRN) are refused, with the key and what is allowed.
 #[test]
-fn rope_settings_candle_ignores_are_refused() {
+fn rope_scalings_we_do_not_compute_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str, Value, &str); 6] = [
-        (
-            "quantized_llama",
-            "llama.rope.scaling.type",
-            Value::String("yarn".into()),
-            "allowed: none, linear",
-        ),
-        (
-            "quantized_phi2",
-            "phi2.rope.freq_base",
-            Value::F32(25_000.0),
-            "hard-codes",
-        ),
-        (
-            "quantized_phi3",
-            "phi3.rope.freq_base",
-            Value::F32(250_000.0),
-            "hard-codes",
-        ),
-        (
-            "quantized_phi3",
-            "phi3.rope.dimension_count",
-            Value::U32(4),
-            "partial",
-        ),
-        (
-            "quantized_qwen2",
-            "qwen2.rope.scaling.type",
-            Value::String("yarn".into()),
-            "yarn",
-        ),
-        (
-            "quantized_gemma3",
-            "gemma3.rope.scaling.type",
-            Value::String("yarn".into()),
-            "allowed: none, linear",
-        ),
-    ];
-    for (arch, key, value, expected) in cases {
+    for arch in ARCHITECTURES {
         let path = common::tiny_gguf(arch, tmp.path()).unwrap();
+        let prefix = GgufFile::open(&path).unwrap().architecture().unwrap();
+        let key = format!("{prefix}.rope.scaling.type");
         let err = load_edited(&path, |f| {
-            f.content.metadata.insert(key.to_string(), value);
+            let yarn = Value::String("yarn".into());
+            f.content.metadata.insert(key.clone(), yarn);
         })
-        .expect_err(&format!("{arch}: {key} loaded"));
-        assert!(err.contains(key) && err.contains(expected), "{arch}: {err}");
+        .expect_err(&format!("{arch}: {key} = yarn loaded"));
+        assert!(
+            err.contains(&key) && err.contains("yarn") && err.contains("not supported"),
+            "{arch}: {err}"
+        );
     }
 }
 
-/// Tensor layouts candle's phi models cannot run are named at load.
+/// What candle's phi and qwen3 models ignored or refused is computed now: the file's RoPE base
+/// (candle hard-coded 10000 for Phi), linear RoPE scaling, and Phi-3's partial rotation. Each
+/// changes the logits; a rotation that is odd or wider than the head is refused, naming the key.
 #[test]
-fn phi_layouts_candle_cannot_run_are_refused() {
+fn rope_settings_of_the_file_are_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = [1u32, 5, 9, 33, 2, 60, 7, 11];
+    let logits = |arch: &str, edit: &[(&str, Value)]| -> Result<Vec<f32>, String> {
+        let path = common::tiny_gguf(arch, tmp.path()).unwrap();
+        let mut file = GgufFile::open(&path).unwrap();
+        for (key, value) in edit {
+            file.content.metadata.insert(key.to_string(), value.clone());
+        }
+        let (_, entry) = llm_pool::models::detect::detect(&path).unwrap();
+        let mut model = llm_pool::models::Model::load_detected(
+            ModelSource::Gguf(file),
+            entry,
+            &LoadOptions::cpu(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(model.forward_ids(&tokens, 0).unwrap())
+    };
+    let head_dim = (common::TINY_HIDDEN / common::TINY_HEADS) as u32;
+    let linear = |arch: &str| {
+        vec![
+            (
+                format!("{arch}.rope.scaling.type"),
+                Value::String("linear".into()),
+            ),
+            (format!("{arch}.rope.scaling.factor"), Value::F32(4.0)),
+        ]
+    };
+    for (arch, prefix) in [
+        ("quantized_phi2", "phi2"),
+        ("quantized_phi3", "phi3"),
+        ("quantized_qwen3", "qwen3"),
+    ] {
+        let plain = logits(arch, &[]).unwrap();
+        let base = format!("{prefix}.rope.freq_base");
+        let changes: Vec<Vec<(String, Value)>> = vec![
+            vec![(base.clone(), Value::F32(100.0))],
+            linear(prefix),
+            vec![(
+                format!("{prefix}.rope.scaling.attn_factor"),
+                Value::F32(1.5),
+            )],
+        ];
+        for change in changes {
+            let edit: Vec<(&str, Value)> = change
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect();
+            let other = logits(arch, &edit).unwrap();
+            assert!(
+                common::max_abs_diff(&plain, &other) > 1e-3,
+                "{arch}: {change:?} changed nothing"
+            );
+        }
+        // The default base is llama.cpp's 10000, which the fixtures of phi2 and phi3 state or
+        // imply; the same base stated changes nothing.
+        if prefix != "qwen3" {
+            let same = logits(arch, &[(&base, Value::F32(10_000.0))]).unwrap();
+            assert!(common::max_abs_diff(&plain, &same) <= 1e-6, "{arch}");
+        }
+        // `none` means no scaling, whatever the factor says (llama.cpp).
+        let none = [
+            (
+                &*format!("{prefix}.rope.scaling.type"),
+                Value::String("none".into()),
+            ),
+            (&*format!("{prefix}.rope.scaling.factor"), Value::F32(4.0)),
+        ];
+        let unscaled = logits(arch, &none).unwrap();
+        assert!(common::max_abs_diff(&plain, &unscaled) <= 1e-6, "{arch}");
+    }
+    // Phi-3 rotating half of each head (as Phi-4-mini rotates three quarters).
+    let full = logits("quantized_phi3", &[]).unwrap();
+    let key = "phi3.rope.dimension_count";
+    let half = logits("quantized_phi3", &[(key, Value::U32(head_dim / 2))]).unwrap();
+    assert!(common::max_abs_diff(&full, &half) > 1e-3);
+    for (arch, key) in [
+        ("quantized_phi2", "phi2.rope.dimension_count"),
+        ("quantized_phi3", "phi3.rope.dimension_count"),
+    ] {
+        for bad in [head_dim - 1, head_dim + 2] {
+            let err = logits(arch, &[(key, Value::U32(bad))]).unwrap_err();
+            assert!(err.contains(key) && err.contains("even"), "{arch}: {err}");
+        }
+    }
+    let err = logits(
+        "quantized_qwen3",
+        &[("qwen3.rope.dimension_count", Value::U32(4))],
+    )
+    .unwrap_err();
+    assert!(err.contains("qwen3.rope.dimension_count"), "{err}");
+}
+
+/// Phi-3's LongRoPE files (128k Phi-3, Phi-3.5, Phi-4-mini) run as llama.cpp runs them in a
+/// context up to `rope.scaling.original_context_length`: the frequencies divided by the short
+/// factors, cos and sin by `rope.scaling.attn_factor`, and that context is the limit.
+#[test]
+fn phi3_longrope_short_factors_apply_within_the_original_context() {
     let tmp = tempfile::tempdir().unwrap();
     let path = common::tiny_gguf("quantized_phi3", tmp.path()).unwrap();
-    let err = load_edited(&path, |f| {
-        let info = copy_info(&f.content.tensor_infos["output_norm.weight"]);
-        f.content
-            .tensor_infos
-            .insert("rope_factors_long.weight".into(), info);
-    })
-    .unwrap_err();
-    assert!(err.contains("longrope"), "{err}");
+    let pairs = common::TINY_HIDDEN / common::TINY_HEADS / 2;
+    let tokens = [1u32, 5, 9, 33, 2, 60, 7, 11];
+    let with_factors = |short: Vec<f32>, name: &str| {
+        let long = tmp.path().join(format!("long-{name}"));
+        common::add_gguf_tensor(&path, &long, "rope_factors_long.weight", vec![8.0; pairs]);
+        let dst = tmp.path().join(name);
+        common::add_gguf_tensor(&long, &dst, "rope_factors_short.weight", short);
+        dst
+    };
+    let load_with = |path: &Path, original: Option<u32>| {
+        let mut file = GgufFile::open(path).unwrap();
+        if let Some(n) = original {
+            let key = "phi3.rope.scaling.original_context_length";
+            file.content.metadata.insert(key.into(), Value::U32(n));
+        }
+        QuantizedPhi3::load(ModelSource::Gguf(file), &LoadOptions::cpu())
+    };
+    let plain = run(&mut load::<QuantizedPhi3>(&path), &tokens, 0);
+    // Short factors of 1 change nothing (the long ones, 8, are not used); the context is the
+    // original one.
+    let ones = with_factors(vec![1.0; pairs], "ones.gguf");
+    let mut model = load_with(&ones, Some(64)).unwrap();
+    assert_eq!(model.info().max_context, 64);
+    let same = run(&mut model, &tokens, 0);
+    assert!(common::max_abs_diff(&plain, &same) <= 1e-6);
+    // Without the key, the original context is the trained one (llama.cpp's default).
+    assert_eq!(load_with(&ones, None).unwrap().info().max_context, 256);
+    let scaled = with_factors((0..pairs).map(|i| 1.0 + i as f32).collect(), "scaled.gguf");
+    let differs = run(&mut load_with(&scaled, Some(64)).unwrap(), &tokens, 0);
+    assert!(common::max_abs_diff(&plain, &differs) > 1e-3);
+    let bad = with_factors(vec![0.0; pairs], "zero.gguf");
+    let err = load_with(&bad, None).err().expect("a zero factor loaded");
+    assert!(
+        err.to_string().contains("rope_factors_short.weight"),
+        "{err}"
+    );
+}
 
-    let path = common::tiny_gguf("quantized_phi2", tmp.path()).unwrap();
-    let err = load_edited(&path, |f| {
-        let qkv = f
-            .content
-            .tensor_infos
-            .remove("blk.0.attn_qkv.weight")
-            .unwrap();
-        f.content
-            .tensor_infos
-            .insert("blk.0.attn_q.weight".into(), qkv);
-    })
-    .unwrap_err();
-    assert!(err.contains("attn_qkv"), "{err}");
-    let err = load_edited(&path, |f| {
-        f.content
-            .metadata
-            .insert("phi2.attention.head_count_kv".into(), Value::U32(2));
-    })
-    .unwrap_err();
-    assert!(err.contains("grouped-query"), "{err}");
+/// The Phi-2 tiny file (fused `attn_qkv` and its bias) rewritten with separate `attn_q`,
+/// `attn_k`, `attn_v` and their biases, as newer llama.cpp conversions write Phi-2: the same
+/// logits (candle's phi2 refused this layout). In Q8_0 the three are fused again at load.
+#[test]
+fn phi2_separate_qkv_equals_fused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fused = common::tiny_gguf("quantized_phi2", tmp.path()).unwrap();
+    let split = tmp.path().join("split.gguf");
+    let h = common::TINY_HIDDEN;
+    common::rewrite_gguf(
+        &fused,
+        &split,
+        |name, t| match name.strip_suffix(".attn_qkv.weight") {
+            Some(prefix) => rows_split(prefix, "weight", &t, h),
+            None => match name.strip_suffix(".attn_qkv.bias") {
+                Some(prefix) => rows_split(prefix, "bias", &t, h),
+                None => vec![(name.to_string(), t)],
+            },
+        },
+        &[],
+    );
+    let tokens = [1u32, 5, 9, 33, 2, 60, 7, 11];
+    for dtype in [None, Some(GgmlDType::Q8_0)] {
+        let (fused, split) = match dtype {
+            None => (fused.clone(), split.clone()),
+            Some(dtype) => {
+                let (a, b) = (
+                    tmp.path().join("fused-q.gguf"),
+                    tmp.path().join("split-q.gguf"),
+                );
+                common::quantize_gguf(&fused, &a, dtype);
+                common::quantize_gguf(&split, &b, dtype);
+                (a, b)
+            }
+        };
+        let expected = run(&mut load::<QuantizedPhi2>(&fused), &tokens, 0);
+        let mut model = load::<QuantizedPhi2>(&split);
+        let attention_fused = model.network().layers()[0].attention.fused_projections();
+        assert_eq!(attention_fused, dtype.is_some(), "{dtype:?}");
+        let got = run(&mut model, &tokens, 0);
+        let diff = common::max_abs_diff(&expected, &got);
+        assert!(
+            diff <= 1e-5,
+            "{dtype:?}: split differs from fused by {diff}"
+        );
+    }
+}
+
+/// `{prefix}.attn_qkv.{kind}` (rows `[q | k | v]`, `h` each) as three tensors.
+fn rows_split(prefix: &str, kind: &str, t: &Tensor, h: usize) -> Vec<(String, Tensor)> {
+    ["attn_q", "attn_k", "attn_v"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                format!("{prefix}.{n}.{kind}"),
+                t.narrow(0, i * h, h).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Phi-2 with grouped-query attention (candle's phi2 refused it): a file whose two kv heads
+/// serve two query heads each computes what the same file with four kv heads, each of the two
+/// repeated, computes. Both derive from the tiny file's fused `attn_qkv`: kv heads 0 and 2 of
+/// its four.
+#[test]
+fn phi2_grouped_query_attention_equals_repeated_kv_heads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::tiny_gguf("quantized_phi2", tmp.path()).unwrap();
+    let (h, heads) = (common::TINY_HIDDEN, common::TINY_HEADS);
+    let hd = h / heads;
+    // The rows of `attn_qkv` for q, then the k and v heads in `kv_heads` order.
+    let regroup = |kv_heads: &'static [usize]| {
+        move |name: &str, t: Tensor| {
+            if !name.contains(".attn_qkv.") {
+                return vec![(name.to_string(), t)];
+            }
+            let mut parts = vec![t.narrow(0, 0, h).unwrap()];
+            for part in [1, 2] {
+                for &head in kv_heads {
+                    parts.push(t.narrow(0, part * h + head * hd, hd).unwrap());
+                }
+            }
+            vec![(name.to_string(), Tensor::cat(&parts, 0).unwrap())]
+        }
+    };
+    let gqa = tmp.path().join("gqa.gguf");
+    let kv = [("phi2.attention.head_count_kv", Value::U32(2))];
+    common::rewrite_gguf(&src, &gqa, regroup(&[0, 2]), &kv);
+    let repeated = tmp.path().join("repeated.gguf");
+    common::rewrite_gguf(&src, &repeated, regroup(&[0, 0, 2, 2]), &[]);
+    let tokens = [1u32, 5, 9, 33, 2, 60, 7, 11];
+    let mut ours = load::<QuantizedPhi2>(&gqa);
+    let mut reference = load::<QuantizedPhi2>(&repeated);
+    let (a, b) = (run(&mut ours, &tokens, 0), run(&mut reference, &tokens, 0));
+    let diff = common::max_abs_diff(&a, &b);
+    assert!(diff <= 1e-5, "prefill differs by {diff}");
+    let (a, b) = (run(&mut ours, &[3], 8), run(&mut reference, &[3], 8));
+    let diff = common::max_abs_diff(&a, &b);
+    assert!(diff <= 1e-5, "decode differs by {diff}");
 }
 
 /// A tensor with the wrong shape is named at load by our own implementations, not found by a
 /// matmul later.
 #[test]
 fn a_mis_shaped_tensor_is_named() {
-    for arch in ["quantized_qwen2", "quantized_gemma3"] {
+    for arch in ARCHITECTURES {
         let tmp = tempfile::tempdir().unwrap();
         let path = common::tiny_gguf(arch, tmp.path()).unwrap();
         let err = load_edited(&path, |f| {

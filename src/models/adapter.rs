@@ -16,11 +16,8 @@ use super::gguf::GgufFile;
 use super::hf::HfConfig;
 use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource};
 use crate::error::{Error, Result};
-use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use std::fs::File;
-use std::io::BufReader;
 
 /// An architecture's computation: read-only weights, run over a separate, mutable cache.
 pub trait Network: Send + 'static {
@@ -83,9 +80,9 @@ impl<A: Architecture> Adapter<A> {
         Ok(Adapter::new(loaded.network, loaded.cache, info))
     }
 
-    /// Loads a GGUF file: `config` checks and maps the metadata (and may rewrite what candle
-    /// reads), `build` reads the tensors onto the device (it gets the file itself, as candle's
-    /// loaders take its content). GGUF models compute in F32 whatever their quantization.
+    /// Loads a GGUF file: `config` checks and maps the metadata, `build` reads the tensors onto
+    /// the device (it gets the file itself). GGUF models compute in F32 whatever their
+    /// quantization.
     pub fn load_gguf<C>(
         source: ModelSource,
         options: &LoadOptions,
@@ -182,20 +179,6 @@ impl<N: Network> Loaded<N> {
     }
 }
 
-impl<M: Clone + Send + 'static, A: Architecture<Network = Pristine<M>>> Adapter<A> {
-    /// Loads a GGUF file into candle's own model.
-    pub fn load_stock_gguf(
-        source: ModelSource,
-        options: &LoadOptions,
-        stock: StockGguf<M>,
-    ) -> Result<Self> {
-        Self::load_gguf(source, options, stock.config, |mut file, sizes, device| {
-            let model = (stock.from_gguf)(file.content, &mut file.reader, device)?;
-            Ok(Loaded::pristine(model, stock.forward, sizes.0, sizes.1))
-        })
-    }
-}
-
 impl<M: Clone + Send + 'static> Loaded<Pristine<M>> {
     /// A freshly loaded stock model run by its `forward`: its pristine copy is the network, the
     /// live one the cache.
@@ -227,20 +210,6 @@ pub struct Pristine<M> {
 
 /// candle's forward of a stock model: the ids and their position, with the cache inside.
 pub type StockForward<M> = fn(&mut M, &Tensor, usize) -> candle_core::Result<Tensor>;
-
-/// candle's loader of a stock model from GGUF content and the file it indexes.
-pub type StockFromGguf<M> = fn(Content, &mut BufReader<File>, &Device) -> candle_core::Result<M>;
-
-/// How a stock candle model is loaded from GGUF and run.
-pub struct StockGguf<M> {
-    /// Checks the metadata (and rewrites what candle reads); gives the vocabulary size and the
-    /// context.
-    pub config: fn(&mut GgufFile) -> Result<(usize, usize)>,
-    /// candle's loader.
-    pub from_gguf: StockFromGguf<M>,
-    /// candle's forward.
-    pub forward: StockForward<M>,
-}
 
 impl<M: Clone + Send + 'static> Network for Pristine<M> {
     type Cache = M;

@@ -13,7 +13,8 @@ pub struct GgufFile {
     pub path: PathBuf,
     /// Metadata and tensor directory.
     pub content: Content,
-    /// A reader positioned anywhere; adapters pass it to candle's `from_gguf`.
+    /// A reader positioned anywhere (for reading tensors, and for candle's `from_gguf` where a
+    /// test compares with candle's models).
     pub reader: BufReader<File>,
 }
 
@@ -325,6 +326,34 @@ impl GgufFile {
         }
     }
 
+    /// `{arch}.rope.dimension_count`: how many dimensions of each head RoPE rotates (Phi's
+    /// partial rotary), even (RoPE rotates pairs) and at most the head size.
+    pub fn rope_dimension_count(&self, arch: &str, head_dim: usize) -> Result<usize> {
+        let key = format!("{arch}.rope.dimension_count");
+        let rope_dim = self.count(&key)?;
+        self.require(&key, rope_dim <= head_dim && rope_dim % 2 == 0, || {
+            format!("is {rope_dim}; it must be even and at most the head size {head_dim}")
+        })?;
+        Ok(rope_dim)
+    }
+
+    /// The RoPE settings llama.cpp reads for every architecture: `{arch}.rope.freq_base`
+    /// (`default_base` when absent), linear scaling by `{arch}.rope.scaling.factor` unless
+    /// `rope.scaling.type` is `none` (absent means linear, as in llama.cpp), and the
+    /// `rope.scaling.attn_factor` on cos and sin. Any other scaling type (YaRN) is refused.
+    pub fn rope_settings(&self, arch: &str, default_base: f64) -> Result<RopeSettings> {
+        self.rope_scaling(arch, &["none", "linear"])?;
+        let factor = self.positive(&format!("{arch}.rope.scaling.factor"), Some(1.0))?;
+        let kind = self.get(&format!("{arch}.rope.scaling.type"));
+        let none = kind.is_some_and(|k| k.to_string().is_ok_and(|k| k == "none"));
+        Ok(RopeSettings {
+            base: self.positive(&format!("{arch}.rope.freq_base"), Some(default_base))?,
+            position_scale: if none { 1.0 } else { 1.0 / factor },
+            attention_factor: self
+                .positive(&format!("{arch}.rope.scaling.attn_factor"), Some(1.0))?,
+        })
+    }
+
     /// [`GgufFile::vocab_size`], checked against the embedding and output rows
     /// ([`GgufFile::check_vocab`]).
     pub fn checked_vocab_size(&self, arch: &str, tied_output: bool) -> Result<usize> {
@@ -356,6 +385,17 @@ impl GgufFile {
             .opt_u64("tokenizer.ggml.bos_token_id")?
             .map(|id| id as u32))
     }
+}
+
+/// RoPE as a GGUF file states it ([`GgufFile::rope_settings`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeSettings {
+    /// `theta` of the inverse frequencies `theta^(-2i / d)`.
+    pub base: f64,
+    /// Multiplies the positions (1 / the linear scaling factor; 1 for none).
+    pub position_scale: f64,
+    /// Multiplies cos and sin (1 for none).
+    pub attention_factor: f64,
 }
 
 fn value_u64(v: &Value) -> Option<u64> {

@@ -137,8 +137,10 @@ pub fn tiny_gguf(architecture: &str, dir: &Path) -> Option<PathBuf> {
         }
         "quantized_phi2" => {
             // llama.cpp's phi2 layout: LayerNorms with biases, a fused QKV projection with a
-            // bias, parallel attention and MLP, partial rotary (half the head here). candle's
-            // phi2 has no grouped-query attention, so kv heads = heads.
+            // bias, parallel attention and MLP, partial rotary (half the head here), kv heads =
+            // heads as in Phi-2 (and as candle's phi2, the reference of the parity test,
+            // needs). Tests derive the split q/k/v and grouped-query layouts from this file
+            // (`rewrite_gguf`).
             md.push(("general.architecture", Value::String("phi2".into())));
             md.push(("phi2.context_length", Value::U32(256)));
             md.push(("phi2.embedding_length", Value::U32(h as u32)));
@@ -356,6 +358,37 @@ pub fn add_gguf_tensor(src: &Path, dst: &Path, name: &str, values: Vec<f32>) {
         name.to_string(),
         QTensor::quantize(&extra, GgmlDType::F32).unwrap(),
     ));
+    write_like(&content, &tensors, dst);
+}
+
+/// Copies the F32 GGUF file `src` to `dst` with each tensor replaced by what `map` makes of it
+/// (none, one or several named tensors, F32) and the metadata keys of `metadata` set: how a
+/// test derives another layout of a tiny file (split or regrouped projections) from it.
+pub fn rewrite_gguf(
+    src: &Path,
+    dst: &Path,
+    mut map: impl FnMut(&str, Tensor) -> Vec<(String, Tensor)>,
+    metadata: &[(&str, Value)],
+) {
+    use candle_core::quantized::gguf_file::Content;
+    let mut file = std::fs::File::open(src).unwrap();
+    let mut content = Content::read(&mut file).unwrap();
+    let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    names.sort();
+    let mut tensors = Vec::new();
+    for name in names {
+        let tensor = content.tensor(&mut file, &name, &Device::Cpu).unwrap();
+        let values = tensor.dequantize(&Device::Cpu).unwrap();
+        for (name, t) in map(&name, values) {
+            // A fresh buffer: `map` may return views (narrowed rows) of a larger one.
+            let data = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let t = Tensor::from_vec(data, t.shape(), &Device::Cpu).unwrap();
+            tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        }
+    }
+    for (key, value) in metadata {
+        content.metadata.insert(key.to_string(), value.clone());
+    }
     write_like(&content, &tensors, dst);
 }
 

@@ -1,95 +1,124 @@
-//! Phi-2 GGUF files (`general.architecture = phi2`), run by candle's `quantized_phi`.
+//! Phi-2 GGUF files (`general.architecture = phi2`).
 //!
-//! What this adapter hides about candle's model:
+//! This is our own implementation on the shared [`Decoder`] with Phi's parallel block
+//! (attention and MLP read the same LayerNorm output and are added to the residual together),
+//! adapted from candle's `quantized_phi` (same tensors, same arithmetic; a test checks equal
+//! logits against it, in F32 and Q8_0), so that every projection goes through the linear-layer
+//! seam and so through our own quantized kernels (`crate::kernels`). Biases everywhere
+//! (LayerNorms, q/k/v, output, MLP, head), GELU (tanh form, llama.cpp's `ggml_gelu`), and RoPE
+//! over the halves (llama.cpp's NEOX ordering) of the first `phi2.rope.dimension_count`
+//! dimensions of each head (partial rotary: 32 of Phi-2's 80). What candle's model could not
+//! do, and this does:
 //!
-//! - It has no `clear_kv_cache`, and its causal-mask cache grows with every new
-//!   `(prompt length, cache length)` pair. The reset therefore swaps in a pristine clone taken
-//!   at load time ([`Pristine`]): the clone shares the weights, RoPE tables and the `-inf`
-//!   constant (all read-only: candle never writes them in place), and brings back an empty KV
-//!   cache (`Option`, replaced rather than written on every step) and an empty mask cache.
-//! - Its RoPE table is fixed at 4096 positions and its RoPE base at 10000, whatever the file
-//!   says. The context reported here is capped at the table, and a file declaring another base
-//!   or a RoPE scaling is refused instead of silently computing something else.
-//! - It splits the fused `attn_qkv` projection as `(3, heads, head_dim)`, so it cannot run
-//!   grouped-query attention, and it needs the fused tensor (files converted from the newer
-//!   Hugging Face layout carry separate `attn_q`/`attn_k`/`attn_v`). Both are checked here so
-//!   the error names the problem instead of a shape mismatch deep in a forward pass.
+//! - Layouts. candle read only the fused `attn_qkv` projection and split it as
+//!   `(3, heads, head_size)`, so it had no grouped-query attention and refused the separate
+//!   `attn_q`/`attn_k`/`attn_v` tensors that newer llama.cpp conversions write. Both layouts
+//!   run here, with any `head_count_kv` dividing `head_count`; separate q/k/v are fused at
+//!   load where our kernels handle their type ([`GgufWeights::fused_linear`]).
+//! - RoPE. candle tabulated cos and sin for 4096 positions with the base hard-coded to 10000;
+//!   here the angles are computed per forward for the positions at hand (no cap but the
+//!   declared context), from the file's `phi2.rope.freq_base` (llama.cpp's default 10000 when
+//!   absent, as in every Phi-2 conversion) and its linear scaling, if any.
+//! - State and memory. candle's model kept a causal mask per prompt length and had to be reset
+//!   by swapping in a pristine clone; here the KV cache is the only mutable state, so a reset
+//!   empties it. The token embeddings stay quantized (rows dequantized on lookup) instead of a
+//!   dequantized F32 copy of the table.
+//!
+//! Still refused, with the reason: RoPE scaling other than linear (YaRN).
 
-use crate::error::{Error, Result};
-use crate::models::adapter::{Pristine, StockGguf};
-use crate::models::gguf::GgufFile;
+use crate::error::Result;
+use crate::models::adapter::Loaded;
+use crate::models::gguf::{GgufFile, RopeSettings};
+use crate::models::layers::attention::Attention;
+use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, Dims, FeedForward};
+use crate::models::layers::gguf_weights::GgufWeights;
+use crate::models::layers::mlp::Mlp;
+use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
-use candle_transformers::models::quantized_phi::{ModelWeights as Weights, MAX_SEQ_LEN};
+use candle_core::Device;
+use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "phi2";
-/// The RoPE base candle's `quantized_phi` hard-codes.
-const ROPE_BASE: f64 = 10_000.0;
+/// The longest context run here (Phi-2 declares 2048).
+pub const MAX_CONTEXT: usize = 131_072;
 
-/// Quantized Phi-2, as registered: candle's model, reset to a pristine clone.
+/// The hyperparameters, all read and checked before any tensor is.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Vocabulary, widths, layers and heads.
+    dims: Dims,
+    eps: f64,
+    /// Dimensions of each head that RoPE rotates.
+    rope_dim: usize,
+    rope: RopeSettings,
+    max_context: usize,
+}
+
+/// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
+pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
+    let dims = Dims::from_gguf(file, ARCH, |heads| file.derived_head_dim(ARCH, heads))?;
+    let rope_dim = file.rope_dimension_count(ARCH, dims.heads.head_dim)?;
+    file.count("phi2.context_length")?;
+    // llama.cpp's Phi-2 always has its own output projection (with a bias).
+    file.check_vocab(dims.vocab_size, false)?;
+    Ok(Config {
+        dims,
+        eps: file.positive("phi2.attention.layer_norm_epsilon", None)?,
+        rope_dim,
+        rope: file.rope_settings(ARCH, 10_000.0)?,
+        max_context: file.context_length(ARCH, MAX_CONTEXT)?,
+    })
+}
+
+/// Quantized Phi-2, as registered.
 pub struct QuantizedPhi2;
-
-/// The vocabulary size and the context (capped at candle's RoPE table), after checking
-/// everything candle's loader reads (and what it silently ignores).
-fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
-    let heads = file.count("phi2.attention.head_count")?;
-    let kv_heads = file.count("phi2.attention.head_count_kv")?;
-    file.count("phi2.block_count")?;
-    let rope_dim = file.count("phi2.rope.dimension_count")?;
-    file.positive("phi2.attention.layer_norm_epsilon", None)?;
-    if kv_heads != heads {
-        return Err(file.config_error("phi2.attention.head_count_kv",
-            format!("is {kv_heads} but candle's quantized phi2 needs it equal to head_count ({heads}): it has no grouped-query attention"),
-        ));
-    }
-    let head_dim = file.derived_head_dim(ARCH, heads)?;
-    if rope_dim > head_dim || rope_dim % 2 != 0 {
-        return Err(file.config_error(
-            "phi2.rope.dimension_count",
-            format!("must be even and at most the head size {head_dim}, found {rope_dim}"),
-        ));
-    }
-    check_rope_base(file, ARCH)?;
-    file.rope_scaling(ARCH, &["none"])?;
-    let tensors = &file.content.tensor_infos;
-    if !tensors.contains_key("blk.0.attn_qkv.weight") && tensors.contains_key("blk.0.attn_q.weight")
-    {
-        return Err(Error::model_file(
-            &file.path,
-            "this phi2 file has separate attn_q/attn_k/attn_v tensors; candle's quantized phi2 needs the fused blk.N.attn_qkv layout",
-        ));
-    }
-    Ok((
-        file.checked_vocab_size(ARCH, false)?,
-        file.context_length(ARCH, MAX_SEQ_LEN)?,
-    ))
-}
-
-/// candle's model, after our checks of the metadata.
-const STOCK: StockGguf<Weights> = StockGguf {
-    config: config_from_gguf,
-    from_gguf: Weights::from_gguf,
-    forward: Weights::forward,
-};
-
-/// candle's quantized Phi models hard-code their RoPE base; a file that states another one is
-/// refused rather than run with the wrong one.
-pub(super) fn check_rope_base(file: &GgufFile, arch: &str) -> Result<()> {
-    let key = format!("{arch}.rope.freq_base");
-    match file.opt_f64(&key)? {
-        Some(base) if (base - ROPE_BASE).abs() > 1e-3 => Err(file.config_error(
-            &key,
-            format!("is {base}, but candle's quantized {arch} hard-codes {ROPE_BASE}"),
-        )),
-        _ => Ok(()),
-    }
-}
 
 impl Architecture for QuantizedPhi2 {
     const NAMES: Names = Names::gguf("quantized_phi2", &[ARCH]);
-    type Network = Pristine<Weights>;
+    type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_stock_gguf(source, options, STOCK)
+        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
     }
+}
+
+/// The decoder with llama.cpp's Phi-2 tensors: parallel blocks over one LayerNorm, biases
+/// everywhere, a GELU MLP, partial NEOX RoPE.
+fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
+    let (dims, eps) = (cfg.dims, cfg.eps);
+    let (h, ff) = (dims.hidden_size, dims.intermediate_size);
+    let mut w = GgufWeights::new(&mut file, device);
+    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
+    let output = output.with_bias(w.vector("output.bias", dims.vocab_size)?);
+    let norm = w.layer_norm("output_norm", h, eps)?;
+    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
+    for i in 0..dims.num_hidden_layers {
+        let prefix = format!("blk.{i}");
+        let attention =
+            Attention::from_gguf_any_layout(&mut w, &prefix, h, dims.heads, (true, true))?;
+        let mut linear = |name: &str, (rows, cols): (usize, usize)| -> Result<_> {
+            let weight = w.linear(&format!("{prefix}.{name}.weight"), [rows, cols])?;
+            Ok(weight.with_bias(w.vector(&format!("{prefix}.{name}.bias"), rows)?))
+        };
+        let mlp = Mlp::Plain {
+            fc1: linear("ffn_up", (ff, h))?,
+            fc2: linear("ffn_down", (h, ff))?,
+            act: Activation::NewGelu,
+        };
+        layers.push(DecoderLayer {
+            attention,
+            ffn: FeedForward::Mlp(mlp),
+            block: Block::Parallel {
+                norm: w.layer_norm(&format!("{prefix}.attn_norm"), h, eps)?,
+            },
+            window: None,
+            rotary: 0,
+        });
+    }
+    let rotary = Rotary::new(inv_freq(cfg.rope_dim, cfg.rope.base, Rounding::F32), device)?
+        .with_position_scale(cfg.rope.position_scale)
+        .with_attention_factor(cfg.rope.attention_factor);
+    let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
+    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }

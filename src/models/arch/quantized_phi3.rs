@@ -1,100 +1,170 @@
-//! Phi-3 GGUF files (`general.architecture = phi3`), run by candle's `quantized_phi3`.
+//! Phi-3 GGUF files (`general.architecture = phi3`: Phi-3, Phi-3.5-mini, Phi-4-mini).
 //!
-//! What this adapter hides about candle's model:
+//! This is our own implementation on the shared pre-norm [`Decoder`], adapted from candle's
+//! `quantized_phi3` (same tensors, same arithmetic; a test checks equal logits against it, in
+//! F32 and Q8_0), so that every projection goes through the linear-layer seam and so through
+//! our own quantized kernels (`crate::kernels`). llama.cpp writes Phi-3's projections already
+//! fused: `attn_qkv` is `[q | k | v]` ([`Attention::fused`]) and `ffn_up` is `[gate | up]`
+//! ([`Mlp::FusedGated`], SwiGLU), each one matrix for the kernels as it is in the file; files
+//! with separate `attn_q`/`attn_k`/`attn_v`, which llama.cpp also reads, are fused at load
+//! where the kernels handle their type. RoPE rotates halves (llama.cpp's NEOX ordering) of the
+//! first `phi3.rope.dimension_count` dimensions of each head. What candle's model got wrong
+//! or could not do, and this does:
 //!
-//! - It has no `clear_kv_cache`, and its causal-mask cache grows with every new
-//!   `(prompt length, cache length)` pair. The reset therefore swaps in a pristine clone taken
-//!   at load time ([`Pristine`]). That is sound here: the clone shares the weights, RoPE tables
-//!   and the `-inf` constant, which candle only reads; the per-layer `KvCache` writes in place
-//!   (`slice_set`) but allocates its buffer on the first append, so the pristine copy, never
-//!   run, holds no buffer for the live model to write into.
-//! - That `KvCache` preallocates `phi3.context_length` positions per layer on its first append,
-//!   and the RoPE table has exactly that many rows. The context is capped at
-//!   [`MAX_CONTEXT`] and written back into the metadata before candle reads it, so a file
-//!   declaring a huge context cannot make every first forward allocate gigabytes.
-//! - Its RoPE base is hard-coded to 10000, it rotates the whole head (no partial rotary) and
-//!   it knows nothing of the `longrope` factors of the 128k Phi-3/3.5/4-mini files. Such
-//!   files are refused with the reason rather than run with silently wrong positions.
-//! - llama.cpp currently ignores Phi-3's sliding window (`phi3.attention.sliding_window`), and
-//!   so does candle; results match llama.cpp's, not a windowed reference, past the window.
+//! - RoPE. candle hard-coded the base to 10000 and rotated the whole head, so files with
+//!   another `phi3.rope.freq_base` or a partial rotation (Phi-4-mini rotates 3/4 of each
+//!   head) were refused; here both are read, as is linear scaling (`rope.scaling.factor`).
+//!   The angles are computed per forward for the positions at hand, with the frequencies
+//!   rounded as candle and llama.cpp round them (f32), instead of a table of
+//!   `context_length` rows.
+//! - LongRoPE. The 128k Phi-3/3.5/4-mini files carry `rope_factors_short.weight` and
+//!   `rope_factors_long.weight` (one divisor per rotated pair) and `rope.scaling.attn_factor`.
+//!   llama.cpp divides the frequencies by the short factors when its context is at most
+//!   `phi3.rope.scaling.original_context_length` (4096) and by the long ones otherwise, for
+//!   every position, and multiplies cos and sin by the attention factor either way. Here the
+//!   short factors and the attention factor are applied and the context is limited to the
+//!   original length: exactly what llama.cpp computes there. The long-factor regime is not
+//!   offered (its logits depend on the context llama.cpp was started with, not on the
+//!   sequence), as the Hugging Face Phi-3 module limits its LongRoPE context the same way.
+//! - State and memory. candle's model kept a causal mask per prompt length and preallocated a
+//!   `context_length` KV buffer per layer on its first forward, and had to be reset by
+//!   swapping in a pristine clone. Here the cache is the only mutable state and grows with the
+//!   sequence, so a reset empties it; the token embeddings stay quantized (rows dequantized on
+//!   lookup), and a file without `output.weight` ties the head to them, as llama.cpp does.
+//!
+//! llama.cpp disables Phi-3's sliding window (`phi3.attention.sliding_window`, 2047 in
+//! Phi-3-mini-4k), and so does this: results match llama.cpp's, not a windowed reference,
+//! past the window.
 
-use super::quantized_phi2::check_rope_base;
 use crate::error::{Error, Result};
-use crate::models::adapter::{Pristine, StockGguf};
-use crate::models::gguf::GgufFile;
+use crate::models::adapter::Loaded;
+use crate::models::gguf::{GgufFile, RopeSettings};
+use crate::models::layers::attention::Attention;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
+use crate::models::layers::gguf_weights::GgufWeights;
+use crate::models::layers::mlp::Mlp;
+use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
-use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::Device;
-use candle_transformers::models::quantized_phi3::ModelWeights as Weights;
-use std::fs::File;
-use std::io::BufReader;
+use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "phi3";
-/// The longest context run here. Phi-3 files without `longrope` factors are trained at 4k
-/// (medium at 4k too); the cap only bounds what a malformed file can make candle allocate.
-pub const MAX_CONTEXT: usize = 32_768;
+/// The longest context run here (Phi-3 files declare 4k without LongRoPE, 128k with it,
+/// which runs here up to its original 4k; see the module docs).
+pub const MAX_CONTEXT: usize = 131_072;
+/// LongRoPE's per-pair divisors for contexts up to the original length.
+const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
+/// LongRoPE's per-pair divisors for longer contexts (not used; see the module docs).
+const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 
-/// Quantized Phi-3, as registered: candle's model, reset to a pristine clone.
-pub struct QuantizedPhi3;
+/// The hyperparameters, all read and checked before any tensor is.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Vocabulary, widths, layers and heads.
+    dims: Dims,
+    eps: f64,
+    /// Dimensions of each head that RoPE rotates.
+    rope_dim: usize,
+    rope: RopeSettings,
+    /// Whether the frequencies are divided by LongRoPE's short factors.
+    short_factors: bool,
+    max_context: usize,
+}
 
-/// The vocabulary size and the context, after checking everything candle's loader reads (and
-/// what it silently ignores); the capped context is written back for candle to read.
-fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
-    let (heads, _) = file.heads(ARCH)?;
-    file.count("phi3.block_count")?;
-    file.count("phi3.feed_forward_length")?;
+/// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
+pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
+    let dims = Dims::from_gguf(file, ARCH, |heads| file.derived_head_dim(ARCH, heads))?;
+    let rope_dim = file.rope_dimension_count(ARCH, dims.heads.head_dim)?;
     file.count("phi3.context_length")?;
-    let rope_dim = file.count("phi3.rope.dimension_count")?;
-    file.positive("phi3.attention.layer_norm_rms_epsilon", None)?;
-    let head_dim = file.derived_head_dim(ARCH, heads)?;
-    if rope_dim != head_dim {
-        return Err(file.config_error("phi3.rope.dimension_count",
-            format!("is {rope_dim}, but candle's quantized phi3 rotates the whole head ({head_dim}): partial rotary embeddings are not supported"),
-        ));
-    }
-    check_rope_base(file, ARCH)?;
-    file.rope_scaling(ARCH, &["none"])?;
-    // The 128k Phi-3 files (and Phi-3.5/Phi-4-mini) scale RoPE with per-dimension `longrope`
-    // factors, stored as these tensors; llama.cpp applies them at every length.
-    for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
-        if file.content.tensor_infos.contains_key(name) {
-            return Err(Error::model_file(
-                &file.path,
-                format!("this phi3 file uses longrope RoPE scaling (tensor {name}), which candle's quantized phi3 does not implement"),
-            ));
+    // The output projection may be tied to the embeddings.
+    file.check_vocab(dims.vocab_size, true)?;
+    let tensors = &file.content.tensor_infos;
+    let longrope =
+        tensors.contains_key(ROPE_FACTORS_SHORT) || tensors.contains_key(ROPE_FACTORS_LONG);
+    let mut max_context = file.context_length(ARCH, MAX_CONTEXT)?;
+    if longrope {
+        // llama.cpp's default for the original length is the trained context.
+        let key = "phi3.rope.scaling.original_context_length";
+        if file.get(key).is_some() {
+            max_context = max_context.min(file.count(key)?);
         }
     }
-    let context = file.context_length(ARCH, MAX_CONTEXT)?;
-    // candle sizes both the RoPE table and each layer's KV buffer from this key.
-    let key = "phi3.context_length".to_string();
-    file.content
-        .metadata
-        .insert(key, Value::U32(context as u32));
-    Ok((file.checked_vocab_size(ARCH, false)?, context))
+    Ok(Config {
+        dims,
+        eps: file.positive("phi3.attention.layer_norm_rms_epsilon", None)?,
+        rope_dim,
+        rope: file.rope_settings(ARCH, 10_000.0)?,
+        short_factors: tensors.contains_key(ROPE_FACTORS_SHORT),
+        max_context,
+    })
 }
 
-/// candle's model, after our checks of the metadata.
-const STOCK: StockGguf<Weights> = StockGguf {
-    config: config_from_gguf,
-    from_gguf,
-    forward: Weights::forward,
-};
-
-/// candle's loader, without flash attention (a CUDA kernel the default build does not have).
-fn from_gguf(
-    content: Content,
-    reader: &mut BufReader<File>,
-    device: &Device,
-) -> candle_core::Result<Weights> {
-    Weights::from_gguf(false, content, reader, device)
-}
+/// Quantized Phi-3, as registered.
+pub struct QuantizedPhi3;
 
 impl Architecture for QuantizedPhi3 {
     const NAMES: Names = Names::gguf("quantized_phi3", &[ARCH]);
-    type Network = Pristine<Weights>;
+    type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_stock_gguf(source, options, STOCK)
+        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
     }
+}
+
+/// The pre-norm decoder with llama.cpp's Phi-3 tensors: fused q/k/v, fused gate/up (SwiGLU),
+/// partial NEOX RoPE.
+fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
+    let (dims, eps) = (cfg.dims, cfg.eps);
+    let (h, ff) = (dims.hidden_size, dims.intermediate_size);
+    let mut w = GgufWeights::new(&mut file, device);
+    let rotary = rotary(&mut w, cfg, device)?;
+    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
+    let norm = w.rms_norm("output_norm.weight", h, eps)?;
+    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
+    for i in 0..dims.num_hidden_layers {
+        let prefix = format!("blk.{i}");
+        let attention =
+            Attention::from_gguf_any_layout(&mut w, &prefix, h, dims.heads, (false, false))?;
+        let mut linear = |name: &str, shape| w.linear(&format!("{prefix}.{name}.weight"), shape);
+        let mlp = Mlp::FusedGated {
+            gate_up: linear("ffn_up", [2 * ff, h])?,
+            down: linear("ffn_down", [h, ff])?,
+            act: Activation::Silu,
+            intermediate: ff,
+        };
+        let attn_norm = w.rms_norm(&format!("{prefix}.attn_norm.weight"), h, eps)?;
+        let ffn_norm = w.rms_norm(&format!("{prefix}.ffn_norm.weight"), h, eps)?;
+        layers.push(DecoderLayer::pre_norm(
+            attention,
+            attn_norm,
+            FeedForward::Mlp(mlp),
+            ffn_norm,
+        ));
+    }
+    let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
+    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
+}
+
+/// NEOX RoPE over the first `rope_dim` dimensions, with the file's base, linear scaling and
+/// attention factor, the frequencies divided by LongRoPE's short factors when there are any.
+fn rotary(w: &mut GgufWeights, cfg: &Config, device: &Device) -> Result<Rotary> {
+    let mut freqs = inv_freq(cfg.rope_dim, cfg.rope.base, Rounding::F32);
+    if cfg.short_factors {
+        let factors = w
+            .vector(ROPE_FACTORS_SHORT, freqs.len())?
+            .to_vec1::<f32>()?;
+        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return Err(Error::model_file(
+                &w.file().path,
+                format!("{ROPE_FACTORS_SHORT} holds {bad}; RoPE factors must be positive"),
+            ));
+        }
+        for (f, d) in freqs.iter_mut().zip(factors) {
+            *f /= d;
+        }
+    }
+    Ok(Rotary::new(freqs, device)?
+        .with_position_scale(cfg.rope.position_scale)
+        .with_attention_factor(cfg.rope.attention_factor))
 }

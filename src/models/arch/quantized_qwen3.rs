@@ -1,140 +1,135 @@
-//! Qwen3 GGUF files (`general.architecture = qwen3`), run by candle's `quantized_qwen3`.
+//! Qwen3 GGUF files (`general.architecture = qwen3`).
 //!
-//! What this adapter hides about candle's model:
+//! This is our own implementation on the shared pre-norm [`Decoder`], adapted from candle's
+//! `quantized_qwen3` (same tensors, same arithmetic; a test checks equal logits against it,
+//! in F32 and Q8_0), so that every projection goes through the linear-layer seam and so through
+//! our own quantized kernels (`crate::kernels`), with q/k/v and gate/up each read as one fused
+//! matrix where the kernels handle their type ([`GgufWeights::fused_linear`]). Qwen3 is
+//! llama.cpp's Qwen2 block without the q/k/v biases and with a per-head RMSNorm on queries
+//! and keys (`attn_q_norm`, `attn_k_norm`) before RoPE, which rotates the halves of each head
+//! (llama.cpp's NEOX ordering). It also drops what candle's model carries and should not:
 //!
-//! - Its caches never restart by themselves: a prefill at position 0 appends to whatever the
-//!   previous request left and silently returns wrong logits. The adapter clears the cache
-//!   before every forward at position 0 (for every architecture), and so does the reset.
-//! - The reset is candle's `clear_kv_cache`, checked complete: the only mutable state is the
-//!   three per-layer caches it empties (the concatenating GPU cache, and the CPU path's
-//!   interleaved and raw caches); the RoPE tables sit behind an `Arc` and are never written,
-//!   and there is no mask cache (masks are built per forward). A pristine clone would work
-//!   too but costs more: the raw cache is a plain `Vec` preallocated for 4096 positions per
-//!   layer, so every clone would copy (and make resident) hundreds of MiB of zeros.
-//! - On CPU its decode step (one token) writes only the raw cache, while a multi-token forward
-//!   attends over the interleaved cache, which then lacks the decoded tokens: a prompt chunk
-//!   after a decode step would silently ignore them. Such chunks are fed one token at a time,
-//!   which only uses the raw cache that has every token.
-//! - On CPU it supports only batch 1 (it unwraps a cache it only builds for GPUs): a larger
-//!   batch is refused with an error instead of a caught panic.
-//! - It builds its RoPE tables in F16 unless the (non-standard, never written by llama.cpp)
-//!   `general.dtype` key says F32. F16 cannot hold the angles: positions above 2048 are not
-//!   even representable exactly, and at position 1000 the angle is off by up to a quarter
-//!   radian. The key is set to F32 in the metadata handed to candle, which only uses it for
-//!   the RoPE tables and the GPU mask.
-//! - The RoPE table has `qwen3.context_length` rows (kept four times: tensors and flat
-//!   copies), so the context is capped at [`MAX_CONTEXT`] and written back before loading.
+//! - State. candle's model keeps three caches per layer (a concatenating one for GPUs, an
+//!   interleaved one and a raw one preallocated for 4096 positions for its CPU path), and its
+//!   CPU decode step writes only the raw one, so a prompt chunk after a decode step attended
+//!   without the decoded tokens unless it was fed one token at a time; it ran batch 1 only on
+//!   CPU. Here the cache is one [`KvCache`](crate::models::layers::kv_cache::KvCache), the only
+//!   mutable state, so any chunk follows any other and a reset empties it.
+//! - RoPE. candle tabulates cos and sin in F16 unless the non-standard `general.dtype` key says
+//!   F32 (F16 cannot even hold the positions above 2048 exactly), with `context_length` rows
+//!   kept four times over. Here the angles are computed in F32 for the positions of each
+//!   forward, with the inverse frequencies rounded as candle's file rounds them. The base is
+//!   the file's `qwen3.rope.freq_base` (llama.cpp's default 10000 when absent), and linear
+//!   scaling (`rope.scaling.factor`) and `rope.scaling.attn_factor` are applied as llama.cpp
+//!   applies them.
+//! - Memory. The token embeddings stay quantized (rows dequantized on lookup) instead of a
+//!   dequantized F32 copy of the table; a tied head shares that one tensor.
+//!
+//! Still refused, with the reason: YaRN scaling (`qwen3.rope.scaling.type = yarn`, the
+//! 128k-context configuration), which this implementation does not compute. llama.cpp's
+//! Qwen3 has no sliding-window attention, and neither has this (a `sliding_window` key is
+//! ignored, as llama.cpp ignores it).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::models::adapter::Loaded;
-use crate::models::gguf::GgufFile;
+use crate::models::gguf::{GgufFile, RopeSettings};
+use crate::models::layers::attention::Attention;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
+use crate::models::layers::gguf_weights::GgufWeights;
+use crate::models::layers::mlp::Mlp;
+use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
-use candle_core::quantized::gguf_file::Value;
-use candle_core::Tensor;
-use candle_transformers::models::quantized_qwen3::ModelWeights as Weights;
+use candle_core::Device;
+use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "qwen3";
 /// The longest context run here (Qwen3 files declare 32k or 40k; 128k needs YaRN, refused).
 pub const MAX_CONTEXT: usize = 131_072;
 
+/// The hyperparameters, all read and checked before any tensor is.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Vocabulary, widths, layers and heads.
+    dims: Dims,
+    eps: f64,
+    rope: RopeSettings,
+    max_context: usize,
+}
+
+/// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
+pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
+    // Qwen3's head size is its own setting (128 in every released size), not hidden / heads,
+    // so `key_length` is required: llama.cpp's converter always writes it for Qwen3, and
+    // deriving it from a file that lost it would only fail later, at a tensor's shape.
+    let dims = Dims::from_gguf(file, ARCH, |_| file.key_length(ARCH))?;
+    // llama.cpp rotates whole heads for this architecture (it asserts n_rot == head size).
+    let key = "qwen3.rope.dimension_count";
+    if let Some(rope_dim) = file.opt_u64(key)? {
+        let head_dim = dims.heads.head_dim;
+        if rope_dim != head_dim as u64 {
+            return Err(file.config_error(
+                key,
+                format!("is {rope_dim}, but Qwen3 rotates the whole head ({head_dim})"),
+            ));
+        }
+    }
+    file.count("qwen3.context_length")?;
+    // The output projection may be tied to the embeddings.
+    file.check_vocab(dims.vocab_size, true)?;
+    Ok(Config {
+        dims,
+        eps: file.positive("qwen3.attention.layer_norm_rms_epsilon", None)?,
+        rope: file.rope_settings(ARCH, 10_000.0)?,
+        max_context: file.context_length(ARCH, MAX_CONTEXT)?,
+    })
+}
+
 /// Quantized Qwen3, as registered.
 pub struct QuantizedQwen3;
 
-/// How candle's model is driven on this device.
-pub struct Network {
-    on_cpu: bool,
-}
-
-/// candle's model, whose weights and caches are one struct, and what its CPU path needs.
-pub struct State {
-    model: Weights,
-    /// Whether a single-token step ran since the last clear (CPU path): the interleaved cache
-    /// then lacks tokens, so multi-token chunks must go one token at a time.
-    decoded: bool,
-}
-
-/// The vocabulary size and the context, after checking everything candle's loader reads (and
-/// what it silently ignores); the capped context and F32 RoPE tables are written back for
-/// candle to read.
-fn config_from_gguf(file: &mut GgufFile) -> Result<(usize, usize)> {
-    file.heads(ARCH)?;
-    file.key_length(ARCH)?;
-    file.count("qwen3.block_count")?;
-    file.count("qwen3.embedding_length")?;
-    file.count("qwen3.context_length")?;
-    file.positive("qwen3.attention.layer_norm_rms_epsilon", None)?;
-    file.positive("qwen3.rope.freq_base", None)?;
-    file.rope_scaling(ARCH, &["none"])?;
-    let context = file.context_length(ARCH, MAX_CONTEXT)?;
-    let metadata = &mut file.content.metadata;
-    // candle sizes its RoPE table from this key.
-    metadata.insert("qwen3.context_length".into(), Value::U32(context as u32));
-    // 0 is candle's code for F32 RoPE tables (see the module docs).
-    metadata.insert("general.dtype".into(), Value::U32(0));
-    // The output projection may be tied to the embeddings.
-    Ok((file.checked_vocab_size(ARCH, true)?, context))
-}
-
 impl Architecture for QuantizedQwen3 {
     const NAMES: Names = Names::gguf("quantized_qwen3", &[ARCH]);
-    type Network = Network;
+    type Network = Decoder;
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(
-            source,
-            options,
-            config_from_gguf,
-            |mut file, &(vocab, context), device| {
-                let model = Weights::from_gguf(file.content, &mut file.reader, device)?;
-                let state = State {
-                    model,
-                    decoded: false,
-                };
-                let network = Network {
-                    on_cpu: device.is_cpu(),
-                };
-                Ok(Loaded::new(network, state, vocab, context))
-            },
-        )
+        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
     }
 }
 
-impl crate::models::Network for Network {
-    type Cache = State;
-
-    fn forward(&self, input_ids: &Tensor, position: usize, state: &mut State) -> Result<Tensor> {
-        let (batch, seq_len) = input_ids.dims2()?;
-        if self.on_cpu && batch != 1 {
-            return Err(Error::InvalidParameter {
-                param: "input_ids".into(),
-                message: format!(
-                    "candle's quantized qwen3 runs batch 1 on CPU, got a batch of {batch}"
-                ),
-            });
-        }
-        // (The adapter resets the caches before a forward at position 0.)
-        if self.on_cpu && seq_len > 1 && state.decoded {
-            let mut logits = None;
-            for i in 0..seq_len {
-                let token = input_ids.narrow(1, i, 1)?;
-                logits = Some(state.model.forward(&token, position + i)?);
-            }
-            return logits.ok_or_else(|| Error::InvalidParameter {
-                param: "input_ids".into(),
-                message: "at least one token is needed".into(),
-            });
-        }
-        let logits = state.model.forward(input_ids, position)?;
-        if self.on_cpu && seq_len == 1 {
-            state.decoded = true;
-        }
-        Ok(logits)
+/// The pre-norm decoder with llama.cpp's Qwen3 tensors: per-head q/k RMSNorms, SwiGLU.
+fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
+    let (dims, eps) = (cfg.dims, cfg.eps);
+    let (h, hd) = (dims.hidden_size, dims.heads.head_dim);
+    let mut w = GgufWeights::new(&mut file, device);
+    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
+    let norm = w.rms_norm("output_norm.weight", h, eps)?;
+    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
+    for i in 0..dims.num_hidden_layers {
+        let prefix = format!("blk.{i}");
+        let mut norm = |name: &str, size| w.rms_norm(&format!("{prefix}.{name}.weight"), size, eps);
+        let (q_norm, k_norm) = (norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?);
+        let (attn_norm, ffn_norm) = (norm("attn_norm", h)?, norm("ffn_norm", h)?);
+        let attention = Attention::from_gguf(&mut w, &prefix, h, dims.heads, false)?
+            .with_qk_norms(q_norm, k_norm);
+        let mlp = Mlp::gated_from_gguf(
+            &mut w,
+            &prefix,
+            (h, dims.intermediate_size),
+            Activation::Silu,
+        )?;
+        layers.push(DecoderLayer::pre_norm(
+            attention,
+            attn_norm,
+            FeedForward::Mlp(mlp),
+            ffn_norm,
+        ));
     }
-
-    fn reset(&self, state: &mut State) -> Result<()> {
-        state.model.clear_kv_cache();
-        state.decoded = false;
-        Ok(())
-    }
+    // candle's quantized_qwen3 rounds the frequencies this way; llama.cpp's f32 computation
+    // differs from it by an ulp at most.
+    let rotary = Rotary::new(inv_freq(hd, cfg.rope.base, Rounding::F32Inverse), device)?
+        .with_position_scale(cfg.rope.position_scale)
+        .with_attention_factor(cfg.rope.attention_factor);
+    let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
+    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }

@@ -154,6 +154,54 @@ impl Attention {
         Ok(Attention::new(q, k, v, o_proj, heads))
     }
 
+    /// Reads llama.cpp's attention in either of its layouts: one fused `{prefix}.attn_qkv`
+    /// (Phi-2 and Phi-3 files) when the file has it, else separate `attn_q`, `attn_k` and
+    /// `attn_v` ([`Attention::from_gguf`], fused at load where our kernels can). When
+    /// `qkv_bias`, q, k and v have dense biases: `attn_qkv.bias`, or, on a fused weight
+    /// without one, `attn_q.bias`, `attn_k.bias` and `attn_v.bias` concatenated (as llama.cpp
+    /// reads older files). When `o_bias`, `attn_output` has one too.
+    pub fn from_gguf_any_layout(
+        w: &mut GgufWeights,
+        prefix: &str,
+        hidden: usize,
+        heads: Heads,
+        (qkv_bias, o_bias): (bool, bool),
+    ) -> Result<Self> {
+        let (q_dim, kv_dim) = (
+            heads.num_heads * heads.head_dim,
+            heads.num_kv_heads * heads.head_dim,
+        );
+        let fused = format!("{prefix}.attn_qkv.weight");
+        let mut attention = if w.has(&fused) {
+            let qkv_dim = q_dim + 2 * kv_dim;
+            let mut qkv = w.linear(&fused, [qkv_dim, hidden])?;
+            if qkv_bias {
+                let fused_bias = format!("{prefix}.attn_qkv.bias");
+                let q_bias = format!("{prefix}.attn_q.bias");
+                let bias = if !w.has(&fused_bias) && w.has(&q_bias) {
+                    let parts = [("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)];
+                    let biases = parts
+                        .iter()
+                        .map(|(n, dim)| w.vector(&format!("{prefix}.{n}.bias"), *dim))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&biases, 0)?
+                } else {
+                    w.vector(&fused_bias, qkv_dim)?
+                };
+                qkv = qkv.with_bias(bias);
+            }
+            let o_proj = w.linear(&format!("{prefix}.attn_output.weight"), [hidden, q_dim])?;
+            Attention::fused(qkv, o_proj, heads)
+        } else {
+            Self::from_gguf(w, prefix, hidden, heads, qkv_bias)?
+        };
+        if o_bias {
+            let bias = w.vector(&format!("{prefix}.attn_output.bias"), hidden)?;
+            attention.o_proj = attention.o_proj.with_bias(bias);
+        }
+        Ok(attention)
+    }
+
     /// Scales the scores by `scale` instead of `1/sqrt(head_dim)`.
     pub fn with_scale(mut self, scale: f64) -> Self {
         self.scale = scale;

@@ -93,6 +93,18 @@ impl<'a> GgufWeights<'a> {
         )))
     }
 
+    /// LayerNorm over `{name}.weight` and `{name}.bias` of `size` values (Phi-2).
+    pub fn layer_norm(&mut self, name: &str, size: usize, eps: f64) -> Result<Norm> {
+        let weight = self.vector(&format!("{name}.weight"), size)?;
+        let bias = self.vector(&format!("{name}.bias"), size)?;
+        Ok(Norm::Layer(candle_nn::LayerNorm::new(weight, bias, eps)))
+    }
+
+    /// Whether the file has a tensor named `name` (for layouts that vary between files).
+    pub fn has(&self, name: &str) -> bool {
+        self.file.content.tensor_infos.contains_key(name)
+    }
+
     /// The token embeddings `token_embd.weight` `(vocab, hidden)`, kept quantized, and the
     /// output head: `output.weight`, or the embedding table itself when the file ties them.
     pub fn embeddings_and_head(
