@@ -74,7 +74,7 @@ fn oracle(w: &QuantizedWeight, acts: &[BlockQ8], m: usize) -> (Vec<f64>, Vec<f64
         (y, mag)
     }
     let (n, k) = w.dims();
-    match w.blocks() {
+    match &*w.blocks() {
         Blocks::Q4_1(b) => run(b, acts, m, n, k / QK),
         Blocks::Q5_0(b) => run(b, acts, m, n, k / QK),
         Blocks::Q8_0(b) => run(b, acts, m, n, k / QK),
@@ -151,6 +151,39 @@ fn every_row_count_against_the_oracle_and_candle() {
         // A long prompt, on a narrow weight to keep the debug-build oracle quick.
         let (q, w) = weight(dtype, 5, 576, 8);
         check(&q, &w, 512, 300, &format!("{dtype:?} n=5"));
+    }
+}
+
+/// Q4_1 and Q5_0 weights laid out for AVX-512 VNNI are interleaved eight rows to a group (the
+/// last group padded), any other layout keeps the file's rows; the rows come back out of the
+/// groups exactly, and both layouts give the oracle's results at every level.
+#[test]
+fn both_layouts_at_every_level() {
+    for (dtype, _) in TYPES {
+        let x = Tensor::from_vec(values(21 * 640, 3), (21, 640), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&x, dtype).unwrap();
+        let rows = QuantizedWeight::from_qtensor_at(Level::Scalar, &q)
+            .unwrap()
+            .unwrap();
+        let best = QuantizedWeight::from_qtensor_at(Level::detect(), &q)
+            .unwrap()
+            .unwrap();
+        assert!(!rows.interleaved(), "{dtype:?}");
+        let grouped = Level::detect() == Level::Avx512Vnni && dtype != GgmlDType::Q8_0;
+        assert_eq!(best.interleaved(), grouped, "{dtype:?}");
+        assert_eq!(*rows.blocks(), *best.blocks(), "{dtype:?}");
+        for j in [0, 7, 8, 20] {
+            let (mut a, mut b) = (vec![0f32; 640], vec![0f32; 640]);
+            rows.dequantize_row(j, &mut a);
+            best.dequantize_row(j, &mut b);
+            assert_eq!(a, b, "{dtype:?} row {j}");
+        }
+        let qm = QMatMul::from_qtensor(q).unwrap();
+        for w in [&rows, &best] {
+            for m in [1, 3, 9] {
+                check(&qm, w, m, 400 + m as u64, &format!("{dtype:?} layouts"));
+            }
+        }
     }
 }
 

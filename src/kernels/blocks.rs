@@ -98,7 +98,7 @@ impl Default for BlockQ8 {
 }
 
 /// The weight blocks of one matrix, row-major: row `j` is blocks `j·nb .. (j+1)·nb`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Blocks {
     Q4_1(Vec<BlockQ4_1>),
     Q5_0(Vec<BlockQ5_0>),
@@ -261,4 +261,141 @@ impl WeightBlock for BlockQ8_0 {
         let d = self.d.to_f32();
         self.codes().map(|c| c as f32 * d)
     }
+}
+
+/// Weight rows per interleaved group ([`Groups`]).
+pub const GROUP: usize = 8;
+
+/// Eight Q4_1 rows' blocks at one block position, interleaved (ggml's repacking idea, our
+/// layout): `lo[r]` and `hi[r]` are row `r`'s nibble bytes 0..8 and 8..16, so a 64-byte load
+/// holds one step of eight codes for all eight rows. 160 bytes, as the eight blocks were.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct GroupQ4_1 {
+    pub lo: [[u8; 8]; GROUP],
+    pub hi: [[u8; 8]; GROUP],
+    pub d: [f16; GROUP],
+    pub m: [f16; GROUP],
+}
+
+/// Eight Q5_0 rows' blocks at one block position, interleaved: nibbles as in [`GroupQ4_1`],
+/// and `qh[t][r]` is byte `t` of row `r`'s fifth bits, so one 64-bit load is the byte mask of
+/// step `t` for all eight rows. 176 bytes, as the eight blocks were.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct GroupQ5_0 {
+    pub lo: [[u8; 8]; GROUP],
+    pub hi: [[u8; 8]; GROUP],
+    pub qh: [[u8; 8]; 4],
+    pub d: [f16; GROUP],
+}
+
+const _: () = assert!(std::mem::size_of::<GroupQ4_1>() == 8 * 20);
+const _: () = assert!(std::mem::size_of::<GroupQ5_0>() == 8 * 22);
+
+/// A weight block type that can be interleaved eight rows to a group.
+pub trait Interleave: WeightBlock {
+    /// The group of eight rows' blocks at one position.
+    type Group: Copy + Send + Sync + 'static;
+    /// The all-zero block (scale 0), padding a last group.
+    const ZERO: Self;
+    /// The eight blocks as a group.
+    fn interleave(rows: [&Self; GROUP]) -> Self::Group;
+    /// Row `r`'s block back out of a group.
+    fn row(group: &Self::Group, r: usize) -> Self;
+}
+
+fn halves(qs: &[u8; 16]) -> ([u8; 8], [u8; 8]) {
+    let mut lo = [0; 8];
+    let mut hi = [0; 8];
+    lo.copy_from_slice(&qs[..8]);
+    hi.copy_from_slice(&qs[8..]);
+    (lo, hi)
+}
+
+fn joined(lo: &[u8; 8], hi: &[u8; 8]) -> [u8; 16] {
+    let mut qs = [0; 16];
+    qs[..8].copy_from_slice(lo);
+    qs[8..].copy_from_slice(hi);
+    qs
+}
+
+impl Interleave for BlockQ4_1 {
+    type Group = GroupQ4_1;
+    const ZERO: Self = BlockQ4_1 {
+        d: f16::ZERO,
+        m: f16::ZERO,
+        qs: [0; QK / 2],
+    };
+    fn interleave(rows: [&Self; GROUP]) -> GroupQ4_1 {
+        GroupQ4_1 {
+            lo: rows.map(|b| halves(&b.qs).0),
+            hi: rows.map(|b| halves(&b.qs).1),
+            d: rows.map(|b| b.d),
+            m: rows.map(|b| b.m),
+        }
+    }
+    fn row(g: &GroupQ4_1, r: usize) -> Self {
+        BlockQ4_1 {
+            d: g.d[r],
+            m: g.m[r],
+            qs: joined(&g.lo[r], &g.hi[r]),
+        }
+    }
+}
+
+impl Interleave for BlockQ5_0 {
+    type Group = GroupQ5_0;
+    const ZERO: Self = BlockQ5_0 {
+        d: f16::ZERO,
+        qh: [0; 4],
+        qs: [0; QK / 2],
+    };
+    fn interleave(rows: [&Self; GROUP]) -> GroupQ5_0 {
+        GroupQ5_0 {
+            lo: rows.map(|b| halves(&b.qs).0),
+            hi: rows.map(|b| halves(&b.qs).1),
+            qh: std::array::from_fn(|t| rows.map(|b| b.qh[t])),
+            d: rows.map(|b| b.d),
+        }
+    }
+    fn row(g: &GroupQ5_0, r: usize) -> Self {
+        BlockQ5_0 {
+            d: g.d[r],
+            qh: std::array::from_fn(|t| g.qh[t][r]),
+            qs: joined(&g.lo[r], &g.hi[r]),
+        }
+    }
+}
+
+/// Interleaves `n` rows of `nb` blocks into groups of eight rows (group-major, then block
+/// position: group `g`, position `b` is at `g·nb + b`); a last group of fewer rows is padded
+/// with all-zero blocks (scale 0, so they compute 0 and their outputs are dropped).
+pub fn interleave<B: Interleave>(rows: &[B], n: usize, nb: usize) -> Vec<B::Group> {
+    let zero = B::ZERO;
+    let mut out = Vec::with_capacity(n.div_ceil(GROUP) * nb);
+    for g in 0..n.div_ceil(GROUP) {
+        for b in 0..nb {
+            out.push(B::interleave(std::array::from_fn(|r| {
+                let j = g * GROUP + r;
+                if j < n {
+                    &rows[j * nb + b]
+                } else {
+                    &zero
+                }
+            })));
+        }
+    }
+    out
+}
+
+/// The rows back out of groups: `n` rows of `nb` blocks, row-major.
+pub fn deinterleave<B: Interleave>(groups: &[B::Group], n: usize, nb: usize) -> Vec<B> {
+    let mut out = Vec::with_capacity(n * nb);
+    for j in 0..n {
+        for b in 0..nb {
+            out.push(B::row(&groups[(j / GROUP) * nb + b], j % GROUP));
+        }
+    }
+    out
 }

@@ -7,13 +7,17 @@
 //! use it too, so one set of worker threads serves every quantized matmul instead of two pools
 //! spinning against each other on the same cores (rayon is left to candle's f32 `gemm`).
 
-use super::blocks::{BlockQ8, Blocks, WeightBlock, WeightType, QK};
+use super::blocks::{
+    deinterleave, interleave, BlockQ4_1, BlockQ5_0, BlockQ8, Blocks, GroupQ4_1, GroupQ5_0,
+    Interleave, WeightBlock, WeightType, GROUP, QK,
+};
 use super::dispatch::{self, Level};
 use super::quantize::{quantize_into, SumForm};
 use super::scalar;
 use crate::error::{Error, Result};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -37,14 +41,46 @@ enum Panels {}
 /// A quantized `(n, k)` weight (`n` outputs, `k` inputs) that our kernels multiply.
 #[derive(Debug, Clone)]
 pub struct QuantizedWeight {
-    blocks: Blocks,
+    storage: Storage,
     n: usize,
     k: usize,
 }
 
+/// How the blocks are held: as in the file, or (Q4_1 and Q5_0 at the AVX-512 VNNI level)
+/// interleaved eight rows to a group, so that a decode step's 512-bit products cover eight
+/// weight rows at once instead of unpacking one block per row (see `x86::dot_group`). Same
+/// bytes either way; the groups are the only copy.
+#[derive(Debug, Clone)]
+enum Storage {
+    Rows(Blocks),
+    Groups(Groups),
+}
+
+/// Interleaved weight groups, group-major (see [`interleave`]).
+#[derive(Debug, Clone)]
+enum Groups {
+    Q4_1(Vec<GroupQ4_1>),
+    Q5_0(Vec<GroupQ5_0>),
+}
+
 impl QuantizedWeight {
-    /// Takes the GGUF blocks `bytes` of an `(n, k)` matrix of type `ty`.
+    /// Takes the GGUF blocks `bytes` of an `(n, k)` matrix of type `ty`, laid out for the
+    /// dispatched level.
     pub fn from_bytes(ty: WeightType, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        Self::from_bytes_at(dispatch::level(), ty, bytes, n, k)
+    }
+
+    /// [`Self::from_bytes`] laid out for `level` (a level the CPU lacks is lowered): Q4_1
+    /// and Q5_0 are interleaved for AVX-512 VNNI. Any layout computes at every level; the
+    /// other levels take the rows back out of groups per matmul, which only tests and
+    /// benchmarks do.
+    pub fn from_bytes_at(
+        level: Level,
+        ty: WeightType,
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+    ) -> Result<Self> {
         if k == 0 || !k.is_multiple_of(QK) {
             return Err(Error::Kernel(format!(
                 "k = {k} is not a positive multiple of {QK}"
@@ -57,16 +93,28 @@ impl QuantizedWeight {
                 bytes.len()
             )));
         }
-        Ok(QuantizedWeight {
-            blocks: Blocks::parse(ty, bytes),
-            n,
-            k,
-        })
+        let nb = k / QK;
+        let blocks = Blocks::parse(ty, bytes);
+        let storage = match (level.min(Level::detect()), blocks) {
+            (Level::Avx512Vnni, Blocks::Q4_1(b)) if n > 0 => {
+                Storage::Groups(Groups::Q4_1(interleave(&b, n, nb)))
+            }
+            (Level::Avx512Vnni, Blocks::Q5_0(b)) if n > 0 => {
+                Storage::Groups(Groups::Q5_0(interleave(&b, n, nb)))
+            }
+            (_, blocks) => Storage::Rows(blocks),
+        };
+        Ok(QuantizedWeight { storage, n, k })
     }
 
     /// Takes a CPU GGUF tensor `(n, k)` when we have a kernel for its type; `None` otherwise
     /// (other types, other devices, other ranks), for the caller to keep candle's `QMatMul`.
     pub fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
+        Self::from_qtensor_at(dispatch::level(), t)
+    }
+
+    /// [`Self::from_qtensor`] laid out for `level` (see [`Self::from_bytes_at`]).
+    pub fn from_qtensor_at(level: Level, t: &QTensor) -> Result<Option<Self>> {
         let Some(ty) = WeightType::from_ggml(t.dtype()) else {
             return Ok(None);
         };
@@ -74,12 +122,21 @@ impl QuantizedWeight {
             (Device::Cpu, &[n, k]) if k.is_multiple_of(QK) => (n, k),
             _ => return Ok(None),
         };
-        Ok(Some(Self::from_bytes(ty, &t.data()?, n, k)?))
+        Ok(Some(Self::from_bytes_at(level, ty, &t.data()?, n, k)?))
     }
 
     /// The weight type.
     pub fn weight_type(&self) -> WeightType {
-        self.blocks.weight_type()
+        match &self.storage {
+            Storage::Rows(b) => b.weight_type(),
+            Storage::Groups(Groups::Q4_1(_)) => WeightType::Q4_1,
+            Storage::Groups(Groups::Q5_0(_)) => WeightType::Q5_0,
+        }
+    }
+
+    /// Whether the blocks are held interleaved in groups of eight rows.
+    pub fn interleaved(&self) -> bool {
+        matches!(self.storage, Storage::Groups(_))
     }
 
     /// `(n, k)`: outputs, inputs.
@@ -87,9 +144,14 @@ impl QuantizedWeight {
         (self.n, self.k)
     }
 
-    /// The blocks, row-major.
-    pub fn blocks(&self) -> &Blocks {
-        &self.blocks
+    /// The blocks, row-major (taken back out of groups when interleaved).
+    pub fn blocks(&self) -> Cow<'_, Blocks> {
+        let (n, nb) = (self.n, self.k / QK);
+        match &self.storage {
+            Storage::Rows(b) => Cow::Borrowed(b),
+            Storage::Groups(Groups::Q4_1(g)) => Cow::Owned(Blocks::Q4_1(deinterleave(g, n, nb))),
+            Storage::Groups(Groups::Q5_0(g)) => Cow::Owned(Blocks::Q5_0(deinterleave(g, n, nb))),
+        }
     }
 
     /// The activation form this weight type multiplies with.
@@ -138,15 +200,21 @@ impl QuantizedWeight {
         }
         // The SIMD entry points are only sound at a level this CPU has.
         let level = level.min(Level::detect());
+        // Groups compute at the level they were laid out for; any other level gets the rows.
+        let rows = match (&self.storage, level) {
+            (Storage::Groups(_), Level::Avx512Vnni) => None,
+            _ => Some(self.blocks()),
+        };
         let panels = self.panels(level, acts, m);
         let out = Mutex::new(vec![0f32; m * n]);
         let items = n.div_ceil(COLUMN_TILE);
         candle_core::utils::barrier_pool().execute_chunked(items, |range| {
             let cols = range.start * COLUMN_TILE..(range.end * COLUMN_TILE).min(n);
             let mut local = vec![0f32; m * cols.len()];
-            match &panels {
-                Some(panels) => self.tile_panels(panels, m, cols.clone(), &mut local),
-                None => self.tile(level, acts, m, cols.clone(), &mut local),
+            match (&panels, &rows) {
+                (Some(panels), _) => self.tile_panels(panels, m, cols.clone(), &mut local),
+                (None, Some(rows)) => tile(level, rows, nb, acts, m, cols.clone(), &mut local),
+                (None, None) => self.gemv_groups(acts, cols.clone(), &mut local),
             }
             // A poisoned lock only means another item panicked; the pool re-raises that panic.
             let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
@@ -176,10 +244,16 @@ impl QuantizedWeight {
         // SAFETY: panels are only packed at the AVX-512 VNNI level, after that level was
         // capped by `Level::detect()`, which only returns it when the CPU has its features.
         unsafe {
-            match &self.blocks {
-                Blocks::Q4_1(w) => tile(w, nb, panels, m, cols, out),
-                Blocks::Q5_0(w) => tile(w, nb, panels, m, cols, out),
-                Blocks::Q8_0(w) => tile(w, nb, panels, m, cols, out),
+            match &self.storage {
+                Storage::Rows(Blocks::Q4_1(w)) => tile(rows_of(w, nb), nb, panels, m, cols, out),
+                Storage::Rows(Blocks::Q5_0(w)) => tile(rows_of(w, nb), nb, panels, m, cols, out),
+                Storage::Rows(Blocks::Q8_0(w)) => tile(rows_of(w, nb), nb, panels, m, cols, out),
+                Storage::Groups(Groups::Q4_1(g)) => {
+                    tile(group_rows(g, nb), nb, panels, m, cols, out)
+                }
+                Storage::Groups(Groups::Q5_0(g)) => {
+                    tile(group_rows(g, nb), nb, panels, m, cols, out)
+                }
             }
         }
     }
@@ -189,12 +263,35 @@ impl QuantizedWeight {
         match *panels {}
     }
 
-    fn tile(&self, level: Level, acts: &[BlockQ8], m: usize, cols: Range<usize>, out: &mut [f32]) {
-        match &self.blocks {
-            Blocks::Q4_1(w) => tile_at(level, w, self.k / QK, acts, m, cols, out),
-            Blocks::Q5_0(w) => tile_at(level, w, self.k / QK, acts, m, cols, out),
-            Blocks::Q8_0(w) => tile_at(level, w, self.k / QK, acts, m, cols, out),
+    /// A decode step (one activation row) on interleaved groups, at the AVX-512 VNNI level.
+    #[cfg(target_arch = "x86_64")]
+    fn gemv_groups(&self, acts: &[BlockQ8], cols: Range<usize>, out: &mut [f32]) {
+        use super::x86::gemv_groups_avx512_vnni as gemv;
+        let nb = self.k / QK;
+        // SAFETY: groups run here only at the AVX-512 VNNI level (see `matmul_quantized`),
+        // capped by `Level::detect()`, which only returns it when the CPU has its features.
+        // Column ranges start at multiples of `COLUMN_TILE`, itself a multiple of `GROUP`.
+        unsafe {
+            match &self.storage {
+                Storage::Groups(Groups::Q4_1(g)) => gemv(g, nb, acts, cols, out),
+                Storage::Groups(Groups::Q5_0(g)) => gemv(g, nb, acts, cols, out),
+                Storage::Rows(_) => {}
+            }
         }
+    }
+
+    /// Off x86 no groups are built (they are laid out for AVX-512 only).
+    #[cfg(not(target_arch = "x86_64"))]
+    fn gemv_groups(&self, acts: &[BlockQ8], cols: Range<usize>, out: &mut [f32]) {
+        tile(
+            Level::Scalar,
+            &self.blocks(),
+            self.k / QK,
+            acts,
+            1,
+            cols,
+            out,
+        )
     }
 
     /// Row `j` dequantized into `out` (`k` values).
@@ -204,11 +301,19 @@ impl QuantizedWeight {
                 o.copy_from_slice(&b.dequantize());
             }
         }
+        fn groups<B: Interleave>(g: &[B::Group], j: usize, nb: usize, out: &mut [f32]) {
+            let first = (j / GROUP) * nb;
+            for (gb, o) in g[first..first + nb].iter().zip(out.chunks_exact_mut(QK)) {
+                o.copy_from_slice(&B::row(gb, j % GROUP).dequantize());
+            }
+        }
         let nb = self.k / QK;
-        match &self.blocks {
-            Blocks::Q4_1(w) => rows(w, j, nb, out),
-            Blocks::Q5_0(w) => rows(w, j, nb, out),
-            Blocks::Q8_0(w) => rows(w, j, nb, out),
+        match &self.storage {
+            Storage::Rows(Blocks::Q4_1(w)) => rows(w, j, nb, out),
+            Storage::Rows(Blocks::Q5_0(w)) => rows(w, j, nb, out),
+            Storage::Rows(Blocks::Q8_0(w)) => rows(w, j, nb, out),
+            Storage::Groups(Groups::Q4_1(g)) => groups::<BlockQ4_1>(g, j, nb, out),
+            Storage::Groups(Groups::Q5_0(g)) => groups::<BlockQ5_0>(g, j, nb, out),
         }
     }
 
@@ -252,6 +357,41 @@ impl QuantizedWeight {
         let mut shape = lead.to_vec();
         shape.push(self.n);
         Tensor::from_vec(y, shape, &Device::Cpu)
+    }
+}
+
+/// Weight row `j`'s block at position `b`, row-major.
+#[cfg(target_arch = "x86_64")]
+fn rows_of<'a, B>(w: &'a [B], nb: usize) -> impl Fn(usize, usize) -> &'a B + 'a {
+    move |j, b| &w[j * nb + b]
+}
+
+/// Weight row `j`'s block at position `b`, out of interleaved groups.
+#[cfg(target_arch = "x86_64")]
+fn group_rows<'a, G>(
+    g: &'a [G],
+    nb: usize,
+) -> impl Fn(usize, usize) -> super::x86::GroupRow<'a, G> + 'a {
+    move |j, b| super::x86::GroupRow {
+        group: &g[(j / GROUP) * nb + b],
+        row: j % GROUP,
+    }
+}
+
+/// Output columns `cols` of row-major blocks at `level`.
+fn tile(
+    level: Level,
+    blocks: &Blocks,
+    nb: usize,
+    acts: &[BlockQ8],
+    m: usize,
+    cols: Range<usize>,
+    out: &mut [f32],
+) {
+    match blocks {
+        Blocks::Q4_1(w) => tile_at(level, w, nb, acts, m, cols, out),
+        Blocks::Q5_0(w) => tile_at(level, w, nb, acts, m, cols, out),
+        Blocks::Q8_0(w) => tile_at(level, w, nb, acts, m, cols, out),
     }
 }
 

@@ -19,7 +19,9 @@
 //! pairs ≤ 32512). The levels differ in the byte product: AVX2 `maddubs`+`madd`, AVX-VNNI the
 //! VEX `vpdpbusd`, AVX-512 VNNI the EVEX one (ymm with VL row by row, zmm for panels).
 
-use super::blocks::{BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, WeightBlock, QK};
+use super::blocks::{
+    BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GroupQ4_1, GroupQ5_0, WeightBlock, GROUP, QK,
+};
 use std::arch::x86_64::*;
 use std::array::from_fn;
 use std::ops::Range;
@@ -116,15 +118,15 @@ unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
     }
 }
 
-/// The 16 bytes of nibbles as the four steps of the AVX-512 prefill kernel: codes 0..8 are the
-/// low nibbles of bytes 0..8, 8..16 of bytes 8..16, 16..24 the high nibbles of bytes 0..8,
-/// 24..32 of bytes 8..16; each step's 8 bytes broadcast to all 64-bit lanes.
+/// The 16 bytes of nibbles (`lo` bytes 0..8, `hi` bytes 8..16) as the four steps of the
+/// AVX-512 prefill kernel: codes 0..8 are the low nibbles of `lo`, 8..16 of `hi`, 16..24 the
+/// high nibbles of `lo`, 24..32 of `hi`; each step's 8 bytes broadcast to all 64-bit lanes.
 #[inline(always)]
-unsafe fn nibble_steps(qs: &[u8; 16]) -> [__m512i; QK / 8] {
-    // SAFETY: AVX-512 F and BW by the caller; the reads are the two halves of `qs`.
+unsafe fn nibble_steps(lo: &[u8; 8], hi: &[u8; 8]) -> [__m512i; QK / 8] {
+    // SAFETY: AVX-512 F and BW by the caller; the reads are the two 8-byte arrays.
     unsafe {
-        let lo = _mm512_set1_epi64((qs.as_ptr() as *const i64).read_unaligned());
-        let hi = _mm512_set1_epi64((qs.as_ptr().add(8) as *const i64).read_unaligned());
+        let lo = _mm512_set1_epi64(i64::from_le_bytes(*lo));
+        let hi = _mm512_set1_epi64(i64::from_le_bytes(*hi));
         let mask = _mm512_set1_epi8(0x0f);
         [
             _mm512_and_si512(lo, mask),
@@ -132,6 +134,30 @@ unsafe fn nibble_steps(qs: &[u8; 16]) -> [__m512i; QK / 8] {
             _mm512_and_si512(_mm512_srli_epi16::<4>(lo), mask),
             _mm512_and_si512(_mm512_srli_epi16::<4>(hi), mask),
         ]
+    }
+}
+
+/// A block's 16 nibble bytes as its two 8-byte halves.
+#[inline(always)]
+fn halves(qs: &[u8; 16]) -> ([u8; 8], [u8; 8]) {
+    let mut lo = [0; 8];
+    let mut hi = [0; 8];
+    lo.copy_from_slice(&qs[..8]);
+    hi.copy_from_slice(&qs[8..]);
+    (lo, hi)
+}
+
+/// Q5_0's fifth bits added to the four steps of one row: bit `k` of `qh`'s byte `t` is code
+/// `8t + k`'s, so that byte repeated in every lane is the mask of the bytes that take 16.
+#[inline(always)]
+unsafe fn fifth_bits(mut steps: [__m512i; QK / 8], qh: [u8; 4]) -> [__m512i; QK / 8] {
+    // SAFETY: AVX-512 F and BW by the caller.
+    unsafe {
+        for (step, byte) in steps.iter_mut().zip(qh) {
+            let mask = (byte as u64).wrapping_mul(0x0101_0101_0101_0101);
+            *step = _mm512_mask_add_epi8(*step, mask, *step, _mm512_set1_epi8(16));
+        }
+        steps
     }
 }
 
@@ -153,7 +179,8 @@ impl Unpack for BlockQ4_1 {
     #[inline(always)]
     unsafe fn steps(&self) -> [__m512i; QK / 8] {
         // SAFETY: AVX-512 F and BW by the caller; the reads are inside `qs`.
-        unsafe { nibble_steps(&self.qs) }
+        let (lo, hi) = halves(&self.qs);
+        unsafe { nibble_steps(&lo, &hi) }
     }
 }
 
@@ -189,15 +216,8 @@ impl Unpack for BlockQ5_0 {
     unsafe fn steps(&self) -> [__m512i; QK / 8] {
         // SAFETY: AVX-512 F and BW by the caller.
         unsafe {
-            let mut steps = nibble_steps(&self.qs);
-            let qh = u32::from_le_bytes(self.qh) as u64;
-            for (t, step) in steps.iter_mut().enumerate() {
-                // Bit k of qh's byte t is code 8t + k's fifth bit: that byte in every lane
-                // is the mask of the bytes that take 16.
-                let mask = ((qh >> (8 * t)) & 0xff).wrapping_mul(0x0101_0101_0101_0101);
-                *step = _mm512_mask_add_epi8(*step, mask, *step, _mm512_set1_epi8(16));
-            }
-            steps
+            let (lo, hi) = halves(&self.qs);
+            fifth_bits(nibble_steps(&lo, &hi), self.qh)
         }
     }
 }
@@ -491,6 +511,73 @@ unsafe fn load512(step: &[[i8; 8]; PANEL_ROWS]) -> __m512i {
     unsafe { _mm512_load_si512(step.as_ptr() as *const _) }
 }
 
+/// A weight block as the AVX-512 panel kernel reads it: a row-major GGUF block, or one row of
+/// an interleaved group ([`GroupRow`]).
+pub(super) trait PanelWeight {
+    /// See [`Unpack::steps`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW.
+    unsafe fn steps(&self) -> [__m512i; QK / 8];
+    /// See [`Unpack::offset_scales`].
+    ///
+    /// # Safety
+    /// The CPU must have F16C.
+    unsafe fn offset_scales(&self) -> (f32, f32);
+}
+
+impl<B: Unpack> PanelWeight for &B {
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        // SAFETY: as this method's contract.
+        unsafe { Unpack::steps(*self) }
+    }
+    #[inline(always)]
+    unsafe fn offset_scales(&self) -> (f32, f32) {
+        // SAFETY: as this method's contract.
+        unsafe { Unpack::offset_scales(*self) }
+    }
+}
+
+/// Row `row` of an interleaved group of eight rows' blocks.
+pub(super) struct GroupRow<'a, G> {
+    pub group: &'a G,
+    pub row: usize,
+}
+
+impl PanelWeight for GroupRow<'_, GroupQ4_1> {
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        // SAFETY: AVX-512 F and BW by the caller.
+        unsafe { nibble_steps(&self.group.lo[self.row], &self.group.hi[self.row]) }
+    }
+    #[inline(always)]
+    unsafe fn offset_scales(&self) -> (f32, f32) {
+        // SAFETY: F16C by the caller.
+        unsafe {
+            (
+                f16_to_f32(self.group.d[self.row]),
+                f16_to_f32(self.group.m[self.row]),
+            )
+        }
+    }
+}
+
+impl PanelWeight for GroupRow<'_, GroupQ5_0> {
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        let (g, r) = (self.group, self.row);
+        // SAFETY: AVX-512 F and BW by the caller.
+        unsafe { fifth_bits(nibble_steps(&g.lo[r], &g.hi[r]), g.qh.map(|q| q[r])) }
+    }
+    #[inline(always)]
+    unsafe fn offset_scales(&self) -> (f32, f32) {
+        // SAFETY: F16C by the caller.
+        let d = unsafe { f16_to_f32(self.group.d[self.row]) };
+        (d, -16.0 * d)
+    }
+}
+
 /// One weight block, as its four broadcast steps and scales, against the eight rows of one
 /// panel block, accumulated into `acc` (row `r` in lanes `2r`, `2r + 1`) and the corrections
 /// into `corr`.
@@ -521,7 +608,8 @@ unsafe fn panel_block(
     }
 }
 
-/// The eight rows of one panel against weight row `w`: per block, the weight codes are
+/// The eight rows of one panel against one weight row (`w(b)` its block at position `b`, for
+/// every position of `a`): per block, the weight codes are
 /// unpacked once into four broadcast steps, then four `vpdpbusd`, one conversion, one
 /// `d_w·d_a` product and one FMA serve all eight rows, and one ymm FMA their corrections.
 /// Two accumulators (even and odd blocks) keep the FMA latency off the critical path.
@@ -530,29 +618,38 @@ unsafe fn panel_block(
 /// # Safety
 /// The CPU must have AVX-512 F, BW, VL, VNNI, AVX2, FMA and F16C.
 #[inline(always)]
-unsafe fn dot_panel<B: Unpack>(w: &[B], a: &[PanelBlock]) -> [f32; PANEL_ROWS] {
+unsafe fn dot_panel<W: PanelWeight>(w: impl Fn(usize) -> W, a: &[PanelBlock]) -> [f32; PANEL_ROWS] {
     // SAFETY: the features are guaranteed by the caller.
     unsafe {
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let (mut corr0, mut corr1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for (wb, ab) in w.chunks_exact(2).zip(a.chunks_exact(2)) {
+        for (i, ab) in a.chunks_exact(2).enumerate() {
+            let (w0, w1) = (w(2 * i), w(2 * i + 1));
             panel_block(
-                &wb[0].steps(),
-                wb[0].offset_scales(),
+                &w0.steps(),
+                w0.offset_scales(),
                 &ab[0],
                 &mut acc0,
                 &mut corr0,
             );
             panel_block(
-                &wb[1].steps(),
-                wb[1].offset_scales(),
+                &w1.steps(),
+                w1.offset_scales(),
                 &ab[1],
                 &mut acc1,
                 &mut corr1,
             );
         }
-        if let (Some(wb), Some(ab)) = (w.chunks_exact(2).remainder().first(), a.get(w.len() - 1)) {
-            panel_block(&wb.steps(), wb.offset_scales(), ab, &mut acc0, &mut corr0);
+        if a.len() % 2 == 1 {
+            let last = a.len() - 1;
+            let wl = w(last);
+            panel_block(
+                &wl.steps(),
+                wl.offset_scales(),
+                &a[last],
+                &mut acc0,
+                &mut corr0,
+            );
         }
         let sum = _mm512_add_ps(acc0, acc1);
         // Row r's two lanes summed (both lanes of the pair then hold it), then lanes 0, 2, ….
@@ -569,14 +666,15 @@ unsafe fn dot_panel<B: Unpack>(w: &[B], a: &[PanelBlock]) -> [f32; PANEL_ROWS] {
 }
 
 /// Output columns `cols` for the `m` activation rows in `panels` into `out`
-/// (`m × cols.len()`), at the AVX-512 VNNI level: chunks of panels outside, so a chunk stays in
+/// (`m × cols.len()`), at the AVX-512 VNNI level (`w(j, b)` is weight row `j`'s block at
+/// position `b`): chunks of panels outside, so a chunk stays in
 /// cache, then weight rows, then the chunk's panels.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(super) unsafe fn tile_panels_avx512_vnni<B: Unpack>(
-    w: &[B],
+pub(super) unsafe fn tile_panels_avx512_vnni<W: PanelWeight>(
+    w: impl Fn(usize, usize) -> W,
     nb: usize,
     panels: &[PanelBlock],
     m: usize,
@@ -588,16 +686,188 @@ pub(super) unsafe fn tile_panels_avx512_vnni<B: Unpack>(
     for first in (0..count).step_by(PANEL_CHUNK) {
         let chunk = first..(first + PANEL_CHUNK).min(count);
         for (c, j) in cols.clone().enumerate() {
-            let wr = &w[j * nb..(j + 1) * nb];
             for p in chunk.clone() {
                 // SAFETY: the features are guaranteed by this function's contract.
-                let y = unsafe { dot_panel(wr, &panels[p * nb..(p + 1) * nb]) };
+                let y = unsafe { dot_panel(|b| w(j, b), &panels[p * nb..(p + 1) * nb]) };
                 for (i, &v) in y.iter().enumerate() {
                     let r = p * PANEL_ROWS + i;
                     if r < m {
                         out[r * width + c] = v;
                     }
                 }
+            }
+        }
+    }
+}
+
+// ---- AVX-512 decode: interleaved weight groups ----------------------------------------------
+
+/// An interleaved group of eight weight rows as the AVX-512 decode kernel reads it.
+pub(super) trait GroupUnpack: Copy {
+    /// The four steps of codes, unsigned: step `t`'s 64-bit lane `r` holds row `r`'s codes
+    /// `8t..8t + 8`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW.
+    unsafe fn steps(&self) -> [__m512i; QK / 8];
+    /// The eight rows' `d`.
+    ///
+    /// # Safety
+    /// The CPU must have F16C and AVX.
+    unsafe fn scales(&self) -> __m256;
+    /// The eight rows' correction coefficients, given their `d`: Q4_1 `m`, Q5_0 `−16·d`.
+    ///
+    /// # Safety
+    /// The CPU must have F16C and AVX.
+    unsafe fn coefficients(&self, d: __m256) -> __m256;
+}
+
+/// The two 64-byte halves of a group's nibbles as four steps.
+#[inline(always)]
+unsafe fn group_nibbles(lo: &[[u8; 8]; GROUP], hi: &[[u8; 8]; GROUP]) -> [__m512i; QK / 8] {
+    // SAFETY: AVX-512 F and BW by the caller; each load is one 64-byte array.
+    unsafe {
+        let lo = _mm512_loadu_si512(lo.as_ptr() as *const _);
+        let hi = _mm512_loadu_si512(hi.as_ptr() as *const _);
+        let mask = _mm512_set1_epi8(0x0f);
+        [
+            _mm512_and_si512(lo, mask),
+            _mm512_and_si512(hi, mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(lo), mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(hi), mask),
+        ]
+    }
+}
+
+/// Eight f16 values as f32.
+#[inline(always)]
+unsafe fn f16x8(v: &[half::f16; GROUP]) -> __m256 {
+    // SAFETY: F16C by the caller; the load is the 16 bytes of `v`.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i)) }
+}
+
+impl GroupUnpack for GroupQ4_1 {
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        // SAFETY: as this method's contract.
+        unsafe { group_nibbles(&self.lo, &self.hi) }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> __m256 {
+        // SAFETY: as this method's contract.
+        unsafe { f16x8(&self.d) }
+    }
+    #[inline(always)]
+    unsafe fn coefficients(&self, _d: __m256) -> __m256 {
+        // SAFETY: as this method's contract.
+        unsafe { f16x8(&self.m) }
+    }
+}
+
+impl GroupUnpack for GroupQ5_0 {
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        // SAFETY: AVX-512 F and BW by the caller.
+        unsafe {
+            let mut steps = group_nibbles(&self.lo, &self.hi);
+            for (step, qh) in steps.iter_mut().zip(&self.qh) {
+                // Byte r of `qh` is row r's fifth bits of this step's codes: as a 64-bit mask,
+                // exactly the bytes that take 16.
+                let mask = u64::from_le_bytes(*qh);
+                *step = _mm512_mask_add_epi8(*step, mask, *step, _mm512_set1_epi8(16));
+            }
+            steps
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> __m256 {
+        // SAFETY: as this method's contract.
+        unsafe { f16x8(&self.d) }
+    }
+    #[inline(always)]
+    unsafe fn coefficients(&self, d: __m256) -> __m256 {
+        // SAFETY: AVX by the caller.
+        unsafe { _mm256_mul_ps(d, _mm256_set1_ps(-16.0)) }
+    }
+}
+
+/// One activation row against the eight weight rows of group row `g` (`g[b]` its blocks):
+/// per block, four 512-bit `vpdpbusd` (weight codes of all eight rows against the activation's
+/// step broadcast), one conversion, one scale product and one FMA serve all eight rows, where
+/// the row-by-row kernel spends about that per row. Two accumulators for even and odd blocks.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL, VNNI, AVX2, FMA and F16C.
+#[inline(always)]
+unsafe fn dot_group<G: GroupUnpack>(g: &[G], a: &[BlockQ8]) -> [f32; GROUP] {
+    // SAFETY: the features are guaranteed by the caller; loads are through references to whole
+    // fields, and each activation step read is 8 bytes inside the block's 32.
+    unsafe {
+        // Row r's scale in lanes 2r and 2r + 1, matching its two lane sums.
+        let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        let block = |gb: &G, ab: &BlockQ8, acc: &mut __m512, corr: &mut __m256| {
+            let steps = gb.steps();
+            // Step t of the activation: its bytes 8t..8t + 8 in every lane.
+            let av = |t: usize| {
+                _mm512_set1_epi64((ab.qs.as_ptr().add(8 * t) as *const i64).read_unaligned())
+            };
+            // One chain of four: written as two chains and a sum, rustc 1.95's LLVM exhausted
+            // the build machine's memory compiling this crate.
+            let mut dot = _mm512_setzero_si512();
+            for (t, step) in steps.iter().enumerate() {
+                dot = _mm512_dpbusd_epi32(dot, *step, av(t));
+            }
+            let d = gb.scales();
+            let d16 = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(d));
+            let scale = _mm512_mul_ps(d16, _mm512_set1_ps(ab.d));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
+            *corr = _mm256_fmadd_ps(gb.coefficients(d), _mm256_set1_ps(ab.s), *corr);
+        };
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut corr0, mut corr1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (gb, ab) in g.chunks_exact(2).zip(a.chunks_exact(2)) {
+            block(&gb[0], &ab[0], &mut acc0, &mut corr0);
+            block(&gb[1], &ab[1], &mut acc1, &mut corr1);
+        }
+        if g.len() % 2 == 1 {
+            let last = g.len() - 1;
+            block(&g[last], &a[last], &mut acc0, &mut corr0);
+        }
+        let (acc, corr) = ([acc0, acc1], [corr0, corr1]);
+        let sum = _mm512_add_ps(acc[0], acc[1]);
+        let sum = _mm512_add_ps(sum, _mm512_permute_ps::<0b10_11_00_01>(sum));
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        let rows = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, sum));
+        let mut out = [0f32; GROUP];
+        _mm256_storeu_ps(
+            out.as_mut_ptr(),
+            _mm256_add_ps(rows, _mm256_add_ps(corr[0], corr[1])),
+        );
+        out
+    }
+}
+
+/// Output columns `cols` (a multiple of [`GROUP`] from a group boundary, or the matrix's end)
+/// of one activation row into `out`, from interleaved groups (`nb` positions per group) at the
+/// AVX-512 VNNI level.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn gemv_groups_avx512_vnni<G: GroupUnpack>(
+    groups: &[G],
+    nb: usize,
+    a: &[BlockQ8],
+    cols: Range<usize>,
+    out: &mut [f32],
+) {
+    let first = cols.start / GROUP;
+    for (i, g) in (first..cols.end.div_ceil(GROUP)).enumerate() {
+        // SAFETY: the features are guaranteed by this function's contract.
+        let y = unsafe { dot_group(&groups[g * nb..(g + 1) * nb], &a[..nb]) };
+        for (r, &v) in y.iter().enumerate() {
+            if let Some(o) = out.get_mut(i * GROUP + r) {
+                *o = v;
             }
         }
     }
