@@ -1415,8 +1415,15 @@ fn bench_kernels(b: &Bench) -> Result<()> {
             let q = QTensor::quantize(&w, dtype)?;
             drop(w);
             let bytes = q.storage_size_in_bytes() as f64;
-            let ours = QuantizedWeight::from_qtensor(&q)?
-                .ok_or_else(|| anyhow!("no kernel for {dtype:?}"))?;
+            // One weight per level, laid out as that level computes it (Q4_1/Q5_0 are
+            // interleaved for AVX-512 VNNI), so no level pays for another's layout.
+            let ours = levels
+                .iter()
+                .map(|&level| {
+                    QuantizedWeight::from_qtensor_at(level, &q)?
+                        .ok_or_else(|| anyhow!("no kernel for {dtype:?}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let theirs = QMatMul::from_qtensor(q)?;
             for &m in rows {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
@@ -1443,7 +1450,7 @@ fn bench_kernels(b: &Bench) -> Result<()> {
                     json!({}),
                 );
                 let candle_median = Stats::of(&candle).median;
-                for &level in &levels {
+                for (&level, ours) in levels.iter().zip(&ours) {
                     let t = time_runs(b, || {
                         ours.matmul_at(level, &xv)?;
                         Ok(())
