@@ -154,7 +154,7 @@ fn every_row_count_against_the_oracle_and_candle() {
     }
 }
 
-/// Q4_1 and Q5_0 weights laid out for AVX-512 VNNI are interleaved eight rows to a group (the
+/// Weights laid out for AVX-512 VNNI are interleaved eight rows to a group (the
 /// last group padded), any other layout keeps the file's rows; the rows come back out of the
 /// groups exactly, and both layouts give the oracle's results at every level.
 #[test]
@@ -169,7 +169,7 @@ fn both_layouts_at_every_level() {
             .unwrap()
             .unwrap();
         assert!(!rows.interleaved(), "{dtype:?}");
-        let grouped = Level::detect() == Level::Avx512Vnni && dtype != GgmlDType::Q8_0;
+        let grouped = Level::detect() == Level::Avx512Vnni;
         assert_eq!(best.interleaved(), grouped, "{dtype:?}");
         assert_eq!(*rows.blocks(), *best.blocks(), "{dtype:?}");
         for j in [0, 7, 8, 20] {

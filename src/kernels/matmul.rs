@@ -8,8 +8,8 @@
 //! spinning against each other on the same cores (rayon is left to candle's f32 `gemm`).
 
 use super::blocks::{
-    deinterleave, interleave, BlockQ4_1, BlockQ5_0, BlockQ8, Blocks, GroupQ4_1, GroupQ5_0,
-    Interleave, WeightBlock, WeightType, GROUP, QK,
+    deinterleave, interleave, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, Blocks, GroupQ4_1,
+    GroupQ5_0, GroupQ8_0, Interleave, WeightBlock, WeightType, GROUP, QK,
 };
 use super::dispatch::{self, Level};
 use super::quantize::{quantize_into, SumForm};
@@ -46,7 +46,7 @@ pub struct QuantizedWeight {
     k: usize,
 }
 
-/// How the blocks are held: as in the file, or (Q4_1 and Q5_0 at the AVX-512 VNNI level)
+/// How the blocks are held: as in the file, or (at the AVX-512 VNNI level)
 /// interleaved eight rows to a group, so that a decode step's 512-bit products cover eight
 /// weight rows at once instead of unpacking one block per row (see `x86::dot_group`). Same
 /// bytes either way; the groups are the only copy.
@@ -61,6 +61,7 @@ enum Storage {
 enum Groups {
     Q4_1(Vec<GroupQ4_1>),
     Q5_0(Vec<GroupQ5_0>),
+    Q8_0(Vec<GroupQ8_0>),
 }
 
 impl QuantizedWeight {
@@ -70,8 +71,8 @@ impl QuantizedWeight {
         Self::from_bytes_at(dispatch::level(), ty, bytes, n, k)
     }
 
-    /// [`Self::from_bytes`] laid out for `level` (a level the CPU lacks is lowered): Q4_1
-    /// and Q5_0 are interleaved for AVX-512 VNNI. Any layout computes at every level; the
+    /// [`Self::from_bytes`] laid out for `level` (a level the CPU lacks is lowered): every
+    /// type is interleaved for AVX-512 VNNI. Any layout computes at every level; the
     /// other levels take the rows back out of groups per matmul, which only tests and
     /// benchmarks do.
     pub fn from_bytes_at(
@@ -102,6 +103,9 @@ impl QuantizedWeight {
             (Level::Avx512Vnni, Blocks::Q5_0(b)) if n > 0 => {
                 Storage::Groups(Groups::Q5_0(interleave(&b, n, nb)))
             }
+            (Level::Avx512Vnni, Blocks::Q8_0(b)) if n > 0 => {
+                Storage::Groups(Groups::Q8_0(interleave(&b, n, nb)))
+            }
             (_, blocks) => Storage::Rows(blocks),
         };
         Ok(QuantizedWeight { storage, n, k })
@@ -131,6 +135,7 @@ impl QuantizedWeight {
             Storage::Rows(b) => b.weight_type(),
             Storage::Groups(Groups::Q4_1(_)) => WeightType::Q4_1,
             Storage::Groups(Groups::Q5_0(_)) => WeightType::Q5_0,
+            Storage::Groups(Groups::Q8_0(_)) => WeightType::Q8_0,
         }
     }
 
@@ -151,6 +156,7 @@ impl QuantizedWeight {
             Storage::Rows(b) => Cow::Borrowed(b),
             Storage::Groups(Groups::Q4_1(g)) => Cow::Owned(Blocks::Q4_1(deinterleave(g, n, nb))),
             Storage::Groups(Groups::Q5_0(g)) => Cow::Owned(Blocks::Q5_0(deinterleave(g, n, nb))),
+            Storage::Groups(Groups::Q8_0(g)) => Cow::Owned(Blocks::Q8_0(deinterleave(g, n, nb))),
         }
     }
 
@@ -254,6 +260,9 @@ impl QuantizedWeight {
                 Storage::Groups(Groups::Q5_0(g)) => {
                     tile(group_rows(g, nb), nb, panels, m, cols, out)
                 }
+                Storage::Groups(Groups::Q8_0(g)) => {
+                    tile(group_rows(g, nb), nb, panels, m, cols, out)
+                }
             }
         }
     }
@@ -275,6 +284,7 @@ impl QuantizedWeight {
             match &self.storage {
                 Storage::Groups(Groups::Q4_1(g)) => gemv(g, nb, acts, cols, out),
                 Storage::Groups(Groups::Q5_0(g)) => gemv(g, nb, acts, cols, out),
+                Storage::Groups(Groups::Q8_0(g)) => gemv(g, nb, acts, cols, out),
                 Storage::Rows(_) => {}
             }
         }
@@ -314,6 +324,7 @@ impl QuantizedWeight {
             Storage::Rows(Blocks::Q8_0(w)) => rows(w, j, nb, out),
             Storage::Groups(Groups::Q4_1(g)) => groups::<BlockQ4_1>(g, j, nb, out),
             Storage::Groups(Groups::Q5_0(g)) => groups::<BlockQ5_0>(g, j, nb, out),
+            Storage::Groups(Groups::Q8_0(g)) => groups::<BlockQ8_0>(g, j, nb, out),
         }
     }
 

@@ -20,7 +20,8 @@
 //! VEX `vpdpbusd`, AVX-512 VNNI the EVEX one (ymm with VL row by row, zmm for panels).
 
 use super::blocks::{
-    BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GroupQ4_1, GroupQ5_0, WeightBlock, GROUP, QK,
+    BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GroupQ4_1, GroupQ5_0, GroupQ8_0, WeightBlock, GROUP,
+    QK,
 };
 use std::arch::x86_64::*;
 use std::array::from_fn;
@@ -511,6 +512,26 @@ unsafe fn load512(step: &[[i8; 8]; PANEL_ROWS]) -> __m512i {
     unsafe { _mm512_load_si512(step.as_ptr() as *const _) }
 }
 
+impl PanelWeight for GroupRow<'_, GroupQ8_0> {
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        let (g, r) = (self.group, self.row);
+        // SAFETY: AVX-512 F by the caller.
+        unsafe {
+            std::array::from_fn(|t| {
+                let q = i64::from_le_bytes(g.qs[t][r].map(|b| b as u8));
+                _mm512_xor_si512(_mm512_set1_epi64(q), _mm512_set1_epi8(i8::MIN))
+            })
+        }
+    }
+    #[inline(always)]
+    unsafe fn offset_scales(&self) -> (f32, f32) {
+        // SAFETY: F16C by the caller.
+        let d = unsafe { f16_to_f32(self.group.d[self.row]) };
+        (d, -128.0 * d)
+    }
+}
+
 /// A weight block as the AVX-512 panel kernel reads it: a row-major GGUF block, or one row of
 /// an interleaved group ([`GroupRow`]).
 pub(super) trait PanelWeight {
@@ -715,7 +736,8 @@ pub(super) trait GroupUnpack: Copy {
     /// # Safety
     /// The CPU must have F16C and AVX.
     unsafe fn scales(&self) -> __m256;
-    /// The eight rows' correction coefficients, given their `d`: Q4_1 `m`, Q5_0 `−16·d`.
+    /// The eight rows' correction coefficients, given their `d`: Q4_1 `m`, Q5_0 `−16·d`,
+    /// Q8_0 `−128·d`.
     ///
     /// # Safety
     /// The CPU must have F16C and AVX.
@@ -788,6 +810,30 @@ impl GroupUnpack for GroupQ5_0 {
     unsafe fn coefficients(&self, d: __m256) -> __m256 {
         // SAFETY: AVX by the caller.
         unsafe { _mm256_mul_ps(d, _mm256_set1_ps(-16.0)) }
+    }
+}
+
+impl GroupUnpack for GroupQ8_0 {
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        // SAFETY: AVX-512 F by the caller; each load is one 64-byte step; `^ 0x80` gives the
+        // offset form's unsigned codes `w + 128`.
+        unsafe {
+            std::array::from_fn(|t| {
+                let w = _mm512_loadu_si512(self.qs[t].as_ptr() as *const _);
+                _mm512_xor_si512(w, _mm512_set1_epi8(i8::MIN))
+            })
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales(&self) -> __m256 {
+        // SAFETY: as this method's contract.
+        unsafe { f16x8(&self.d) }
+    }
+    #[inline(always)]
+    unsafe fn coefficients(&self, d: __m256) -> __m256 {
+        // SAFETY: AVX by the caller.
+        unsafe { _mm256_mul_ps(d, _mm256_set1_ps(-128.0)) }
     }
 }
 
