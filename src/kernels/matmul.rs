@@ -16,7 +16,7 @@ use super::quantize::{quantize_into, SumForm};
 use super::scalar;
 use crate::error::{Error, Result};
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Mutex;
@@ -347,10 +347,10 @@ impl QuantizedWeight {
         Tensor::from_vec(out, shape, &Device::Cpu)
     }
 
-    /// `x Wᵀ` over the last dimension of a CPU tensor; any leading dimensions are kept.
+    /// `x Wᵀ` over the last dimension of a CPU tensor; any leading dimensions are kept. Runs
+    /// as a candle custom op ([`CustomOp1`]) on the tensor's storage.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims();
-        let Some((&k, lead)) = dims.split_last() else {
+        let Some(&k) = x.dims().last() else {
             candle_core::bail!("quantized matmul: a scalar has no last dimension")
         };
         if k != self.k {
@@ -360,18 +360,40 @@ impl QuantizedWeight {
                 self.k
             );
         }
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let y = super::with_cpu_f32(&x, "quantized matmul", |values| {
-            self.matmul(values)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))
-        })?;
-        let mut shape = lead.to_vec();
-        shape.push(self.n);
-        Tensor::from_vec(y, shape, &Device::Cpu)
+        x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(self)
     }
 }
 
 /// Weight row `j`'s block at position `b`, row-major.
+/// The matmul as a candle op: CPU only (the weight is only built from CPU tensors, and other
+/// devices keep candle's `QMatMul`), F32 activations contiguous in memory.
+impl CustomOp1 for QuantizedWeight {
+    fn name(&self) -> &'static str {
+        "llm-pool-quantized-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(values) = storage else {
+            candle_core::bail!("quantized matmul: activations must be F32")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("quantized matmul: activations must be contiguous")
+        };
+        let y = self
+            .matmul(&values[start..end])
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut dims = layout.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn rows_of<'a, B>(w: &'a [B], nb: usize) -> impl Fn(usize, usize) -> &'a B + 'a {
     move |j, b| &w[j * nb + b]

@@ -6,18 +6,25 @@
 //! types carry most of the demo models' bytes (SmolLM2: Q4_1 layers; Gemma 3: Q5_0 layers and
 //! a Q8_0 head), so they come first; every other type stays on candle's `QMatMul`.
 //!
-//! How one matmul runs ([`QuantizedWeight::matmul`]):
+//! How one matmul runs ([`QuantizedWeight::matmul`], reached from a model through
+//! [`QuantizedWeight::forward`], a candle custom op on the activations' storage):
 //! 1. the activations are quantized once to 8-bit blocks ([`quantize`]), with the per-block
 //!    sum term the weight type needs (Q8_1-style for Q4_1, Q8_0 for the others);
 //! 2. the output columns are split into contiguous ranges over candle's barrier pool (the pool
 //!    candle's own quantized matmuls use, so one set of threads serves both);
 //! 3. each range walks its weight rows, unpacking each block once for up to eight activation
-//!    rows; at the AVX-512 VNNI level a prompt's rows are first packed in panels of eight, and
-//!    one 512-bit product covers a step of all eight (see `x86`).
+//!    rows (AVX2, AVX-VNNI, scalar).
+//!
+//! At the AVX-512 VNNI level (what llama.cpp's repacking does for its types, in our own
+//! layout): the weights are interleaved eight rows to a group when they load
+//! ([`blocks::interleave`]), so a decode step's 512-bit `vpdpbusd` covers eight output rows
+//! against one activation step; a prompt's activations are packed eight rows to a panel per
+//! matmul, so one product covers eight activation rows against one weight row. Either way the
+//! float work after the byte products is per eight rows, not per row.
 //!
 //! Every type computes in one form: unsigned weight codes × signed activation bytes, then
-//! `d_w·d_a` and a per-block correction (Q4_1 `m·s`, Q5_0 `−16·d·s`; Q8_0 uses the sign trick
-//! instead).
+//! `d_w·d_a` and a per-block correction (Q4_1 `m·s`, Q5_0 `−16·d·s`; Q8_0 row by row uses the
+//! sign trick instead, and in 512-bit form the offset `w + 128` with `−128·d·s`).
 //!
 //! Dispatch ([`dispatch`]): AVX-512 VNNI → AVX-VNNI → AVX2 → scalar, detected once;
 //! `LLM_POOL_KERNEL_LEVEL=scalar|avx2|avx-vnni|avx512-vnni` forces a lower level. Other

@@ -298,8 +298,14 @@ impl SelfAttention for Attention {
 }
 
 /// The attention core: `softmax(q k^T * scale [soft-capped] + mask) v`, with grouped-query
-/// keys and values repeated to the query heads. `q` is `(batch, heads, seq_len, d)`, `k` and
-/// `v` `(batch, kv_heads, kv_len, d)`; the result is `(batch, heads, seq_len, d_v)`.
+/// attention. `q` is `(batch, heads, seq_len, d)`, `k` and `v` `(batch, kv_heads, kv_len, d)`;
+/// the result is `(batch, heads, seq_len, d_v)`.
+///
+/// The query heads that share a KV head are consecutive (head `i` reads KV head
+/// `i / (heads / kv_heads)`, as transformers' `repeat_kv` lays them out), so they fold into
+/// that KV head's rows of one matmul: `(batch, kv_heads, groups·seq_len, d)` against the keys
+/// as they are. Repeating K and V per query head instead copied the whole cache `groups`
+/// times in every layer at every step (Gemma 3 270M: 4 query heads per KV head).
 pub fn attend(
     q: &Tensor,
     k: Tensor,
@@ -308,10 +314,14 @@ pub fn attend(
     softcap: Option<f64>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let groups = q.dim(1)? / k.dim(1)?;
-    let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
-    let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let (b, heads, seq_len, d) = q.dims4()?;
+    let (kv_heads, kv_len, d_v) = (k.dim(1)?, k.dim(2)?, v.dim(3)?);
+    let groups = heads / kv_heads;
+    let q = q
+        .contiguous()?
+        .reshape((b, kv_heads, groups * seq_len, d))?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, heads, seq_len, kv_len))?;
     let scores = match softcap {
         None => scores,
         Some(cap) => ((scores / cap)?.tanh()? * cap)?,
@@ -322,8 +332,10 @@ pub fn attend(
         None => scores,
         Some(m) => scores.broadcast_add(m)?,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-    Ok(probs.matmul(&v)?)
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?
+        .to_dtype(v.dtype())?
+        .reshape((b, kv_heads, groups * seq_len, kv_len))?;
+    Ok(probs.matmul(&v)?.reshape((b, heads, seq_len, d_v))?)
 }
 
 /// The additive mask of a chunk of `seq_len` queries at `position` for a layer with `window`
