@@ -382,9 +382,11 @@ fn rope_scalings_we_do_not_compute_are_refused() {
     }
 }
 
-/// What candle's phi and qwen3 models ignored or refused is computed now: the file's RoPE base
-/// (candle hard-coded 10000 for Phi), linear RoPE scaling, and Phi-3's partial rotation. Each
-/// changes the logits; a rotation that is odd or wider than the head is refused, naming the key.
+/// What candle's llama, phi and qwen3 models ignored or refused is computed now: the file's
+/// RoPE base (candle hard-coded 10000 for Phi), linear RoPE scaling and its attention factor,
+/// and Phi-3's partial rotation. Each changes the logits; a scaling type `none` ignores the
+/// factor, as llama.cpp does; a rotation that is odd or wider than the head is refused, naming
+/// the key.
 #[test]
 fn rope_settings_of_the_file_are_applied() {
     let tmp = tempfile::tempdir().unwrap();
@@ -415,6 +417,7 @@ fn rope_settings_of_the_file_are_applied() {
         ]
     };
     for (arch, prefix) in [
+        ("quantized_llama", "llama"),
         ("quantized_phi2", "phi2"),
         ("quantized_phi3", "phi3"),
         ("quantized_qwen3", "qwen3"),

@@ -28,7 +28,7 @@
 
 use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
-use crate::models::gguf::GgufFile;
+use crate::models::gguf::{GgufFile, RopeSettings};
 use crate::models::layers::attention::{Attention, Heads};
 use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
 use crate::models::layers::gguf_weights::GgufWeights;
@@ -59,9 +59,9 @@ pub struct Config {
     /// Vocabulary, widths, layers and heads.
     dims: Dims,
     eps: f64,
-    rope_base: f64,
-    /// Position multiplier (1 / linear scaling factor; 1 for none).
-    rope_position_scale: f64,
+    /// Base, linear scaling (ignored when the type says `none`, as llama.cpp does) and
+    /// attention factor.
+    rope: RopeSettings,
     experts: Option<Experts>,
     max_context: usize,
 }
@@ -84,7 +84,8 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
         }
     }
     file.count("llama.context_length")?;
-    file.rope_scaling(ARCH, &["none", "linear"])?;
+    // llama.cpp's default base too when the key is absent.
+    let rope = file.rope_settings(ARCH, 10_000.0)?;
     let experts = match file.opt_u64("llama.expert_count")? {
         None | Some(0) | Some(1) => None,
         Some(_) => {
@@ -102,9 +103,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
     Ok(Config {
         dims,
         eps: file.positive("llama.attention.layer_norm_rms_epsilon", None)?,
-        // llama.cpp's default too when the key is absent.
-        rope_base: file.positive("llama.rope.freq_base", Some(10_000.0))?,
-        rope_position_scale: 1.0 / file.positive("llama.rope.scaling.factor", Some(1.0))?,
+        rope,
         experts,
         max_context: file.context_length(ARCH, MAX_CONTEXT)?,
     })
@@ -152,10 +151,10 @@ fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<D
     Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }
 
-/// Interleaved RoPE with the file's base, its linear scaling, and Llama 3.1's per-pair
-/// divisors when the file has them.
+/// Interleaved RoPE with the file's base, its linear scaling and attention factor, and Llama
+/// 3.1's per-pair divisors when the file has them.
 fn rotary(w: &mut GgufWeights, cfg: &Config, heads: Heads, device: &Device) -> Result<Rotary> {
-    let mut freqs = inv_freq(heads.head_dim, cfg.rope_base, Rounding::F32);
+    let mut freqs = inv_freq(heads.head_dim, cfg.rope.base, Rounding::F32);
     if w.file().content.tensor_infos.contains_key(ROPE_FREQS) {
         let divisors = w.vector(ROPE_FREQS, freqs.len())?.to_vec1::<f32>()?;
         if let Some(bad) = divisors.iter().find(|d| !(d.is_finite() && **d > 0.0)) {
@@ -170,7 +169,8 @@ fn rotary(w: &mut GgufWeights, cfg: &Config, heads: Heads, device: &Device) -> R
     }
     Ok(Rotary::new(freqs, device)?
         .with_pairing(Pairing::Interleaved)
-        .with_position_scale(cfg.rope_position_scale))
+        .with_position_scale(cfg.rope.position_scale)
+        .with_attention_factor(cfg.rope.attention_factor))
 }
 
 /// Mixtral's experts, one tensor each, routed as Mixtral routes: softmax, top-k, weights
