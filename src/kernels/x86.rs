@@ -13,7 +13,7 @@
 //! panel ([`PanelBlock`]) so that one 512-bit `vpdpbusd` multiplies a step of eight codes of a
 //! weight block with all eight rows at once, and the float work after it (conversion,
 //! `d_w·d_a`, accumulation) is one instruction per block for eight rows instead of one per
-//! row. Measured with `bench kernels` on the demo models' shapes, 2.1-2.4x the 256-bit kernel.
+//! row. Measured with `bench kernels` on the demo models' shapes, 1.8-2.6x the 256-bit kernel.
 //!
 //! `maddubs` is safe from i16 saturation here: codes ≤ 31 (or `|w|` ≤ 128 against `|a|` ≤ 127,
 //! pairs ≤ 32512). The levels differ in the byte product: AVX2 `maddubs`+`madd`, AVX-VNNI the
