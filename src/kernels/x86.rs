@@ -1,23 +1,31 @@
 //! x86_64 SIMD kernels: AVX2, AVX-VNNI and AVX-512 VNNI, one generic body instantiated per
 //! level through `#[target_feature]` entry points.
 //!
-//! Row by row (every level; the only kernel of a decode step): per 32-value block the weight
-//! codes are unpacked once into 32 unsigned bytes in a ymm register (Q4_1: nibbles 0..=15;
-//! Q5_0: nibble | fifth bit, 0..=31; Q8_0: `|w|`, with the activation's sign flipped by `w`,
-//! as `maddubs`/`dpbusd` need an unsigned operand), then multiplied with up to eight
+//! Row by row (AVX2 and AVX-VNNI, and row-major weights at any level): per 32-value block the
+//! weight codes are unpacked once into 32 unsigned bytes in a ymm register (Q4_1: nibbles
+//! 0..=15; Q5_0: nibble | fifth bit, 0..=31; Q8_0: `|w|`, with the activation's sign flipped
+//! by `w`, as `maddubs`/`dpbusd` need an unsigned operand), then multiplied with up to eight
 //! activation rows; each row's 8 lane sums are scaled by `d_w·d_a` into an f32 accumulator
 //! (no horizontal sum per block), and the per-block correction (`m·s` for Q4_1, `−16·d·s` for
 //! Q5_0) is a scalar FMA.
 //!
-//! Panels (AVX-512 VNNI, four activation rows or more): the rows are first packed eight to a
+//! Groups (AVX-512 VNNI, one activation row: a decode step): the weights were interleaved
+//! eight rows to a group at load ([`super::blocks::interleave`]), so one 512-bit `vpdpbusd`
+//! multiplies a step of eight codes of all eight weight rows with the activation's step
+//! broadcast ([`dot_group`]).
+//!
+//! Panels (AVX-512 VNNI, two activation rows or more): the rows are first packed eight to a
 //! panel ([`PanelBlock`]) so that one 512-bit `vpdpbusd` multiplies a step of eight codes of a
-//! weight block with all eight rows at once, and the float work after it (conversion,
-//! `d_w·d_a`, accumulation) is one instruction per block for eight rows instead of one per
-//! row. Measured with `bench kernels` on the demo models' shapes, 1.8-2.6x the 256-bit kernel.
+//! weight block with all eight rows at once. Measured with `bench kernels` on the demo models'
+//! shapes, 1.8-2.6x the 256-bit kernel.
+//!
+//! Either way the float work after the byte products (conversion, `d_w·d_a`, accumulation) is
+//! one instruction per block for eight rows instead of one per row.
 //!
 //! `maddubs` is safe from i16 saturation here: codes ≤ 31 (or `|w|` ≤ 128 against `|a|` ≤ 127,
 //! pairs ≤ 32512). The levels differ in the byte product: AVX2 `maddubs`+`madd`, AVX-VNNI the
-//! VEX `vpdpbusd`, AVX-512 VNNI the EVEX one (ymm with VL row by row, zmm for panels).
+//! VEX `vpdpbusd`, AVX-512 VNNI the EVEX one (ymm with VL row by row, zmm for groups and
+//! panels).
 
 use super::blocks::{
     BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GroupQ4_1, GroupQ5_0, GroupQ8_0, WeightBlock, GROUP,
