@@ -263,7 +263,7 @@ impl WeightBlock for BlockQ8_0 {
     }
 }
 
-/// Weight rows per interleaved group ([`Groups`]).
+/// Weight rows per interleaved group (see [`interleave`]).
 pub const GROUP: usize = 8;
 
 /// Eight Q4_1 rows' blocks at one block position, interleaved (ggml's repacking idea, our
