@@ -113,50 +113,16 @@ impl Blocks {
     /// Parses raw GGUF block bytes; `bytes.len()` must be a whole number of blocks (checked by
     /// the caller, which knows the tensor's shape).
     pub fn parse(ty: WeightType, bytes: &[u8]) -> Self {
-        let chunks = bytes.chunks_exact(ty.block_bytes());
+        fn rows<B: WeightBlock>(bytes: &[u8]) -> Vec<B> {
+            bytes
+                .chunks_exact(B::TYPE.block_bytes())
+                .map(B::from_bytes)
+                .collect()
+        }
         match ty {
-            WeightType::Q4_1 => Blocks::Q4_1(
-                chunks
-                    .map(|b| {
-                        let mut qs = [0u8; QK / 2];
-                        qs.copy_from_slice(&b[4..20]);
-                        BlockQ4_1 {
-                            d: f16_at(b, 0),
-                            m: f16_at(b, 2),
-                            qs,
-                        }
-                    })
-                    .collect(),
-            ),
-            WeightType::Q5_0 => Blocks::Q5_0(
-                chunks
-                    .map(|b| {
-                        let mut qh = [0u8; 4];
-                        qh.copy_from_slice(&b[2..6]);
-                        let mut qs = [0u8; QK / 2];
-                        qs.copy_from_slice(&b[6..22]);
-                        BlockQ5_0 {
-                            d: f16_at(b, 0),
-                            qh,
-                            qs,
-                        }
-                    })
-                    .collect(),
-            ),
-            WeightType::Q8_0 => Blocks::Q8_0(
-                chunks
-                    .map(|b| {
-                        let mut qs = [0i8; QK];
-                        for (q, &x) in qs.iter_mut().zip(&b[2..34]) {
-                            *q = x as i8;
-                        }
-                        BlockQ8_0 {
-                            d: f16_at(b, 0),
-                            qs,
-                        }
-                    })
-                    .collect(),
-            ),
+            WeightType::Q4_1 => Blocks::Q4_1(rows(bytes)),
+            WeightType::Q5_0 => Blocks::Q5_0(rows(bytes)),
+            WeightType::Q8_0 => Blocks::Q8_0(rows(bytes)),
         }
     }
 
@@ -189,6 +155,8 @@ impl Blocks {
 pub trait WeightBlock: Copy + Send + Sync + 'static {
     /// The type.
     const TYPE: WeightType;
+    /// One block from its GGUF bytes (at least [`WeightType::block_bytes`] of them).
+    fn from_bytes(b: &[u8]) -> Self;
     /// The block's 32 unsigned codes (0..=15 or 0..=31), or for Q8_0 the signed bytes.
     fn codes(&self) -> [i32; QK];
     /// The scale `d`.
@@ -201,6 +169,15 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
 
 impl WeightBlock for BlockQ4_1 {
     const TYPE: WeightType = WeightType::Q4_1;
+    fn from_bytes(b: &[u8]) -> Self {
+        let mut qs = [0u8; QK / 2];
+        qs.copy_from_slice(&b[4..20]);
+        BlockQ4_1 {
+            d: f16_at(b, 0),
+            m: f16_at(b, 2),
+            qs,
+        }
+    }
     fn codes(&self) -> [i32; QK] {
         let mut c = [0; QK];
         for i in 0..QK / 2 {
@@ -223,6 +200,17 @@ impl WeightBlock for BlockQ4_1 {
 
 impl WeightBlock for BlockQ5_0 {
     const TYPE: WeightType = WeightType::Q5_0;
+    fn from_bytes(b: &[u8]) -> Self {
+        let mut qh = [0u8; 4];
+        qh.copy_from_slice(&b[2..6]);
+        let mut qs = [0u8; QK / 2];
+        qs.copy_from_slice(&b[6..22]);
+        BlockQ5_0 {
+            d: f16_at(b, 0),
+            qh,
+            qs,
+        }
+    }
     fn codes(&self) -> [i32; QK] {
         let qh = u32::from_le_bytes(self.qh);
         let mut c = [0; QK];
@@ -248,6 +236,12 @@ impl WeightBlock for BlockQ5_0 {
 
 impl WeightBlock for BlockQ8_0 {
     const TYPE: WeightType = WeightType::Q8_0;
+    fn from_bytes(b: &[u8]) -> Self {
+        BlockQ8_0 {
+            d: f16_at(b, 0),
+            qs: std::array::from_fn(|i| b[2 + i] as i8),
+        }
+    }
     fn codes(&self) -> [i32; QK] {
         self.qs.map(|q| q as i32)
     }
@@ -316,7 +310,8 @@ pub trait Interleave: WeightBlock {
     fn row(group: &Self::Group, r: usize) -> Self;
 }
 
-fn halves(qs: &[u8; 16]) -> ([u8; 8], [u8; 8]) {
+/// A block's 16 nibble bytes as its two 8-byte halves.
+pub(super) fn halves(qs: &[u8; 16]) -> ([u8; 8], [u8; 8]) {
     let mut lo = [0; 8];
     let mut hi = [0; 8];
     lo.copy_from_slice(&qs[..8]);
@@ -399,22 +394,26 @@ impl Interleave for BlockQ8_0 {
     }
 }
 
-/// Interleaves `n` rows of `nb` blocks into groups of eight rows (group-major, then block
-/// position: group `g`, position `b` is at `g·nb + b`); a last group of fewer rows is padded
-/// with all-zero blocks (scale 0, so they compute 0 and their outputs are dropped).
-pub fn interleave<B: Interleave>(rows: &[B], n: usize, nb: usize) -> Vec<B::Group> {
-    let zero = B::ZERO;
+/// Interleaves the GGUF bytes of `n` rows of `nb` blocks into groups of eight rows
+/// (group-major, then block position: group `g`, position `b` is at `g·nb + b`), parsing each
+/// block straight from the file's bytes (no row-major copy in between, which for a model's
+/// output head would be one more copy of its largest tensor at load). A last group of fewer
+/// rows is padded with all-zero blocks (scale 0, so they compute 0 and their outputs are
+/// dropped). `bytes` must hold `n·nb` blocks (checked by the caller).
+pub fn interleave<B: Interleave>(bytes: &[u8], n: usize, nb: usize) -> Vec<B::Group> {
+    let size = B::TYPE.block_bytes();
+    let block = |j: usize, b: usize| {
+        if j < n {
+            B::from_bytes(&bytes[(j * nb + b) * size..])
+        } else {
+            B::ZERO
+        }
+    };
     let mut out = Vec::with_capacity(n.div_ceil(GROUP) * nb);
     for g in 0..n.div_ceil(GROUP) {
         for b in 0..nb {
-            out.push(B::interleave(std::array::from_fn(|r| {
-                let j = g * GROUP + r;
-                if j < n {
-                    &rows[j * nb + b]
-                } else {
-                    &zero
-                }
-            })));
+            let rows: [B; GROUP] = std::array::from_fn(|r| block(g * GROUP + r, b));
+            out.push(B::interleave(std::array::from_fn(|r| &rows[r])));
         }
     }
     out

@@ -95,18 +95,17 @@ impl QuantizedWeight {
             )));
         }
         let nb = k / QK;
-        let blocks = Blocks::parse(ty, bytes);
-        let storage = match (level.min(Level::detect()), blocks) {
-            (Level::Avx512Vnni, Blocks::Q4_1(b)) if n > 0 => {
-                Storage::Groups(Groups::Q4_1(interleave(&b, n, nb)))
+        let storage = match (level.min(Level::detect()), ty) {
+            (Level::Avx512Vnni, WeightType::Q4_1) => {
+                Storage::Groups(Groups::Q4_1(interleave::<BlockQ4_1>(bytes, n, nb)))
             }
-            (Level::Avx512Vnni, Blocks::Q5_0(b)) if n > 0 => {
-                Storage::Groups(Groups::Q5_0(interleave(&b, n, nb)))
+            (Level::Avx512Vnni, WeightType::Q5_0) => {
+                Storage::Groups(Groups::Q5_0(interleave::<BlockQ5_0>(bytes, n, nb)))
             }
-            (Level::Avx512Vnni, Blocks::Q8_0(b)) if n > 0 => {
-                Storage::Groups(Groups::Q8_0(interleave(&b, n, nb)))
+            (Level::Avx512Vnni, WeightType::Q8_0) => {
+                Storage::Groups(Groups::Q8_0(interleave::<BlockQ8_0>(bytes, n, nb)))
             }
-            (_, blocks) => Storage::Rows(blocks),
+            _ => Storage::Rows(Blocks::parse(ty, bytes)),
         };
         Ok(QuantizedWeight { storage, n, k })
     }

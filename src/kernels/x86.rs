@@ -28,8 +28,8 @@
 //! panels).
 
 use super::blocks::{
-    BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GroupQ4_1, GroupQ5_0, GroupQ8_0, WeightBlock, GROUP,
-    QK,
+    halves, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GroupQ4_1, GroupQ5_0, GroupQ8_0, WeightBlock,
+    GROUP, QK,
 };
 use std::arch::x86_64::*;
 use std::array::from_fn;
@@ -127,15 +127,13 @@ unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
     }
 }
 
-/// The 16 bytes of nibbles (`lo` bytes 0..8, `hi` bytes 8..16) as the four steps of the
-/// AVX-512 prefill kernel: codes 0..8 are the low nibbles of `lo`, 8..16 of `hi`, 16..24 the
-/// high nibbles of `lo`, 24..32 of `hi`; each step's 8 bytes broadcast to all 64-bit lanes.
+/// The four steps of codes in nibble bytes: `lo` holds (per 64-bit lane) bytes 0..8 of the
+/// nibbles, `hi` bytes 8..16; codes 0..8 are `lo`'s low nibbles, 8..16 `hi`'s, 16..24 `lo`'s
+/// high nibbles, 24..32 `hi`'s.
 #[inline(always)]
-unsafe fn nibble_steps(lo: &[u8; 8], hi: &[u8; 8]) -> [__m512i; QK / 8] {
-    // SAFETY: AVX-512 F and BW by the caller; the reads are the two 8-byte arrays.
+unsafe fn split_nibbles(lo: __m512i, hi: __m512i) -> [__m512i; QK / 8] {
+    // SAFETY: AVX-512 F and BW by the caller.
     unsafe {
-        let lo = _mm512_set1_epi64(i64::from_le_bytes(*lo));
-        let hi = _mm512_set1_epi64(i64::from_le_bytes(*hi));
         let mask = _mm512_set1_epi8(0x0f);
         [
             _mm512_and_si512(lo, mask),
@@ -146,14 +144,18 @@ unsafe fn nibble_steps(lo: &[u8; 8], hi: &[u8; 8]) -> [__m512i; QK / 8] {
     }
 }
 
-/// A block's 16 nibble bytes as its two 8-byte halves.
+/// The 16 bytes of nibbles (`lo` bytes 0..8, `hi` bytes 8..16) as the four steps of the
+/// AVX-512 prefill kernel: codes 0..8 are the low nibbles of `lo`, 8..16 of `hi`, 16..24 the
+/// high nibbles of `lo`, 24..32 of `hi`; each step's 8 bytes broadcast to all 64-bit lanes.
 #[inline(always)]
-fn halves(qs: &[u8; 16]) -> ([u8; 8], [u8; 8]) {
-    let mut lo = [0; 8];
-    let mut hi = [0; 8];
-    lo.copy_from_slice(&qs[..8]);
-    hi.copy_from_slice(&qs[8..]);
-    (lo, hi)
+unsafe fn nibble_steps(lo: &[u8; 8], hi: &[u8; 8]) -> [__m512i; QK / 8] {
+    // SAFETY: AVX-512 F and BW by the caller; the reads are the two 8-byte arrays.
+    unsafe {
+        split_nibbles(
+            _mm512_set1_epi64(i64::from_le_bytes(*lo)),
+            _mm512_set1_epi64(i64::from_le_bytes(*hi)),
+        )
+    }
 }
 
 /// Q5_0's fifth bits added to the four steps of one row: bit `k` of `qh`'s byte `t` is code
@@ -757,15 +759,10 @@ pub(super) trait GroupUnpack: Copy {
 unsafe fn group_nibbles(lo: &[[u8; 8]; GROUP], hi: &[[u8; 8]; GROUP]) -> [__m512i; QK / 8] {
     // SAFETY: AVX-512 F and BW by the caller; each load is one 64-byte array.
     unsafe {
-        let lo = _mm512_loadu_si512(lo.as_ptr() as *const _);
-        let hi = _mm512_loadu_si512(hi.as_ptr() as *const _);
-        let mask = _mm512_set1_epi8(0x0f);
-        [
-            _mm512_and_si512(lo, mask),
-            _mm512_and_si512(hi, mask),
-            _mm512_and_si512(_mm512_srli_epi16::<4>(lo), mask),
-            _mm512_and_si512(_mm512_srli_epi16::<4>(hi), mask),
-        ]
+        split_nibbles(
+            _mm512_loadu_si512(lo.as_ptr() as *const _),
+            _mm512_loadu_si512(hi.as_ptr() as *const _),
+        )
     }
 }
 
