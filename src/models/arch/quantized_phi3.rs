@@ -133,14 +133,13 @@ fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<D
             act: Activation::Silu,
             intermediate: ff,
         };
-        let attn_norm = w.rms_norm(&format!("{prefix}.attn_norm.weight"), h, eps)?;
-        let ffn_norm = w.rms_norm(&format!("{prefix}.ffn_norm.weight"), h, eps)?;
-        layers.push(DecoderLayer::pre_norm(
-            attention,
-            attn_norm,
-            FeedForward::Mlp(mlp),
-            ffn_norm,
-        ));
+        layers.push(DecoderLayer::pre_norm_from_gguf(
+            &mut w,
+            &prefix,
+            (attention, FeedForward::Mlp(mlp)),
+            h,
+            eps,
+        )?);
     }
     let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
     Ok(decoder.loaded(dims.vocab_size, cfg.max_context))

@@ -79,14 +79,13 @@ fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<D
             (h, dims.intermediate_size),
             Activation::Silu,
         )?;
-        let attn_norm = w.rms_norm(&format!("{prefix}.attn_norm.weight"), h, eps)?;
-        let ffn_norm = w.rms_norm(&format!("{prefix}.ffn_norm.weight"), h, eps)?;
-        layers.push(DecoderLayer::pre_norm(
-            attention,
-            attn_norm,
-            FeedForward::Mlp(mlp),
-            ffn_norm,
-        ));
+        layers.push(DecoderLayer::pre_norm_from_gguf(
+            &mut w,
+            &prefix,
+            (attention, FeedForward::Mlp(mlp)),
+            h,
+            eps,
+        )?);
     }
     let rotary = Rotary::new(
         inv_freq(dims.heads.head_dim, cfg.rope_base, Rounding::F32),

@@ -109,7 +109,6 @@ fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<D
         let prefix = format!("blk.{i}");
         let mut norm = |name: &str, size| w.rms_norm(&format!("{prefix}.{name}.weight"), size, eps);
         let (q_norm, k_norm) = (norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?);
-        let (attn_norm, ffn_norm) = (norm("attn_norm", h)?, norm("ffn_norm", h)?);
         let attention = Attention::from_gguf(&mut w, &prefix, h, dims.heads, false)?
             .with_qk_norms(q_norm, k_norm);
         let mlp = Mlp::gated_from_gguf(
@@ -118,12 +117,13 @@ fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<D
             (h, dims.intermediate_size),
             Activation::Silu,
         )?;
-        layers.push(DecoderLayer::pre_norm(
-            attention,
-            attn_norm,
-            FeedForward::Mlp(mlp),
-            ffn_norm,
-        ));
+        layers.push(DecoderLayer::pre_norm_from_gguf(
+            &mut w,
+            &prefix,
+            (attention, FeedForward::Mlp(mlp)),
+            h,
+            eps,
+        )?);
     }
     // candle's quantized_qwen3 rounds the frequencies this way; llama.cpp's f32 computation
     // differs from it by an ulp at most.

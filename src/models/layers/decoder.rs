@@ -19,6 +19,7 @@
 //! is an emptied cache.
 
 use super::attention::{Attention, Heads, Masks, Positions, SelfAttention};
+use super::gguf_weights::GgufWeights;
 use super::kv_cache::{KvCache, LayerCache};
 use super::linear::{Embedding, Linear};
 use super::mlp::Mlp;
@@ -174,6 +175,21 @@ impl<A: SelfAttention> DecoderLayer<A> {
     ) -> Result<Self> {
         let attn_norm = norm(vb.pp("input_layernorm"))?;
         let ffn_norm = norm(vb.pp("post_attention_layernorm"))?;
+        Ok(Self::pre_norm(attention, attn_norm, ffn, ffn_norm))
+    }
+
+    /// A pre-norm layer in llama.cpp's GGUF layout: the RMS norms `{prefix}.attn_norm` (before
+    /// the attention) and `{prefix}.ffn_norm` (before the feed-forward part), each `hidden`
+    /// wide with epsilon `eps`.
+    pub fn pre_norm_from_gguf(
+        w: &mut GgufWeights,
+        prefix: &str,
+        (attention, ffn): (A, FeedForward),
+        hidden: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let attn_norm = w.rms_norm(&format!("{prefix}.attn_norm.weight"), hidden, eps)?;
+        let ffn_norm = w.rms_norm(&format!("{prefix}.ffn_norm.weight"), hidden, eps)?;
         Ok(Self::pre_norm(attention, attn_norm, ffn, ffn_norm))
     }
 
