@@ -311,7 +311,7 @@ pub trait Interleave: WeightBlock {
 }
 
 /// A block's 16 nibble bytes as its two 8-byte halves.
-fn halves(qs: &[u8; 16]) -> ([u8; 8], [u8; 8]) {
+pub(super) fn halves(qs: &[u8; 16]) -> ([u8; 8], [u8; 8]) {
     let mut lo = [0; 8];
     let mut hi = [0; 8];
     lo.copy_from_slice(&qs[..8]);

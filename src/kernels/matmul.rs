@@ -231,15 +231,11 @@ impl QuantizedWeight {
         Ok(out.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// The activations packed for the AVX-512 prefill kernel, when it runs: on interleaved
-    /// groups at that level, for [`PANEL_MIN_ROWS`] rows or more (a decode step takes
-    /// `gemv_groups`; rows laid out for another level keep their row-by-row kernel).
+    /// The activations packed for the AVX-512 prefill kernel, when it runs: at that level and
+    /// for [`PANEL_MIN_ROWS`] rows or more (a decode step keeps the row-by-row kernel).
     fn panels(&self, level: Level, acts: &[BlockQ8], m: usize) -> Option<Panels> {
         #[cfg(target_arch = "x86_64")]
-        if level == Level::Avx512Vnni
-            && m >= PANEL_MIN_ROWS
-            && matches!(self.storage, Storage::Groups(_))
-        {
+        if level == Level::Avx512Vnni && m >= PANEL_MIN_ROWS {
             return Some(super::x86::pack_panels(acts, m, self.k / QK));
         }
         let _ = (level, acts, m);
@@ -250,12 +246,13 @@ impl QuantizedWeight {
     fn tile_panels(&self, panels: &Panels, m: usize, cols: Range<usize>, out: &mut [f32]) {
         use super::x86::tile_panels_avx512_vnni as tile;
         let nb = self.k / QK;
-        // SAFETY: panels are only packed at the AVX-512 VNNI level (and only for groups),
-        // after that level was capped by `Level::detect()`, which only returns it when the CPU
-        // has its features.
+        // SAFETY: panels are only packed at the AVX-512 VNNI level, after that level was
+        // capped by `Level::detect()`, which only returns it when the CPU has its features.
         unsafe {
             match &self.storage {
-                Storage::Rows(_) => {}
+                Storage::Rows(Blocks::Q4_1(w)) => tile(rows_of(w, nb), nb, panels, m, cols, out),
+                Storage::Rows(Blocks::Q5_0(w)) => tile(rows_of(w, nb), nb, panels, m, cols, out),
+                Storage::Rows(Blocks::Q8_0(w)) => tile(rows_of(w, nb), nb, panels, m, cols, out),
                 Storage::Groups(Groups::Q4_1(g)) => {
                     tile(group_rows(g, nb), nb, panels, m, cols, out)
                 }
@@ -366,6 +363,7 @@ impl QuantizedWeight {
     }
 }
 
+/// Weight row `j`'s block at position `b`, row-major.
 /// The matmul as a candle op: CPU only (the weight is only built from CPU tensors, and other
 /// devices keep candle's `QMatMul`), F32 activations contiguous in memory.
 impl CustomOp1 for QuantizedWeight {
@@ -393,6 +391,11 @@ impl CustomOp1 for QuantizedWeight {
         }
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn rows_of<'a, B>(w: &'a [B], nb: usize) -> impl Fn(usize, usize) -> &'a B + 'a {
+    move |j, b| &w[j * nb + b]
 }
 
 /// Weight row `j`'s block at position `b`, out of interleaved groups.

@@ -28,8 +28,8 @@
 //! panels).
 
 use super::blocks::{
-    BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GroupQ4_1, GroupQ5_0, GroupQ8_0, WeightBlock, GROUP,
-    QK,
+    halves, BlockQ4_1, BlockQ5_0, BlockQ8, BlockQ8_0, GroupQ4_1, GroupQ5_0, GroupQ8_0, WeightBlock,
+    GROUP, QK,
 };
 use std::arch::x86_64::*;
 use std::array::from_fn;
@@ -94,6 +94,24 @@ pub(super) trait Unpack: WeightBlock {
     /// # Safety
     /// The CPU must have F16C.
     unsafe fn scales(&self) -> (f32, f32);
+    /// The codes as the four steps of the AVX-512 prefill kernel: step `t` holds codes
+    /// `8t..8t + 8` as unsigned bytes, repeated in all eight 64-bit lanes (one per activation
+    /// row). That kernel computes every type in the offset form, `codes · a` plus a
+    /// correction `coefficient · s_a`; Q8_0 there takes `w + 128` (`w ^ 0x80`) with
+    /// coefficient `−128·d` instead of the sign trick (512-bit AVX-512 has no `sign_epi8`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW.
+    unsafe fn steps(&self) -> [__m512i; QK / 8];
+    /// `(d, correction coefficient)` of the offset form (see [`Unpack::steps`]).
+    ///
+    /// # Safety
+    /// The CPU must have F16C.
+    #[inline(always)]
+    unsafe fn offset_scales(&self) -> (f32, f32) {
+        // SAFETY: F16C by the caller.
+        unsafe { self.scales() }
+    }
 }
 
 /// The 16 bytes of nibbles as 32 bytes: low nibbles (elements 0..16), then high (16..32).
@@ -169,6 +187,12 @@ impl Unpack for BlockQ4_1 {
         // SAFETY: F16C by the caller.
         unsafe { (f16_to_f32(self.d), f16_to_f32(self.m)) }
     }
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        // SAFETY: AVX-512 F and BW by the caller; the reads are inside `qs`.
+        let (lo, hi) = halves(&self.qs);
+        unsafe { nibble_steps(&lo, &hi) }
+    }
 }
 
 impl Unpack for BlockQ5_0 {
@@ -199,6 +223,14 @@ impl Unpack for BlockQ5_0 {
         let d = unsafe { f16_to_f32(self.d) };
         (d, -16.0 * d)
     }
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        // SAFETY: AVX-512 F and BW by the caller.
+        unsafe {
+            let (lo, hi) = halves(&self.qs);
+            fifth_bits(nibble_steps(&lo, &hi), self.qh)
+        }
+    }
 }
 
 impl Unpack for BlockQ8_0 {
@@ -215,6 +247,22 @@ impl Unpack for BlockQ8_0 {
     unsafe fn scales(&self) -> (f32, f32) {
         // SAFETY: F16C by the caller.
         (unsafe { f16_to_f32(self.d) }, 0.0)
+    }
+    #[inline(always)]
+    unsafe fn offset_scales(&self) -> (f32, f32) {
+        // SAFETY: F16C by the caller.
+        let d = unsafe { f16_to_f32(self.d) };
+        (d, -128.0 * d)
+    }
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        // SAFETY: AVX-512 F by the caller; each read is 8 bytes inside `qs`.
+        unsafe {
+            std::array::from_fn(|t| {
+                let q = (self.qs.as_ptr().add(8 * t) as *const i64).read_unaligned();
+                _mm512_xor_si512(_mm512_set1_epi64(q), _mm512_set1_epi8(i8::MIN))
+            })
+        }
     }
 }
 
@@ -494,23 +542,32 @@ impl PanelWeight for GroupRow<'_, GroupQ8_0> {
     }
 }
 
-/// A weight block as the AVX-512 panel kernel reads it: one row of an interleaved group
-/// ([`GroupRow`]).
+/// A weight block as the AVX-512 panel kernel reads it: a row-major GGUF block, or one row of
+/// an interleaved group ([`GroupRow`]).
 pub(super) trait PanelWeight {
-    /// The codes as the four steps of the panel kernel: step `t` holds codes `8t..8t + 8` as
-    /// unsigned bytes, repeated in all eight 64-bit lanes (one per activation row). That
-    /// kernel computes every type in the offset form, `codes · a` plus a correction
-    /// `coefficient · s_a`; Q8_0 there takes `w + 128` (`w ^ 0x80`) with coefficient `−128·d`
-    /// instead of the sign trick (512-bit AVX-512 has no `sign_epi8`).
+    /// See [`Unpack::steps`].
     ///
     /// # Safety
     /// The CPU must have AVX-512 F and BW.
     unsafe fn steps(&self) -> [__m512i; QK / 8];
-    /// `(d, correction coefficient)` of the offset form (see [`PanelWeight::steps`]).
+    /// See [`Unpack::offset_scales`].
     ///
     /// # Safety
     /// The CPU must have F16C.
     unsafe fn offset_scales(&self) -> (f32, f32);
+}
+
+impl<B: Unpack> PanelWeight for &B {
+    #[inline(always)]
+    unsafe fn steps(&self) -> [__m512i; QK / 8] {
+        // SAFETY: as this method's contract.
+        unsafe { Unpack::steps(*self) }
+    }
+    #[inline(always)]
+    unsafe fn offset_scales(&self) -> (f32, f32) {
+        // SAFETY: as this method's contract.
+        unsafe { Unpack::offset_scales(*self) }
+    }
 }
 
 /// Row `row` of an interleaved group of eight rows' blocks.
