@@ -133,6 +133,22 @@ pub struct ModelConfig {
     /// Requests that may wait for a worker; more get an `overloaded` error at once.
     #[serde(default = "default_queue")]
     pub queue_size: usize,
+    /// The most requests one worker runs at once, advanced together by one batched forward
+    /// per step (continuous batching).
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+    /// KV cache slots per worker (at least `max_batch_size`; absent = `max_batch_size`). Extra
+    /// slots keep finished requests' tokens for prefix reuse.
+    #[serde(default)]
+    pub max_slots: Option<usize>,
+    /// The most prompt tokens one step computes (chunked prefill), so that a long prompt does
+    /// not stall the running requests' decoding for long.
+    #[serde(default = "default_prefill_chunk")]
+    pub prefill_chunk: usize,
+    /// KV cache budget per worker in MiB. A request reserves its prompt plus `max_tokens` of it
+    /// when it starts, and waits in the queue while that does not fit.
+    #[serde(default = "default_kv_cache_mb")]
+    pub kv_cache_mb: usize,
     /// `eager` or `lazy`.
     #[serde(default)]
     pub load: LoadPolicy,
@@ -179,6 +195,15 @@ fn one() -> usize {
 }
 fn default_queue() -> usize {
     64
+}
+fn default_max_batch_size() -> usize {
+    8
+}
+fn default_prefill_chunk() -> usize {
+    256
+}
+fn default_kv_cache_mb() -> usize {
+    1024
 }
 
 impl Config {
@@ -276,6 +301,25 @@ impl Config {
                     "must be at least 1".to_string(),
                 ));
             }
+            for (field, value) in [
+                ("max_batch_size", m.max_batch_size),
+                ("prefill_chunk", m.prefill_chunk),
+                ("kv_cache_mb", m.kv_cache_mb),
+            ] {
+                if value == 0 {
+                    return Err(Error::config(key(field), "must be at least 1".to_string()));
+                }
+            }
+            if m.slots() < m.max_batch_size {
+                return Err(Error::config(
+                    key("max_slots"),
+                    format!(
+                        "{} is fewer than max_batch_size ({}); every running request needs a slot, so max_slots must be at least max_batch_size",
+                        m.slots(),
+                        m.max_batch_size
+                    ),
+                ));
+            }
             m.keep_alive()
                 .map_err(|e| Error::config(key("keep_alive"), e))?;
         }
@@ -348,11 +392,32 @@ impl ModelConfig {
             dtype: default_dtype(),
             replicas: 1,
             queue_size: default_queue(),
+            max_batch_size: default_max_batch_size(),
+            max_slots: None,
+            prefill_chunk: default_prefill_chunk(),
+            kv_cache_mb: default_kv_cache_mb(),
             load: LoadPolicy::Eager,
             keep_alive: None,
             max_context: 0,
             chat_template: None,
             defaults: SamplingDefaults::default(),
+        }
+    }
+
+    /// KV cache slots per worker: `max_slots`, or `max_batch_size` when unset.
+    pub fn slots(&self) -> usize {
+        self.max_slots.unwrap_or(self.max_batch_size)
+    }
+
+    /// The batching settings of a worker of this model, whose KV cache takes
+    /// `kv_bytes_per_token` per token.
+    pub fn batch_settings(&self, kv_bytes_per_token: usize) -> crate::engine::batch::BatchSettings {
+        let budget = self.kv_cache_mb.saturating_mul(1 << 20);
+        crate::engine::batch::BatchSettings {
+            max_batch_size: self.max_batch_size,
+            max_slots: self.slots(),
+            prefill_chunk: self.prefill_chunk,
+            kv_budget_tokens: budget / kv_bytes_per_token.max(1),
         }
     }
 

@@ -142,6 +142,24 @@ impl Error {
         }
     }
 
+    /// The same error again, for each of several requests one failure ended (a batched step):
+    /// the variants that carry only text are copied as they are, the others keep their
+    /// message as a candle error.
+    pub(crate) fn shared(&self) -> Self {
+        match self {
+            Error::Panic { context, message } => Error::Panic {
+                context: context.clone(),
+                message: message.clone(),
+            },
+            Error::Kernel(m) => Error::Kernel(m.clone()),
+            Error::InvalidParameter { param, message } => Error::InvalidParameter {
+                param: param.clone(),
+                message: message.clone(),
+            },
+            other => Error::Candle(candle_core::Error::Msg(other.to_string())),
+        }
+    }
+
     /// Turns a caught panic payload into an error.
     pub(crate) fn from_panic(
         context: impl Into<String>,

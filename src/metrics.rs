@@ -28,6 +28,15 @@ pub const TIME_PER_OUTPUT_TOKEN: &str = "llm_pool_time_per_output_token_seconds"
 pub const QUEUE_WAIT: &str = "llm_pool_queue_wait_seconds";
 /// Requests waiting in a model's queue.
 pub const QUEUE_DEPTH: &str = "llm_pool_queue_depth";
+/// Requests a model's worker is running (in its batch).
+pub const RUNNING_REQUESTS: &str = "llm_pool_running_requests";
+/// Requests waiting for a place in the batch: in the queue, or taken from it and waiting for
+/// KV budget.
+pub const WAITING_REQUESTS: &str = "llm_pool_waiting_requests";
+/// Sequences per batched step (one forward).
+pub const BATCH_SIZE: &str = "llm_pool_batch_size";
+/// Share of the model's KV budget (`kv_cache_mb`) its slots hold, 0 to 1.
+pub const KV_CACHE_USAGE: &str = "llm_pool_kv_cache_usage_ratio";
 /// Models loaded, by device (label `device`).
 pub const MODELS_LOADED: &str = "llm_pool_models_loaded";
 /// KV-cache resets by reason (`new_prompt`, `policy`).
@@ -58,6 +67,10 @@ pub const ALL: &[&str] = &[
     TIME_PER_OUTPUT_TOKEN,
     QUEUE_WAIT,
     QUEUE_DEPTH,
+    RUNNING_REQUESTS,
+    WAITING_REQUESTS,
+    BATCH_SIZE,
+    KV_CACHE_USAGE,
     MODELS_LOADED,
     CACHE_RESETS_TOTAL,
     PREFIX_CACHE_HITS_TOTAL,
@@ -77,8 +90,11 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 60.0, 120.0,
             ];
+            let sequences = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0];
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sequences)
                 .ok()?
                 .build_recorder();
             let handle = recorder.handle();
@@ -122,6 +138,25 @@ fn describe_all() {
         QUEUE_DEPTH,
         Unit::Count,
         "Requests waiting in the model's queue"
+    );
+    describe_gauge!(
+        RUNNING_REQUESTS,
+        Unit::Count,
+        "Requests running in the model's batch"
+    );
+    describe_gauge!(
+        WAITING_REQUESTS,
+        Unit::Count,
+        "Requests waiting for a place in the model's batch"
+    );
+    describe_histogram!(
+        BATCH_SIZE,
+        Unit::Count,
+        "Sequences per batched step of the model"
+    );
+    describe_gauge!(
+        KV_CACHE_USAGE,
+        "Share of the model's KV cache budget in use, 0 to 1"
     );
     describe_gauge!(MODELS_LOADED, Unit::Count, "Models loaded, by device");
     describe_counter!(CACHE_RESETS_TOTAL, "KV-cache resets by reason");
@@ -190,6 +225,10 @@ pub fn register_model(model: &str) {
     counter!(WORKER_RESTARTS_TOTAL, "model" => m.clone()).absolute(0);
     counter!(CLIENT_DISCONNECTS_TOTAL, "model" => m.clone()).absolute(0);
     gauge!(QUEUE_DEPTH, "model" => m.clone()).set(0.0);
+    gauge!(RUNNING_REQUESTS, "model" => m.clone()).set(0.0);
+    gauge!(WAITING_REQUESTS, "model" => m.clone()).set(0.0);
+    gauge!(KV_CACHE_USAGE, "model" => m.clone()).set(0.0);
+    let _ = histogram!(BATCH_SIZE, "model" => m.clone());
     // Histograms appear with their first observation; touching them registers the series.
     let _ = histogram!(REQUEST_DURATION, "model" => m.clone());
     let _ = histogram!(TIME_TO_FIRST_TOKEN, "model" => m.clone());
@@ -231,6 +270,18 @@ pub fn queue_wait(model: &str, wait: Duration) {
 /// Sets a model's queue depth.
 pub fn queue_depth(model: &str, depth: usize) {
     gauge!(QUEUE_DEPTH, "model" => model.to_string()).set(depth as f64);
+}
+
+/// Records one batched step of a model: its sequences, and the requests running and waiting
+/// and the KV budget in use after it.
+pub fn batch_step(model: &str, sequences: usize, running: usize, waiting: usize, kv_usage: f64) {
+    let m = model.to_string();
+    if sequences > 0 {
+        histogram!(BATCH_SIZE, "model" => m.clone()).record(sequences as f64);
+    }
+    gauge!(RUNNING_REQUESTS, "model" => m.clone()).set(running as f64);
+    gauge!(WAITING_REQUESTS, "model" => m.clone()).set(waiting as f64);
+    gauge!(KV_CACHE_USAGE, "model" => m).set(kv_usage);
 }
 
 /// Adjusts the models-loaded gauge of a device.

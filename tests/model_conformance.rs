@@ -5,7 +5,9 @@
 mod common;
 
 use common::max_abs_diff;
-use llm_pool::models::{LanguageModel, LoadOptions, Model, WeightFormat, ARCHITECTURES};
+use llm_pool::models::{
+    LanguageModel, LoadOptions, Model, SequenceChunk, WeightFormat, ARCHITECTURES,
+};
 use std::path::PathBuf;
 
 const PROMPT_A: [u32; 7] = [1, 14, 15, 92, 65, 35, 8];
@@ -136,4 +138,139 @@ fn a_position_that_skips_the_cache_is_an_error() {
     );
     let err = model.forward_ids(&[3, 4], 9).unwrap_err().to_string();
     assert!(err.contains("continue at position 7"), "{err}");
+}
+
+/// The logits of `tokens` at `position` run alone, on a model whose only slot holds the
+/// sequence's earlier chunks.
+fn alone(model: &mut Model, chunks: &[&[u32]]) -> Vec<f32> {
+    model.reset_cache().unwrap();
+    let mut position = 0;
+    let mut logits = Vec::new();
+    for chunk in chunks {
+        logits = model.forward_ids(chunk, position).unwrap();
+        position += chunk.len();
+    }
+    logits
+}
+
+/// A batched step gives every sequence, in its own slot, the logits it gets alone: three
+/// sequences at once, one starting its prompt, one on its prompt's second chunk, one
+/// decoding, and then all three decoding together.
+#[test]
+fn a_batch_gives_each_sequence_what_it_gets_alone() {
+    for entry in ARCHITECTURES {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = fixture(entry.name, entry.format, &tmp);
+        let mut single = load(&path, entry.name);
+        let mut batched = load(&path, entry.name);
+        batched.set_slots(3).unwrap();
+        let vocab = batched.info().vocab_size;
+        let chunk = |slot, tokens, position| SequenceChunk {
+            slot,
+            tokens,
+            position,
+        };
+        let mut out = Vec::new();
+        // Step 1: slots 1 and 2 start their prompts.
+        batched
+            .forward_batch_into(
+                &[chunk(1, &PROMPT_B[..3], 0), chunk(2, &PROMPT_A[..4], 0)],
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(out.len(), 2 * vocab, "{}", entry.name);
+        // Step 2: slot 0 starts, slot 1 finishes its prompt, slot 2 takes one more token.
+        batched
+            .forward_batch_into(
+                &[
+                    chunk(0, &PROMPT_A, 0),
+                    chunk(1, &PROMPT_B[3..], 3),
+                    chunk(2, &PROMPT_A[4..5], 4),
+                ],
+                &mut out,
+            )
+            .unwrap();
+        let expected = [
+            alone(&mut single, &[&PROMPT_A]),
+            alone(&mut single, &[&PROMPT_B[..3], &PROMPT_B[3..]]),
+            alone(&mut single, &[&PROMPT_A[..4], &PROMPT_A[4..5]]),
+        ];
+        for (row, want) in expected.iter().enumerate() {
+            let diff = max_abs_diff(&out[row * vocab..(row + 1) * vocab], want);
+            assert!(
+                diff <= 1e-4,
+                "{}: sequence {row} of the batch differs from it alone by {diff}",
+                entry.name
+            );
+        }
+        // Step 3: all three decode their greedy token together.
+        let next: Vec<u32> = (0..3)
+            .map(|row| llm_pool::text::sampling::argmax(&out[row * vocab..(row + 1) * vocab]))
+            .collect();
+        batched
+            .forward_batch_into(
+                &[
+                    chunk(2, &next[2..3], 5),
+                    chunk(0, &next[0..1], PROMPT_A.len()),
+                    chunk(1, &next[1..2], PROMPT_B.len()),
+                ],
+                &mut out,
+            )
+            .unwrap();
+        let expected = [
+            alone(&mut single, &[&PROMPT_A[..4], &PROMPT_A[4..5], &next[2..3]]),
+            alone(&mut single, &[&PROMPT_A, &next[0..1]]),
+            alone(&mut single, &[&PROMPT_B, &next[1..2]]),
+        ];
+        for (row, want) in expected.iter().enumerate() {
+            let diff = max_abs_diff(&out[row * vocab..(row + 1) * vocab], want);
+            assert!(
+                diff <= 1e-4,
+                "{}: decode row {row} of the batch differs from it alone by {diff}",
+                entry.name
+            );
+        }
+        assert_eq!(
+            (0..3).map(|s| batched.slot_tokens(s)).collect::<Vec<_>>(),
+            [8, 6, 6]
+        );
+    }
+}
+
+/// A slot cut back to a prefix continues exactly as a fresh sequence over that prefix would;
+/// a model that cannot cut its cache there says so and keeps it as it was. Every
+/// architecture also states its KV bytes per token, which the KV budget counts in.
+#[test]
+fn a_slot_cut_to_a_prefix_continues_from_it() {
+    for entry in ARCHITECTURES {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = fixture(entry.name, entry.format, &tmp);
+        let mut model = load(&path, entry.name);
+        assert!(model.info().kv_bytes_per_token > 0, "{}", entry.name);
+        model.set_slots(2).unwrap();
+        let mut out = Vec::new();
+        let run = |model: &mut Model, tokens: &[u32], position, out: &mut Vec<f32>| {
+            let c = SequenceChunk {
+                slot: 1,
+                tokens,
+                position,
+            };
+            model.forward_batch_into(&[c], out).unwrap();
+        };
+        run(&mut model, &PROMPT_B, 0, &mut out);
+        if model.truncate_slot(1, 3).unwrap() {
+            assert_eq!(model.slot_tokens(1), 3);
+            run(&mut model, &PROMPT_A[3..], 3, &mut out);
+            let mut fresh = load(&path, entry.name);
+            let want = fresh
+                .forward_ids(&[&PROMPT_B[..3], &PROMPT_A[3..]].concat(), 0)
+                .unwrap();
+            let diff = max_abs_diff(&out, &want);
+            assert!(diff <= 1e-4, "{}: after a cut, off by {diff}", entry.name);
+        } else {
+            assert_eq!(model.slot_tokens(1), PROMPT_B.len(), "{}", entry.name);
+        }
+        // Slot 0 was never touched.
+        assert_eq!(model.slot_tokens(0), 0);
+    }
 }

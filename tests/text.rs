@@ -37,6 +37,7 @@ fn gemma3_text() -> ModelText {
         eos_token_ids: vec![1],
         bos_token_id: Some(2),
         dtype: candle_core::DType::F32,
+        kv_bytes_per_token: 18 * 2 * 256 * 4,
     };
     ModelText::load(&path, &info, None).unwrap().unwrap()
 }

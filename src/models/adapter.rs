@@ -36,16 +36,67 @@ pub trait Network: Send + 'static {
 
     /// Brings `cache` back to the freshly loaded state, or fails; never a silent no-op.
     fn reset(&self, cache: &mut Self::Cache) -> Result<()>;
+
+    /// A new empty cache, for one more sequence slot: the state `reset` brings a cache to.
+    fn new_cache(&self) -> Result<Self::Cache>;
+
+    /// One step over several sequences, each with its own cache, position and new tokens:
+    /// `(n, vocab)` logits, one row per sequence, of its last position, in any dtype.
+    ///
+    /// By default each sequence runs [`Network::forward`] alone. The shared
+    /// [`Decoder`](super::layers::decoder::Decoder) runs them together, every linear layer one
+    /// matmul over all their tokens.
+    fn forward_batch(&self, batch: &mut [SequenceInput<'_, Self::Cache>]) -> Result<Tensor> {
+        let rows = batch
+            .iter_mut()
+            .map(|s| last_position_f32(self.forward(&s.input_ids, s.position, s.cache)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// Cuts `cache`, which holds `cached` tokens, back to its first `keep` tokens and returns
+    /// true; or returns false, changing nothing, when this network's cache cannot be cut
+    /// there (the caller then starts the sequence over). By default no cache can be cut.
+    fn truncate(&self, cache: &mut Self::Cache, cached: usize, keep: usize) -> Result<bool> {
+        let _ = (cache, cached, keep);
+        Ok(false)
+    }
 }
 
-/// A loaded model of architecture `A`: its network, the cache of the one sequence it runs, and
-/// what the rest of llm-pool knows about it. This is what the registration list stores.
+/// One sequence of a batched step, as a [`Network`] runs it.
+pub struct SequenceInput<'a, C> {
+    /// Its new tokens, `(1, len)` u32.
+    pub input_ids: Tensor,
+    /// The tokens its cache already holds.
+    pub position: usize,
+    /// Its cache.
+    pub cache: &'a mut C,
+}
+
+/// One sequence of a batched step, as [`LanguageModel::forward_batch`] takes it.
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    /// The sequence slot whose cache it runs over.
+    pub slot: usize,
+    /// Its new tokens, `(1, len)` u32.
+    pub input_ids: Tensor,
+    /// The tokens that slot's cache holds (0 starts the slot over).
+    pub position: usize,
+}
+
+/// A sequence slot: a cache, and how many tokens it holds (`None` after a failed forward,
+/// which may have left part of a chunk behind, until a forward at position 0 or a reset).
+struct Slot<C> {
+    cache: C,
+    cached: Option<usize>,
+}
+
+/// A loaded model of architecture `A`: its network, one cache per sequence slot (one slot
+/// until [`LanguageModel::set_slots`] asks for more), and what the rest of llm-pool knows about
+/// it. This is what the registration list stores.
 pub struct Adapter<A: Architecture> {
     network: A::Network,
-    cache: <A::Network as Network>::Cache,
-    /// Tokens in the cache; `None` after a failed forward, which may have left part of a chunk
-    /// behind, until a forward at position 0 or a reset starts over.
-    cached: Option<usize>,
+    slots: Vec<Slot<<A::Network as Network>::Cache>>,
     info: ModelInfo,
 }
 
@@ -58,10 +109,22 @@ impl<A: Architecture> Adapter<A> {
     ) -> Self {
         Adapter {
             network,
-            cache,
-            cached: Some(0),
+            slots: vec![Slot {
+                cache,
+                cached: Some(0),
+            }],
             info,
         }
+    }
+
+    fn slot_mut(&mut self, slot: usize) -> Result<&mut Slot<<A::Network as Network>::Cache>> {
+        let n = self.slots.len();
+        self.slots
+            .get_mut(slot)
+            .ok_or_else(|| Error::InvalidParameter {
+                param: "slot".into(),
+                message: format!("slot {slot} does not exist; this model has {n} slots"),
+            })
     }
 
     /// Loads a Hugging Face directory: `config` maps config.json, `build` builds the network
@@ -76,7 +139,13 @@ impl<A: Architecture> Adapter<A> {
         let cfg = config(&dir.config)?;
         let dtype = dir.dtype(options)?;
         let loaded = build(&cfg, dir.var_builder(dtype, &options.device)?)?;
-        let info = ModelInfo::from_hf(A::NAME, &dir, loaded.vocab_size, loaded.max_context, dtype);
+        let info = ModelInfo::from_hf(
+            A::NAME,
+            &dir,
+            (loaded.vocab_size, loaded.max_context),
+            dtype,
+            loaded.kv_bytes_per_token,
+        );
         Ok(Adapter::new(loaded.network, loaded.cache, info))
     }
 
@@ -102,6 +171,7 @@ impl<A: Architecture> Adapter<A> {
             eos_token_ids,
             bos_token_id,
             dtype: DType::F32,
+            kv_bytes_per_token: loaded.kv_bytes_per_token,
         };
         Ok(Adapter::new(loaded.network, loaded.cache, info))
     }
@@ -114,43 +184,151 @@ impl<A: Architecture> Adapter<A> {
 
 impl<A: Architecture> LanguageModel for Adapter<A> {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        // A new sequence at position 0 starts from the loaded state, whatever ran before
-        // (candle's stock models would append to the old cache); any other position must
-        // continue the cached sequence exactly.
-        if position == 0 && self.cached != Some(0) {
-            self.reset_cache()?;
-        }
-        match self.cached {
-            Some(cached) if cached == position => {}
-            Some(cached) => {
-                return Err(Error::Position {
-                    got: position,
-                    cached,
-                })
-            }
-            None => {
-                return Err(Error::InvalidParameter {
-                    param: "position".into(),
-                    message: "an earlier forward failed part way; start over at position 0 or reset the cache".into(),
-                })
-            }
-        }
+        let item = BatchItem {
+            slot: 0,
+            input_ids: input_ids.clone(),
+            position,
+        };
         let (_batch, seq_len) = input_ids.dims2()?;
-        self.cached = None;
-        let logits = self.network.forward(input_ids, position, &mut self.cache)?;
-        self.cached = Some(position + seq_len);
+        self.prepare(0, position)?;
+        let slot = &mut self.slots[0];
+        slot.cached = None;
+        let logits = self
+            .network
+            .forward(&item.input_ids, position, &mut slot.cache)?;
+        slot.cached = Some(position + seq_len);
         last_position_f32(logits)
     }
 
+    fn forward_batch(&mut self, batch: &[BatchItem]) -> Result<Tensor> {
+        let mut seen = vec![false; self.slots.len()];
+        for item in batch {
+            match seen.get_mut(item.slot) {
+                Some(true) => {
+                    return Err(Error::InvalidParameter {
+                        param: "batch".into(),
+                        message: format!("slot {} appears twice in one batch", item.slot),
+                    })
+                }
+                Some(s) => *s = true,
+                None => {
+                    self.slot_mut(item.slot)?;
+                }
+            }
+            self.prepare(item.slot, item.position)?;
+        }
+        // Each item borrows its own slot's cache, in the batch's order.
+        let mut caches: Vec<Option<&mut Slot<_>>> = self.slots.iter_mut().map(Some).collect();
+        let mut inputs = Vec::with_capacity(batch.len());
+        for item in batch {
+            let slot = caches[item.slot].take().ok_or_else(|| {
+                candle_core::Error::Msg(format!("slot {} taken twice", item.slot))
+            })?;
+            slot.cached = None;
+            inputs.push(SequenceInput {
+                input_ids: item.input_ids.clone(),
+                position: item.position,
+                cache: &mut slot.cache,
+            });
+        }
+        let logits = self.network.forward_batch(&mut inputs)?;
+        drop(inputs);
+        for item in batch {
+            self.slots[item.slot].cached = Some(item.position + item.input_ids.dim(1)?);
+        }
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
     fn reset_cache(&mut self) -> Result<()> {
-        self.cached = None;
-        self.network.reset(&mut self.cache)?;
-        self.cached = Some(0);
+        for slot in 0..self.slots.len() {
+            self.reset_slot(slot)?;
+        }
         Ok(())
     }
 
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn set_slots(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Err(Error::InvalidParameter {
+                param: "slots".into(),
+                message: "a model needs at least one sequence slot".into(),
+            });
+        }
+        self.slots.truncate(n);
+        while self.slots.len() < n {
+            self.slots.push(Slot {
+                cache: self.network.new_cache()?,
+                cached: Some(0),
+            });
+        }
+        Ok(())
+    }
+
+    fn reset_slot(&mut self, slot: usize) -> Result<()> {
+        let network = &self.network;
+        let n = self.slots.len();
+        let s = self
+            .slots
+            .get_mut(slot)
+            .ok_or_else(|| Error::InvalidParameter {
+                param: "slot".into(),
+                message: format!("slot {slot} does not exist; this model has {n} slots"),
+            })?;
+        s.cached = None;
+        network.reset(&mut s.cache)?;
+        s.cached = Some(0);
+        Ok(())
+    }
+
+    fn truncate_slot(&mut self, slot: usize, keep: usize) -> Result<bool> {
+        let network = &self.network;
+        let n = self.slots.len();
+        let s = self
+            .slots
+            .get_mut(slot)
+            .ok_or_else(|| Error::InvalidParameter {
+                param: "slot".into(),
+                message: format!("slot {slot} does not exist; this model has {n} slots"),
+            })?;
+        match s.cached {
+            Some(cached) if keep == cached => Ok(true),
+            Some(cached) if keep < cached && network.truncate(&mut s.cache, cached, keep)? => {
+                s.cached = Some(keep);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+impl<A: Architecture> Adapter<A> {
+    /// Checks that a forward at `position` may run on `slot`: a new sequence at position 0
+    /// starts from the loaded state, whatever ran before (candle's stock models would append
+    /// to the old cache); any other position must continue the slot's sequence exactly.
+    fn prepare(&mut self, slot: usize, position: usize) -> Result<()> {
+        let cached = self.slot_mut(slot)?.cached;
+        if position == 0 && cached != Some(0) {
+            self.reset_slot(slot)?;
+            return Ok(());
+        }
+        match cached {
+            Some(cached) if cached == position => Ok(()),
+            Some(cached) => Err(Error::Position {
+                got: position,
+                cached,
+            }),
+            None => Err(Error::InvalidParameter {
+                param: "position".into(),
+                message: "an earlier forward failed part way; start over at position 0 or reset the cache".into(),
+            }),
+        }
     }
 }
 
@@ -165,6 +343,8 @@ pub struct Loaded<N: Network> {
     pub vocab_size: usize,
     /// The longest sequence it computes.
     pub max_context: usize,
+    /// Bytes of KV cache per token, over all layers.
+    pub kv_bytes_per_token: usize,
 }
 
 impl<N: Network> Loaded<N> {
@@ -175,7 +355,21 @@ impl<N: Network> Loaded<N> {
             cache,
             vocab_size,
             max_context,
+            kv_bytes_per_token: 0,
         }
+    }
+
+    /// The same, with the KV cache's bytes per token: `layers` layers of `kv_heads` key and
+    /// value heads of `head_dim` in `dtype` (for a stock model, whose cache is opaque).
+    pub fn with_kv_cache(
+        mut self,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> Self {
+        self.kv_bytes_per_token = layers * 2 * kv_heads * head_dim * dtype.size_in_bytes();
+        self
     }
 }
 
@@ -221,5 +415,9 @@ impl<M: Clone + Send + 'static> Network for Pristine<M> {
     fn reset(&self, live: &mut M) -> Result<()> {
         *live = self.pristine.clone();
         Ok(())
+    }
+
+    fn new_cache(&self) -> Result<M> {
+        Ok(self.pristine.clone())
     }
 }

@@ -41,7 +41,7 @@ pub mod gguf;
 pub mod hf;
 pub mod layers;
 
-pub use adapter::{Adapter, Network};
+pub use adapter::{Adapter, BatchItem, Network, SequenceInput};
 
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
@@ -63,6 +63,9 @@ pub struct ModelInfo {
     pub bos_token_id: Option<u32>,
     /// The dtype the weights are computed in.
     pub dtype: DType,
+    /// Bytes of KV cache one token takes over all layers (keys and values, in the cache's
+    /// dtype), for the KV budget.
+    pub kv_bytes_per_token: usize,
 }
 
 impl ModelInfo {
@@ -71,9 +74,9 @@ impl ModelInfo {
     pub fn from_hf(
         architecture: &'static str,
         dir: &hf::HfModelDir,
-        vocab_size: usize,
-        max_context: usize,
+        (vocab_size, max_context): (usize, usize),
         dtype: DType,
+        kv_bytes_per_token: usize,
     ) -> Self {
         ModelInfo {
             architecture,
@@ -82,6 +85,7 @@ impl ModelInfo {
             eos_token_ids: common::token_set(dir.eos_token_ids()),
             bos_token_id: dir.bos_token_id(),
             dtype,
+            kv_bytes_per_token,
         }
     }
 }
@@ -115,6 +119,25 @@ pub trait LanguageModel: Send {
 
     /// Architecture name, vocabulary size, context length and end-of-sequence ids.
     fn info(&self) -> &ModelInfo;
+
+    /// One step over several sequences, each in its own slot (its own KV cache) at its own
+    /// position: `(n, vocab)` F32 logits, row `i` for the last token of `batch[i]`. Each row
+    /// is what that sequence's [`LanguageModel::forward`] alone computes, within float
+    /// rounding. A slot may appear once per batch; position 0 starts the slot over.
+    fn forward_batch(&mut self, batch: &[BatchItem]) -> Result<Tensor>;
+
+    /// The number of sequence slots; [`LanguageModel::forward`] runs on slot 0.
+    fn slots(&self) -> usize;
+
+    /// Sets the number of slots: new ones start empty, and slots past `n` are dropped.
+    fn set_slots(&mut self, n: usize) -> Result<()>;
+
+    /// Restores one slot to the freshly loaded state, or returns an error.
+    fn reset_slot(&mut self, slot: usize) -> Result<()>;
+
+    /// Cuts a slot's cache back to its first `keep` tokens (for reusing a shared prefix) and
+    /// returns true, or returns false without changing it when the cache cannot be cut there.
+    fn truncate_slot(&mut self, slot: usize, keep: usize) -> Result<bool>;
 }
 
 /// How an architecture is detected and loaded. Implemented once per module in `arch/`, on a
@@ -308,6 +331,36 @@ macro_rules! register_architectures {
                     $(AnyArchitecture::$variant(m) => LanguageModel::info(m),)+
                 }
             }
+
+            fn forward_batch(&mut self, batch: &[BatchItem]) -> Result<Tensor> {
+                match self {
+                    $(AnyArchitecture::$variant(m) => LanguageModel::forward_batch(m, batch),)+
+                }
+            }
+
+            fn slots(&self) -> usize {
+                match self {
+                    $(AnyArchitecture::$variant(m) => LanguageModel::slots(m),)+
+                }
+            }
+
+            fn set_slots(&mut self, n: usize) -> Result<()> {
+                match self {
+                    $(AnyArchitecture::$variant(m) => LanguageModel::set_slots(m, n),)+
+                }
+            }
+
+            fn reset_slot(&mut self, slot: usize) -> Result<()> {
+                match self {
+                    $(AnyArchitecture::$variant(m) => LanguageModel::reset_slot(m, slot),)+
+                }
+            }
+
+            fn truncate_slot(&mut self, slot: usize, keep: usize) -> Result<bool> {
+                match self {
+                    $(AnyArchitecture::$variant(m) => LanguageModel::truncate_slot(m, slot, keep),)+
+                }
+            }
         }
 
         /// Every registered architecture, in registration order.
@@ -359,17 +412,34 @@ pub fn architecture(name: &str) -> Option<&'static ArchitectureEntry> {
 }
 
 /// A loaded model: any architecture, plus the bookkeeping that keeps every caller honest
-/// about positions. This is what the engine and the workers hold.
+/// about positions, per sequence slot. This is what the engine and the workers hold.
 pub struct Model {
     inner: AnyArchitecture,
     path: PathBuf,
     device: Device,
-    /// Tokens currently in the KV cache.
-    cached: usize,
-    /// Set when a forward failed part way: the cache may hold partial state until a reset.
-    needs_reset: bool,
+    /// Per slot: the tokens in its KV cache, and whether a failed forward may have left
+    /// partial state in it (until a reset).
+    slots: Vec<SlotState>,
     /// On CPU, the rayon pool this model's forwards run in (see [`Model::forward_ids_into`]).
     cpu_pool: Option<rayon::ThreadPool>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotState {
+    cached: usize,
+    needs_reset: bool,
+}
+
+/// One sequence of a batched step: its slot, its new tokens, and where they start.
+#[derive(Debug, Clone, Copy)]
+pub struct SequenceChunk<'a> {
+    /// The slot (KV cache) it runs in.
+    pub slot: usize,
+    /// Its new tokens (at least one).
+    pub tokens: &'a [u32],
+    /// The tokens already in the slot's cache: the chunk continues the slot's sequence
+    /// (reset or cut the slot to start another).
+    pub position: usize,
 }
 
 impl Model {
@@ -423,8 +493,7 @@ impl Model {
             inner,
             path,
             device: options.device.clone(),
-            cached: 0,
-            needs_reset: false,
+            slots: vec![SlotState::default()],
             cpu_pool,
         })
     }
@@ -439,9 +508,62 @@ impl Model {
         self.inner.info()
     }
 
-    /// Number of tokens in the KV cache.
+    /// Number of tokens in slot 0's KV cache (the one [`Model::forward_ids`] uses).
     pub fn cached_tokens(&self) -> usize {
-        self.cached
+        self.slots[0].cached
+    }
+
+    /// Number of tokens in a slot's KV cache (0 for a slot that does not exist).
+    pub fn slot_tokens(&self, slot: usize) -> usize {
+        self.slots.get(slot).map_or(0, |s| s.cached)
+    }
+
+    /// The number of sequence slots, each with its own KV cache.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Sets the number of sequence slots (at least one). New slots start empty; slots past
+    /// `n` are dropped with their caches.
+    pub fn set_slots(&mut self, n: usize) -> Result<()> {
+        self.inner.set_slots(n)?;
+        self.slots.resize(n, SlotState::default());
+        Ok(())
+    }
+
+    /// Restores one slot to the freshly loaded state.
+    pub fn reset_slot(&mut self, slot: usize) -> Result<()> {
+        self.inner.reset_slot(slot)?;
+        self.slots[slot] = SlotState::default();
+        Ok(())
+    }
+
+    /// Cuts a slot's cache back to its first `keep` tokens, so that a new sequence sharing
+    /// them continues from there; false (nothing changed) when this model's cache of that
+    /// slot cannot be cut there.
+    pub fn truncate_slot(&mut self, slot: usize, keep: usize) -> Result<bool> {
+        let state = self.slot_state(slot)?;
+        if state.needs_reset || keep > state.cached {
+            return Ok(false);
+        }
+        let cut = self.inner.truncate_slot(slot, keep)?;
+        if cut {
+            self.slots[slot].cached = keep;
+        }
+        Ok(cut)
+    }
+
+    fn slot_state(&self, slot: usize) -> Result<SlotState> {
+        self.slots
+            .get(slot)
+            .copied()
+            .ok_or_else(|| Error::InvalidParameter {
+                param: "slot".into(),
+                message: format!(
+                    "slot {slot} does not exist; this model has {} slots",
+                    self.slots.len()
+                ),
+            })
     }
 
     /// Runs a single sequence of token ids at `position` and returns its last-position logits.
@@ -460,21 +582,68 @@ impl Model {
         position: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        if ids.is_empty() {
+        let chunk = SequenceChunk {
+            slot: 0,
+            tokens: ids,
+            position,
+        };
+        self.forward_batch_into(&[chunk], out)
+    }
+
+    /// One step over several sequences, each in its own slot: `out` receives `n × vocab`
+    /// logits, row `i` for the last token of `batch[i]`. Every linear layer of the shared
+    /// decoder runs once over all the step's tokens, so decoding `n` sequences together reads
+    /// each weight once instead of `n` times.
+    ///
+    /// ```no_run
+    /// use llm_pool::models::{LoadOptions, Model, SequenceChunk};
+    /// let mut model = Model::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &LoadOptions::cpu())?;
+    /// model.set_slots(2)?;
+    /// let mut logits = Vec::new();
+    /// model.forward_batch_into(
+    ///     &[
+    ///         SequenceChunk { slot: 0, tokens: &[1, 4093, 198], position: 0 },
+    ///         SequenceChunk { slot: 1, tokens: &[1, 22], position: 0 },
+    ///     ],
+    ///     &mut logits,
+    /// )?;
+    /// assert_eq!(logits.len(), 2 * model.info().vocab_size);
+    /// # Ok::<(), llm_pool::Error>(())
+    /// ```
+    pub fn forward_batch_into(
+        &mut self,
+        batch: &[SequenceChunk<'_>],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        if batch.is_empty() {
             return Err(Error::InvalidParameter {
-                param: "input_ids".into(),
-                message: "at least one token is needed".into(),
+                param: "batch".into(),
+                message: "at least one sequence is needed".into(),
             });
         }
         let vocab = self.info().vocab_size;
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::InvalidParameter {
-                param: "input_ids".into(),
-                message: format!("token id {bad} is outside the vocabulary (size {vocab})"),
+        let device = self.device.clone();
+        let mut items = Vec::with_capacity(batch.len());
+        for chunk in batch {
+            let ids = chunk.tokens;
+            if ids.is_empty() {
+                return Err(Error::InvalidParameter {
+                    param: "input_ids".into(),
+                    message: "at least one token is needed".into(),
+                });
+            }
+            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::InvalidParameter {
+                    param: "input_ids".into(),
+                    message: format!("token id {bad} is outside the vocabulary (size {vocab})"),
+                });
+            }
+            items.push(BatchItem {
+                slot: chunk.slot,
+                input_ids: Tensor::from_slice(ids, (1, ids.len()), &device)?,
+                position: chunk.position,
             });
         }
-        let device = self.device();
-        let input = Tensor::from_slice(ids, (1, ids.len()), &device)?;
         // On CPU the forward runs inside this model's rayon pool: candle's norms, RoPE, softmax
         // and f32 matmuls each fan out over rayon, and called from outside a pool every one of
         // them wakes a pool thread and sleeps until it is done (two context switches an op,
@@ -484,30 +653,80 @@ impl Model {
         // each wait on the other's whole forward.
         let logits = match self.cpu_pool.take() {
             Some(pool) => {
-                let result = pool.install(|| self.forward(&input, position));
+                let result = pool.install(|| self.run_checked(&items, |m| m.forward_batch(&items)));
                 self.cpu_pool = Some(pool);
                 result?
             }
-            None => self.forward(&input, position)?,
-        }
-        .squeeze(0)?;
+            None => self.run_checked(&items, |m| m.forward_batch(&items))?,
+        };
         out.clear();
         let (storage, layout) = logits.storage_and_layout();
         match (&*storage, layout.contiguous_offsets()) {
             (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
                 out.extend_from_slice(&cpu.as_slice::<f32>()?[start..end]);
             }
-            // GPU logits come back through candle's own copy.
+            // GPU logits (or a strided view) come back through candle's own copy.
             _ => {
                 drop(storage);
-                out.extend(logits.to_vec1::<f32>()?);
+                out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
             }
         }
         Ok(())
     }
 
-    fn device(&self) -> Device {
-        self.device.clone()
+    /// Checks every item against its slot (position, context, partial state), runs the batch
+    /// with panics caught, and keeps each slot's count: on failure every slot of the batch is
+    /// marked for reset.
+    fn run_checked(
+        &mut self,
+        items: &[BatchItem],
+        run: impl FnOnce(&mut AnyArchitecture) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let info = self.inner.info();
+        for item in items {
+            let state = self.slot_state(item.slot)?;
+            if state.needs_reset {
+                return Err(Error::InvalidParameter {
+                    param: "position".into(),
+                    message: "an earlier forward failed part way and the KV cache may hold partial state; reset the cache first".into(),
+                });
+            }
+            if item.position != state.cached {
+                return Err(Error::Position {
+                    got: item.position,
+                    cached: state.cached,
+                });
+            }
+            let seq_len = item.input_ids.dim(1)?;
+            if item.position + seq_len > info.max_context {
+                return Err(Error::InvalidParameter {
+                    param: "input_ids".into(),
+                    message: format!(
+                        "positions {}..{} go past the context of {} tokens of this {} model",
+                        item.position,
+                        item.position + seq_len,
+                        info.max_context,
+                        info.architecture
+                    ),
+                });
+            }
+        }
+        // A panic inside candle (a shape bug, an out-of-range index) must not unwind through
+        // the caller's thread: it becomes an error and the slots are marked for reset.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut self.inner)))
+                .unwrap_or_else(|p| Err(Error::from_panic("model forward", p)));
+        for item in items {
+            let slot = &mut self.slots[item.slot];
+            match &result {
+                Ok(_) => {
+                    slot.cached = item.position + item.input_ids.dim(1)?;
+                    slot.needs_reset = false;
+                }
+                Err(_) => slot.needs_reset = true,
+            }
+        }
+        result
     }
 }
 
@@ -531,57 +750,43 @@ fn cpu_pool(architecture: &str) -> Option<rayon::ThreadPool> {
 
 impl LanguageModel for Model {
     fn forward(&mut self, input_ids: &Tensor, position: usize) -> Result<Tensor> {
-        if self.needs_reset {
-            return Err(Error::InvalidParameter {
-                param: "position".into(),
-                message: "an earlier forward failed part way and the KV cache may hold partial state; call reset_cache first".into(),
-            });
-        }
-        if position != self.cached {
-            return Err(Error::Position {
-                got: position,
-                cached: self.cached,
-            });
-        }
-        let (_batch, seq_len) = input_ids.dims2()?;
-        let info = self.inner.info();
-        if position + seq_len > info.max_context {
-            return Err(Error::InvalidParameter {
-                param: "input_ids".into(),
-                message: format!(
-                    "positions {position}..{} go past the context of {} tokens of this {} model",
-                    position + seq_len,
-                    info.max_context,
-                    info.architecture
-                ),
-            });
-        }
-        // A panic inside candle (a shape bug, an out-of-range index) must not unwind through
-        // the caller's thread: it becomes an error and the cache is marked for reset.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.inner.forward(input_ids, position)
-        }))
-        .unwrap_or_else(|p| Err(Error::from_panic("model forward", p)));
-        match result {
-            Ok(logits) => {
-                self.cached += seq_len;
-                Ok(logits)
-            }
-            Err(e) => {
-                self.needs_reset = true;
-                Err(e)
-            }
-        }
+        let item = BatchItem {
+            slot: 0,
+            input_ids: input_ids.clone(),
+            position,
+        };
+        self.run_checked(std::slice::from_ref(&item), |m| {
+            m.forward(input_ids, position)
+        })
     }
 
     fn reset_cache(&mut self) -> Result<()> {
         self.inner.reset_cache()?;
-        self.cached = 0;
-        self.needs_reset = false;
+        self.slots.fill(SlotState::default());
         Ok(())
     }
 
     fn info(&self) -> &ModelInfo {
         self.inner.info()
+    }
+
+    fn forward_batch(&mut self, batch: &[BatchItem]) -> Result<Tensor> {
+        self.run_checked(batch, |m| m.forward_batch(batch))
+    }
+
+    fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn set_slots(&mut self, n: usize) -> Result<()> {
+        Model::set_slots(self, n)
+    }
+
+    fn reset_slot(&mut self, slot: usize) -> Result<()> {
+        Model::reset_slot(self, slot)
+    }
+
+    fn truncate_slot(&mut self, slot: usize, keep: usize) -> Result<bool> {
+        Model::truncate_slot(self, slot, keep)
     }
 }

@@ -1,20 +1,24 @@
-//! A worker: one dedicated OS thread that owns one loaded model, its KV cache and its text side,
-//! and serves requests from its model's queue. Model compute never runs on an async runtime.
+//! A worker: one dedicated OS thread that owns one loaded model, its KV cache slots and its
+//! text side, and serves requests from its model's queue with continuous batching
+//! ([`Batcher`]): requests join the running batch as slots and KV budget allow, every step
+//! advances all of them by one batched forward, and each leaves the moment it ends. Model
+//! compute never runs on an async runtime.
 //!
-//! Every model call runs inside `catch_unwind`. A panic, or a failure that leaves the model in
-//! an unknown state, ends the thread: the request in flight gets `WorkerRestarted`, the
-//! supervisor is told at once and starts a replacement, and the queue (owned by the model's
-//! handle, not the worker) keeps every waiting request for it.
+//! A panic ends the thread: every request of the batch gets `WorkerRestarted` (a request is
+//! answered however its [`JobClient`] goes away), the supervisor is told at once and starts a
+//! replacement, and the queue (owned by the model's handle, not the worker) keeps every
+//! waiting request for it.
 
 use super::registry::{dec, inc, Job, ModelHandle};
 use super::supervisor::{ExitCause, Supervisor, WorkerExited};
 use super::{GenerationEvent, GenerationResult};
-use crate::engine::{CacheUse, FinishReason, Session};
+use crate::engine::batch::{Admission, Batcher, Client, Pending};
+use crate::engine::{CacheUse, FinishReason, GenerateOutput, GenerateParams, TokenEvent};
 use crate::error::{Error, Result};
 use crate::models::{LoadOptions, Model};
 use crate::text::{encode_prompt, ModelText};
 use actix::Addr;
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::{RecvTimeoutError, TryRecvError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,7 +36,11 @@ pub(crate) fn spawn(
 ) -> std::io::Result<()> {
     let name = format!("llm-pool-{}-{replica}", handle.name());
     std::thread::Builder::new().name(name).spawn(move || {
-        let cause = run(&handle, generation);
+        // `run` catches the panics it expects; this one catches the rest, so that the
+        // supervisor always hears of the exit (every request still held was answered by its
+        // client's drop).
+        let cause = catch_unwind(AssertUnwindSafe(|| run(&handle, generation)))
+            .unwrap_or_else(|p| ExitCause::Crashed(Error::from_panic("worker", p).to_string()));
         // The model, its cache and its tokenizer are dropped by now.
         crate::resources::release_freed_memory();
         supervisor.do_send(WorkerExited {
@@ -81,10 +89,21 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         cap => cap.min(model.info().max_context),
     };
     handle.max_context.store(context, Ordering::SeqCst);
+    let settings = handle
+        .config
+        .batch_settings(model.info().kv_bytes_per_token);
+    let architecture = model.info().architecture;
+    let mut batcher = match Batcher::new(&mut model, text.as_ref(), settings) {
+        Ok(b) => b,
+        Err(e) => return ExitCause::LoadFailed(format!("batching settings: {e}")),
+    };
     tracing::info!(
         model = handle.name(),
         device = %handle.device,
-        architecture = model.info().architecture,
+        architecture,
+        max_batch_size = settings.max_batch_size,
+        slots = settings.max_slots,
+        kv_budget_tokens = settings.kv_budget_tokens,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "worker ready"
     );
@@ -94,64 +113,144 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         handle.set_state(super::ModelState::Ready);
     }
 
-    let mut session = Session::new(&mut model);
+    // A request taken from the queue that waits for room in the batch.
+    let mut pending: Option<Pending<JobClient<'_>>> = None;
     loop {
         if handle.current_generation() != generation {
-            return ExitCause::Stopped;
+            // Told to stop: the running requests finish; nothing new is taken.
+            if batcher.is_empty() {
+                if let Some(p) = pending.take() {
+                    p.client.requeue();
+                }
+                return ExitCause::Stopped;
+            }
+        } else if let Err(cause) = admit(handle, text.as_ref(), &mut batcher, &mut pending) {
+            return cause;
         }
-        let job = match handle.queue_rx.recv_timeout(POLL) {
-            Ok(job) => job,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return ExitCause::Stopped,
-        };
-        crate::metrics::queue_depth(handle.name(), handle.queue_rx.len());
-        if job.events.is_closed() {
-            // The caller went away while the request waited.
-            crate::metrics::request(handle.name(), "cancelled");
+        if batcher.is_empty() {
             continue;
         }
-        crate::metrics::queue_wait(handle.name(), job.enqueued.elapsed());
-        inc(&handle.in_flight);
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            serve(handle, &mut session, text.as_ref(), &job)
+        let stepped = catch_unwind(AssertUnwindSafe(|| {
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!(&format!("llm_pool_worker_step_{}", handle.name()));
+            batcher.step()
         }));
-        dec(&handle.in_flight);
-        handle.touch();
-        match outcome {
-            Ok(Ok(_)) => {
-                // `serve` counted the outcome before its final event, so that a client that
-                // has its answer finds it counted.
-                handle.consecutive_failures.store(0, Ordering::SeqCst);
-            }
-            Ok(Err(e)) if session.is_poisoned() => {
-                let cause = e.to_string();
-                fail_in_flight(handle, &job, &cause);
-                return ExitCause::Crashed(cause);
-            }
-            Ok(Err(e)) => {
-                let outcome = match e {
-                    Error::InvalidParameter { .. } | Error::ContextLength { .. } => "invalid",
-                    _ => "error",
-                };
-                crate::metrics::request(handle.name(), outcome);
-                let _ = job.events.send(Err(e));
+        match stepped {
+            Ok(stats) => {
+                let waiting = handle.queue_rx.len() + usize::from(pending.is_some());
+                crate::metrics::batch_step(
+                    handle.name(),
+                    stats.sequences,
+                    batcher.running(),
+                    waiting,
+                    batcher.kv_usage(),
+                );
             }
             Err(panic) => {
                 let cause = Error::from_panic("worker", panic).to_string();
-                tracing::error!(model = handle.name(), %cause, "worker panicked; restarting");
-                fail_in_flight(handle, &job, &cause);
+                tracing::error!(
+                    model = handle.name(),
+                    %cause,
+                    running = batcher.running(),
+                    "batched step panicked; restarting the worker"
+                );
+                let name = handle.name().to_string();
+                batcher.fail_all(|| Error::WorkerRestarted {
+                    model: name.clone(),
+                    cause: cause.clone(),
+                });
+                if let Some(p) = pending.take() {
+                    p.client.requeue();
+                }
                 return ExitCause::Crashed(cause);
             }
         }
     }
 }
 
-fn fail_in_flight(handle: &ModelHandle, job: &Job, cause: &str) {
-    crate::metrics::request(handle.name(), "restarted");
-    let _ = job.events.send(Err(Error::WorkerRestarted {
-        model: handle.name().to_string(),
-        cause: cause.to_string(),
-    }));
+/// Takes requests from the queue into the batch while it has room: waits up to [`POLL`] for
+/// one when the batch is empty, else only takes what is already there. A request that does
+/// not fit yet stays in `pending`. Returns the exit cause when the worker must end.
+fn admit<'h>(
+    handle: &'h ModelHandle,
+    text: Option<&ModelText>,
+    batcher: &mut Batcher<'_, JobClient<'h>>,
+    pending: &mut Option<Pending<JobClient<'h>>>,
+) -> std::result::Result<(), ExitCause> {
+    while batcher.has_room() {
+        let ready = match pending.take() {
+            Some(p) => p,
+            None => {
+                let job = if batcher.is_empty() {
+                    match handle.queue_rx.recv_timeout(POLL) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout) => return Ok(()),
+                        Err(RecvTimeoutError::Disconnected) => return Err(ExitCause::Stopped),
+                    }
+                } else {
+                    match handle.queue_rx.try_recv() {
+                        Ok(job) => job,
+                        Err(TryRecvError::Empty) => return Ok(()),
+                        Err(TryRecvError::Disconnected) => return Err(ExitCause::Stopped),
+                    }
+                };
+                crate::metrics::queue_depth(handle.name(), handle.queue_rx.len());
+                if job.events.is_closed() {
+                    // The caller went away while the request waited.
+                    crate::metrics::request(handle.name(), "cancelled");
+                    continue;
+                }
+                crate::metrics::queue_wait(handle.name(), job.enqueued.elapsed());
+                let client = JobClient::new(handle, job);
+                let prepared =
+                    catch_unwind(AssertUnwindSafe(|| prepare(handle, text, &client.job)));
+                match prepared {
+                    Ok(Ok((prompt, params))) => Pending {
+                        prompt,
+                        params,
+                        client,
+                    },
+                    Ok(Err(e)) => {
+                        client.on_done(Err(e));
+                        continue;
+                    }
+                    Err(panic) => {
+                        let cause = Error::from_panic("worker", panic).to_string();
+                        tracing::error!(model = handle.name(), %cause, "worker panicked; restarting");
+                        let error = || Error::WorkerRestarted {
+                            model: handle.name().to_string(),
+                            cause: cause.clone(),
+                        };
+                        client.on_done(Err(error()));
+                        batcher.fail_all(error);
+                        return Err(ExitCause::Crashed(cause));
+                    }
+                }
+            }
+        };
+        match batcher.admit(ready) {
+            Admission::Running => {}
+            Admission::Full(p) => {
+                *pending = Some(p);
+                return Ok(());
+            }
+            Admission::Refused(client, e) => client.on_done(Err(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Tokenizes a request's prompt and resolves its parameters against the model.
+fn prepare(
+    handle: &ModelHandle,
+    text: Option<&ModelText>,
+    job: &Job,
+) -> Result<(Vec<u32>, GenerateParams)> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(&format!("llm_pool_worker_generate_{}", handle.name()));
+    let prompt = encode_prompt(handle.name(), text, &job.request.prompt)?;
+    let params = job.request.resolve(&handle.limits(), prompt.len())?;
+    Ok((prompt, params))
 }
 
 /// Decrements the ready-worker count however the thread ends.
@@ -163,23 +262,112 @@ impl Drop for ReadyGuard<'_> {
     }
 }
 
-fn serve(
-    handle: &ModelHandle,
-    session: &mut Session<'_>,
-    text: Option<&ModelText>,
-    job: &Job,
-) -> Result<FinishReason> {
-    #[cfg(feature = "failpoints")]
-    fail::fail_point!(&format!("llm_pool_worker_generate_{}", handle.name()));
+/// One request in a worker: it streams tokens to the caller's channel, and answers exactly
+/// once, when its sequence ends, or, dropped unanswered (a panic unwinding the worker), with
+/// `WorkerRestarted`. It counts in the model's `in_flight` for as long as it lives.
+struct JobClient<'h> {
+    handle: &'h ModelHandle,
+    job: Job,
+    first_token: Option<Instant>,
+    answered: bool,
+}
 
-    let request = &job.request;
-    let prompt = encode_prompt(handle.name(), text, &request.prompt)?;
-    let params = request.resolve(&handle.limits(), prompt.len())?;
-    let mut first_token: Option<Instant> = None;
-    let output = session.generate(text, &prompt, &params, |event| {
-        first_token.get_or_insert_with(Instant::now);
-        if job.stream {
-            job.events
+impl<'h> JobClient<'h> {
+    fn new(handle: &'h ModelHandle, job: Job) -> Self {
+        inc(&handle.in_flight);
+        JobClient {
+            handle,
+            job,
+            first_token: None,
+            answered: false,
+        }
+    }
+
+    /// Puts the request back in the queue unanswered (a worker leaving before it started);
+    /// answers it with `WorkerRestarted` when the queue has no room left.
+    fn requeue(mut self) {
+        self.answered = true;
+        let handle = self.handle;
+        let job = Job {
+            request: self.job.request.clone(),
+            stream: self.job.stream,
+            events: self.job.events.clone(),
+            enqueued: self.job.enqueued,
+        };
+        if let Err(e) = handle.queue_tx.try_send(job) {
+            crate::metrics::request(handle.name(), "restarted");
+            let _ = e.into_inner().events.send(Err(Error::WorkerRestarted {
+                model: handle.name().to_string(),
+                cause: "the worker stopped and the queue had no room to keep this request".into(),
+            }));
+        }
+    }
+
+    fn finished(&self, output: GenerateOutput, cache: CacheUse) {
+        let handle = self.handle;
+        match cache {
+            CacheUse::Reset(reason) => crate::metrics::cache_reset(handle.name(), reason),
+            CacheUse::PrefixHit(n) => crate::metrics::prefix_hit(handle.name(), n),
+        }
+        let total = self.job.enqueued.elapsed();
+        let ttft = self
+            .first_token
+            .map(|t| t.duration_since(self.job.enqueued))
+            .unwrap_or(total);
+        crate::metrics::generation(
+            handle.name(),
+            output.prompt_tokens,
+            output.completion_tokens(),
+            total,
+            ttft,
+            output.decode,
+        );
+        let outcome = match output.finish_reason {
+            FinishReason::Cancelled => "cancelled",
+            _ => "ok",
+        };
+        if outcome == "ok" {
+            handle.consecutive_failures.store(0, Ordering::SeqCst);
+        }
+        // Counted before the final event, so that a client that has its answer finds it
+        // counted.
+        crate::metrics::request(handle.name(), outcome);
+        let _ = self
+            .job
+            .events
+            .send(Ok(GenerationEvent::Done(GenerationResult {
+                completion_tokens: output.completion_tokens(),
+                text: output.text,
+                token_ids: output.token_ids,
+                finish_reason: output.finish_reason,
+                prompt_tokens: output.prompt_tokens,
+                time_to_first_token: ttft,
+                duration: total,
+                cache,
+            })));
+    }
+
+    fn failed(&self, e: Error) {
+        let outcome = match e {
+            Error::InvalidParameter { .. } | Error::ContextLength { .. } => "invalid",
+            Error::WorkerRestarted { .. } => "restarted",
+            _ => "error",
+        };
+        crate::metrics::request(self.handle.name(), outcome);
+        let _ = self.job.events.send(Err(e));
+    }
+}
+
+impl Client for JobClient<'_> {
+    fn is_cancelled(&self) -> bool {
+        self.job.events.is_closed()
+    }
+
+    fn on_token(&mut self, event: TokenEvent<'_>) -> bool {
+        self.first_token.get_or_insert_with(Instant::now);
+        if self.job.stream {
+            self.job
+                .events
                 .send(Ok(GenerationEvent::Token {
                     id: event.id,
                     text: event.text.to_string(),
@@ -187,44 +375,28 @@ fn serve(
                 .is_ok()
         } else {
             // Nobody reads tokens one by one; only stop if the caller went away.
-            !job.events.is_closed()
+            !self.job.events.is_closed()
         }
-    })?;
-    let cache = session
-        .last_cache_use
-        .unwrap_or(CacheUse::Reset("new_prompt"));
-    match cache {
-        CacheUse::Reset(reason) => crate::metrics::cache_reset(handle.name(), reason),
-        CacheUse::PrefixHit(n) => crate::metrics::prefix_hit(handle.name(), n),
     }
-    let total = job.enqueued.elapsed();
-    let ttft = first_token
-        .map(|t| t.duration_since(job.enqueued))
-        .unwrap_or(total);
-    crate::metrics::generation(
-        handle.name(),
-        output.prompt_tokens,
-        output.completion_tokens(),
-        total,
-        ttft,
-        output.decode,
-    );
-    let finish = output.finish_reason;
-    let outcome = if finish == FinishReason::Cancelled {
-        "cancelled"
-    } else {
-        "ok"
-    };
-    crate::metrics::request(handle.name(), outcome);
-    let _ = job.events.send(Ok(GenerationEvent::Done(GenerationResult {
-        completion_tokens: output.completion_tokens(),
-        text: output.text,
-        token_ids: output.token_ids,
-        finish_reason: output.finish_reason,
-        prompt_tokens: output.prompt_tokens,
-        time_to_first_token: ttft,
-        duration: total,
-        cache,
-    })));
-    Ok(finish)
+
+    fn on_done(mut self, result: Result<(GenerateOutput, CacheUse)>) {
+        self.answered = true;
+        match result {
+            Ok((output, cache)) => self.finished(output, cache),
+            Err(e) => self.failed(e),
+        }
+    }
+}
+
+impl Drop for JobClient<'_> {
+    fn drop(&mut self) {
+        dec(&self.handle.in_flight);
+        self.handle.touch();
+        if !self.answered {
+            self.failed(Error::WorkerRestarted {
+                model: self.handle.name().to_string(),
+                cause: "the worker panicked".into(),
+            });
+        }
+    }
 }

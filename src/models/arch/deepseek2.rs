@@ -405,6 +405,12 @@ impl LatentAttention {
 }
 
 impl SelfAttention for LatentAttention {
+    /// The cache holds full per-head keys (no-RoPE part and the shared RoPE part) and values,
+    /// as transformers' DeepSeek-V2 caches them.
+    fn kv_values_per_token(&self) -> usize {
+        self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
+    }
+
     fn forward(&self, xs: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
         let (b, seq_len, _) = xs.dims3()?;
         let (nope, rope, nh) = (self.qk_nope_head_dim, self.qk_rope_head_dim, self.num_heads);

@@ -80,12 +80,19 @@ impl Architecture for Gemma {
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         Adapter::load_hf(source, options, gemma_config, |cfg, vb| {
+            let dtype = vb.dtype();
             let model = candle_gemma::Model::new(false, cfg, vb)?;
             Ok(Loaded::pristine(
                 model,
                 candle_gemma::Model::forward,
                 cfg.vocab_size,
                 cfg.max_position_embeddings,
+            )
+            .with_kv_cache(
+                cfg.num_hidden_layers,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                dtype,
             ))
         })
     }

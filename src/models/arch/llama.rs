@@ -33,13 +33,22 @@ impl Architecture for Llama {
 impl Network {
     /// candle's Llama, and the cache (with its RoPE tables) it starts from.
     pub(crate) fn load(config: &candle_llama::Config, vb: VarBuilder) -> Result<Loaded<Self>> {
-        let cache = candle_llama::Cache::new(true, vb.dtype(), config, vb.device())?;
+        let vb_dtype = vb.dtype();
+        let cache = candle_llama::Cache::new(true, vb_dtype, config, vb.device())?;
         let network = Network {
             model: candle_llama::Llama::load(vb, config)?,
             pristine_cache: cache.clone(),
         };
         let (vocab_size, max_context) = (config.vocab_size, config.max_position_embeddings);
-        Ok(Loaded::new(network, cache, vocab_size, max_context))
+        let head_dim = config.hidden_size / config.num_attention_heads;
+        Ok(
+            Loaded::new(network, cache, vocab_size, max_context).with_kv_cache(
+                config.num_hidden_layers,
+                config.num_key_value_heads,
+                head_dim,
+                vb_dtype,
+            ),
+        )
     }
 }
 
@@ -54,6 +63,10 @@ impl crate::models::Network for Network {
     fn reset(&self, cache: &mut Self::Cache) -> Result<()> {
         *cache = self.pristine_cache.clone();
         Ok(())
+    }
+
+    fn new_cache(&self) -> Result<Self::Cache> {
+        Ok(self.pristine_cache.clone())
     }
 }
 

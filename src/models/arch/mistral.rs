@@ -135,6 +135,7 @@ impl Network {
             false => vb,
         };
         let config = &settings.config;
+        let dtype = vb.dtype();
         let model = candle_mistral::Model::new(config, vb)?;
         let network = Network {
             pristine: model.clone(),
@@ -142,7 +143,15 @@ impl Network {
         };
         // candle's RoPE table has exactly max_position_embeddings rows.
         let (vocab, context) = (config.vocab_size, config.max_position_embeddings);
-        Ok(Loaded::new(network, model, vocab, context))
+        let head_dim = config
+            .head_dim
+            .unwrap_or(config.hidden_size / config.num_attention_heads);
+        Ok(Loaded::new(network, model, vocab, context).with_kv_cache(
+            config.num_hidden_layers,
+            config.num_key_value_heads,
+            head_dim,
+            dtype,
+        ))
     }
 }
 
@@ -162,6 +171,10 @@ impl crate::models::Network for Network {
     fn reset(&self, live: &mut Self::Cache) -> Result<()> {
         *live = self.pristine.clone();
         Ok(())
+    }
+
+    fn new_cache(&self) -> Result<Self::Cache> {
+        Ok(self.pristine.clone())
     }
 }
 

@@ -138,6 +138,7 @@ impl Architecture for Qwen3 {
 
     fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
         Adapter::load_hf(source, options, config_from_hf, |cfg, vb| {
+            let dtype = vb.dtype();
             let model = candle_qwen3::ModelForCausalLM::new(cfg, vb)?;
             // candle's RoPE table has exactly this many rows.
             Ok(Loaded::pristine(
@@ -145,6 +146,12 @@ impl Architecture for Qwen3 {
                 candle_qwen3::ModelForCausalLM::forward,
                 cfg.vocab_size,
                 cfg.max_position_embeddings,
+            )
+            .with_kv_cache(
+                cfg.num_hidden_layers,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                dtype,
             ))
         })
     }

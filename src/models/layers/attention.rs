@@ -245,17 +245,79 @@ impl Positions<'_> {
     }
 }
 
+/// One sequence's part of a batched step, as one layer's attention sees it: its rows of the
+/// step's activations, its positions, and its own KV cache.
+#[derive(Debug)]
+pub struct Span<'a> {
+    /// The first of its rows in the step's `(batch, rows, hidden)` activations.
+    pub start: usize,
+    /// How many rows (tokens) it has.
+    pub len: usize,
+    /// Its positions: RoPE, cos and sin, mask.
+    pub at: Positions<'a>,
+    /// This layer's cache of its sequence.
+    pub cache: &'a mut LayerCache,
+}
+
 /// An attention block a decoder layer can hold: this module's [`Attention`], or an
 /// architecture's own (DeepSeek-V2's latent attention).
 pub trait SelfAttention: Send + Sync + 'static {
     /// Attends `x` `(batch, seq_len, hidden)` at `at` to the cached keys and its own, and
     /// appends its keys and values to `cache`.
     fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor>;
+
+    /// The values one token adds to this layer's cache: its keys and its values.
+    fn kv_values_per_token(&self) -> usize;
+
+    /// Attends the rows of several sequences at once: `x` holds every span's rows one after
+    /// the other, each span attends only to its own cache and rows, and the result has `x`'s
+    /// rows in the same order. By default each span runs [`SelfAttention::forward`] on its own
+    /// rows; [`Attention`] projects all rows with one matmul per weight instead.
+    fn forward_spans(&self, x: &Tensor, spans: &mut [Span<'_>]) -> Result<Tensor> {
+        if let [span] = spans {
+            if span.start == 0 && span.len == x.dim(1)? {
+                return self.forward(x, &span.at, span.cache);
+            }
+        }
+        let outs = spans
+            .iter_mut()
+            .map(|s| self.forward(&x.narrow(1, s.start, s.len)?, &s.at, s.cache))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&outs, 1)?)
+    }
 }
 
-impl SelfAttention for Attention {
-    fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
-        let (b, seq_len, _) = x.dims3()?;
+impl Attention {
+    /// The query, key and value rows of `x` `(batch, rows, hidden)`, each `(batch, rows, width)`.
+    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok(match &self.projections {
+            Projections::Separate { q, k, v } => (x.apply(q)?, x.apply(k)?, x.apply(v)?),
+            Projections::Fused(qkv) => {
+                let Heads {
+                    num_heads,
+                    num_kv_heads,
+                    head_dim,
+                } = self.heads;
+                let qkv = x.apply(qkv)?;
+                let (q_size, kv_size) = (num_heads * head_dim, num_kv_heads * head_dim);
+                (
+                    qkv.narrow(D::Minus1, 0, q_size)?,
+                    qkv.narrow(D::Minus1, q_size, kv_size)?,
+                    qkv.narrow(D::Minus1, q_size + kv_size, kv_size)?,
+                )
+            }
+        })
+    }
+
+    /// One sequence's attention from its projected rows `(batch, len, width)`: heads split,
+    /// normed, rotated, appended to its cache and attended; `(batch, len, heads · head_dim)`.
+    fn attend_projected(
+        &self,
+        (q, k, v): (Tensor, Tensor, Tensor),
+        at: &Positions,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let (b, seq_len, _) = q.dims3()?;
         let Heads {
             num_heads,
             num_kv_heads,
@@ -265,18 +327,6 @@ impl SelfAttention for Attention {
             Ok(t.reshape((b, seq_len, n, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
-        };
-        let (q, k, v) = match &self.projections {
-            Projections::Separate { q, k, v } => (x.apply(q)?, x.apply(k)?, x.apply(v)?),
-            Projections::Fused(qkv) => {
-                let qkv = x.apply(qkv)?;
-                let (q_size, kv_size) = (num_heads * head_dim, num_kv_heads * head_dim);
-                (
-                    qkv.narrow(D::Minus1, 0, q_size)?,
-                    qkv.narrow(D::Minus1, q_size, kv_size)?,
-                    qkv.narrow(D::Minus1, q_size + kv_size, kv_size)?,
-                )
-            }
         };
         let (q, k, v) = (
             split(q, num_heads)?,
@@ -289,11 +339,37 @@ impl SelfAttention for Attention {
         };
         let (q, k) = (at.rotate(&q)?, at.rotate(&k)?);
         let (k, v) = cache.append(k, v)?;
-        attend(&q, k, v, self.scale, self.softcap, at.mask)?
+        Ok(attend(&q, k, v, self.scale, self.softcap, at.mask)?
             .transpose(1, 2)?
-            .reshape((b, seq_len, ()))?
+            .reshape((b, seq_len, ()))?)
+    }
+}
+
+impl SelfAttention for Attention {
+    fn kv_values_per_token(&self) -> usize {
+        2 * self.heads.num_kv_heads * self.heads.head_dim
+    }
+
+    fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
+        self.attend_projected(self.project(x)?, at, cache)?
             .apply(&self.o_proj)
             .map_err(Into::into)
+    }
+
+    /// The projections in and out run once over every span's rows (one matmul reads each
+    /// weight once for the whole batch); only the attention core runs per sequence.
+    fn forward_spans(&self, x: &Tensor, spans: &mut [Span<'_>]) -> Result<Tensor> {
+        let (q, k, v) = self.project(x)?;
+        let mut outs = Vec::with_capacity(spans.len());
+        for s in spans.iter_mut() {
+            let rows = |t: &Tensor| t.narrow(1, s.start, s.len);
+            outs.push(self.attend_projected((rows(&q)?, rows(&k)?, rows(&v)?), &s.at, s.cache)?);
+        }
+        let attended = match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 1)?,
+        };
+        Ok(attended.apply(&self.o_proj)?)
     }
 }
 
@@ -398,30 +474,37 @@ pub fn mask(
     )
 }
 
-/// The masks of one forward, built once per distinct window (a model has one or two).
+/// The masks of one sequence's chunk, built once per distinct window (a model has one or two).
 #[derive(Debug, Default)]
 pub struct Masks {
     built: Vec<(Option<usize>, Option<Tensor>)>,
 }
 
 impl Masks {
-    /// The mask for layers with `window`, built on first use.
-    pub fn get(
-        &mut self,
+    /// The masks of a chunk of `seq_len` queries at `position`, for each of `windows`.
+    pub fn new(
         seq_len: usize,
         position: usize,
-        window: Option<usize>,
+        windows: impl IntoIterator<Item = Option<usize>>,
         device: &Device,
-    ) -> Result<Option<&Tensor>> {
-        let index = match self.built.iter().position(|(w, _)| *w == window) {
-            Some(i) => i,
-            None => {
+    ) -> Result<Self> {
+        let mut masks = Masks::default();
+        for window in windows {
+            if !masks.built.iter().any(|(w, _)| *w == window) {
                 let m = mask(seq_len, position, window, device)?;
-                self.built.push((window, m));
-                self.built.len() - 1
+                masks.built.push((window, m));
             }
-        };
-        Ok(self.built[index].1.as_ref())
+        }
+        Ok(masks)
+    }
+
+    /// The mask for layers with `window` (`None` when nothing is hidden, or when no mask was
+    /// built for that window).
+    pub fn get(&self, window: Option<usize>) -> Option<&Tensor> {
+        self.built
+            .iter()
+            .find(|(w, _)| *w == window)
+            .and_then(|(_, m)| m.as_ref())
     }
 }
 

@@ -18,16 +18,16 @@
 //! Its cache is a [`KvCache`]: all the state there is. The weights are read-only, so a reset
 //! is an emptied cache.
 
-use super::attention::{Attention, Heads, Masks, Positions, SelfAttention};
+use super::attention::{Attention, Heads, Masks, Positions, SelfAttention, Span};
 use super::gguf_weights::GgufWeights;
-use super::kv_cache::{KvCache, LayerCache};
+use super::kv_cache::KvCache;
 use super::linear::{Embedding, Linear};
 use super::mlp::Mlp;
 use super::moe::SparseMoe;
 use super::norm::Norm;
 use super::rotary::Rotary;
 use crate::error::Result;
-use crate::models::adapter::Loaded;
+use crate::models::adapter::{Loaded, SequenceInput};
 use crate::models::gguf::GgufFile;
 use crate::models::hf::HfConfig;
 use crate::models::Network;
@@ -199,7 +199,9 @@ impl<A: SelfAttention> DecoderLayer<A> {
         self
     }
 
-    fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
+    /// Runs the layer over the rows of every span: norms and the feed-forward part over all
+    /// rows at once, attention per span against its own cache.
+    fn forward(&self, x: &Tensor, spans: &mut [Span<'_>]) -> Result<Tensor> {
         match &self.block {
             Block::Sequential {
                 attn_norm,
@@ -207,7 +209,7 @@ impl<A: SelfAttention> DecoderLayer<A> {
                 ffn_norm,
                 post_ffn_norm,
             } => {
-                let h = self.attention.forward(&x.apply(attn_norm)?, at, cache)?;
+                let h = self.attention.forward_spans(&x.apply(attn_norm)?, spans)?;
                 let h = match post_attn_norm {
                     Some(n) => h.apply(n)?,
                     None => h,
@@ -222,7 +224,7 @@ impl<A: SelfAttention> DecoderLayer<A> {
             }
             Block::Parallel { norm } => {
                 let normed = x.apply(norm)?;
-                let attn = self.attention.forward(&normed, at, cache)?;
+                let attn = self.attention.forward_spans(&normed, spans)?;
                 Ok(((attn + self.ffn.forward(&normed)?)? + x)?)
             }
         }
@@ -312,7 +314,96 @@ impl<A: SelfAttention> Decoder<A> {
     /// `max_context`.
     pub fn loaded(self, vocab_size: usize, max_context: usize) -> Loaded<Self> {
         let cache = self.new_cache();
-        Loaded::new(self, cache, vocab_size, max_context)
+        let values: usize = self
+            .layers
+            .iter()
+            .map(|l| l.attention.kv_values_per_token())
+            .sum();
+        let kv_bytes_per_token = values * self.embed.dtype().size_in_bytes();
+        let mut loaded = Loaded::new(self, cache, vocab_size, max_context);
+        loaded.kv_bytes_per_token = kv_bytes_per_token;
+        loaded
+    }
+}
+
+impl<A: SelfAttention> Decoder<A> {
+    /// One step over several sequences: their tokens one after the other in one row of the
+    /// activations, so that every linear layer is one matmul over all of them, while each
+    /// sequence attends with its own positions, mask and cache. Returns the final hidden state
+    /// of each sequence's last token, `(batch, n, hidden)` normed, projected to logits.
+    fn forward_sequences(&self, batch: &mut [SequenceInput<'_, KvCache>]) -> Result<Tensor> {
+        let ids = match batch {
+            [one] => one.input_ids.clone(),
+            _ => {
+                let ids: Vec<&Tensor> = batch.iter().map(|s| &s.input_ids).collect();
+                Tensor::cat(&ids, 1)?
+            }
+        };
+        let device = ids.device().clone();
+        let mut x = ids.apply(&self.embed)?;
+        if let Some(scale) = self.embed_scale {
+            x = (x * scale)?;
+        }
+        let windows: Vec<Option<usize>> = self.layers.iter().map(|l| l.window).collect();
+        // Per sequence: where its rows start, how many, cos/sin per RoPE variant, masks.
+        let mut starts = Vec::with_capacity(batch.len());
+        let mut cos_sins = Vec::with_capacity(batch.len());
+        let mut masks = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        for s in batch.iter() {
+            let len = s.input_ids.dim(1)?;
+            starts.push((start, len));
+            start += len;
+            cos_sins.push(
+                self.rotaries
+                    .iter()
+                    .map(|r| r.cos_sin(s.position, len, x.dtype()))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+            masks.push(Masks::new(
+                len,
+                s.position,
+                windows.iter().copied(),
+                &device,
+            )?);
+        }
+        let mut caches: Vec<_> = batch.iter_mut().map(|s| s.cache.layers_mut()).collect();
+        for layer in &self.layers {
+            let mut spans = Vec::with_capacity(caches.len());
+            for (i, layer_caches) in caches.iter_mut().enumerate() {
+                let cache = layer_caches.next().ok_or_else(|| {
+                    candle_core::Error::Msg("a KV cache with fewer layers than the decoder".into())
+                })?;
+                let (start, len) = starts[i];
+                spans.push(Span {
+                    start,
+                    len,
+                    at: Positions {
+                        rotary: &self.rotaries[layer.rotary],
+                        cos_sin: &cos_sins[i][layer.rotary],
+                        mask: masks[i].get(layer.window),
+                    },
+                    cache,
+                });
+            }
+            x = layer.forward(&x, &mut spans)?;
+        }
+        // Only each sequence's last position is projected to logits.
+        let last = match starts.as_slice() {
+            [(start, len)] => x.narrow(1, start + len - 1, 1)?,
+            _ => {
+                let rows = starts
+                    .iter()
+                    .map(|(start, len)| x.narrow(1, start + len - 1, 1))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 1)?
+            }
+        };
+        let logits = last.apply(&self.norm)?.apply(&self.lm_head)?;
+        Ok(match self.final_softcap {
+            None => logits,
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+        })
     }
 }
 
@@ -320,39 +411,30 @@ impl<A: SelfAttention> Network for Decoder<A> {
     type Cache = KvCache;
 
     fn forward(&self, input_ids: &Tensor, position: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let (_batch, seq_len) = input_ids.dims2()?;
-        let device = input_ids.device();
-        let mut x = input_ids.apply(&self.embed)?;
-        if let Some(scale) = self.embed_scale {
-            x = (x * scale)?;
-        }
-        let cos_sin = self
-            .rotaries
-            .iter()
-            .map(|r| r.cos_sin(position, seq_len, x.dtype()))
-            .collect::<Result<Vec<_>>>()?;
-        let mut masks = Masks::default();
-        for (layer, slot) in self.layers.iter().zip(cache.layers_mut()) {
-            let at = Positions {
-                rotary: &self.rotaries[layer.rotary],
-                cos_sin: &cos_sin[layer.rotary],
-                mask: masks.get(seq_len, position, layer.window, device)?,
-            };
-            x = layer.forward(&x, &at, slot)?;
-        }
-        // Only the last position's logits are returned, so only it is projected.
-        let logits = x
-            .narrow(1, seq_len - 1, 1)?
-            .apply(&self.norm)?
-            .apply(&self.lm_head)?;
-        Ok(match self.final_softcap {
-            None => logits,
-            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
-        })
+        // A single sequence is a batch of one: the same code runs alone and batched.
+        let mut one = [SequenceInput {
+            input_ids: input_ids.clone(),
+            position,
+            cache,
+        }];
+        self.forward_sequences(&mut one)
     }
 
     fn reset(&self, cache: &mut KvCache) -> Result<()> {
         cache.reset();
         Ok(())
+    }
+
+    fn new_cache(&self) -> Result<KvCache> {
+        Ok(Decoder::new_cache(self))
+    }
+
+    fn forward_batch(&self, batch: &mut [SequenceInput<'_, KvCache>]) -> Result<Tensor> {
+        // `(1, n, vocab)`: one row per sequence.
+        Ok(self.forward_sequences(batch)?.squeeze(0)?)
+    }
+
+    fn truncate(&self, cache: &mut KvCache, cached: usize, keep: usize) -> Result<bool> {
+        cache.truncate(cached, keep)
     }
 }

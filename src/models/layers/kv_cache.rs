@@ -88,6 +88,34 @@ impl KvCache {
         }
     }
 
+    /// Cuts the cache of a sequence of `cached` tokens back to its first `keep` tokens, as
+    /// if only those had been run, and returns true; or returns false and changes nothing
+    /// when a sliding layer no longer holds the keys the shorter sequence would (it dropped
+    /// them as the sequence grew). Prefix reuse calls this; on false it starts over.
+    pub fn truncate(&mut self, cached: usize, keep: usize) -> Result<bool> {
+        if keep > cached {
+            return Ok(false);
+        }
+        let mut cuts = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let held = layer.len()?;
+            // The layer holds keys `cached - held .. cached`; the shorter sequence needs
+            // `first_cached_key(window, keep) .. keep`, kept by the same rule.
+            let from = first_cached_key(layer.window, keep);
+            if held > cached || cached - held > from {
+                return Ok(false);
+            }
+            cuts.push((from - (cached - held), keep - from));
+        }
+        for (layer, (offset, len)) in self.layers.iter_mut().zip(cuts) {
+            layer.kv = match (layer.kv.take(), len) {
+                (_, 0) | (None, _) => None,
+                (Some((k, v)), len) => Some((k.narrow(2, offset, len)?, v.narrow(2, offset, len)?)),
+            };
+        }
+        Ok(true)
+    }
+
     /// The layers, in order.
     pub fn layers_mut(&mut self) -> impl Iterator<Item = &mut LayerCache> {
         self.layers.iter_mut()
@@ -131,5 +159,52 @@ mod tests {
         assert_eq!(first_cached_key(None, 3), 0);
         cache.reset();
         assert!(cache.layers_mut().all(|l| l.is_empty()));
+    }
+
+    #[test]
+    fn truncation_keeps_a_prefix_where_every_layer_still_holds_it() {
+        // Positions as values, so the kept keys can be read back.
+        let seq = |from: usize, n: usize| {
+            let v: Vec<f32> = (from..from + n).map(|p| p as f32).collect();
+            Tensor::from_vec(v, (1, 1, n, 1), &Device::Cpu).unwrap()
+        };
+        let held = |cache: &mut KvCache| -> Vec<Vec<f32>> {
+            cache
+                .layers_mut()
+                .map(|l| match &l.kv {
+                    Some((k, _)) => k.flatten_all().unwrap().to_vec1().unwrap(),
+                    None => vec![],
+                })
+                .collect()
+        };
+        let mut cache = KvCache::new([None, Some(4)]);
+        for layer in cache.layers_mut() {
+            layer.append(seq(0, 5), seq(0, 5)).unwrap();
+        }
+        // The sliding layer holds positions 2, 3, 4; a prefix of 4 tokens needs 1, 2, 3.
+        assert!(!cache.truncate(5, 4).unwrap());
+        assert_eq!(
+            held(&mut cache),
+            [vec![0., 1., 2., 3., 4.], vec![2., 3., 4.]]
+        );
+        // A prefix of 5 (all of it) is kept as is; more than there is cannot be.
+        assert!(cache.truncate(5, 5).unwrap());
+        assert!(!cache.truncate(5, 6).unwrap());
+        let mut full = KvCache::new([None, None]);
+        for layer in full.layers_mut() {
+            layer.append(seq(0, 5), seq(0, 5)).unwrap();
+        }
+        assert!(full.truncate(5, 2).unwrap());
+        assert_eq!(held(&mut full), [vec![0., 1.], vec![0., 1.]]);
+        // A sliding layer that has not dropped anything yet can be cut too.
+        let mut young = KvCache::new([Some(8)]);
+        young
+            .layers_mut()
+            .next()
+            .unwrap()
+            .append(seq(0, 5), seq(0, 5))
+            .unwrap();
+        assert!(young.truncate(5, 3).unwrap());
+        assert_eq!(held(&mut young), [vec![0., 1., 2.]]);
     }
 }

@@ -141,6 +141,15 @@ impl Embedding {
         })
     }
 
+    /// The dtype of the vectors it looks up (and so of the activations): the table's own when
+    /// dense, F32 when dequantized from GGUF blocks.
+    pub fn dtype(&self) -> candle_core::DType {
+        match self {
+            Embedding::Dense(e) => e.embeddings().dtype(),
+            Embedding::Quantized { .. } | Embedding::Own(_) => candle_core::DType::F32,
+        }
+    }
+
     /// The output head that reuses this table (tied embeddings), with an optional bias.
     pub fn tied_head(&self, bias: Option<Tensor>) -> Result<Linear> {
         Ok(match self {

@@ -1,12 +1,21 @@
-//! One generation over a loaded model: prefill, then the decode loop with sampling, stop
-//! conditions and streaming text. This and `models/` are the only places that touch tensors.
+//! Generation over a loaded model: prefill, then decode steps with sampling, stop conditions
+//! and streaming text. This and `models/` are the only places that touch tensors.
+//!
+//! - [`generate`] and [`Session`]: one sequence at a time over a model's first slot (the CLI,
+//!   tests, and programs that drive a [`Model`] themselves);
+//! - [`batch::Batcher`]: continuous batching, every running sequence advanced by one batched
+//!   forward per step (the pool's workers);
+//! - [`sequence::Generation`]: what both share, the state of one generation between steps.
+
+pub mod batch;
+pub mod sequence;
 
 use crate::error::{Error, Result};
 use crate::models::{LanguageModel, Model};
-use crate::text::sampling::{Sampler, SamplingParams};
-use crate::text::stream::{StopMatcher, StreamDecoder};
+use crate::text::sampling::SamplingParams;
 use crate::text::ModelText;
-use std::time::{Duration, Instant};
+use sequence::Generation;
+use std::time::Duration;
 
 /// The most stop strings one request may give (OpenAI allows 4; llama.cpp more).
 pub const MAX_STOP_STRINGS: usize = 16;
@@ -230,34 +239,7 @@ impl<'m> Session<'m> {
         mut on_token: impl FnMut(TokenEvent<'_>) -> bool,
     ) -> Result<GenerateOutput> {
         let model = &mut *self.model;
-        params.validate()?;
-        if prompt.is_empty() {
-            return Err(Error::InvalidParameter {
-                param: "prompt".into(),
-                message: "the prompt has no tokens".into(),
-            });
-        }
-        // The same rule the pool applies with the configured cap; here against the model's own
-        // context, for callers that drive the engine directly.
-        crate::request::check_context(
-            model.info().architecture,
-            "prompt",
-            Some(prompt.len()),
-            Some(params.max_tokens),
-            model.info().max_context,
-        )?;
-        if !params.stop.is_empty() && text.is_none() {
-            return Err(Error::InvalidParameter {
-                param: "stop".into(),
-                message: "stop strings need a tokenizer, and this model has none".into(),
-            });
-        }
-        let mut stop_ids = model.info().eos_token_ids.clone();
-        if let Some(t) = text {
-            stop_ids.extend_from_slice(&t.stop_token_ids);
-        }
-        stop_ids.extend_from_slice(&params.extra_stop_ids);
-
+        let mut generation = Generation::new(model.info(), text, prompt, params)?;
         // Reuse the cache only when it holds a proper prefix of the prompt and the model's own
         // count agrees: at least one new token is needed to get logits.
         let reuse = match self.policy {
@@ -281,76 +263,32 @@ impl<'m> Session<'m> {
         } else {
             CacheUse::Reset("new_prompt")
         });
-        let mut sampler = Sampler::new(params.sampling.clone(), prompt);
-        let mut detokenizer = StreamDecoder::new();
-        let mut stops = StopMatcher::new(&params.stop);
-        let mut out_text = String::new();
-        let started = Instant::now();
         let mut logits = Vec::with_capacity(model.info().vocab_size);
         model.forward_ids_into(&prompt[reuse..], reuse, &mut logits)?;
         let mut position = prompt.len();
-        let mut prefill = Duration::ZERO;
-        let mut token_ids = Vec::with_capacity(params.max_tokens.min(4096));
         let finish_reason = loop {
-            let next = sampler.sample(&mut logits);
-            sampler.accept(next);
-            token_ids.push(next);
-            if token_ids.len() == 1 {
-                prefill = started.elapsed();
-            }
-            let is_stop_id = stop_ids.contains(&next);
-            let is_last = is_stop_id || token_ids.len() >= params.max_tokens;
-            let mut delta = String::new();
-            let mut stopped_by_string = false;
-            if let Some(t) = text {
-                // An end-of-sequence token adds no text. On the last token, release what was held
-                // back (an incomplete character, text that might have begun a stop string).
-                let mut piece = if is_stop_id {
-                    String::new()
-                } else {
-                    detokenizer.push(&t.tokenizer, next)?
-                };
-                if is_last {
-                    piece.push_str(&detokenizer.finish(&t.tokenizer)?);
-                }
-                let step = stops.push(piece);
-                delta = step.text;
-                stopped_by_string = step.stopped;
-                if is_last && !stopped_by_string {
-                    delta.push_str(&stops.finish());
-                }
-            }
-            out_text.push_str(&delta);
+            let next = generation.next_token(&mut logits, text)?;
             if !on_token(TokenEvent {
-                id: next,
-                text: &delta,
+                id: next.id,
+                text: &next.text,
             }) {
                 break FinishReason::Cancelled;
             }
-            if is_stop_id || stopped_by_string {
-                break FinishReason::Stop;
+            if let Some(reason) = next.end {
+                break reason;
             }
-            if is_last {
-                break FinishReason::Length;
-            }
-            model.forward_ids_into(&[next], position, &mut logits)?;
+            model.forward_ids_into(&[next.id], position, &mut logits)?;
             position += 1;
         };
         // The cache now holds the prompt and every generated token but the last (never fed).
         if finish_reason != FinishReason::Cancelled {
+            let generated = generation.token_ids();
             self.cached.reserve(position);
             self.cached.extend_from_slice(prompt);
             self.cached
-                .extend_from_slice(&token_ids[..token_ids.len() - 1]);
+                .extend_from_slice(&generated[..generated.len() - 1]);
             debug_assert_eq!(self.cached.len(), model.cached_tokens());
         }
-        Ok(GenerateOutput {
-            token_ids,
-            text: text.map(|_| out_text),
-            finish_reason,
-            prompt_tokens: prompt.len(),
-            prefill,
-            decode: started.elapsed().saturating_sub(prefill),
-        })
+        Ok(generation.finish(finish_reason))
     }
 }
