@@ -272,16 +272,37 @@ pub fn queue_depth(model: &str, depth: usize) {
     gauge!(QUEUE_DEPTH, "model" => model.to_string()).set(depth as f64);
 }
 
-/// Records one batched step of a model: its sequences, and the requests running and waiting
-/// and the KV budget in use after it.
-pub fn batch_step(model: &str, sequences: usize, running: usize, waiting: usize, kv_usage: f64) {
-    let m = model.to_string();
-    if sequences > 0 {
-        histogram!(BATCH_SIZE, "model" => m.clone()).record(sequences as f64);
+/// The per-step metrics of one model's worker, resolved once: a step records through these
+/// handles without building labels or looking series up.
+pub struct BatchMetrics {
+    batch_size: metrics::Histogram,
+    running: metrics::Gauge,
+    waiting: metrics::Gauge,
+    kv_usage: metrics::Gauge,
+}
+
+impl BatchMetrics {
+    /// The handles of `model`'s series.
+    pub fn new(model: &str) -> Self {
+        let m = model.to_string();
+        BatchMetrics {
+            batch_size: histogram!(BATCH_SIZE, "model" => m.clone()),
+            running: gauge!(RUNNING_REQUESTS, "model" => m.clone()),
+            waiting: gauge!(WAITING_REQUESTS, "model" => m.clone()),
+            kv_usage: gauge!(KV_CACHE_USAGE, "model" => m),
+        }
     }
-    gauge!(RUNNING_REQUESTS, "model" => m.clone()).set(running as f64);
-    gauge!(WAITING_REQUESTS, "model" => m.clone()).set(waiting as f64);
-    gauge!(KV_CACHE_USAGE, "model" => m).set(kv_usage);
+
+    /// Records one batched step: its sequences, and the requests running and waiting and the
+    /// KV budget in use after it.
+    pub fn step(&self, sequences: usize, running: usize, waiting: usize, kv_usage: f64) {
+        if sequences > 0 {
+            self.batch_size.record(sequences as f64);
+        }
+        self.running.set(running as f64);
+        self.waiting.set(waiting as f64);
+        self.kv_usage.set(kv_usage);
+    }
 }
 
 /// Adjusts the models-loaded gauge of a device.

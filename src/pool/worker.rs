@@ -113,6 +113,7 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         handle.set_state(super::ModelState::Ready);
     }
 
+    let step_metrics = crate::metrics::BatchMetrics::new(handle.name());
     // A request taken from the queue that waits for room in the batch.
     let mut pending: Option<Pending<JobClient<'_>>> = None;
     loop {
@@ -138,8 +139,7 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         match stepped {
             Ok(stats) => {
                 let waiting = handle.queue_rx.len() + usize::from(pending.is_some());
-                crate::metrics::batch_step(
-                    handle.name(),
+                step_metrics.step(
                     stats.sequences,
                     batcher.running(),
                     waiting,

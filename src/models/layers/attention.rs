@@ -15,7 +15,7 @@ use super::norm::Norm;
 use super::rotary::{CosSin, Rotary};
 use crate::error::Result;
 use crate::models::common;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// The head layout of an attention block.
@@ -271,9 +271,17 @@ pub trait SelfAttention: Send + Sync + 'static {
 
     /// Attends the rows of several sequences at once: `x` holds every span's rows one after
     /// the other, each span attends only to its own cache and rows, and the result has `x`'s
-    /// rows in the same order. By default each span runs [`SelfAttention::forward`] on its own
-    /// rows; [`Attention`] projects all rows with one matmul per weight instead.
-    fn forward_spans(&self, x: &Tensor, spans: &mut [Span<'_>]) -> Result<Tensor> {
+    /// rows in the same order. `rows` rotates every row of `x` to its own position (its
+    /// sequence's); each span's `at` does the same for its rows alone, with its mask. By
+    /// default each span runs [`SelfAttention::forward`] on its own rows; [`Attention`]
+    /// projects, normalises and rotates all rows at once instead.
+    fn forward_spans(
+        &self,
+        x: &Tensor,
+        rows: &Positions,
+        spans: &mut [Span<'_>],
+    ) -> Result<Tensor> {
+        let _ = rows;
         if let [span] = spans {
             if span.start == 0 && span.len == x.dim(1)? {
                 return self.forward(x, &span.at, span.cache);
@@ -309,22 +317,21 @@ impl Attention {
         })
     }
 
-    /// One sequence's attention from its projected rows `(batch, len, width)`: heads split,
-    /// normed, rotated, appended to its cache and attended; `(batch, len, heads · head_dim)`.
-    fn attend_projected(
+    /// Splits projected rows `(batch, rows, width)` into heads, `(batch, heads, rows, d)`,
+    /// with the q/k norms applied and every row rotated by `at`.
+    fn heads_of(
         &self,
         (q, k, v): (Tensor, Tensor, Tensor),
         at: &Positions,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
-        let (b, seq_len, _) = q.dims3()?;
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, rows, _) = q.dims3()?;
         let Heads {
             num_heads,
             num_kv_heads,
             head_dim,
         } = self.heads;
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, seq_len, n, head_dim))?
+            Ok(t.reshape((b, rows, n, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
@@ -337,11 +344,29 @@ impl Attention {
             Some((qn, kn)) => (q.apply(qn)?, k.apply(kn)?),
             None => (q, k),
         };
-        let (q, k) = (at.rotate(&q)?, at.rotate(&k)?);
+        Ok((at.rotate(&q)?, at.rotate(&k)?, v))
+    }
+
+    /// One sequence's heads `(batch, heads, len, d)` appended to its cache and attended:
+    /// `(batch, heads, len, d)`.
+    fn attend_heads(
+        &self,
+        (q, k, v): (Tensor, Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
         let (k, v) = cache.append(k, v)?;
-        Ok(attend(&q, k, v, self.scale, self.softcap, at.mask)?
+        attend(&q, k, v, self.scale, self.softcap, mask)
+    }
+
+    /// Heads `(batch, heads, rows, d)` back to rows `(batch, rows, heads · d)` through the
+    /// output projection.
+    fn output(&self, attended: Tensor) -> Result<Tensor> {
+        let (b, _, rows, _) = attended.dims4()?;
+        Ok(attended
             .transpose(1, 2)?
-            .reshape((b, seq_len, ()))?)
+            .reshape((b, rows, ()))?
+            .apply(&self.o_proj)?)
     }
 }
 
@@ -351,25 +376,32 @@ impl SelfAttention for Attention {
     }
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
-        self.attend_projected(self.project(x)?, at, cache)?
-            .apply(&self.o_proj)
-            .map_err(Into::into)
+        let heads = self.heads_of(self.project(x)?, at)?;
+        self.output(self.attend_heads(heads, at.mask, cache)?)
     }
 
-    /// The projections in and out run once over every span's rows (one matmul reads each
-    /// weight once for the whole batch); only the attention core runs per sequence.
-    fn forward_spans(&self, x: &Tensor, spans: &mut [Span<'_>]) -> Result<Tensor> {
-        let (q, k, v) = self.project(x)?;
+    /// Everything but the attention core runs once over every span's rows: the projections
+    /// (one matmul reads each weight once for the whole batch), the head split, the q/k norms
+    /// and RoPE (each row at its own sequence's position). Only appending to the cache and
+    /// attending run per sequence.
+    fn forward_spans(
+        &self,
+        x: &Tensor,
+        rows: &Positions,
+        spans: &mut [Span<'_>],
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.heads_of(self.project(x)?, rows)?;
         let mut outs = Vec::with_capacity(spans.len());
         for s in spans.iter_mut() {
-            let rows = |t: &Tensor| t.narrow(1, s.start, s.len);
-            outs.push(self.attend_projected((rows(&q)?, rows(&k)?, rows(&v)?), &s.at, s.cache)?);
+            let part = |t: &Tensor| t.narrow(2, s.start, s.len);
+            let heads = (part(&q)?, part(&k)?, part(&v)?);
+            outs.push(self.attend_heads(heads, s.at.mask, s.cache)?);
         }
         let attended = match outs.len() {
             1 => outs.remove(0),
-            _ => Tensor::cat(&outs, 1)?,
+            _ => Tensor::cat(&outs, 2)?,
         };
-        Ok(attended.apply(&self.o_proj)?)
+        self.output(attended)
     }
 }
 
@@ -392,6 +424,11 @@ pub fn attend(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (seq_len, kv_len) = (q.dim(2)?, k.dim(2)?);
+    if mask.is_none() {
+        if let Some(out) = attend_one_cpu(q, &k, &v, scale, softcap)? {
+            return Ok(out);
+        }
+    }
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let Some(mask) = mask.filter(|_| seq_len > QUERY_PIECE) else {
         return attend_all(q, &k, &v, scale, softcap, mask);
@@ -416,6 +453,91 @@ pub fn attend(
         )?);
     }
     Ok(Tensor::cat(&pieces, 2)?)
+}
+
+/// [`attend`] for one query per head (a decode step) on CPU in F32, straight from the memory
+/// of the keys and values, which may be strided views of a KV cache's buffers: no copy of the
+/// cache, and a handful of loops instead of a dozen tensor ops, which is most of a decode
+/// step's attention when many sequences each attend to their own cache. `None` when the
+/// inputs are not of that kind (the caller takes the general path).
+fn attend_one_cpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Option<Tensor>> {
+    let (b, heads, seq_len, d) = q.dims4()?;
+    let (kv_heads, kv_len, d_v) = (k.dim(1)?, k.dim(2)?, v.dim(3)?);
+    let f32s = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    if b != 1 || seq_len != 1 || kv_len == 0 || !q.device().is_cpu() || !f32s {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
+        return Ok(None);
+    };
+    let (kst, vst) = (kl.stride(), vl.stride());
+    if kst[3] != 1 || vst[3] != 1 {
+        return Ok(None);
+    }
+    let qd = &qs.as_slice::<f32>()?[ql.start_offset()..];
+    let (kd, vd) = (
+        &ks.as_slice::<f32>()?[kl.start_offset()..],
+        &vs.as_slice::<f32>()?[vl.start_offset()..],
+    );
+    let groups = heads / kv_heads;
+    let (scale, cap) = (scale as f32, softcap.map(|c| c as f32));
+    let mut out = vec![0f32; heads * d_v];
+    let mut scores = vec![0f32; kv_len];
+    for h in 0..heads {
+        let g = h / groups;
+        let qh = &qd[h * d..(h + 1) * d];
+        for (j, score) in scores.iter_mut().enumerate() {
+            let at = g * kst[1] + j * kst[2];
+            let s = dot(qh, &kd[at..at + d]) * scale;
+            *score = match cap {
+                Some(c) => c * (s / c).tanh(),
+                None => s,
+            };
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let o = &mut out[h * d_v..(h + 1) * d_v];
+        for (j, p) in scores.iter().enumerate() {
+            let at = g * vst[1] + j * vst[2];
+            let p = p / sum;
+            for (o, v) in o.iter_mut().zip(&vd[at..at + d_v]) {
+                *o += p * v;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, (1, heads, 1, d_v), q.device())?))
+}
+
+/// A dot product in eight lanes, which the compiler keeps in SIMD registers.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// [`attend`] over all keys at once.
@@ -524,6 +646,41 @@ mod tests {
             })
             .collect();
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// A decode step's query attends straight from strided views of a cache's buffers, as
+    /// the general path computes it: grouped-query heads, soft-cap or not.
+    #[test]
+    fn one_query_from_a_strided_cache_equals_the_general_path() {
+        let q = random((1, 4, 1, 16), 4);
+        // Keys and values as a cache holds them: rows 3..40 of buffers with room for 64.
+        let kb = random((1, 2, 64, 16), 5);
+        let vb = random((1, 2, 64, 12), 6);
+        let (k, v) = (kb.narrow(2, 3, 37).unwrap(), vb.narrow(2, 3, 37).unwrap());
+        for softcap in [None, Some(2.0)] {
+            let fast = attend_one_cpu(&q, &k, &v, 0.25, softcap).unwrap().unwrap();
+            let general = attend_all(
+                &q,
+                &k.contiguous().unwrap(),
+                &v.contiguous().unwrap(),
+                0.25,
+                softcap,
+                None,
+            )
+            .unwrap();
+            assert_eq!(fast.dims(), general.dims());
+            let diff = (fast - general)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{softcap:?}: max abs diff {diff}");
+        }
     }
 
     /// A long chunk attends piece by piece, each piece to the keys up to its last query:

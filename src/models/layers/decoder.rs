@@ -201,7 +201,7 @@ impl<A: SelfAttention> DecoderLayer<A> {
 
     /// Runs the layer over the rows of every span: norms and the feed-forward part over all
     /// rows at once, attention per span against its own cache.
-    fn forward(&self, x: &Tensor, spans: &mut [Span<'_>]) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rows: &Positions, spans: &mut [Span<'_>]) -> Result<Tensor> {
         match &self.block {
             Block::Sequential {
                 attn_norm,
@@ -209,7 +209,9 @@ impl<A: SelfAttention> DecoderLayer<A> {
                 ffn_norm,
                 post_ffn_norm,
             } => {
-                let h = self.attention.forward_spans(&x.apply(attn_norm)?, spans)?;
+                let h = self
+                    .attention
+                    .forward_spans(&x.apply(attn_norm)?, rows, spans)?;
                 let h = match post_attn_norm {
                     Some(n) => h.apply(n)?,
                     None => h,
@@ -224,7 +226,7 @@ impl<A: SelfAttention> DecoderLayer<A> {
             }
             Block::Parallel { norm } => {
                 let normed = x.apply(norm)?;
-                let attn = self.attention.forward_spans(&normed, spans)?;
+                let attn = self.attention.forward_spans(&normed, rows, spans)?;
                 Ok(((attn + self.ffn.forward(&normed)?)? + x)?)
             }
         }
@@ -345,21 +347,15 @@ impl<A: SelfAttention> Decoder<A> {
             x = (x * scale)?;
         }
         let windows: Vec<Option<usize>> = self.layers.iter().map(|l| l.window).collect();
-        // Per sequence: where its rows start, how many, cos/sin per RoPE variant, masks.
+        // Every row's position, per sequence from its own; cos and sin once per RoPE variant
+        // for all rows, each sequence's its rows of them.
         let mut starts = Vec::with_capacity(batch.len());
-        let mut cos_sins = Vec::with_capacity(batch.len());
+        let mut positions = Vec::new();
         let mut masks = Vec::with_capacity(batch.len());
-        let mut start = 0;
         for s in batch.iter() {
             let len = s.input_ids.dim(1)?;
-            starts.push((start, len));
-            start += len;
-            cos_sins.push(
-                self.rotaries
-                    .iter()
-                    .map(|r| r.cos_sin(s.position, len, x.dtype()))
-                    .collect::<Result<Vec<_>>>()?,
-            );
+            starts.push((positions.len(), len));
+            positions.extend(s.position as u32..(s.position + len) as u32);
             masks.push(Masks::new(
                 len,
                 s.position,
@@ -367,8 +363,28 @@ impl<A: SelfAttention> Decoder<A> {
                 &device,
             )?);
         }
+        let all_rows = self
+            .rotaries
+            .iter()
+            .map(|r| r.cos_sin_at(&positions, x.dtype()))
+            .collect::<Result<Vec<_>>>()?;
+        let cos_sins = starts
+            .iter()
+            .map(|&(start, len)| {
+                all_rows
+                    .iter()
+                    .map(|cs| Rotary::rows(cs, start, len))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut caches: Vec<_> = batch.iter_mut().map(|s| s.cache.layers_mut()).collect();
         for layer in &self.layers {
+            let rotary = &self.rotaries[layer.rotary];
+            let rows = Positions {
+                rotary,
+                cos_sin: &all_rows[layer.rotary],
+                mask: None,
+            };
             let mut spans = Vec::with_capacity(caches.len());
             for (i, layer_caches) in caches.iter_mut().enumerate() {
                 let cache = layer_caches.next().ok_or_else(|| {
@@ -379,14 +395,14 @@ impl<A: SelfAttention> Decoder<A> {
                     start,
                     len,
                     at: Positions {
-                        rotary: &self.rotaries[layer.rotary],
+                        rotary,
                         cos_sin: &cos_sins[i][layer.rotary],
                         mask: masks[i].get(layer.window),
                     },
                     cache,
                 });
             }
-            x = layer.forward(&x, &mut spans)?;
+            x = layer.forward(&x, &rows, &mut spans)?;
         }
         // Only each sequence's last position is projected to logits.
         let last = match starts.as_slice() {

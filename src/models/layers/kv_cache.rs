@@ -20,55 +20,98 @@ pub fn first_cached_key(window: Option<usize>, position: usize) -> usize {
     }
 }
 
-/// The cache of one layer: keys and values `(batch, kv_heads, positions, head_dim)`.
-#[derive(Debug, Clone)]
+/// Rows a layer's buffer starts with; it doubles when full.
+const MIN_CAPACITY: usize = 64;
+
+/// The cache of one layer: keys `(batch, kv_heads, positions, head_dim)` and values (whose
+/// last dimension may differ), in buffers that grow by doubling and are written in place.
+///
+/// Appending writes the chunk's rows after the held ones; a concatenation instead copied the
+/// whole cache of every layer at every step (for eight sequences of a few hundred tokens, tens
+/// of megabytes per decode step). A sliding layer drops its oldest rows by moving where its
+/// rows start; a buffer that runs out of room is replaced by one twice the size needed, with
+/// the held rows moved to its front. Cutting back to a prefix only moves the end.
+#[derive(Debug)]
 pub struct LayerCache {
-    kv: Option<(Tensor, Tensor)>,
+    /// The buffers; the layer's positions are rows `start .. start + len` of dimension 2.
+    buf: Option<(Tensor, Tensor)>,
+    start: usize,
+    len: usize,
     window: Option<usize>,
 }
 
 impl LayerCache {
     /// An empty cache for a layer with this sliding window (`None`: full attention).
     pub fn new(window: Option<usize>) -> Self {
-        LayerCache { kv: None, window }
+        LayerCache {
+            buf: None,
+            start: 0,
+            len: 0,
+            window,
+        }
     }
 
     /// Appends a chunk's keys and values and returns every key and value its queries may
-    /// attend to (the cached ones first); then keeps only what a later query can still see.
+    /// attend to (the cached ones first), as views of the buffers that are valid until the
+    /// next append; then keeps only what a later query can still see.
     pub fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.kv.take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        let n = k.dim(2)?;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let needed = self.len + n;
+        let (bk, bv) = match self.buf.take() {
+            Some((bk, bv)) if self.start + needed <= bk.dim(2)? => (bk, bv),
+            old => {
+                let capacity = (2 * needed).max(MIN_CAPACITY);
+                let grown = |t: &Tensor| -> Result<Tensor> {
+                    let mut shape = t.dims().to_vec();
+                    shape[2] = capacity;
+                    Ok(Tensor::zeros(shape, t.dtype(), t.device())?)
+                };
+                let (nk, nv) = (grown(&k)?, grown(&v)?);
+                if let (Some((ok, ov)), true) = (old, self.len > 0) {
+                    nk.slice_set(&ok.narrow(2, self.start, self.len)?.contiguous()?, 2, 0)?;
+                    nv.slice_set(&ov.narrow(2, self.start, self.len)?.contiguous()?, 2, 0)?;
+                }
+                self.start = 0;
+                (nk, nv)
+            }
         };
-        let len = k.dim(2)?;
-        let keep = match self.window {
-            Some(w) => len.min(w.saturating_sub(1)),
-            None => len,
-        };
-        self.kv = match keep {
-            0 => None,
-            n if n == len => Some((k.clone(), v.clone())),
-            n => Some((k.narrow(2, len - n, n)?, v.narrow(2, len - n, n)?)),
-        };
-        Ok((k, v))
+        bk.slice_set(&k, 2, self.start + self.len)?;
+        bv.slice_set(&v, 2, self.start + self.len)?;
+        self.len = needed;
+        let all = (
+            bk.narrow(2, self.start, self.len)?,
+            bv.narrow(2, self.start, self.len)?,
+        );
+        if let Some(w) = self.window {
+            let keep = self.len.min(w.saturating_sub(1));
+            self.start += self.len - keep;
+            self.len = keep;
+        }
+        self.buf = Some((bk, bv));
+        Ok(all)
     }
 
     /// The positions this layer holds.
     pub fn len(&self) -> Result<usize> {
-        Ok(match &self.kv {
-            Some((k, _)) => k.dim(2)?,
-            None => 0,
-        })
+        Ok(self.len)
     }
 
     /// Whether the layer holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.kv.is_none()
+        self.len == 0
+    }
+
+    /// The held keys, for tests.
+    #[cfg(test)]
+    fn keys(&self) -> Option<Tensor> {
+        let (k, _) = self.buf.as_ref()?;
+        (self.len > 0).then(|| k.narrow(2, self.start, self.len).unwrap())
     }
 }
 
 /// One [`LayerCache`] per layer: everything a sequence changes in a network.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
 }
@@ -84,7 +127,7 @@ impl KvCache {
     /// Empties every layer: the freshly loaded state.
     pub fn reset(&mut self) {
         for layer in &mut self.layers {
-            layer.kv = None;
+            *layer = LayerCache::new(layer.window);
         }
     }
 
@@ -108,10 +151,8 @@ impl KvCache {
             cuts.push((from - (cached - held), keep - from));
         }
         for (layer, (offset, len)) in self.layers.iter_mut().zip(cuts) {
-            layer.kv = match (layer.kv.take(), len) {
-                (_, 0) | (None, _) => None,
-                (Some((k, v)), len) => Some((k.narrow(2, offset, len)?, v.narrow(2, offset, len)?)),
-            };
+            layer.start += offset;
+            layer.len = len;
         }
         Ok(true)
     }
@@ -162,6 +203,28 @@ mod tests {
     }
 
     #[test]
+    fn buffers_grow_and_slide_without_losing_a_row() {
+        let row =
+            |p: usize| Tensor::from_vec(vec![p as f32; 2], (1, 1, 1, 2), &Device::Cpu).unwrap();
+        let mut full = LayerCache::new(None);
+        let mut sliding = LayerCache::new(Some(10));
+        for p in 0..3 * MIN_CAPACITY {
+            let (k, v) = full.append(row(p), row(p)).unwrap();
+            let seen: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(seen.len(), 2 * (p + 1));
+            assert_eq!((seen[0], seen[2 * p]), (0.0, p as f32));
+            assert_eq!(v.dim(2).unwrap(), p + 1);
+            let (k, _) = sliding.append(row(p), row(p)).unwrap();
+            let seen: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+            let first = p.saturating_sub(9);
+            assert_eq!(seen[0], first as f32, "at {p}");
+            assert_eq!(seen.len(), 2 * (p + 1 - first));
+        }
+        assert_eq!(full.len().unwrap(), 3 * MIN_CAPACITY);
+        assert_eq!(sliding.len().unwrap(), 9);
+    }
+
+    #[test]
     fn truncation_keeps_a_prefix_where_every_layer_still_holds_it() {
         // Positions as values, so the kept keys can be read back.
         let seq = |from: usize, n: usize| {
@@ -171,8 +234,8 @@ mod tests {
         let held = |cache: &mut KvCache| -> Vec<Vec<f32>> {
             cache
                 .layers_mut()
-                .map(|l| match &l.kv {
-                    Some((k, _)) => k.flatten_all().unwrap().to_vec1().unwrap(),
+                .map(|l| match l.keys() {
+                    Some(k) => k.flatten_all().unwrap().to_vec1().unwrap(),
                     None => vec![],
                 })
                 .collect()

@@ -113,10 +113,17 @@ impl Rotary {
 
     /// cos and sin for positions `position..position + seq_len`, in `dtype`.
     pub fn cos_sin(&self, position: usize, seq_len: usize, dtype: DType) -> Result<CosSin> {
+        let positions: Vec<u32> = (position as u32..(position + seq_len) as u32).collect();
+        self.cos_sin_at(&positions, dtype)
+    }
+
+    /// cos and sin for each of `positions` (one row each, in that order), in `dtype`: the
+    /// rows of a batched step, whose sequences each start at their own position.
+    pub fn cos_sin_at(&self, positions: &[u32], dtype: DType) -> Result<CosSin> {
         let device = self.inv_freq.device();
-        let t = Tensor::arange(position as u32, (position + seq_len) as u32, device)?
+        let t = Tensor::from_slice(positions, positions.len(), device)?
             .to_dtype(DType::F32)?
-            .reshape((seq_len, 1))?;
+            .reshape((positions.len(), 1))?;
         let t = if self.position_scale == 1.0 {
             t
         } else {
@@ -135,6 +142,14 @@ impl Rotary {
         Ok(CosSin {
             cos: cos.to_dtype(dtype)?,
             sin: sin.to_dtype(dtype)?,
+        })
+    }
+
+    /// The rows `start..start + len` of a batch's cos and sin: one sequence's.
+    pub fn rows(cs: &CosSin, start: usize, len: usize) -> Result<CosSin> {
+        Ok(CosSin {
+            cos: cs.cos.narrow(0, start, len)?,
+            sin: cs.sin.narrow(0, start, len)?,
         })
     }
 
