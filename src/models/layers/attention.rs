@@ -348,14 +348,23 @@ impl Attention {
     }
 
     /// One sequence's heads `(batch, heads, len, d)` appended to its cache and attended:
-    /// `(batch, heads, len, d)`.
+    /// `(batch, heads, len, d)`. In a batch of several sequences, a decode step's query on
+    /// CPU attends straight from the cache ([`attend_one_cpu`]); alone, a sequence keeps the
+    /// general path, whose logits the llama.cpp agreement floor was recorded with (the two
+    /// round differently, and a quantized model's near-ties amplify the last bits).
     fn attend_heads(
         &self,
         (q, k, v): (Tensor, Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: &mut LayerCache,
+        batched: bool,
     ) -> Result<Tensor> {
         let (k, v) = cache.append(k, v)?;
+        if batched && mask.is_none() {
+            if let Some(out) = attend_one_cpu(&q, &k, &v, self.scale, self.softcap)? {
+                return Ok(out);
+            }
+        }
         attend(&q, k, v, self.scale, self.softcap, mask)
     }
 
@@ -377,7 +386,7 @@ impl SelfAttention for Attention {
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
         let heads = self.heads_of(self.project(x)?, at)?;
-        self.output(self.attend_heads(heads, at.mask, cache)?)
+        self.output(self.attend_heads(heads, at.mask, cache, false)?)
     }
 
     /// Everything but the attention core runs once over every span's rows: the projections
@@ -391,11 +400,12 @@ impl SelfAttention for Attention {
         spans: &mut [Span<'_>],
     ) -> Result<Tensor> {
         let (q, k, v) = self.heads_of(self.project(x)?, rows)?;
+        let batched = spans.len() > 1;
         let mut outs = Vec::with_capacity(spans.len());
         for s in spans.iter_mut() {
             let part = |t: &Tensor| t.narrow(2, s.start, s.len);
             let heads = (part(&q)?, part(&k)?, part(&v)?);
-            outs.push(self.attend_heads(heads, s.at.mask, s.cache)?);
+            outs.push(self.attend_heads(heads, s.at.mask, s.cache, batched)?);
         }
         let attended = match outs.len() {
             1 => outs.remove(0),
@@ -424,11 +434,6 @@ pub fn attend(
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (seq_len, kv_len) = (q.dim(2)?, k.dim(2)?);
-    if mask.is_none() {
-        if let Some(out) = attend_one_cpu(q, &k, &v, scale, softcap)? {
-            return Ok(out);
-        }
-    }
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     let Some(mask) = mask.filter(|_| seq_len > QUERY_PIECE) else {
         return attend_all(q, &k, &v, scale, softcap, mask);
