@@ -348,19 +348,17 @@ impl Attention {
     }
 
     /// One sequence's heads `(batch, heads, len, d)` appended to its cache and attended:
-    /// `(batch, heads, len, d)`. In a batch of several sequences, a decode step's query on
-    /// CPU attends straight from the cache ([`attend_one_cpu`]); alone, a sequence keeps the
-    /// general path, whose logits the llama.cpp agreement floor was recorded with (the two
-    /// round differently, and a quantized model's near-ties amplify the last bits).
+    /// `(batch, heads, len, d)`. A decode step's query on CPU attends straight from the
+    /// cache ([`attend_one_cpu`]), alone or in a batch alike, so that a sequence computes the
+    /// same either way.
     fn attend_heads(
         &self,
         (q, k, v): (Tensor, Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: &mut LayerCache,
-        batched: bool,
     ) -> Result<Tensor> {
         let (k, v) = cache.append(k, v)?;
-        if batched && mask.is_none() {
+        if mask.is_none() {
             if let Some(out) = attend_one_cpu(&q, &k, &v, self.scale, self.softcap)? {
                 return Ok(out);
             }
@@ -386,7 +384,7 @@ impl SelfAttention for Attention {
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
         let heads = self.heads_of(self.project(x)?, at)?;
-        self.output(self.attend_heads(heads, at.mask, cache, false)?)
+        self.output(self.attend_heads(heads, at.mask, cache)?)
     }
 
     /// Everything but the attention core runs once over every span's rows: the projections
@@ -400,12 +398,11 @@ impl SelfAttention for Attention {
         spans: &mut [Span<'_>],
     ) -> Result<Tensor> {
         let (q, k, v) = self.heads_of(self.project(x)?, rows)?;
-        let batched = spans.len() > 1;
         let mut outs = Vec::with_capacity(spans.len());
         for s in spans.iter_mut() {
             let part = |t: &Tensor| t.narrow(2, s.start, s.len);
             let heads = (part(&q)?, part(&k)?, part(&v)?);
-            outs.push(self.attend_heads(heads, s.at.mask, s.cache, batched)?);
+            outs.push(self.attend_heads(heads, s.at.mask, s.cache)?);
         }
         let attended = match outs.len() {
             1 => outs.remove(0),
@@ -463,8 +460,10 @@ pub fn attend(
 /// [`attend`] for one query per head (a decode step) on CPU in F32, straight from the memory
 /// of the keys and values, which may be strided views of a KV cache's buffers: no copy of the
 /// cache, and a handful of loops instead of a dozen tensor ops, which is most of a decode
-/// step's attention when many sequences each attend to their own cache. `None` when the
-/// inputs are not of that kind (the caller takes the general path).
+/// step's attention when many sequences each attend to their own cache. It rounds about as
+/// the general path does (one FMA chain per dot product, candle's softmax summation order),
+/// though not to the bit. `None` when the inputs are not of that kind (the caller takes the
+/// general path).
 fn attend_one_cpu(
     q: &Tensor,
     k: &Tensor,
@@ -498,51 +497,76 @@ fn attend_one_cpu(
     let (scale, cap) = (scale as f32, softcap.map(|c| c as f32));
     let mut out = vec![0f32; heads * d_v];
     let mut scores = vec![0f32; kv_len];
+    // Keys per block of independent dot products (separate FMA chains run in parallel).
+    const KEYS: usize = 8;
     for h in 0..heads {
         let g = h / groups;
         let qh = &qd[h * d..(h + 1) * d];
-        for (j, score) in scores.iter_mut().enumerate() {
-            let at = g * kst[1] + j * kst[2];
-            let s = dot(qh, &kd[at..at + d]) * scale;
-            *score = match cap {
-                Some(c) => c * (s / c).tanh(),
-                None => s,
-            };
+        // q · k as the general path's matmul computes it: one FMA chain per key, in order.
+        for (block, chunk) in scores.chunks_mut(KEYS).enumerate() {
+            let mut acc = [0f32; KEYS];
+            let first = block * KEYS;
+            for (i, &qi) in qh.iter().enumerate() {
+                for (c, a) in acc.iter_mut().enumerate().take(chunk.len()) {
+                    *a = qi.mul_add(kd[g * kst[1] + (first + c) * kst[2] + i], *a);
+                }
+            }
+            for (score, a) in chunk.iter_mut().zip(acc) {
+                let s = a * scale;
+                *score = match cap {
+                    Some(c) => (s / c).tanh() * c,
+                    None => s,
+                };
+            }
         }
+        // Softmax as candle's: max, exp, the same summation order, divide.
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
         for s in scores.iter_mut() {
             *s = (*s - max).exp();
-            sum += *s;
         }
+        let sum = candle_sum(&scores);
+        for s in scores.iter_mut() {
+            *s /= sum;
+        }
+        // probabilities · V, one FMA chain per output value, keys in order.
         let o = &mut out[h * d_v..(h + 1) * d_v];
-        for (j, p) in scores.iter().enumerate() {
+        for (j, &p) in scores.iter().enumerate() {
             let at = g * vst[1] + j * vst[2];
-            let p = p / sum;
-            for (o, v) in o.iter_mut().zip(&vd[at..at + d_v]) {
-                *o += p * v;
+            for (o, &v) in o.iter_mut().zip(&vd[at..at + d_v]) {
+                *o = p.mul_add(v, *o);
             }
         }
     }
     Ok(Some(Tensor::from_vec(out, (1, heads, 1, d_v), q.device())?))
 }
 
-/// A dot product in eight lanes, which the compiler keeps in SIMD registers.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+/// The sum of `x` in the order candle's CPU softmax adds (four 8-lane accumulators over
+/// blocks of 32, reduced pairwise, then the tail in order), so that a softmax computed here
+/// rounds as candle's does.
+fn candle_sum(x: &[f32]) -> f32 {
+    let whole = x.len() & !31;
+    let mut acc = [[0f32; 8]; 4];
+    for block in x[..whole].chunks_exact(32) {
+        for (j, lanes) in acc.iter_mut().enumerate() {
+            for (l, a) in lanes.iter_mut().enumerate() {
+                *a += block[j * 8 + l];
+            }
         }
     }
-    acc.iter().sum::<f32>() + tail
+    for l in 0..8 {
+        acc[0][l] += acc[1][l];
+        acc[2][l] += acc[3][l];
+    }
+    for l in 0..8 {
+        acc[0][l] += acc[2][l];
+    }
+    let a = acc[0];
+    let t0 = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let mut sum = (t0[0] + t0[1]) + (t0[2] + t0[3]);
+    for &v in &x[whole..] {
+        sum += v;
+    }
+    sum
 }
 
 /// [`attend`] over all keys at once.
