@@ -17,6 +17,37 @@
 //! budget when it is admitted, so a running sequence never runs out of cache and nothing is
 //! ever preempted. Idle slots' kept tokens count too, and are dropped (least recently used
 //! first) when a new request needs the room. A request that does not fit waits in the queue.
+//!
+//! ```no_run
+//! use llm_pool::engine::batch::{Admission, BatchSettings, Batcher, Client, Pending};
+//! use llm_pool::engine::{CacheUse, GenerateOutput, GenerateParams, TokenEvent};
+//! use llm_pool::models::{LoadOptions, Model};
+//!
+//! /// Prints each sequence's tokens as they come.
+//! struct Printer(usize);
+//! impl Client for Printer {
+//!     fn is_cancelled(&self) -> bool { false }
+//!     fn on_token(&mut self, event: TokenEvent<'_>) -> bool {
+//!         println!("sequence {}: token {}", self.0, event.id);
+//!         true
+//!     }
+//!     fn on_done(self, result: llm_pool::Result<(GenerateOutput, CacheUse)>) {
+//!         println!("sequence {} done: {:?}", self.0, result.map(|(o, _)| o.finish_reason));
+//!     }
+//! }
+//!
+//! let mut model = Model::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &LoadOptions::cpu())?;
+//! let settings = BatchSettings { max_batch_size: 4, max_slots: 4, prefill_chunk: 256, kv_budget_tokens: 8192 };
+//! let mut batcher = Batcher::new(&mut model, None, settings)?;
+//! for (i, prompt) in [vec![1, 4093, 198], vec![1, 22, 7]].into_iter().enumerate() {
+//!     let params = GenerateParams { max_tokens: 8, ..GenerateParams::default() };
+//!     assert!(matches!(batcher.admit(Pending { prompt, params, client: Printer(i) }), Admission::Running));
+//! }
+//! while !batcher.is_empty() {
+//!     batcher.step(); // both sequences advance in one batched forward
+//! }
+//! # Ok::<(), llm_pool::Error>(())
+//! ```
 
 use super::sequence::Generation;
 use super::{CacheUse, FinishReason, GenerateOutput, GenerateParams, TokenEvent};
