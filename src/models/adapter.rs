@@ -118,13 +118,24 @@ impl<A: Architecture> Adapter<A> {
     }
 
     fn slot_mut(&mut self, slot: usize) -> Result<&mut Slot<<A::Network as Network>::Cache>> {
+        Ok(self.network_and_slot(slot)?.1)
+    }
+
+    /// The network and one slot, borrowed together; an error names the slots there are.
+    #[allow(clippy::type_complexity)]
+    fn network_and_slot(
+        &mut self,
+        slot: usize,
+    ) -> Result<(&A::Network, &mut Slot<<A::Network as Network>::Cache>)> {
         let n = self.slots.len();
-        self.slots
+        let s = self
+            .slots
             .get_mut(slot)
             .ok_or_else(|| Error::InvalidParameter {
                 param: "slot".into(),
                 message: format!("slot {slot} does not exist; this model has {n} slots"),
-            })
+            })?;
+        Ok((&self.network, s))
     }
 
     /// Loads a Hugging Face directory: `config` maps config.json, `build` builds the network
@@ -272,15 +283,7 @@ impl<A: Architecture> LanguageModel for Adapter<A> {
     }
 
     fn reset_slot(&mut self, slot: usize) -> Result<()> {
-        let network = &self.network;
-        let n = self.slots.len();
-        let s = self
-            .slots
-            .get_mut(slot)
-            .ok_or_else(|| Error::InvalidParameter {
-                param: "slot".into(),
-                message: format!("slot {slot} does not exist; this model has {n} slots"),
-            })?;
+        let (network, s) = self.network_and_slot(slot)?;
         s.cached = None;
         network.reset(&mut s.cache)?;
         s.cached = Some(0);
@@ -288,15 +291,7 @@ impl<A: Architecture> LanguageModel for Adapter<A> {
     }
 
     fn truncate_slot(&mut self, slot: usize, keep: usize) -> Result<bool> {
-        let network = &self.network;
-        let n = self.slots.len();
-        let s = self
-            .slots
-            .get_mut(slot)
-            .ok_or_else(|| Error::InvalidParameter {
-                param: "slot".into(),
-                message: format!("slot {slot} does not exist; this model has {n} slots"),
-            })?;
+        let (network, s) = self.network_and_slot(slot)?;
         match s.cached {
             Some(cached) if keep == cached => Ok(true),
             Some(cached) if keep < cached && network.truncate(&mut s.cache, cached, keep)? => {

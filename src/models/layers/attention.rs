@@ -553,14 +553,9 @@ fn candle_sum(x: &[f32]) -> f32 {
             }
         }
     }
-    for l in 0..8 {
-        acc[0][l] += acc[1][l];
-        acc[2][l] += acc[3][l];
-    }
-    for l in 0..8 {
-        acc[0][l] += acc[2][l];
-    }
-    let a = acc[0];
+    let [a0, a1, a2, a3] = acc;
+    let pair = |x: [f32; 8], y: [f32; 8]| -> [f32; 8] { std::array::from_fn(|l| x[l] + y[l]) };
+    let a = pair(pair(a0, a1), pair(a2, a3));
     let t0 = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     let mut sum = (t0[0] + t0[1]) + (t0[2] + t0[3]);
     for &v in &x[whole..] {
@@ -663,6 +658,19 @@ impl Masks {
 mod tests {
     use super::*;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     fn random(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
         let mut s = seed | 1;
@@ -698,16 +706,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(fast.dims(), general.dims());
-            let diff = (fast - general)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&fast, &general);
             assert!(diff < 1e-5, "{softcap:?}: max abs diff {diff}");
         }
     }
@@ -731,16 +730,7 @@ mod tests {
             let pieces = attend(&q, k.clone(), v.clone(), 0.3, Some(5.0), m.as_ref()).unwrap();
             let all = attend_all(&q, &k, &v, 0.3, Some(5.0), m.as_ref()).unwrap();
             assert_eq!(pieces.dims(), all.dims());
-            let diff = (pieces - all)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&pieces, &all);
             assert!(diff < 1e-5, "{window:?}: max abs diff {diff}");
         }
     }
