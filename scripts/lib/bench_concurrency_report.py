@@ -94,6 +94,27 @@ def ratio(a, b):
     return f"{a / b:.2f}x" if a is not None and b else "n/a"
 
 
+def other_cpu(out):
+    """{(model, impl key): (mean, max) CPU share of other processes during that sweep}."""
+    try:
+        samples = [line.split() for line in open(os.path.join(out, "cpu-other.log"))]
+        phases = [line.split() for line in open(os.path.join(out, "phases"))]
+    except OSError:
+        return {}
+    samples = [(float(s[0]), float(s[1])) for s in samples if len(s) >= 2]
+    begins, res = {}, {}
+    for p in phases:
+        t, m, key, what = float(p[0]), p[1], p[2], p[3]
+        if what == "begin":
+            begins[(m, key)] = t
+        elif (m, key) in begins:
+            # A sample covers the 2 s before its time.
+            xs = [v for ts, v in samples if begins[(m, key)] + 1 < ts <= t + 1]
+            if xs:
+                res[(m, key)] = (sum(xs) / len(xs), max(xs))
+    return res
+
+
 def chart(path, models, figs, before, meta):
     import matplotlib
 
@@ -188,6 +209,10 @@ def section(out, report, chart_path, meta, models, figs, rows, before, baseline)
       "`in-process` is the `Pool` API (`Pool::generate_stream`); the two HTTP columns use the same client "
       "(`bench http`, streamed `/v1/completions`, a new connection per request) against `llm-pool serve` and "
       "`llama-server`.")
+    w = meta.get("waited_s")
+    if w:
+        A(f"- Before each sweep the run waited for other processes to use under 10% of the CPUs "
+          f"({w // 60} min {w % 60} s of waiting in all, included in the time above).")
     if before:
         A(f"- `before`: llm-pool's figures from the earlier run in `{baseline}` "
           f"(commit {before['meta'].get('commit', '?')}, {before['meta'].get('date', '?')}).")
@@ -224,6 +249,14 @@ def section(out, report, chart_path, meta, models, figs, rows, before, baseline)
         if short:
             A(f"Some streams ended before {meta['gen']} tokens (end of sequence); mean tokens per stream: "
               + ", ".join(short) + ". Aggregate tok/s counts the tokens actually generated.")
+            A("")
+        oc = other_cpu(out)
+        shares = [(label, oc[(m, key)]) for key, label, _ in IMPLS if (m, key) in oc]
+        if shares:
+            bad = any(mean > 0.05 for _, (mean, _) in shares)
+            A(("**Other work on the machine disturbed these figures**: " if bad else "")
+              + "CPU share used by other processes during each sweep (mean, max over 2 s): "
+              + ", ".join(f"{label} {mean:.0%} ({mx:.0%})" for label, (mean, mx) in shares) + ".")
             A("")
         for s in skips(rows, m):
             A(f"Not measured: {s}")
