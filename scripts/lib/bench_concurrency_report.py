@@ -95,23 +95,24 @@ def ratio(a, b):
 
 
 def other_cpu(out):
-    """{(model, impl key): (mean, max) CPU share of other processes during that sweep}."""
+    """{(model, impl key): (mean, max, attempts)}: the CPU share of other processes during the
+    (last attempt of the) sweep, and how many attempts there were."""
     try:
         samples = [line.split() for line in open(os.path.join(out, "cpu-other.log"))]
         phases = [line.split() for line in open(os.path.join(out, "phases"))]
     except OSError:
         return {}
     samples = [(float(s[0]), float(s[1])) for s in samples if len(s) >= 2]
-    begins, res = {}, {}
+    begins, attempts, res = {}, {}, {}
     for p in phases:
         t, m, key, what = float(p[0]), p[1], p[2], p[3]
         if what == "begin":
             begins[(m, key)] = t
+            attempts[(m, key)] = attempts.get((m, key), 0) + 1
         elif (m, key) in begins:
             # A sample covers the 2 s before its time.
             xs = [v for ts, v in samples if begins[(m, key)] + 1 < ts <= t + 1]
-            if xs:
-                res[(m, key)] = (sum(xs) / len(xs), max(xs))
+            res[(m, key)] = (sum(xs) / len(xs) if xs else 0.0, max(xs) if xs else 0.0, attempts[(m, key)])
     return res
 
 
@@ -253,10 +254,11 @@ def section(out, report, chart_path, meta, models, figs, rows, before, baseline)
         oc = other_cpu(out)
         shares = [(label, oc[(m, key)]) for key, label, _ in IMPLS if (m, key) in oc]
         if shares:
-            bad = any(mean > 0.05 for _, (mean, _) in shares)
+            bad = any(mean > 0.05 for _, (mean, _, _) in shares)
             A(("**Other work on the machine disturbed these figures**: " if bad else "")
               + "CPU share used by other processes during each sweep (mean, max over 2 s): "
-              + ", ".join(f"{label} {mean:.0%} ({mx:.0%})" for label, (mean, mx) in shares) + ".")
+              + "; ".join(f"{label} {mean:.0%} ({mx:.0%})" + (f", measured {n} times, the last counts" if n > 1 else "")
+                          for label, (mean, mx, n) in shares) + ".")
             A("")
         for s in skips(rows, m):
             A(f"Not measured: {s}")

@@ -4,6 +4,8 @@
   cpu_other.py wait PGID MAX_SHARE TIMEOUT_S   wait until the others use under MAX_SHARE (0-1)
                                                of the CPUs over 5 s; exit 1 after TIMEOUT_S
   cpu_other.py log PGID FILE                   every 2 s append "unix_time share top_commands"
+  cpu_other.py mean FILE T0 T1                 the mean share logged in FILE between unix times
+                                               T0 and T1 (a line covers the 2 s before its time)
 
 share = CPU seconds of every process not in PGID (kernel threads included) / (seconds x CPUs),
 from utime + stime in /proc/PID/stat.
@@ -53,8 +55,22 @@ def share(pgid, seconds):
     return total, ",".join(f"{c}:{v / TICK / dt:.0%}" for c, v in top)
 
 
+def mean(path, t0, t1):
+    xs = []
+    with open(path) as f:
+        for line in f:
+            p = line.split()
+            if len(p) >= 2 and t0 + 1 < float(p[0]) <= t1 + 1:
+                xs.append(float(p[1]))
+    return sum(xs) / len(xs) if xs else 0.0
+
+
 def main():
-    mode, pgid = sys.argv[1], int(sys.argv[2])
+    mode = sys.argv[1]
+    if mode == "mean":
+        print(f"{mean(sys.argv[2], float(sys.argv[3]), float(sys.argv[4])):.3f}")
+        return 0
+    pgid = int(sys.argv[2])
     if mode == "wait":
         limit, timeout = float(sys.argv[3]), float(sys.argv[4])
         deadline = time.monotonic() + timeout
