@@ -16,7 +16,13 @@
 //! target/release/examples/bench http --url http://127.0.0.1:8081 --server-pid 1234 --label llama.cpp
 //! ```
 //!
-//! `scripts/bench` runs the whole comparison (with llama.cpp) and writes docs/BENCHMARKS.md.
+//! `scripts/bench` runs the whole comparison (with llama.cpp) and writes docs/BENCHMARKS.md;
+//! `scripts/bench-concurrency` sweeps concurrent streams (`concurrency` and `http` against
+//! `llm-pool serve` and `llama-server -np 4`) and writes its section of it and docs/concurrency.png.
+//!
+//! `--model-config KEY=VALUE` (repeatable) adds TOML lines to the benchmarked model's
+//! `[[models]]` table, for `concurrency` (the in-process pool) and `http` (the config of the
+//! `llm-pool serve` it starts), e.g. batching settings; unknown keys fail as the config does.
 //!
 //! Subcommands:
 //! - `raw`: candle-transformers directly (`ModelWeights::from_gguf`, `forward`, argmax);
@@ -25,10 +31,12 @@
 //! - `pool`: the in-process `Pool` API (one model, one replica, greedy, token-id prompts);
 //! - `overhead`: a 1-token prompt with `max_tokens = 1` through the pool against a direct
 //!   `Model::forward_ids` call and a raw candle forward (per-request routing and actor hops);
-//! - `concurrency`: 1, 4 and 8 concurrent streams to one model, replicas 1 and replicas = streams;
+//! - `concurrency`: 1, 4 and 8 concurrent streams to one model (or `--streams`), replicas 1 and
+//!   replicas = streams (`--no-replica-match`: replicas 1 only);
 //! - `multi`: two models generating at once in one pool, against each alone;
 //! - `http`: `llm-pool serve` (started with a temporary config on port 0) or any server given by
-//!   `--url`, streamed `/v1/completions`: TTFT, decode tok/s, aggregate tok/s under concurrency;
+//!   `--url`, streamed `/v1/completions`: TTFT, decode tok/s (skipped with `--no-single`),
+//!   aggregate tok/s under concurrency;
 //! - `all`: every one of the above in this process;
 //! - `kernels` (not part of `all`): our quantized matmul kernels against candle's `QMatMul` on
 //!   the same random tensors, per type (Q4_1, Q5_0, Q8_0) and dispatch level: GB/s of weights
@@ -139,6 +147,18 @@ struct Opts {
     /// Concurrency: only replicas = 1 (skip replicas = streams).
     #[arg(long, global = true)]
     no_replica_match: bool,
+    /// The prompt of each concurrent stream of `concurrency` and `http`, as token ids
+    /// [default: 8 fixed ids]. Greedy decoding from the default ends at once (end of sequence)
+    /// for Gemma-3, so scripts/bench-concurrency gives it the ids of a short text.
+    #[arg(long, global = true, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// HTTP: skip the single-stream test (TTFT and decode of tg tokens); only concurrent streams.
+    #[arg(long, global = true)]
+    no_single: bool,
+    /// A TOML line (`key = value`) added to the model's `[[models]]` table, for `concurrency`
+    /// and the `http` server's config; repeatable, e.g. `--model-config 'replicas = 1'`.
+    #[arg(long = "model-config", global = true, alias = "server-model-config")]
+    model_config: Vec<String>,
     /// Repetitions of the overhead test [default: 100, smoke: 5].
     #[arg(long, global = true)]
     overhead_reps: Option<usize>,
@@ -199,6 +219,11 @@ impl Bench {
         }
     }
 
+    /// The prompt of each concurrent stream: `--prompt-ids`, or 8 fixed ids.
+    fn stream_prompt(&self) -> Vec<u32> {
+        self.o.prompt_ids.clone().unwrap_or_else(|| prompt_ids(8))
+    }
+
     fn runs(&self) -> usize {
         self.warmup + self.reps
     }
@@ -228,6 +253,7 @@ impl Bench {
             "min": s.min,
             "max": s.max,
             "p10": s.p10,
+            "p50": s.median,
             "p90": s.p90,
             "p99": s.p99,
             "n": samples.len(),
@@ -575,6 +601,37 @@ fn model_config(name: &str, path: &Path, replicas: usize) -> ModelConfig {
     m
 }
 
+/// The `[[models]]` table of `name` (path made absolute) with `extra` TOML lines appended:
+/// what `concurrency` parses for its pool and `http` writes into the server's config.
+fn model_toml(name: &str, path: &Path, replicas: usize, extra: &[String]) -> Result<String> {
+    let path = std::fs::canonicalize(path).with_context(|| format!("model {}", path.display()))?;
+    let mut t = format!(
+        "[[models]]\nname = {name:?}\npath = {:?}\nreplicas = {replicas}\nqueue_size = 256\n",
+        path.display().to_string()
+    );
+    for line in extra {
+        t.push_str(line.trim());
+        t.push('\n');
+    }
+    Ok(t)
+}
+
+/// `model_config` from `model_toml`, so that `--model-config` lines apply; errors name the key.
+fn model_config_with(
+    name: &str,
+    path: &Path,
+    replicas: usize,
+    extra: &[String],
+) -> Result<ModelConfig> {
+    let toml = model_toml(name, path, replicas, extra)?;
+    let mut config = Config::from_toml(&toml)
+        .map_err(|e| anyhow!("{e} (model config with --model-config lines:\n{toml})"))?;
+    config
+        .models
+        .pop()
+        .ok_or_else(|| anyhow!("no [[models]] table in\n{toml}"))
+}
+
 async fn start_pool(models: Vec<ModelConfig>) -> Result<Pool> {
     let config = Config {
         models,
@@ -884,7 +941,7 @@ async fn bench_compare(b: &Bench) -> Result<()> {
 
 async fn bench_concurrency(b: &Bench) -> Result<()> {
     let name = &b.model_name;
-    let prompt = prompt_ids(8);
+    let prompt = b.stream_prompt();
     let mut replica_sets = vec![1usize];
     if !b.o.no_replica_match {
         for &s in &b.streams {
@@ -894,7 +951,8 @@ async fn bench_concurrency(b: &Bench) -> Result<()> {
         }
     }
     for replicas in replica_sets {
-        let pool = match start_pool(vec![model_config("m", &b.o.model, replicas)]).await {
+        let config = model_config_with("m", &b.o.model, replicas, &b.o.model_config)?;
+        let pool = match start_pool(vec![config]).await {
             Ok(p) => p,
             Err(e) => {
                 b.skip("llm-pool", "concurrency", name, &format!("{e:#}"));
@@ -908,6 +966,7 @@ async fn bench_concurrency(b: &Bench) -> Result<()> {
         };
         for n in streams {
             let (mut agg, mut ttft, mut per_stream) = (Vec::new(), Vec::new(), Vec::new());
+            let mut generated = 0usize;
             for run in 0..b.runs() {
                 let t0 = Instant::now();
                 let runs = futures::future::join_all(
@@ -918,6 +977,7 @@ async fn bench_concurrency(b: &Bench) -> Result<()> {
                 let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
                 if run >= b.warmup {
                     let tokens: usize = runs.iter().map(|r| r.tokens).sum();
+                    generated += tokens;
                     agg.push(tokens as f64 / secs(wall));
                     for r in &runs {
                         ttft.push(ms(r.ttft));
@@ -933,7 +993,9 @@ async fn bench_concurrency(b: &Bench) -> Result<()> {
                 &format!("{tag}_aggregate"),
                 "tok/s",
                 &agg,
-                json!({"streams": n, "replicas": replicas, "gen": b.gen}),
+                json!({"streams": n, "replicas": replicas, "gen": b.gen, "prompt_ids": prompt,
+                       "tokens_per_stream": generated as f64 / ttft.len().max(1) as f64,
+                       "model_config": b.o.model_config}),
             );
             b.emit(
                 "llm-pool",
@@ -1097,24 +1159,24 @@ fn default_server_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/release/llm-pool"))
 }
 
-fn start_server(bin: &Path, model: &Path, replicas: usize) -> Result<Server> {
+/// Starts `bin serve` on a config with the model `m` (`extra`: TOML lines for its table). Its
+/// stderr goes to a file in the temporary directory, quoted when it does not come up.
+fn start_server(bin: &Path, model: &Path, replicas: usize, extra: &[String]) -> Result<Server> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("bench.toml");
-    let model =
-        std::fs::canonicalize(model).with_context(|| format!("model {}", model.display()))?;
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[[models]]\nname = \"m\"\npath = {:?}\nreplicas = {replicas}\nqueue_size = 256\n",
-            model.display().to_string()
-        ),
-    )?;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        model_toml("m", model, replicas, extra)?
+    );
+    std::fs::write(&config, &text)?;
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path)?;
     let mut child = Command::new(bin)
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -1136,7 +1198,16 @@ fn start_server(bin: &Path, model: &Path, replicas: usize) -> Result<Server> {
         _dir: dir,
     };
     if url.is_err() {
-        bail!("{} did not print its address", bin.display());
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        // The error, not the backtrace that RUST_BACKTRACE adds after it.
+        let log = log.split("Stack backtrace:").next().unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "{} serve did not print its address; config:\n{text}stderr (last lines):\n{}",
+            bin.display(),
+            tail.join("\n")
+        );
     }
     Ok(server)
 }
@@ -1263,7 +1334,7 @@ async fn bench_http(b: &Bench) -> Result<()> {
                 );
                 return Ok(());
             }
-            let s = start_server(&bin, &b.o.model, b.o.server_replicas)?;
+            let s = start_server(&bin, &b.o.model, b.o.server_replicas, &b.o.model_config)?;
             let (url, pid) = (s.url.clone(), s.child.id());
             (Some(s), url, Some(pid))
         }
@@ -1277,48 +1348,19 @@ async fn bench_http(b: &Bench) -> Result<()> {
         b.skip(&imp, "http", name, &format!("{e:#}"));
         return Ok(());
     }
-    let extra = json!({"server_replicas": if b.o.url.is_some() { Value::Null } else { json!(b.o.server_replicas) }});
-    // Single stream, tg tokens: TTFT and decode speed.
-    let one = prompt_ids(1);
-    let (mut ttft, mut decode, mut tps) = (vec![], vec![], vec![]);
-    let mut tokens = 0;
-    for run in 0..b.runs() {
-        let r = http_run(&client, &url, &one, b.tg, Instant::now()).await?;
-        tokens = r.tokens;
-        if run >= b.warmup {
-            ttft.push(ms(r.ttft));
-            tps.push(r.tokens as f64 / secs(r.total));
-            if r.tokens > 1 {
-                decode.push((r.tokens - 1) as f64 / secs(r.total - r.ttft));
-            }
-        }
+    let extra = if b.o.url.is_some() {
+        json!({"server_replicas": Value::Null})
+    } else {
+        json!({"server_replicas": b.o.server_replicas, "model_config": b.o.model_config})
+    };
+    if !b.o.no_single {
+        bench_http_single(b, &client, &url, &imp, &extra).await?;
     }
-    let tg = format!("tg{}", b.tg);
-    let mut e = extra.clone();
-    e["tokens"] = json!(tokens);
-    b.emit(&imp, "http", name, &tg, "tok/s", &tps, e);
-    b.emit(
-        &imp,
-        "http",
-        name,
-        &format!("{tg}_decode"),
-        "tok/s",
-        &decode,
-        extra.clone(),
-    );
-    b.emit(
-        &imp,
-        "http",
-        name,
-        &format!("ttft_{tg}"),
-        "ms",
-        &ttft,
-        extra.clone(),
-    );
     // Concurrent streams.
-    let prompt = prompt_ids(8);
+    let prompt = b.stream_prompt();
     for &n in &b.streams {
         let (mut agg, mut ttft, mut per_stream) = (vec![], vec![], vec![]);
+        let mut generated = 0usize;
         for run in 0..b.runs() {
             let t0 = Instant::now();
             let runs = futures::future::join_all(
@@ -1328,7 +1370,9 @@ async fn bench_http(b: &Bench) -> Result<()> {
             let wall = t0.elapsed();
             let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
             if run >= b.warmup {
-                agg.push(runs.iter().map(|r| r.tokens).sum::<usize>() as f64 / secs(wall));
+                let tokens: usize = runs.iter().map(|r| r.tokens).sum();
+                generated += tokens;
+                agg.push(tokens as f64 / secs(wall));
                 for r in &runs {
                     ttft.push(ms(r.ttft));
                     per_stream.push(r.tokens as f64 / secs(r.end_since));
@@ -1338,6 +1382,8 @@ async fn bench_http(b: &Bench) -> Result<()> {
         let mut e = extra.clone();
         e["streams"] = json!(n);
         e["gen"] = json!(b.gen);
+        e["prompt_ids"] = json!(prompt);
+        e["tokens_per_stream"] = json!(generated as f64 / ttft.len().max(1) as f64);
         b.emit(
             &imp,
             "http",
@@ -1370,6 +1416,54 @@ async fn bench_http(b: &Bench) -> Result<()> {
         b.emit_rss(&imp, "http", name, vm_hwm(pid));
     }
     drop(server);
+    Ok(())
+}
+
+/// Single stream over HTTP, a 1-token prompt and tg tokens: TTFT, decode and end-to-end tok/s.
+async fn bench_http_single(
+    b: &Bench,
+    client: &reqwest::Client,
+    url: &str,
+    imp: &str,
+    extra: &Value,
+) -> Result<()> {
+    let name = &b.model_name;
+    let one = prompt_ids(1);
+    let (mut ttft, mut decode, mut tps) = (vec![], vec![], vec![]);
+    let mut tokens = 0;
+    for run in 0..b.runs() {
+        let r = http_run(client, url, &one, b.tg, Instant::now()).await?;
+        tokens = r.tokens;
+        if run >= b.warmup {
+            ttft.push(ms(r.ttft));
+            tps.push(r.tokens as f64 / secs(r.total));
+            if r.tokens > 1 {
+                decode.push((r.tokens - 1) as f64 / secs(r.total - r.ttft));
+            }
+        }
+    }
+    let tg = format!("tg{}", b.tg);
+    let mut e = extra.clone();
+    e["tokens"] = json!(tokens);
+    b.emit(imp, "http", name, &tg, "tok/s", &tps, e);
+    b.emit(
+        imp,
+        "http",
+        name,
+        &format!("{tg}_decode"),
+        "tok/s",
+        &decode,
+        extra.clone(),
+    );
+    b.emit(
+        imp,
+        "http",
+        name,
+        &format!("ttft_{tg}"),
+        "ms",
+        &ttft,
+        extra.clone(),
+    );
     Ok(())
 }
 
