@@ -497,18 +497,30 @@ fn attend_one_cpu(
     let (scale, cap) = (scale as f32, softcap.map(|c| c as f32));
     let mut out = vec![0f32; heads * d_v];
     let mut scores = vec![0f32; kv_len];
-    // Keys per block of independent dot products (separate FMA chains run in parallel).
+    // Keys per block of dot products: one SIMD lane per key, each lane its own FMA chain.
     const KEYS: usize = 8;
+    // A block of keys transposed, `d` rows of one value per key, so that a step of all the
+    // block's chains is one vector FMA.
+    let mut block_t = vec![[0f32; KEYS]; d];
     for h in 0..heads {
         let g = h / groups;
         let qh = &qd[h * d..(h + 1) * d];
         // q · k as the general path's matmul computes it: one FMA chain per key, in order.
         for (block, chunk) in scores.chunks_mut(KEYS).enumerate() {
-            let mut acc = [0f32; KEYS];
             let first = block * KEYS;
-            for (i, &qi) in qh.iter().enumerate() {
-                for (c, a) in acc.iter_mut().enumerate().take(chunk.len()) {
-                    *a = qi.mul_add(kd[g * kst[1] + (first + c) * kst[2] + i], *a);
+            for c in 0..KEYS {
+                let key = (c < chunk.len()).then(|| {
+                    let at = g * kst[1] + (first + c) * kst[2];
+                    &kd[at..at + d]
+                });
+                for (i, row) in block_t.iter_mut().enumerate() {
+                    row[c] = key.map_or(0.0, |k| k[i]);
+                }
+            }
+            let mut acc = [0f32; KEYS];
+            for (&qi, row) in qh.iter().zip(&block_t) {
+                for (a, &k) in acc.iter_mut().zip(row) {
+                    *a = qi.mul_add(k, *a);
                 }
             }
             for (score, a) in chunk.iter_mut().zip(acc) {
