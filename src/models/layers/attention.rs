@@ -348,17 +348,19 @@ impl Attention {
     }
 
     /// One sequence's heads `(batch, heads, len, d)` appended to its cache and attended:
-    /// `(batch, heads, len, d)`. A decode step's query on CPU attends straight from the
-    /// cache ([`attend_one_cpu`]), alone or in a batch alike, so that a sequence computes the
-    /// same either way.
+    /// `(batch, heads, len, d)`. In a batch of several sequences, a decode step's query on
+    /// CPU attends straight from the cache ([`attend_one_cpu`]): one thread, no tensor ops,
+    /// which saves a dozen ops per sequence and layer. Alone, a sequence keeps the general
+    /// path, whose matmuls use every thread and which measured faster for one sequence.
     fn attend_heads(
         &self,
         (q, k, v): (Tensor, Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: &mut LayerCache,
+        batched: bool,
     ) -> Result<Tensor> {
         let (k, v) = cache.append(k, v)?;
-        if mask.is_none() {
+        if batched && mask.is_none() {
             if let Some(out) = attend_one_cpu(&q, &k, &v, self.scale, self.softcap)? {
                 return Ok(out);
             }
@@ -384,7 +386,7 @@ impl SelfAttention for Attention {
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
         let heads = self.heads_of(self.project(x)?, at)?;
-        self.output(self.attend_heads(heads, at.mask, cache)?)
+        self.output(self.attend_heads(heads, at.mask, cache, false)?)
     }
 
     /// Everything but the attention core runs once over every span's rows: the projections
@@ -398,11 +400,12 @@ impl SelfAttention for Attention {
         spans: &mut [Span<'_>],
     ) -> Result<Tensor> {
         let (q, k, v) = self.heads_of(self.project(x)?, rows)?;
+        let batched = spans.len() > 1;
         let mut outs = Vec::with_capacity(spans.len());
         for s in spans.iter_mut() {
             let part = |t: &Tensor| t.narrow(2, s.start, s.len);
             let heads = (part(&q)?, part(&k)?, part(&v)?);
-            outs.push(self.attend_heads(heads, s.at.mask, s.cache)?);
+            outs.push(self.attend_heads(heads, s.at.mask, s.cache, batched)?);
         }
         let attended = match outs.len() {
             1 => outs.remove(0),
