@@ -809,8 +809,9 @@ async fn wait_admin(
 /// at once with a 503 naming the model, and a request after the unload loads the model again.
 #[tokio::test]
 async fn unloading_a_model_answers_its_queued_requests() {
+    // A batch of one, so that the second request waits in the queue behind the first.
     let models = format!(
-        "[[models]]\nname = \"smollm2\"\npath = \"{}\"\nqueue_size = 2\nreplicas = 1\n",
+        "[[models]]\nname = \"smollm2\"\npath = \"{}\"\nqueue_size = 2\nreplicas = 1\nmax_batch_size = 1\n",
         common::real_model(common::SMOLLM2).display()
     );
     let server = Server::start(
