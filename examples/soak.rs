@@ -124,6 +124,16 @@ fn outcome_of(status: u16, body: &Value) -> Result<Option<&'static str>, String>
     }
 }
 
+/// The pool outcome of the error event that ended a stream, when it is a documented one.
+fn stream_error(text: &str) -> Option<&'static str> {
+    let event = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v.get("error").is_some())?;
+    outcome_of(503, &event).ok().flatten()
+}
+
 struct Server {
     child: Child,
     base: String,
@@ -475,6 +485,12 @@ async fn fire(base: &str, http: &reqwest::Client, shot: &Shot, tally: &Shared) -
             record(tally, |t| {
                 *t.outcomes.entry((model, "ok".into())).or_default() += 1
             });
+        } else if let Some(outcome) = finished.then(|| stream_error(&text)).flatten() {
+            // With continuous batching a request can fail after its first tokens: a panic in
+            // a batched step ends every request of the batch with `worker_restarted`.
+            record(tally, |t| {
+                *t.outcomes.entry((model, outcome.into())).or_default() += 1
+            });
         } else {
             record(tally, |t| {
                 t.failures.push(format!(
@@ -821,19 +837,21 @@ async fn main() -> Result<()> {
             };
             table.push(json!({"model": model, "outcome": outcome, "pool": delta(outcome), "clients": client_side}));
         }
-        // A disconnect is `cancelled`, or `ok` when the generation ended before the pool saw
-        // the client go: those two are checked together, every other outcome exactly.
-        if delta("ok") + delta("cancelled") != seen("ok") + disconnects
-            || delta("cancelled") > disconnects
+        // A disconnect is `cancelled`; or `ok` when the generation ended before the pool saw
+        // the client go; or `restarted` when a panic ended its batch first. Those three are
+        // checked together, every other outcome exactly.
+        let (ok, cancelled, restarted) = (delta("ok"), delta("cancelled"), delta("restarted"));
+        if ok + cancelled + restarted != seen("ok") + disconnects + seen("restarted")
+            || cancelled > disconnects
+            || restarted < seen("restarted")
         {
             failures.push(format!(
-                "{model}: pool ok+cancelled = {}+{}, clients ok = {} with {disconnects} disconnects",
-                delta("ok"),
-                delta("cancelled"),
-                seen("ok")
+                "{model}: pool ok+cancelled+restarted = {ok}+{cancelled}+{restarted}, clients ok = {} and restarted = {} with {disconnects} disconnects",
+                seen("ok"),
+                seen("restarted")
             ));
         }
-        for outcome in ["invalid", "overloaded", "unavailable", "restarted", "error"] {
+        for outcome in ["invalid", "overloaded", "unavailable", "error"] {
             if delta(outcome) != seen(outcome) {
                 failures.push(format!(
                     "{model}: pool counted {} {outcome}, clients saw {}",
