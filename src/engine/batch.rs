@@ -72,11 +72,18 @@ pub struct BatchSettings {
 impl BatchSettings {
     /// Checks the settings: every value positive, and slots for the whole batch.
     pub fn validate(&self) -> Result<()> {
+        if self.kv_budget_tokens == 0 {
+            return Err(Error::InvalidParameter {
+                param: "kv_cache_mb".into(),
+                message:
+                    "the KV budget holds not one token of this model's cache; raise kv_cache_mb"
+                        .into(),
+            });
+        }
         let positive = [
             ("max_batch_size", self.max_batch_size),
             ("max_slots", self.max_slots),
             ("prefill_chunk", self.prefill_chunk),
-            ("kv_cache_mb", self.kv_budget_tokens),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -249,6 +256,13 @@ impl<'m, C: Client> Batcher<'m, C> {
         if !self.has_room() {
             return Admission::Full(pending);
         }
+        let Some(slot) = self.pick_slot(&pending.prompt) else {
+            return Admission::Full(pending);
+        };
+        if !self.make_room(slot, need) {
+            return Admission::Full(pending);
+        }
+        // Only once it can run: a request waiting for room is offered again after every step.
         let generation = match Generation::new(
             self.model.info(),
             self.text,
@@ -258,12 +272,6 @@ impl<'m, C: Client> Batcher<'m, C> {
             Ok(g) => g,
             Err(e) => return Admission::Refused(pending.client, e),
         };
-        let Some(slot) = self.pick_slot(&pending.prompt) else {
-            return Admission::Full(pending);
-        };
-        if !self.make_room(slot, need) {
-            return Admission::Full(pending);
-        }
         // A prompt must leave at least one token to compute, for the logits of its last.
         let shared =
             common_prefix(&self.slots[slot].tokens, &pending.prompt).min(pending.prompt.len() - 1);
