@@ -41,6 +41,11 @@
 //! - `kernels` (not part of `all`): our quantized matmul kernels against candle's `QMatMul` on
 //!   the same random tensors, per type (Q4_1, Q5_0, Q8_0) and dispatch level: GB/s of weights
 //!   at m = 1, GOP/s at m = 64 and 512, and the ratio to candle (time of candle / ours);
+//! - `step` (not part of `all`): the model's batched decode step alone (`--streams` sequences,
+//!   default 1,2,4,8,16, each prefilled with the stream prompt, then `--gen` steps of one token
+//!   per sequence through `Model::forward_batch_into`): aggregate tok/s per batch size and the
+//!   ratio to one sequence, the ceiling continuous batching can reach before sampling, queues
+//!   and HTTP;
 //! - `memory` (not part of `all`): the machine's memory bandwidth at this thread count, read
 //!   (a sum over 512 MiB, what a decode step's weight streaming is) and STREAM-like copy, and
 //!   the bytes of weights one decode step of `--model` reads, for the share of bandwidth a
@@ -106,6 +111,9 @@ enum Cmd {
     /// Memory bandwidth (STREAM-like read and copy) at this thread count, and the weight
     /// bytes one decode step of --model reads.
     Memory,
+    /// Batched decode steps (Model::forward_batch_into) per batch size: tok/s and the ratio
+    /// to one sequence.
+    Step,
 }
 
 #[derive(Args, Clone)]
@@ -1480,6 +1488,70 @@ fn time_runs(b: &Bench, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     Ok(samples)
 }
 
+/// `step`: per batch size, `gen` batched decode steps (one token per sequence) after a prefill
+/// of the stream prompt in every slot; tok/s of the decode steps and the ratio to batch 1.
+fn bench_step(b: &Bench) -> Result<()> {
+    use llm_pool::models::SequenceChunk;
+    let mut model = Model::load(&b.o.model, &LoadOptions::cpu())?;
+    let prompt = b.stream_prompt();
+    let sizes = b.o.streams.clone().unwrap_or(if b.o.smoke {
+        vec![1, 2]
+    } else {
+        vec![1, 2, 4, 8, 16]
+    });
+    let mut logits = Vec::new();
+    let mut single = None;
+    for &n in &sizes {
+        model.set_slots(n)?;
+        let mut rates = Vec::with_capacity(b.reps);
+        for run in 0..b.runs() {
+            for slot in 0..n {
+                model.reset_slot(slot)?;
+            }
+            let chunks: Vec<_> = (0..n)
+                .map(|slot| SequenceChunk {
+                    slot,
+                    tokens: &prompt,
+                    position: 0,
+                })
+                .collect();
+            model.forward_batch_into(&chunks, &mut logits)?;
+            let started = Instant::now();
+            for step in 0..b.gen {
+                // The same token for every sequence: a step's cost does not depend on it.
+                let token = [prompt[step % prompt.len()]];
+                let chunks: Vec<_> = (0..n)
+                    .map(|slot| SequenceChunk {
+                        slot,
+                        tokens: &token,
+                        position: prompt.len() + step,
+                    })
+                    .collect();
+                model.forward_batch_into(&chunks, &mut logits)?;
+            }
+            if run >= b.warmup {
+                rates.push((n * b.gen) as f64 / secs(started.elapsed()));
+            }
+        }
+        let median = Stats::of(&rates).median;
+        let base = *single.get_or_insert(if n == 1 { median } else { f64::NAN });
+        let ratio = median / base;
+        b.emit(
+            "llm-pool",
+            "step",
+            &b.model_name,
+            &format!("batch{n}"),
+            "tok/s",
+            &rates,
+            json!({"batch": n, "vs_batch1": ratio, "gen": b.gen, "prompt": prompt.len()}),
+        );
+        if ratio.is_finite() {
+            eprintln!("{:>58} {ratio:.2}x batch 1", "");
+        }
+    }
+    Ok(())
+}
+
 /// `kernels`: per type, a decode-sized weight (m = 1, bytes streamed from memory) and a
 /// layer-sized one (m = 64, 512), each multiplied by candle's `QMatMul` and by our kernels at
 /// every level this CPU has. Both sides include activation quantization and the output.
@@ -1685,6 +1757,7 @@ fn main() -> Result<()> {
             Cmd::Http => rt.block_on(bench_http(&b))?,
             Cmd::Kernels => bench_kernels(&b)?,
             Cmd::Memory => bench_memory(&b)?,
+            Cmd::Step => bench_step(&b)?,
             Cmd::All => unreachable!(),
         }
     }

@@ -145,7 +145,7 @@ fn every_k_against_the_oracle_and_candle() {
 fn every_row_count_against_the_oracle_and_candle() {
     for (dtype, _) in TYPES {
         let (q, w) = weight(dtype, 21, 576, 7);
-        for m in [1, 2, 3, 4, 5, 16, 17, 64] {
+        for m in [1, 2, 3, 4, 5, 7, 12, 16, 17, 64] {
             check(&q, &w, m, 200 + m as u64, &format!("{dtype:?} n=21"));
         }
         // A long prompt, on a narrow weight to keep the debug-build oracle quick.

@@ -26,10 +26,18 @@ use std::sync::Mutex;
 const COLUMN_TILE: usize = 16;
 
 /// Rows from which the AVX-512 level packs activation panels (eight rows per zmm pass, the
-/// rest padded): measured on a Q5_0 2048×640 weight, panels beat the row-by-row kernel from
-/// two rows on (1.4x at two, 1.6x at three, 1.8x at four); one row (a decode step) is faster
-/// row by row.
+/// rest padded) for weights held as in the file: measured on a Q5_0 2048×640 weight, panels
+/// beat the row-by-row kernel from two rows on (1.4x at two, 1.6x at three, 1.8x at four);
+/// one row (a decode step) is faster row by row.
 const PANEL_MIN_ROWS: usize = 2;
+
+/// Rows up to which interleaved groups multiply the activations directly, four rows per pass
+/// over each group (`x86::gemm_groups_avx512_vnni`), instead of packing panels: a batched
+/// decode step's few rows then read every weight once and unpack it once per four rows,
+/// where panels pad them to eight and unpack once per weight row. Measured on SmolLM2's
+/// batched decode step at one thread (the whole step, as `bench step` times it), groups were
+/// faster at every batch size from 2 to 16: 1.85x at 2 rows, 1.7x at 4, 1.1-1.3x at 8-16.
+const GROUP_ROWS_MAX: usize = 16;
 
 /// Activation panels for the AVX-512 prefill kernel.
 #[cfg(target_arch = "x86_64")]
@@ -219,7 +227,7 @@ impl QuantizedWeight {
             match (&panels, &rows) {
                 (Some(panels), _) => self.tile_panels(panels, m, cols.clone(), &mut local),
                 (None, Some(rows)) => tile(level, rows, nb, acts, m, cols.clone(), &mut local),
-                (None, None) => self.gemv_groups(acts, cols.clone(), &mut local),
+                (None, None) => self.gemv_groups(acts, m, cols.clone(), &mut local),
             }
             // A poisoned lock only means another item panicked; the pool re-raises that panic.
             let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
@@ -235,7 +243,8 @@ impl QuantizedWeight {
     /// for [`PANEL_MIN_ROWS`] rows or more (a decode step keeps the row-by-row kernel).
     fn panels(&self, level: Level, acts: &[BlockQ8], m: usize) -> Option<Panels> {
         #[cfg(target_arch = "x86_64")]
-        if level == Level::Avx512Vnni && m >= PANEL_MIN_ROWS {
+        let grouped_rows = matches!(self.storage, Storage::Groups(_)) && m <= GROUP_ROWS_MAX;
+        if level == Level::Avx512Vnni && m >= PANEL_MIN_ROWS && !grouped_rows {
             return Some(super::x86::pack_panels(acts, m, self.k / QK));
         }
         let _ = (level, acts, m);
@@ -271,33 +280,38 @@ impl QuantizedWeight {
         match *panels {}
     }
 
-    /// A decode step (one activation row) on interleaved groups, at the AVX-512 VNNI level.
+    /// A decode step (`m` activation rows, a few) on interleaved groups, at the AVX-512 VNNI
+    /// level.
     #[cfg(target_arch = "x86_64")]
-    fn gemv_groups(&self, acts: &[BlockQ8], cols: Range<usize>, out: &mut [f32]) {
+    fn gemv_groups(&self, acts: &[BlockQ8], m: usize, cols: Range<usize>, out: &mut [f32]) {
+        use super::x86::gemm_groups_avx512_vnni as gemm;
         use super::x86::gemv_groups_avx512_vnni as gemv;
         let nb = self.k / QK;
         // SAFETY: groups run here only at the AVX-512 VNNI level (see `matmul_quantized`),
         // capped by `Level::detect()`, which only returns it when the CPU has its features.
         // Column ranges start at multiples of `COLUMN_TILE`, itself a multiple of `GROUP`.
         unsafe {
-            match &self.storage {
-                Storage::Groups(Groups::Q4_1(g)) => gemv(g, nb, acts, cols, out),
-                Storage::Groups(Groups::Q5_0(g)) => gemv(g, nb, acts, cols, out),
-                Storage::Groups(Groups::Q8_0(g)) => gemv(g, nb, acts, cols, out),
-                Storage::Rows(_) => {}
+            match (&self.storage, m) {
+                (Storage::Groups(Groups::Q4_1(g)), 1) => gemv(g, nb, acts, cols, out),
+                (Storage::Groups(Groups::Q5_0(g)), 1) => gemv(g, nb, acts, cols, out),
+                (Storage::Groups(Groups::Q8_0(g)), 1) => gemv(g, nb, acts, cols, out),
+                (Storage::Groups(Groups::Q4_1(g)), _) => gemm(g, nb, acts, m, cols, out),
+                (Storage::Groups(Groups::Q5_0(g)), _) => gemm(g, nb, acts, m, cols, out),
+                (Storage::Groups(Groups::Q8_0(g)), _) => gemm(g, nb, acts, m, cols, out),
+                (Storage::Rows(_), _) => {}
             }
         }
     }
 
     /// Off x86 no groups are built (they are laid out for AVX-512 only).
     #[cfg(not(target_arch = "x86_64"))]
-    fn gemv_groups(&self, acts: &[BlockQ8], cols: Range<usize>, out: &mut [f32]) {
+    fn gemv_groups(&self, acts: &[BlockQ8], m: usize, cols: Range<usize>, out: &mut [f32]) {
         tile(
             Level::Scalar,
             &self.blocks(),
             self.k / QK,
             acts,
-            1,
+            m,
             cols,
             out,
         )

@@ -9,12 +9,13 @@
 //! (no horizontal sum per block), and the per-block correction (`m·s` for Q4_1, `−16·d·s` for
 //! Q5_0) is a scalar FMA.
 //!
-//! Groups (AVX-512 VNNI, one activation row: a decode step): the weights were interleaved
-//! eight rows to a group at load ([`super::blocks::interleave`]), so one 512-bit `vpdpbusd`
-//! multiplies a step of eight codes of all eight weight rows with the activation's step
-//! broadcast ([`dot_group`]).
+//! Groups (AVX-512 VNNI, 1 to 16 activation rows: a decode step, alone or batched): the
+//! weights were interleaved eight rows to a group at load ([`super::blocks::interleave`]), so
+//! one 512-bit `vpdpbusd` multiplies a step of eight codes of all eight weight rows with the
+//! activation's step broadcast ([`dot_group`]); several rows share one unpacking of each
+//! group block, four rows per pass ([`dot_group_rows`]).
 //!
-//! Panels (AVX-512 VNNI, two activation rows or more): the rows are first packed eight to a
+//! Panels (AVX-512 VNNI, more rows: a prompt): the rows are first packed eight to a
 //! panel ([`PanelBlock`]) so that one 512-bit `vpdpbusd` multiplies a step of eight codes of a
 //! weight block with all eight rows at once. Measured with `bench kernels` on the demo models'
 //! shapes, 1.8-2.6x the 256-bit kernel.
@@ -895,6 +896,108 @@ unsafe fn dot_group<G: GroupUnpack>(g: &[G], a: &[BlockQ8]) -> [f32; GROUP] {
             _mm256_add_ps(rows, _mm256_add_ps(corr[0], corr[1])),
         );
         out
+    }
+}
+
+/// `R` activation rows against the eight weight rows of group row `g`: per block, the weight
+/// codes are unpacked once into four steps and their scales converted once, then each row
+/// adds four `vpdpbusd`, one conversion, one scale product and one FMA. A few decode rows
+/// (a small batch) thus share one pass over the weights and one unpacking, where the panel
+/// kernel would pad them to eight rows and the one-row kernel would unpack once per row.
+/// One accumulator per row: the rows are the independent chains.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL, VNNI, AVX2, FMA and F16C; every row of `a` must hold
+/// `g.len()` blocks.
+#[inline(always)]
+unsafe fn dot_group_rows<G: GroupUnpack, const R: usize>(
+    g: &[G],
+    a: [&[BlockQ8]; R],
+) -> [[f32; GROUP]; R] {
+    // SAFETY: as `dot_group`.
+    unsafe {
+        let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut corr = [_mm256_setzero_ps(); R];
+        for (b, gb) in g.iter().enumerate() {
+            let steps = gb.steps();
+            let d = gb.scales();
+            let d16 = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(d));
+            let coef = gb.coefficients(d);
+            for r in 0..R {
+                let ab = a[r].get_unchecked(b);
+                let av = |t: usize| {
+                    _mm512_set1_epi64((ab.qs.as_ptr().add(8 * t) as *const i64).read_unaligned())
+                };
+                let mut dot = _mm512_setzero_si512();
+                for (t, step) in steps.iter().enumerate() {
+                    dot = _mm512_dpbusd_epi32(dot, *step, av(t));
+                }
+                let scale = _mm512_mul_ps(d16, _mm512_set1_ps(ab.d));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                corr[r] = _mm256_fmadd_ps(coef, _mm256_set1_ps(ab.s), corr[r]);
+            }
+        }
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut out = [[0f32; GROUP]; R];
+        for r in 0..R {
+            let sum = _mm512_add_ps(acc[r], _mm512_permute_ps::<0b10_11_00_01>(acc[r]));
+            let rows = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, sum));
+            _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(rows, corr[r]));
+        }
+        out
+    }
+}
+
+/// Output columns `cols` (as [`gemv_groups_avx512_vnni`]) of `m` activation rows (`nb`
+/// blocks each, one after another in `a`) into `out` (`m × cols.len()`, row-major): each
+/// group is read once per four rows ([`dot_group_rows`]), and stays in cache between them.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI; `a` must hold `m · nb`
+/// blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn gemm_groups_avx512_vnni<G: GroupUnpack>(
+    groups: &[G],
+    nb: usize,
+    a: &[BlockQ8],
+    m: usize,
+    cols: Range<usize>,
+    out: &mut [f32],
+) {
+    let width = cols.len();
+    let first = cols.start / GROUP;
+    let row = |r: usize| &a[r * nb..(r + 1) * nb];
+    for (i, g) in (first..cols.end.div_ceil(GROUP)).enumerate() {
+        let g = &groups[g * nb..(g + 1) * nb];
+        let mut put = |r: usize, y: [f32; GROUP]| {
+            for (c, &v) in y.iter().enumerate() {
+                let col = i * GROUP + c;
+                if col < width {
+                    out[r * width + col] = v;
+                }
+            }
+        };
+        let mut r = 0;
+        // SAFETY (each call): the features are this function's contract; each row slice
+        // holds `nb` blocks, as many as the group row.
+        while r + 4 <= m {
+            let ys = unsafe { dot_group_rows(g, [row(r), row(r + 1), row(r + 2), row(r + 3)]) };
+            for (k, y) in ys.into_iter().enumerate() {
+                put(r + k, y);
+            }
+            r += 4;
+        }
+        if r + 2 <= m {
+            let ys = unsafe { dot_group_rows(g, [row(r), row(r + 1)]) };
+            for (k, y) in ys.into_iter().enumerate() {
+                put(r + k, y);
+            }
+            r += 2;
+        }
+        if r < m {
+            put(r, unsafe { dot_group(g, row(r)) });
+        }
     }
 }
 
