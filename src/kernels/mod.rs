@@ -35,6 +35,7 @@ pub mod dispatch;
 mod matmul;
 pub mod quantize;
 mod scalar;
+pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

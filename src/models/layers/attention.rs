@@ -14,9 +14,11 @@ use super::linear::Linear;
 use super::norm::Norm;
 use super::rotary::{CosSin, Rotary};
 use crate::error::Result;
+use crate::kernels::vector::{self, Rows};
 use crate::models::common;
 use candle_core::{DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
+use std::sync::Mutex;
 
 /// The head layout of an attention block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,19 +350,19 @@ impl Attention {
     }
 
     /// One sequence's heads `(batch, heads, len, d)` appended to its cache and attended:
-    /// `(batch, heads, len, d)`. In a batch of several sequences, a decode step's query on
-    /// CPU attends straight from the cache ([`attend_one_cpu`]): one thread, no tensor ops,
-    /// which saves a dozen ops per sequence and layer. Alone, a sequence keeps the general
-    /// path, whose matmuls use every thread and which measured faster for one sequence.
+    /// `(batch, heads, len, d)`. A decode step's query on CPU attends straight from the
+    /// cache ([`attend_one_cpu`]): no copy of the cache's keys and values (the general path
+    /// makes the cache's strided views contiguous first) and no tensor ops. Measured alone
+    /// (a paired run in one process), it decodes SmolLM2 3% faster after an 8-token prompt and
+    /// 45% faster after 1500 tokens; in a batch it saves a dozen ops per sequence and layer.
     fn attend_heads(
         &self,
         (q, k, v): (Tensor, Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: &mut LayerCache,
-        batched: bool,
     ) -> Result<Tensor> {
         let (k, v) = cache.append(k, v)?;
-        if batched && mask.is_none() {
+        if mask.is_none() {
             if let Some(out) = attend_one_cpu(&q, &k, &v, self.scale, self.softcap)? {
                 return Ok(out);
             }
@@ -386,7 +388,7 @@ impl SelfAttention for Attention {
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: &mut LayerCache) -> Result<Tensor> {
         let heads = self.heads_of(self.project(x)?, at)?;
-        self.output(self.attend_heads(heads, at.mask, cache, false)?)
+        self.output(self.attend_heads(heads, at.mask, cache)?)
     }
 
     /// Everything but the attention core runs once over every span's rows: the projections
@@ -400,12 +402,11 @@ impl SelfAttention for Attention {
         spans: &mut [Span<'_>],
     ) -> Result<Tensor> {
         let (q, k, v) = self.heads_of(self.project(x)?, rows)?;
-        let batched = spans.len() > 1;
         let mut outs = Vec::with_capacity(spans.len());
         for s in spans.iter_mut() {
             let part = |t: &Tensor| t.narrow(2, s.start, s.len);
             let heads = (part(&q)?, part(&k)?, part(&v)?);
-            outs.push(self.attend_heads(heads, s.at.mask, s.cache, batched)?);
+            outs.push(self.attend_heads(heads, s.at.mask, s.cache)?);
         }
         let attended = match outs.len() {
             1 => outs.remove(0),
@@ -462,11 +463,10 @@ pub fn attend(
 
 /// [`attend`] for one query per head (a decode step) on CPU in F32, straight from the memory
 /// of the keys and values, which may be strided views of a KV cache's buffers: no copy of the
-/// cache, and a handful of loops instead of a dozen tensor ops, which is most of a decode
-/// step's attention when many sequences each attend to their own cache. It rounds about as
-/// the general path does (one FMA chain per dot product, candle's softmax summation order),
-/// though not to the bit. `None` when the inputs are not of that kind (the caller takes the
-/// general path).
+/// cache, and a handful of loops ([`vector`]) instead of a dozen tensor ops; the heads run in
+/// parallel. It rounds close to the general path (the dot products sum in vector lanes, the
+/// softmax in candle's order), though not to the bit. `None` when the inputs are not of that
+/// kind (the caller takes the general path).
 fn attend_one_cpu(
     q: &Tensor,
     k: &Tensor,
@@ -498,60 +498,53 @@ fn attend_one_cpu(
     );
     let groups = heads / kv_heads;
     let (scale, cap) = (scale as f32, softcap.map(|c| c as f32));
-    let mut out = vec![0f32; heads * d_v];
-    let mut scores = vec![0f32; kv_len];
-    // Keys per block of dot products: one SIMD lane per key, each lane its own FMA chain.
-    const KEYS: usize = 8;
-    // A block of keys transposed, `d` rows of one value per key, so that a step of all the
-    // block's chains is one vector FMA.
-    let mut block_t = vec![[0f32; KEYS]; d];
-    for h in 0..heads {
+    // One head's output into `o`, its scores in `scores`.
+    let head = |h: usize, scores: &mut [f32], o: &mut [f32]| {
         let g = h / groups;
-        let qh = &qd[h * d..(h + 1) * d];
-        // q · k as the general path's matmul computes it: one FMA chain per key, in order.
-        for (block, chunk) in scores.chunks_mut(KEYS).enumerate() {
-            let first = block * KEYS;
-            for c in 0..KEYS {
-                let key = (c < chunk.len()).then(|| {
-                    let at = g * kst[1] + (first + c) * kst[2];
-                    &kd[at..at + d]
-                });
-                for (i, row) in block_t.iter_mut().enumerate() {
-                    row[c] = key.map_or(0.0, |k| k[i]);
-                }
-            }
-            let mut acc = [0f32; KEYS];
-            for (&qi, row) in qh.iter().zip(&block_t) {
-                for (a, &k) in acc.iter_mut().zip(row) {
-                    *a = qi.mul_add(k, *a);
-                }
-            }
-            for (score, a) in chunk.iter_mut().zip(acc) {
-                let s = a * scale;
-                *score = match cap {
-                    Some(c) => (s / c).tanh() * c,
-                    None => s,
-                };
-            }
+        let keys = Rows {
+            data: kd,
+            first: g * kst[1],
+            stride: kst[2],
+        };
+        vector::dots(&qd[h * d..(h + 1) * d], keys, scores);
+        for score in scores.iter_mut() {
+            let s = *score * scale;
+            *score = match cap {
+                Some(c) => (s / c).tanh() * c,
+                None => s,
+            };
         }
         // Softmax as candle's: max, exp, the same summation order, divide.
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for s in scores.iter_mut() {
             *s = (*s - max).exp();
         }
-        let sum = candle_sum(&scores);
+        let sum = candle_sum(scores);
         for s in scores.iter_mut() {
             *s /= sum;
         }
-        // probabilities · V, one FMA chain per output value, keys in order.
-        let o = &mut out[h * d_v..(h + 1) * d_v];
-        for (j, &p) in scores.iter().enumerate() {
-            let at = g * vst[1] + j * vst[2];
-            for (o, &v) in o.iter_mut().zip(&vd[at..at + d_v]) {
-                *o = p.mul_add(v, *o);
-            }
+        // probabilities · V, keys in order.
+        let values = Rows {
+            data: vd,
+            first: g * vst[1],
+            stride: vst[2],
+        };
+        vector::weighted_sum(scores, values, o);
+    };
+    // The heads are independent: they split over candle's barrier pool (the threads our
+    // matmuls use, idle between them), each range of heads into its own buffer.
+    let out = Mutex::new(vec![0f32; heads * d_v]);
+    candle_core::utils::barrier_pool().execute_chunked(heads, |range| {
+        let mut scores = vec![0f32; kv_len];
+        let mut local = vec![0f32; range.len() * d_v];
+        for (h, o) in range.clone().zip(local.chunks_exact_mut(d_v)) {
+            head(h, &mut scores, o);
         }
-    }
+        // A poisoned lock only means another range panicked; the pool re-raises that panic.
+        let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+        out[range.start * d_v..range.end * d_v].copy_from_slice(&local);
+    });
+    let out = out.into_inner().unwrap_or_else(|e| e.into_inner());
     Ok(Some(Tensor::from_vec(out, (1, heads, 1, d_v), q.device())?))
 }
 
