@@ -419,8 +419,7 @@ impl<'m, C: Client> Batcher<'m, C> {
         drop(chunks);
         if let Err(e) = result {
             // Every sequence of the batch ends with the error; their slots start over.
-            let failed: Vec<usize> = members.iter().map(|&(i, _)| i).collect();
-            for &i in failed.iter().rev() {
+            for &(i, _) in members.iter().rev() {
                 let slot = self.running[i].slot;
                 self.slots[slot].tokens.clear();
                 let _ = self.model.reset_slot(slot);

@@ -32,7 +32,7 @@ const COLUMN_TILE: usize = 16;
 const PANEL_MIN_ROWS: usize = 2;
 
 /// Rows up to which interleaved groups multiply the activations directly, four rows per pass
-/// over each group (`x86::gemm_groups_avx512_vnni`), instead of packing panels: a batched
+/// over each group (`x86::tile_groups_avx512_vnni`), instead of packing panels: a batched
 /// decode step's few rows then read every weight once and unpack it once per four rows,
 /// where panels pad them to eight and unpack once per weight row. Measured on SmolLM2's
 /// batched decode step at one thread (the whole step, as `bench step` times it), groups were
@@ -227,7 +227,7 @@ impl QuantizedWeight {
             match (&panels, &rows) {
                 (Some(panels), _) => self.tile_panels(panels, m, cols.clone(), &mut local),
                 (None, Some(rows)) => tile(level, rows, nb, acts, m, cols.clone(), &mut local),
-                (None, None) => self.gemv_groups(acts, m, cols.clone(), &mut local),
+                (None, None) => self.tile_groups(acts, m, cols.clone(), &mut local),
             }
             // A poisoned lock only means another item panicked; the pool re-raises that panic.
             let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
@@ -283,29 +283,25 @@ impl QuantizedWeight {
     /// A decode step (`m` activation rows, a few) on interleaved groups, at the AVX-512 VNNI
     /// level.
     #[cfg(target_arch = "x86_64")]
-    fn gemv_groups(&self, acts: &[BlockQ8], m: usize, cols: Range<usize>, out: &mut [f32]) {
-        use super::x86::gemm_groups_avx512_vnni as gemm;
-        use super::x86::gemv_groups_avx512_vnni as gemv;
+    fn tile_groups(&self, acts: &[BlockQ8], m: usize, cols: Range<usize>, out: &mut [f32]) {
+        use super::x86::tile_groups_avx512_vnni as tile;
         let nb = self.k / QK;
         // SAFETY: groups run here only at the AVX-512 VNNI level (see `matmul_quantized`),
         // capped by `Level::detect()`, which only returns it when the CPU has its features.
         // Column ranges start at multiples of `COLUMN_TILE`, itself a multiple of `GROUP`.
         unsafe {
-            match (&self.storage, m) {
-                (Storage::Groups(Groups::Q4_1(g)), 1) => gemv(g, nb, acts, cols, out),
-                (Storage::Groups(Groups::Q5_0(g)), 1) => gemv(g, nb, acts, cols, out),
-                (Storage::Groups(Groups::Q8_0(g)), 1) => gemv(g, nb, acts, cols, out),
-                (Storage::Groups(Groups::Q4_1(g)), _) => gemm(g, nb, acts, m, cols, out),
-                (Storage::Groups(Groups::Q5_0(g)), _) => gemm(g, nb, acts, m, cols, out),
-                (Storage::Groups(Groups::Q8_0(g)), _) => gemm(g, nb, acts, m, cols, out),
-                (Storage::Rows(_), _) => {}
+            match &self.storage {
+                Storage::Groups(Groups::Q4_1(g)) => tile(g, nb, acts, m, cols, out),
+                Storage::Groups(Groups::Q5_0(g)) => tile(g, nb, acts, m, cols, out),
+                Storage::Groups(Groups::Q8_0(g)) => tile(g, nb, acts, m, cols, out),
+                Storage::Rows(_) => {}
             }
         }
     }
 
     /// Off x86 no groups are built (they are laid out for AVX-512 only).
     #[cfg(not(target_arch = "x86_64"))]
-    fn gemv_groups(&self, acts: &[BlockQ8], m: usize, cols: Range<usize>, out: &mut [f32]) {
+    fn tile_groups(&self, acts: &[BlockQ8], m: usize, cols: Range<usize>, out: &mut [f32]) {
         tile(
             Level::Scalar,
             &self.blocks(),

@@ -949,15 +949,17 @@ unsafe fn dot_group_rows<G: GroupUnpack, const R: usize>(
     }
 }
 
-/// Output columns `cols` (as [`gemv_groups_avx512_vnni`]) of `m` activation rows (`nb`
-/// blocks each, one after another in `a`) into `out` (`m × cols.len()`, row-major): each
-/// group is read once per four rows ([`dot_group_rows`]), and stays in cache between them.
+/// Output columns `cols` (a multiple of [`GROUP`] from a group boundary, or the matrix's end)
+/// of `m` activation rows (`nb` blocks each, one after another in `a`) into `out`
+/// (`m × cols.len()`, row-major), from interleaved groups (`nb` positions per group) at the
+/// AVX-512 VNNI level: each group is read once per four rows ([`dot_group_rows`]) and stays
+/// in cache between them; a lone row (a decode step alone) takes [`dot_group`].
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI; `a` must hold `m · nb`
 /// blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(super) unsafe fn gemm_groups_avx512_vnni<G: GroupUnpack>(
+pub(super) unsafe fn tile_groups_avx512_vnni<G: GroupUnpack>(
     groups: &[G],
     nb: usize,
     a: &[BlockQ8],
@@ -997,32 +999,6 @@ pub(super) unsafe fn gemm_groups_avx512_vnni<G: GroupUnpack>(
         }
         if r < m {
             put(r, unsafe { dot_group(g, row(r)) });
-        }
-    }
-}
-
-/// Output columns `cols` (a multiple of [`GROUP`] from a group boundary, or the matrix's end)
-/// of one activation row into `out`, from interleaved groups (`nb` positions per group) at the
-/// AVX-512 VNNI level.
-///
-/// # Safety
-/// The CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(super) unsafe fn gemv_groups_avx512_vnni<G: GroupUnpack>(
-    groups: &[G],
-    nb: usize,
-    a: &[BlockQ8],
-    cols: Range<usize>,
-    out: &mut [f32],
-) {
-    let first = cols.start / GROUP;
-    for (i, g) in (first..cols.end.div_ceil(GROUP)).enumerate() {
-        // SAFETY: the features are guaranteed by this function's contract.
-        let y = unsafe { dot_group(&groups[g * nb..(g + 1) * nb], &a[..nb]) };
-        for (r, &v) in y.iter().enumerate() {
-            if let Some(o) = out.get_mut(i * GROUP + r) {
-                *o = v;
-            }
         }
     }
 }
