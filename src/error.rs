@@ -78,6 +78,11 @@ pub enum Error {
     #[error("the worker for model {model} crashed while serving this request and is restarting: {cause}")]
     WorkerRestarted { model: String, cause: String },
 
+    /// The grammar of a constrained generation failed mid-way (the output can no longer
+    /// satisfy it, or llguidance hit one of its limits).
+    #[error("constrained decoding: {0}")]
+    Constraint(String),
+
     /// A quantized kernel was given data that does not fit its weight (shape, size).
     #[error("quantized kernel: {0}")]
     Kernel(String),

@@ -196,6 +196,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         frequency_penalty: Some(args.frequency_penalty),
         seed: Some(args.seed),
         stop: args.stop.clone(),
+        ..GenerateRequest::ids(Vec::new())
     };
     // The flags to change, where the library's error would name request parameters.
     match &text {

@@ -24,9 +24,12 @@
 //! ```
 
 use crate::config::SamplingDefaults;
-use crate::engine::GenerateParams;
+use crate::engine::{Constrained, GenerateParams};
 use crate::error::{Error, Result};
+pub use crate::text::constrain::Grammar;
+use crate::text::output::OutputFormat;
 use crate::text::sampling::SamplingParams;
+pub use crate::text::tools::{ChatOptions, Tool, ToolChoice};
 use crate::text::ChatMessage;
 
 pub use crate::text::Prompt;
@@ -59,6 +62,19 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// Structured output: a grammar the whole output must follow (`None`: free text).
+    pub response_format: Option<Grammar>,
+    /// Functions the model may call (chat only).
+    pub tools: Vec<Tool>,
+    /// Whether and which tool the model must call.
+    pub tool_choice: ToolChoice,
+    /// Whether several calls may come at once (default: yes).
+    pub parallel_tool_calls: Option<bool>,
+    /// `Some(n)`: report each token's log-probability and its `n` most likely alternatives
+    /// (0 to 20).
+    pub logprobs: Option<usize>,
+    /// Extra chat template variables, such as `enable_thinking` (chat only).
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What a request is checked against.
@@ -87,7 +103,53 @@ impl GenerateRequest {
             frequency_penalty: None,
             seed: None,
             stop: Vec::new(),
+            response_format: None,
+            tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
+            parallel_tool_calls: None,
+            logprobs: None,
+            chat_template_kwargs: serde_json::Map::new(),
         }
+    }
+
+    /// The chat options of this request (tools, tool choice, template variables).
+    pub fn chat_options(&self) -> ChatOptions {
+        ChatOptions {
+            tools: self.tools.clone(),
+            tool_choice: self.tool_choice.clone(),
+            parallel_tool_calls: self.parallel_tool_calls,
+            chat_template_kwargs: self.chat_template_kwargs.clone(),
+        }
+    }
+
+    /// Constrains the output to a grammar (JSON, a JSON schema, Lark, a regex).
+    pub fn response_format(mut self, grammar: Grammar) -> Self {
+        self.response_format = Some(grammar);
+        self
+    }
+
+    /// Offers a tool to the model.
+    pub fn tool(mut self, tool: Tool) -> Self {
+        self.tools.push(tool);
+        self
+    }
+
+    /// Sets whether and which tool the model must call.
+    pub fn tool_choice(mut self, choice: ToolChoice) -> Self {
+        self.tool_choice = choice;
+        self
+    }
+
+    /// Asks for log-probabilities with `top` alternatives per token.
+    pub fn logprobs(mut self, top: usize) -> Self {
+        self.logprobs = Some(top);
+        self
+    }
+
+    /// Sets a chat template variable (e.g. `enable_thinking` to `false`).
+    pub fn template_kwarg(mut self, name: impl Into<String>, value: serde_json::Value) -> Self {
+        self.chat_template_kwargs.insert(name.into(), value);
+        self
     }
 
     /// A request for raw text.
@@ -173,12 +235,39 @@ impl GenerateRequest {
                 message: message.into(),
             });
         }
+        let is_chat = matches!(self.prompt, Prompt::Chat(_));
+        if !is_chat {
+            let chat_only = if !self.tools.is_empty() {
+                Some("tools")
+            } else if self.tool_choice != ToolChoice::Auto {
+                Some("tool_choice")
+            } else if !self.chat_template_kwargs.is_empty() {
+                Some("chat_template_kwargs")
+            } else {
+                None
+            };
+            if let Some(param) = chat_only {
+                return Err(Error::InvalidParameter {
+                    param: param.into(),
+                    message: "only chat requests (messages) take tools and template variables"
+                        .into(),
+                });
+            }
+        }
+        self.chat_options().check()?;
         let explicit = self.max_tokens.or(defaults.max_tokens);
         let mut params = GenerateParams {
             max_tokens: explicit.unwrap_or(1),
             sampling,
             stop: self.stop.clone(),
             extra_stop_ids: Vec::new(),
+            // The chat plan may replace it (a forced tool call); checked here either way.
+            grammar: self.response_format.clone().map(|grammar| Constrained {
+                grammar,
+                param: "response_format".into(),
+            }),
+            logprobs: self.logprobs,
+            output: OutputFormat::default(),
         };
         // Ranges, stop strings and a zero max_tokens: the engine's own checks, run here first.
         params.validate()?;

@@ -134,7 +134,7 @@ pub enum Admission<C> {
     /// The sequence runs from the next step.
     Running,
     /// No slot or not enough KV budget right now: the request is handed back to wait.
-    Full(Pending<C>),
+    Full(Box<Pending<C>>),
     /// The request can never run here (it alone exceeds the KV budget, or its parameters
     /// are invalid for this model): its client with the reason.
     Refused(C, Error),
@@ -254,13 +254,13 @@ impl<'m, C: Client> Batcher<'m, C> {
             return Admission::Refused(pending.client, error);
         }
         if !self.has_room() {
-            return Admission::Full(pending);
+            return Admission::Full(Box::new(pending));
         }
         let Some(slot) = self.pick_slot(&pending.prompt) else {
-            return Admission::Full(pending);
+            return Admission::Full(Box::new(pending));
         };
         if !self.make_room(slot, need) {
-            return Admission::Full(pending);
+            return Admission::Full(Box::new(pending));
         }
         // Only once it can run: a request waiting for room is offered again after every step.
         let generation = match Generation::new(
@@ -449,10 +449,7 @@ impl<'m, C: Client> Batcher<'m, C> {
             let outcome = match r.generation.next_token(row_logits, self.text) {
                 Err(e) => Some(Err(e)),
                 Ok(next) => {
-                    let go_on = r.client.on_token(TokenEvent {
-                        id: next.id,
-                        text: &next.text,
-                    });
+                    let go_on = r.client.on_token(next.event());
                     match (go_on, next.end) {
                         (false, _) => Some(Ok(FinishReason::Cancelled)),
                         (true, Some(reason)) => Some(Ok(reason)),

@@ -12,6 +12,9 @@ pub mod sequence;
 
 use crate::error::{Error, Result};
 use crate::models::{LanguageModel, Model};
+use crate::text::constrain::Grammar;
+use crate::text::logprobs::{TokenLogprobs, MAX_TOP_LOGPROBS};
+use crate::text::output::{OutputFormat, ToolCall};
 use crate::text::sampling::SamplingParams;
 use crate::text::ModelText;
 use sequence::Generation;
@@ -31,6 +34,22 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Extra token ids that end the generation, on top of the model's stop set.
     pub extra_stop_ids: Vec<u32>,
+    /// A grammar the output must follow (structured outputs, forced tool calls).
+    pub grammar: Option<Constrained>,
+    /// `Some(n)`: report each generated token's log-probability and the `n` most likely
+    /// alternatives (0 to [`MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<usize>,
+    /// How to split the text into answer, reasoning and tool calls.
+    pub output: OutputFormat,
+}
+
+/// A grammar, and the request field it came from (named when it cannot be enforced).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Constrained {
+    /// The grammar.
+    pub grammar: Grammar,
+    /// The request field: `response_format`, `tool_choice`, `tools`.
+    pub param: String,
 }
 
 impl Default for GenerateParams {
@@ -40,6 +59,9 @@ impl Default for GenerateParams {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             extra_stop_ids: Vec::new(),
+            grammar: None,
+            logprobs: None,
+            output: OutputFormat::default(),
         }
     }
 }
@@ -63,6 +85,17 @@ impl GenerateParams {
                 ),
             });
         }
+        if let Some(n) = self.logprobs {
+            if n > MAX_TOP_LOGPROBS {
+                return Err(Error::InvalidParameter {
+                    param: "top_logprobs".into(),
+                    message: format!("{n} is outside [0, {MAX_TOP_LOGPROBS}]"),
+                });
+            }
+        }
+        if let Some(c) = &self.grammar {
+            c.grammar.check(&c.param)?;
+        }
         if self.stop.iter().any(String::is_empty) {
             return Err(Error::InvalidParameter {
                 param: "stop".into(),
@@ -80,6 +113,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` were generated.
     Length,
+    /// The model called tools (and ended its turn).
+    ToolCalls,
     /// The caller asked to stop.
     Cancelled,
 }
@@ -90,6 +125,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
             FinishReason::Cancelled => "cancelled",
         }
     }
@@ -100,9 +136,16 @@ impl FinishReason {
 pub struct TokenEvent<'a> {
     /// The token id.
     pub id: u32,
-    /// The text this token completes (may be empty: part of a character, a held-back prefix of
-    /// a stop string, or a special token).
+    /// The answer text this token completes (may be empty: part of a character, a held-back
+    /// prefix of a stop string, a special token, or text that went to `reasoning` or a tool
+    /// call).
     pub text: &'a str,
+    /// Thinking-block text this token completes (when the request splits reasoning off).
+    pub reasoning: &'a str,
+    /// Tool calls this token completes.
+    pub tool_calls: &'a [ToolCall],
+    /// The token's log-probabilities, when the request asked for them.
+    pub logprobs: Option<&'a TokenLogprobs>,
 }
 
 /// The result of a generation.
@@ -113,6 +156,13 @@ pub struct GenerateOutput {
     /// The generated text (when there is a tokenizer): exactly the streamed deltas joined,
     /// without special tokens and cut before any stop string.
     pub text: Option<String>,
+    /// The thinking block's text, when the request split reasoning off and the model wrote
+    /// one.
+    pub reasoning: Option<String>,
+    /// The tool calls the model made.
+    pub tool_calls: Vec<ToolCall>,
+    /// Per generated token (an end-of-sequence token excepted), when asked for.
+    pub logprobs: Vec<TokenLogprobs>,
     /// Why it ended.
     pub finish_reason: FinishReason,
     /// Number of prompt tokens.
@@ -268,10 +318,7 @@ impl<'m> Session<'m> {
         let mut position = prompt.len();
         let finish_reason = loop {
             let next = generation.next_token(&mut logits, text)?;
-            if !on_token(TokenEvent {
-                id: next.id,
-                text: &next.text,
-            }) {
+            if !on_token(next.event()) {
                 break FinishReason::Cancelled;
             }
             if let Some(reason) = next.end {

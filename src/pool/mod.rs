@@ -29,6 +29,8 @@ pub use crate::request::{GenerateRequest, Prompt, DEFAULT_MAX_TOKENS};
 use crate::config::Config;
 use crate::engine::{CacheUse, FinishReason};
 use crate::error::{Error, Result};
+pub use crate::text::logprobs::TokenLogprobs;
+pub use crate::text::output::ToolCall;
 use registry::{Job, ModelHandle, Registry};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -45,8 +47,14 @@ pub enum GenerationEvent {
     Token {
         /// The token id.
         id: u32,
-        /// The text delta.
+        /// The answer's text delta.
         text: String,
+        /// The thinking block's text delta (when the model writes one).
+        reasoning: String,
+        /// Tool calls this token completed.
+        tool_calls: Vec<ToolCall>,
+        /// The token's log-probabilities, when the request asked for them.
+        logprobs: Option<TokenLogprobs>,
     },
     /// The generation ended.
     Done(GenerationResult),
@@ -55,8 +63,15 @@ pub enum GenerationEvent {
 /// A finished generation.
 #[derive(Debug, Clone)]
 pub struct GenerationResult {
-    /// The text (when the model has a tokenizer).
+    /// The answer's text (when the model has a tokenizer), without a thinking block or tool
+    /// calls.
     pub text: Option<String>,
+    /// The thinking block's text, when the model wrote one.
+    pub reasoning: Option<String>,
+    /// The tool calls the model made ([`FinishReason::ToolCalls`] when it made any).
+    pub tool_calls: Vec<ToolCall>,
+    /// Per generated token, when the request asked for logprobs.
+    pub logprobs: Vec<TokenLogprobs>,
     /// Generated token ids.
     pub token_ids: Vec<u32>,
     /// Why it ended.

@@ -16,7 +16,7 @@ use crate::engine::batch::{Admission, Batcher, Client, Pending};
 use crate::engine::{CacheUse, FinishReason, GenerateOutput, GenerateParams, TokenEvent};
 use crate::error::{Error, Result};
 use crate::models::{LoadOptions, Model};
-use crate::text::{encode_prompt, ModelText};
+use crate::text::{prepare_prompt, ModelText};
 use actix::Addr;
 use crossbeam_channel::{RecvTimeoutError, TryRecvError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -231,7 +231,7 @@ fn admit<'h>(
         match batcher.admit(ready) {
             Admission::Running => {}
             Admission::Full(p) => {
-                *pending = Some(p);
+                *pending = Some(*p);
                 return Ok(());
             }
             Admission::Refused(client, e) => client.on_done(Err(e)),
@@ -248,9 +248,65 @@ fn prepare(
 ) -> Result<(Vec<u32>, GenerateParams)> {
     #[cfg(feature = "failpoints")]
     fail::fail_point!(&format!("llm_pool_worker_generate_{}", handle.name()));
-    let prompt = encode_prompt(handle.name(), text, &job.request.prompt)?;
-    let params = job.request.resolve(&handle.limits(), prompt.len())?;
-    Ok((prompt, params))
+    let request = &job.request;
+    let prepared = prepare_prompt(
+        handle.name(),
+        text,
+        &request.prompt,
+        &request.chat_options(),
+        request.response_format.as_ref(),
+    )?;
+    let mut params = match request.resolve(&handle.limits(), prepared.ids.len()) {
+        Ok(params) => params,
+        Err(Error::ContextLength { .. }) if !request.tools.is_empty() => {
+            return Err(tools_context_error(
+                handle,
+                text,
+                request,
+                prepared.ids.len(),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    params.grammar = prepared.grammar;
+    params.output = prepared.output;
+    Ok((prepared.ids, params))
+}
+
+/// A prompt over the context with tools: names `tools` when the conversation alone would
+/// fit, so the client knows what to cut.
+fn tools_context_error(
+    handle: &ModelHandle,
+    text: Option<&ModelText>,
+    request: &crate::request::GenerateRequest,
+    with_tools: usize,
+) -> Error {
+    let limits = handle.limits();
+    let mut bare = request.clone();
+    bare.tools.clear();
+    bare.tool_choice = crate::request::ToolChoice::Auto;
+    let original = match request.resolve(&limits, with_tools) {
+        Err(e) => e,
+        Ok(_) => return Error::Tokenizer("context check changed between calls".into()),
+    };
+    let without = prepare_prompt(
+        handle.name(),
+        text,
+        &bare.prompt,
+        &bare.chat_options(),
+        None,
+    )
+    .map(|p| p.ids.len());
+    match without {
+        Ok(n) if bare.resolve(&limits, n).is_ok() => Error::InvalidParameter {
+            param: "tools".into(),
+            message: format!(
+                "the tools take {} of the prompt's {with_tools} tokens, and with them the request does not fit: {original}",
+                with_tools.saturating_sub(n)
+            ),
+        },
+        _ => original,
+    }
 }
 
 /// Decrements the ready-worker count however the thread ends.
@@ -338,6 +394,9 @@ impl<'h> JobClient<'h> {
             .send(Ok(GenerationEvent::Done(GenerationResult {
                 completion_tokens: output.completion_tokens(),
                 text: output.text,
+                reasoning: output.reasoning,
+                tool_calls: output.tool_calls,
+                logprobs: output.logprobs,
                 token_ids: output.token_ids,
                 finish_reason: output.finish_reason,
                 prompt_tokens: output.prompt_tokens,
@@ -371,6 +430,9 @@ impl Client for JobClient<'_> {
                 .send(Ok(GenerationEvent::Token {
                     id: event.id,
                     text: event.text.to_string(),
+                    reasoning: event.reasoning.to_string(),
+                    tool_calls: event.tool_calls.to_vec(),
+                    logprobs: event.logprobs.cloned(),
                 }))
                 .is_ok()
         } else {

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible routes: `GET /v1/models`, `POST /v1/chat/completions`,
-//! `POST /v1/completions`, with SSE streaming that ends in `data: [DONE]`.
+//! `POST /v1/completions`, with SSE streaming that ends in `data: [DONE]`. The agent fields
+//! (structured outputs, tools, logprobs, reasoning) are read and written by `agents`.
 
 use super::body::{parse, read_value};
 use super::errors::ApiError;
@@ -63,6 +64,9 @@ struct ChatRequest {
 struct Message {
     role: String,
     content: Option<Content>,
+    tool_calls: Option<Vec<agents::MessageCall>>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,7 +194,11 @@ fn chat_messages(messages: Option<Vec<Message>>) -> Result<Vec<ChatMessage>, Api
             } else {
                 m.role
             };
-            Ok(ChatMessage { role, content })
+            let mut message = ChatMessage::new(role, content);
+            message.tool_calls = agents::message_calls(i, m.tool_calls.unwrap_or_default())?;
+            message.tool_call_id = m.tool_call_id;
+            message.name = m.name;
+            Ok(message)
         })
         .collect()
 }
@@ -254,7 +262,8 @@ struct Parsed {
 fn parse_chat(value: &Value) -> Result<Parsed, ApiError> {
     let body: ChatRequest = parse(value)?;
     let messages = chat_messages(body.messages)?;
-    with_sampling(body.model, GenerateRequest::chat(messages), value)
+    let request = agents::apply_chat(GenerateRequest::chat(messages), value)?;
+    with_sampling(body.model, request, value)
 }
 
 /// Reads the sampling fields both routes share into the request.
@@ -292,6 +301,7 @@ fn parse_completion(value: &Value) -> Result<Parsed, ApiError> {
     };
     let mut request = GenerateRequest::text(String::new());
     request.prompt = prompt;
+    let request = agents::apply_completion(request, value)?;
     with_sampling(body.model, request, value)
 }
 
@@ -339,6 +349,7 @@ enum Kind {
 fn finish_str(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Length => "length",
+        FinishReason::ToolCalls => "tool_calls",
         _ => "stop",
     }
 }
@@ -359,6 +370,7 @@ async fn respond(
     kind: Kind,
 ) -> Result<HttpResponse, ApiError> {
     let Admitted { model, permit } = admitted;
+    let wants_logprobs = request.logprobs.is_some();
     let mut stream = state
         .pool
         .submit(&model, request, sampling.stream)
@@ -388,17 +400,34 @@ async fn respond(
             .record_tokens((r.prompt_tokens + r.completion_tokens) as u64);
         let text = r.text.clone().unwrap_or_default();
         let choice = match kind {
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_str(r.finish_reason),
-                "logprobs": null,
-            }),
+            Kind::Chat => {
+                let mut message = serde_json::Map::new();
+                message.insert("role".into(), json!("assistant"));
+                // OpenAI: no content (null) when the answer is only tool calls.
+                let content = if text.is_empty() && !r.tool_calls.is_empty() {
+                    Value::Null
+                } else {
+                    json!(text)
+                };
+                message.insert("content".into(), content);
+                if let Some(reasoning) = &r.reasoning {
+                    message.insert("reasoning_content".into(), json!(reasoning));
+                }
+                if !r.tool_calls.is_empty() {
+                    message.insert("tool_calls".into(), agents::tool_calls_json(&r.tool_calls));
+                }
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": finish_str(r.finish_reason),
+                    "logprobs": wants_logprobs.then(|| agents::chat_logprobs(&r.logprobs)),
+                })
+            }
             Kind::Completion => json!({
                 "index": 0,
                 "text": text,
                 "finish_reason": finish_str(r.finish_reason),
-                "logprobs": null,
+                "logprobs": wants_logprobs.then(|| agents::completion_logprobs(&r.logprobs, 0)),
             }),
         };
         return Ok(HttpResponse::Ok().json(json!({
@@ -440,6 +469,8 @@ async fn respond(
         started: false,
         finished: false,
         first: Some(first),
+        wants_logprobs,
+        text_offset: 0,
         pending: std::collections::VecDeque::new(),
         permit: Some(permit),
     };
@@ -462,25 +493,53 @@ struct SseStream {
     finished: bool,
     /// The event read before the response started, handled before polling for more.
     first: Option<GenerationEvent>,
+    /// Whether each chunk carries its token's logprobs.
+    wants_logprobs: bool,
+    /// Text streamed so far, in bytes (completions' `text_offset`).
+    text_offset: usize,
     pending: std::collections::VecDeque<web::Bytes>,
     permit: Option<Permit>,
 }
 
+/// What one chunk of a stream carries.
+#[derive(Default)]
+struct ChunkBody<'a> {
+    content: Option<&'a str>,
+    reasoning: &'a str,
+    tool_calls: &'a [crate::pool::ToolCall],
+    logprobs: Option<&'a crate::pool::TokenLogprobs>,
+    finish: Option<&'a str>,
+    role: bool,
+}
+
 impl SseStream {
-    fn chunk(&self, delta_text: Option<&str>, finish: Option<&str>, role: bool) -> web::Bytes {
+    fn chunk(&self, body: ChunkBody<'_>) -> web::Bytes {
         let choice = match self.kind {
             Kind::Chat => {
                 let mut delta = serde_json::Map::new();
-                if role {
+                if body.role {
                     delta.insert("role".into(), json!("assistant"));
                 }
-                if let Some(t) = delta_text {
+                if let Some(t) = body.content {
                     delta.insert("content".into(), json!(t));
                 }
-                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+                if !body.reasoning.is_empty() {
+                    delta.insert("reasoning_content".into(), json!(body.reasoning));
+                }
+                if !body.tool_calls.is_empty() {
+                    delta.insert(
+                        "tool_calls".into(),
+                        agents::tool_calls_json(body.tool_calls),
+                    );
+                }
+                let logprobs = body.logprobs.map(|lp| agents::chat_logprobs([lp]));
+                json!({"index": 0, "delta": delta, "finish_reason": body.finish, "logprobs": logprobs})
             }
             Kind::Completion => {
-                json!({"index": 0, "text": delta_text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+                let logprobs = body
+                    .logprobs
+                    .map(|lp| agents::completion_logprobs([lp], self.text_offset));
+                json!({"index": 0, "text": body.content.unwrap_or(""), "finish_reason": body.finish, "logprobs": logprobs})
             }
         };
         self.event(json!({
@@ -510,7 +569,11 @@ impl Stream for SseStream {
             }
             if !self.started && self.kind == Kind::Chat {
                 self.started = true;
-                let first = self.chunk(Some(""), None, true);
+                let first = self.chunk(ChunkBody {
+                    content: Some(""),
+                    role: true,
+                    ..ChunkBody::default()
+                });
                 self.pending.push_back(first);
                 continue;
             }
@@ -526,14 +589,37 @@ impl Stream for SseStream {
                     self.pending
                         .push_back(web::Bytes::from_static(b"data: [DONE]\n\n"));
                 }
-                Poll::Ready(Some(Ok(GenerationEvent::Token { text, .. }))) => {
-                    if !text.is_empty() {
-                        let c = self.chunk(Some(&text), None, false);
+                Poll::Ready(Some(Ok(GenerationEvent::Token {
+                    text,
+                    reasoning,
+                    tool_calls,
+                    logprobs,
+                    ..
+                }))) => {
+                    let logprobs = logprobs.filter(|_| self.wants_logprobs);
+                    if !text.is_empty()
+                        || !reasoning.is_empty()
+                        || !tool_calls.is_empty()
+                        || logprobs.is_some()
+                    {
+                        let c = self.chunk(ChunkBody {
+                            content: (!text.is_empty()).then_some(text.as_str()),
+                            reasoning: &reasoning,
+                            tool_calls: &tool_calls,
+                            logprobs: logprobs.as_ref(),
+                            ..ChunkBody::default()
+                        });
                         self.pending.push_back(c);
+                        if let Some(lp) = &logprobs {
+                            self.text_offset += lp.chosen.token.len();
+                        }
                     }
                 }
                 Poll::Ready(Some(Ok(GenerationEvent::Done(r)))) => {
-                    let last = self.chunk(None, Some(finish_str(r.finish_reason)), false);
+                    let last = self.chunk(ChunkBody {
+                        finish: Some(finish_str(r.finish_reason)),
+                        ..ChunkBody::default()
+                    });
                     self.pending.push_back(last);
                     if self.include_usage {
                         let u = self.event(json!({
@@ -578,5 +664,6 @@ impl Drop for SseStream {
     }
 }
 
+mod agents;
 #[cfg(test)]
 mod fuzz;

@@ -17,6 +17,26 @@ pub struct ChatMessage {
     pub role: String,
     /// The text.
     pub content: String,
+    /// The tool calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<MessageToolCall>,
+    /// On a `tool` message: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// On a `tool` message: the function's name (some templates print it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A tool call in the conversation so far (an earlier assistant turn).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageToolCall {
+    /// The call's id.
+    pub id: String,
+    /// The function's name.
+    pub name: String,
+    /// The arguments, as JSON text.
+    pub arguments: String,
 }
 
 impl ChatMessage {
@@ -25,7 +45,42 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
         }
+    }
+
+    /// The message as Hugging Face chat templates read it: tool calls as
+    /// `{"id", "type": "function", "function": {"name", "arguments"}}` with the arguments as
+    /// a mapping (templates write them with `tojson`), not as text.
+    pub fn template_value(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("role".into(), self.role.clone().into());
+        m.insert("content".into(), self.content.clone().into());
+        if !self.tool_calls.is_empty() {
+            let calls: Vec<serde_json::Value> = self
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    let arguments = serde_json::from_str::<serde_json::Value>(&c.arguments)
+                        .unwrap_or_else(|_| c.arguments.clone().into());
+                    serde_json::json!({
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": arguments},
+                    })
+                })
+                .collect();
+            m.insert("tool_calls".into(), calls.into());
+        }
+        if let Some(id) = &self.tool_call_id {
+            m.insert("tool_call_id".into(), id.clone().into());
+        }
+        if let Some(name) = &self.name {
+            m.insert("name".into(), name.clone().into());
+        }
+        serde_json::Value::Object(m)
     }
 }
 
@@ -80,17 +135,42 @@ impl ChatTemplate {
 
     /// Renders `messages`; `add_generation_prompt` appends the assistant's turn header.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(
+            messages,
+            None,
+            &serde_json::Map::new(),
+            add_generation_prompt,
+        )
+    }
+
+    /// Renders `messages` with the request's `tools` (in Hugging Face's form, a list of
+    /// `{"type": "function", "function": {...}}`) and extra template variables
+    /// (`chat_template_kwargs`, such as `enable_thinking`), as transformers'
+    /// `apply_chat_template` passes them.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(NAME)
             .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))?;
+        let messages: Vec<serde_json::Value> =
+            messages.iter().map(ChatMessage::template_value).collect();
+        let extra = minijinja::Value::from_serialize(kwargs);
+        let base = context! {
+            messages => messages,
+            tools => tools,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        // The request's own variables first: they may not replace the ones above.
         template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token.clone().unwrap_or_default(),
-                eos_token => self.eos_token.clone().unwrap_or_default(),
-            })
+            .render(context! { ..base, ..extra })
             .map_err(|e| match e.kind() {
                 ErrorKind::InvalidOperation => Error::InvalidParameter {
                     param: "messages".into(),

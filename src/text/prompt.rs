@@ -3,7 +3,11 @@
 //! template. The worker and the CLI both call [`encode_prompt`], so a prompt means the same
 //! tokens whichever way it arrives.
 
+use super::constrain::Grammar;
+use super::output::OutputFormat;
+use super::tools::{plan_chat, ChatOptions};
 use super::{ChatMessage, ModelText};
+use crate::engine::Constrained;
 use crate::error::{Error, Result};
 
 /// What to generate from.
@@ -43,29 +47,68 @@ impl Prompt {
 /// # }
 /// ```
 pub fn encode_prompt(model: &str, text: Option<&ModelText>, prompt: &Prompt) -> Result<Vec<u32>> {
+    prepare_prompt(model, text, prompt, &ChatOptions::default(), None).map(|p| p.ids)
+}
+
+/// A prompt made ready for the model: its ids, and what the chat template decided about the
+/// output (a grammar that forces a tool call, how to read tool calls and reasoning back).
+#[derive(Debug, Clone)]
+pub struct PreparedPrompt {
+    /// The token ids.
+    pub ids: Vec<u32>,
+    /// The grammar the output must follow: the request's `response_format`, or the one the
+    /// tools call for.
+    pub grammar: Option<Constrained>,
+    /// How the output is read back.
+    pub output: OutputFormat,
+}
+
+/// Turns a prompt into token ids with a chat request's tools and template variables, and the
+/// request's `response_format`. What [`encode_prompt`] does, plus tool calling and reasoning.
+pub fn prepare_prompt(
+    model: &str,
+    text: Option<&ModelText>,
+    prompt: &Prompt,
+    options: &ChatOptions,
+    response_format: Option<&Grammar>,
+) -> Result<PreparedPrompt> {
     let no_tokenizer = || Error::InvalidParameter {
         param: prompt.param().into(),
         message: format!("model {model} has no tokenizer; send token ids instead of text"),
     };
+    let mut grammar = response_format.map(|g| Constrained {
+        grammar: g.clone(),
+        param: "response_format".into(),
+    });
+    let mut output = OutputFormat::default();
     let ids = match prompt {
         Prompt::Ids(ids) => ids.clone(),
         Prompt::Text(s) => text.ok_or_else(no_tokenizer)?.encode(s, true)?,
         Prompt::Chat(messages) => {
             let text = text.ok_or_else(no_tokenizer)?;
-            let template = text.chat_template.as_ref().ok_or_else(|| Error::InvalidParameter {
-                param: "messages".into(),
-                message: format!(
-                    "model {model} has no chat template (a base model?); send a plain prompt, or set chat_template in its config"
-                ),
-            })?;
             if messages.is_empty() {
                 return Err(Error::InvalidParameter {
                     param: "messages".into(),
                     message: "at least one message is needed".into(),
                 });
             }
+            let plan = plan_chat(text, "messages", messages, options, response_format).map_err(
+                |e| match e {
+                    Error::InvalidParameter { param, message }
+                        if param == "messages" && text.chat_template.is_none() =>
+                    {
+                        Error::InvalidParameter {
+                            param,
+                            message: format!("model {model}: {message}"),
+                        }
+                    }
+                    other => other,
+                },
+            )?;
+            grammar = plan.grammar;
+            output = plan.output;
             // The template writes BOS itself; encoding must not add another.
-            text.encode(&template.render(messages, true)?, false)?
+            text.encode(&plan.prompt, false)?
         }
     };
     if ids.is_empty() {
@@ -74,5 +117,9 @@ pub fn encode_prompt(model: &str, text: Option<&ModelText>, prompt: &Prompt) -> 
             message: "the prompt has no tokens".into(),
         });
     }
-    Ok(ids)
+    Ok(PreparedPrompt {
+        ids,
+        grammar,
+        output,
+    })
 }

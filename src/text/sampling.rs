@@ -125,6 +125,12 @@ impl Sampler {
     /// Picks the next token from last-position logits (modified in place by the penalties).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
+        self.pick(logits)
+    }
+
+    /// Picks a token from logits the penalties were already applied to (constrained decoding
+    /// applies them once, then may pick twice: before and after masking).
+    pub fn pick(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature <= 0.0 || p.top_k == 1 {
             return argmax(logits);
@@ -195,7 +201,8 @@ impl Sampler {
         self.candidates[self.candidates.len() - 1].0
     }
 
-    fn apply_penalties(&self, logits: &mut [f32]) {
+    /// Applies the repetition, presence and frequency penalties to `logits` in place.
+    pub fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let rp = p.repetition_penalty as f32;

@@ -2,13 +2,16 @@
 //! tokens, chat template and end-of-sequence set.
 
 use super::chat::ChatTemplate;
+use super::constrain::ConstraintEnv;
 use super::gguf_tokenizer;
+use super::token_bytes::TokenBytes;
 use crate::error::{Error, Result};
 use crate::models::gguf::GgufFile;
 use crate::models::ModelInfo;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 pub use tokenizers::Tokenizer;
 
 /// End-of-turn markers of common chat formats. Each one the vocabulary has joins the stop set,
@@ -40,6 +43,17 @@ pub struct ModelText {
     /// Token ids that end a generation: the model's end-of-sequence ids, the tokenizer's EOS,
     /// and the end-of-turn tokens of the vocabulary.
     pub stop_token_ids: Vec<u32>,
+    /// Built on first use: the bytes of every token and the grammar compiler.
+    vocab: Arc<VocabTables>,
+}
+
+/// What structured outputs and logprobs need of the vocabulary, built once per model on the
+/// first request that asks (hundreds of milliseconds for a large vocabulary).
+#[derive(Default)]
+struct VocabTables {
+    width: usize,
+    bytes: OnceLock<std::result::Result<Arc<TokenBytes>, String>>,
+    constraint: OnceLock<std::result::Result<Arc<ConstraintEnv>, String>>,
 }
 
 impl std::fmt::Debug for ModelText {
@@ -152,7 +166,63 @@ impl ModelText {
             bos_token,
             eos_token,
             stop_token_ids: stop.into_iter().collect(),
+            vocab: Arc::new(VocabTables {
+                width: info.vocab_size,
+                ..VocabTables::default()
+            }),
         }))
+    }
+
+    /// The bytes of every token id, padded to the model's logits width.
+    pub fn token_bytes(&self) -> Result<Arc<TokenBytes>> {
+        self.vocab
+            .bytes
+            .get_or_init(|| {
+                let started = std::time::Instant::now();
+                let width = self.vocab.width.max(self.tokenizer.get_vocab_size(true));
+                let table = TokenBytes::new(&self.tokenizer, width).map(Arc::new);
+                tracing::debug!(elapsed = ?started.elapsed(), "token byte table built");
+                table.map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(Error::Tokenizer)
+    }
+
+    /// The grammar compiler for this vocabulary (structured outputs, tool calls).
+    pub fn constraint_env(&self) -> Result<Arc<ConstraintEnv>> {
+        self.vocab
+            .constraint
+            .get_or_init(|| {
+                let started = std::time::Instant::now();
+                let env = self.token_bytes().and_then(|bytes| {
+                    ConstraintEnv::new(&self.tokenizer, &bytes, &self.stop_token_ids)
+                });
+                tracing::info!(elapsed = ?started.elapsed(), "grammar compiler built for this vocabulary");
+                env.map(Arc::new).map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(Error::Constraint)
+    }
+
+    /// Builds a `ModelText` from its parts (tests and programs with their own tokenizer).
+    /// `width` is the model's vocabulary size (its logits width).
+    pub fn from_parts(
+        tokenizer: Tokenizer,
+        chat_template: Option<ChatTemplate>,
+        stop_token_ids: Vec<u32>,
+        width: usize,
+    ) -> Self {
+        ModelText {
+            tokenizer,
+            chat_template,
+            bos_token: None,
+            eos_token: None,
+            stop_token_ids,
+            vocab: Arc::new(VocabTables {
+                width,
+                ..VocabTables::default()
+            }),
+        }
     }
 
     /// Encodes text. `add_special_tokens` adds BOS (and EOS) where the model asks for them;
