@@ -244,3 +244,157 @@ async fn bad_agent_fields_name_the_parameter() {
     }
     pool.shutdown().await;
 }
+
+/// A Qwen3-style template: tools in `<tools>`, calls in `<tool_call>` blocks, tool results
+/// as `<tool_response>`, and a thinking block the generation prompt opens (DeepSeek-R1 style)
+/// unless `enable_thinking` is false, when it writes an empty one.
+const HERMES_THINKING_TEMPLATE: &str = r#"{%- if tools %}<|im_start|>system
+# Tools
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags.<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{% for tc in message.tool_calls %}<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking == false %}<think>
+
+</think>
+
+{% else %}<think>
+{% endif %}{% endif %}"#;
+
+async fn hermes_pool() -> Pool {
+    let mut model = ModelConfig::new("smollm2-hermes", real_model(SMOLLM2));
+    model.chat_template = Some(HERMES_THINKING_TEMPLATE.into());
+    let config = Config {
+        models: vec![model],
+        ..Config::default()
+    };
+    Pool::start(config).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_template_with_native_tools_gets_calls_in_its_own_syntax() {
+    let pool = hermes_pool().await;
+    let mut call = None;
+    for stream in [false, true] {
+        // `required` allows a few calls (a small model may repeat its call until the grammar
+        // ends it); a named function, exactly one.
+        let choice = if stream {
+            ToolChoice::Function("get_weather".into())
+        } else {
+            ToolChoice::Required
+        };
+        let request = GenerateRequest::chat(user("What is the weather in Paris?"))
+            .tool(weather_tool())
+            .tool_choice(choice)
+            .max_tokens(200);
+        let result = if stream {
+            let mut events = pool.generate_stream("smollm2-hermes", request).unwrap();
+            let mut done = None;
+            while let Some(event) = events.next().await {
+                if let GenerationEvent::Done(r) = event.unwrap() {
+                    done = Some(r);
+                }
+            }
+            done.unwrap()
+        } else {
+            pool.generate("smollm2-hermes", request).await.unwrap()
+        };
+        assert_eq!(result.finish_reason, FinishReason::ToolCalls, "{result:?}");
+        let most = if stream {
+            1
+        } else {
+            llm_pool::text::tools::MAX_FORCED_CALLS
+        };
+        assert!((1..=most).contains(&result.tool_calls.len()), "{result:?}");
+        let first = result.tool_calls.first().cloned().unwrap();
+        assert_eq!(first.name, "get_weather");
+        let args: Value = serde_json::from_str(&first.arguments).unwrap();
+        assert!(args["city"].is_string(), "{args}");
+        // A forced call leaves no room for a thinking block or other text.
+        assert_eq!(result.reasoning, None);
+        assert_eq!(result.text.as_deref(), Some(""));
+        call = Some(first);
+    }
+    // The second turn: the call and its result render through the template's own syntax.
+    let call = call.unwrap();
+    let mut assistant = ChatMessage::new("assistant", "");
+    assistant
+        .tool_calls
+        .push(llm_pool::text::chat::MessageToolCall {
+            id: call.id.clone(),
+            name: call.name.clone(),
+            arguments: call.arguments.clone(),
+        });
+    let mut tool = ChatMessage::new("tool", "{\"temperature\": 18}");
+    tool.tool_call_id = Some(call.id);
+    let messages = vec![
+        ChatMessage::new("user", "What is the weather in Paris?"),
+        assistant,
+        tool,
+    ];
+    let request = GenerateRequest::chat(messages)
+        .tool(weather_tool())
+        .tool_choice(ToolChoice::None)
+        .template_kwarg("enable_thinking", json!(false))
+        .max_tokens(16);
+    let result = pool.generate("smollm2-hermes", request).await.unwrap();
+    assert!(result.tool_calls.is_empty());
+    assert!(result.prompt_tokens > 40, "{}", result.prompt_tokens);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn reasoning_is_split_off_and_enable_thinking_turns_it_off() {
+    let pool = hermes_pool().await;
+    // The prompt opens a thinking block; SmolLM2 does not know to close it, so all it writes
+    // is reasoning.
+    let thinking = GenerateRequest::chat(user("Why is the sky blue?")).max_tokens(12);
+    let r = pool
+        .generate("smollm2-hermes", thinking.clone())
+        .await
+        .unwrap();
+    let reasoning = r.reasoning.expect("no reasoning");
+    assert!(!reasoning.is_empty());
+    assert_eq!(r.text.as_deref(), Some(""));
+    // Streamed, the deltas add up to the same split.
+    let mut events = pool.generate_stream("smollm2-hermes", thinking).unwrap();
+    let (mut streamed_reasoning, mut streamed_text) = (String::new(), String::new());
+    while let Some(event) = events.next().await {
+        if let GenerationEvent::Token {
+            text, reasoning, ..
+        } = event.unwrap()
+        {
+            streamed_text.push_str(&text);
+            streamed_reasoning.push_str(&reasoning);
+        }
+    }
+    assert_eq!(
+        (streamed_reasoning.as_str(), streamed_text.as_str()),
+        (reasoning.as_str(), "")
+    );
+    // With thinking off the template closes an empty block itself: the output is the answer.
+    let off = GenerateRequest::chat(user("Why is the sky blue?"))
+        .template_kwarg("enable_thinking", json!(false))
+        .max_tokens(12);
+    let r = pool.generate("smollm2-hermes", off).await.unwrap();
+    assert_eq!(r.reasoning, None);
+    assert!(!r.text.unwrap().is_empty());
+    pool.shutdown().await;
+}

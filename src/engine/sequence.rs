@@ -50,6 +50,15 @@ impl NextToken {
     }
 }
 
+/// A feature this model's vocabulary cannot serve (a tokenizer whose token bytes are not
+/// known), as an error naming the request field that asked for it.
+fn unsupported(param: &str, e: Error) -> Error {
+    Error::InvalidParameter {
+        param: param.into(),
+        message: format!("not available for this model: {e}"),
+    }
+}
+
 /// The state of one generation between its steps.
 pub struct Generation {
     sampler: Sampler,
@@ -116,14 +125,16 @@ impl Generation {
             None => None,
             Some(c) => {
                 let t = text.ok_or_else(|| needs_tokenizer(&c.param, "constrained outputs"))?;
-                Some(t.constraint_env()?.compile(&c.grammar, &c.param)?)
+                let env = t.constraint_env().map_err(|e| unsupported(&c.param, e))?;
+                Some(env.compile(&c.grammar, &c.param)?)
             }
         };
         let token_bytes = match params.logprobs {
             None => None,
             Some(_) => Some(
                 text.ok_or_else(|| needs_tokenizer("logprobs", "logprobs"))?
-                    .token_bytes()?,
+                    .token_bytes()
+                    .map_err(|e| unsupported("logprobs", e))?,
             ),
         };
         let mut stop_ids = info.eos_token_ids.clone();

@@ -175,6 +175,13 @@ pub struct ChatPlan {
     pub output: OutputFormat,
 }
 
+/// The most calls a forced call in a native format may make at once (`required` with
+/// parallel calls).
+pub const MAX_FORCED_CALLS: usize = 4;
+
+/// The most calls one answer in the generic format may make.
+pub const MAX_GENERIC_CALLS: usize = 8;
+
 /// The instruction of the generic format (llama.cpp's wording, which models follow well).
 const GENERIC_INSTRUCTION: &str = "Respond in JSON format, either with `tool_call` (a request to call tools) or with `response` reply to the user's request";
 
@@ -286,7 +293,8 @@ fn generic_schema(
     let call = if options.parallel() {
         json!({
             "type": "object",
-            "properties": {"tool_calls": {"type": "array", "items": one_of(calls), "minItems": 1}},
+            "properties": {"tool_calls": {"type": "array", "items": one_of(calls), "minItems": 1,
+                                          "maxItems": MAX_GENERIC_CALLS}},
             "required": ["tool_calls"],
             "additionalProperties": false,
         })
@@ -394,11 +402,24 @@ fn forced_native_grammar(
         .collect();
     let call = Grammar::with_json_options(&one_of(calls));
     let call = serde_json::to_string(&call).unwrap_or_default();
-    let repeat = if options.parallel() { "+" } else { "" };
+    // How many calls the grammar allows: one for a named function; a few under `required`
+    // with parallel calls. The grammar is complete after the last one, which ends the
+    // generation: a small model left to decide whether to go on can repeat calls until
+    // `max_tokens` cuts one in half.
+    let most = match (&options.tool_choice, options.parallel()) {
+        (ToolChoice::Required, true) => MAX_FORCED_CALLS,
+        _ => 1,
+    };
     let lark = match format {
-        ToolFormat::Hermes => format!(
-            "start: call{repeat}\ncall: \"<tool_call>\\n\" json_call \"\\n</tool_call>\\n\"?\njson_call: %json {call}\n"
-        ),
+        ToolFormat::Hermes => {
+            let alternatives: Vec<String> = (1..=most)
+                .map(|n| vec!["call"; n].join(" \"\\n\" "))
+                .collect();
+            format!(
+                "start: {}\ncall: \"<tool_call>\\n\" json_call \"\\n</tool_call>\"\njson_call: %json {call}\n",
+                alternatives.join(" | ")
+            )
+        }
         ToolFormat::Llama3 => format!("start: %json {call}\n"),
         ToolFormat::Mistral => {
             // `[TOOL_CALLS]` is a control token: the grammar names it by id.
@@ -407,11 +428,9 @@ fn forced_native_grammar(
                 .token_to_id("[TOOL_CALLS]")
                 .map(|id| format!("<[{id}]>"))
                 .unwrap_or_else(|| "\"[TOOL_CALLS]\"".into());
-            let items = if options.parallel() {
-                format!("{{\"type\": \"array\", \"minItems\": 1, \"items\": {call}}}")
-            } else {
-                format!("{{\"type\": \"array\", \"minItems\": 1, \"maxItems\": 1, \"items\": {call}}}")
-            };
+            let items = format!(
+                "{{\"type\": \"array\", \"minItems\": 1, \"maxItems\": {most}, \"items\": {call}}}"
+            );
             format!("start: {marker} %json {items}\n")
         }
         ToolFormat::Generic => return Ok(None),
