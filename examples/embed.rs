@@ -1,4 +1,5 @@
-//! Embedding llm-pool in an ordinary tokio program: build a pool in code, generate, stream.
+//! Embedding llm-pool in an ordinary tokio program: build a pool in code, generate, stream,
+//! constrain the output to a JSON schema, and call a tool.
 //!
 //! ```sh
 //! scripts/fetch-models
@@ -8,7 +9,9 @@
 use futures::StreamExt;
 use llm_pool::config::{Config, ModelConfig};
 use llm_pool::pool::{GenerateRequest, GenerationEvent, Pool};
+use llm_pool::request::{Grammar, Tool, ToolChoice};
 use llm_pool::text::ChatMessage;
+use serde_json::json;
 use std::io::Write;
 
 #[tokio::main]
@@ -59,6 +62,45 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     assert!(streamed > 0, "the stream produced no tokens");
+
+    // Structured output: the answer follows the schema, so it always parses.
+    let city = json!({
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"]
+    });
+    let request = GenerateRequest::chat(vec![ChatMessage::new(
+        "user",
+        "Which city is the capital of France?",
+    )])
+    .response_format(Grammar::JsonSchema(city))
+    .max_tokens(64);
+    let answer = pool.generate("smollm2", request).await?;
+    let parsed: serde_json::Value = serde_json::from_str(&answer.text.unwrap_or_default())?;
+    println!("json_schema: {parsed}");
+
+    // A tool call: with a named tool_choice the call always parses.
+    let request = GenerateRequest::chat(vec![ChatMessage::new(
+        "user",
+        "What is the weather in Paris?",
+    )])
+    .tool(
+        Tool::new(
+            "get_weather",
+            json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+        )
+        .description("The current weather in a city"),
+    )
+    .tool_choice(ToolChoice::Function("get_weather".into()))
+    .max_tokens(64);
+    let result = pool.generate("smollm2", request).await?;
+    for call in &result.tool_calls {
+        println!(
+            "tool call: {}({}) id {}",
+            call.name, call.arguments, call.id
+        );
+    }
+    assert!(!result.tool_calls.is_empty(), "no tool call");
 
     for model in pool.models() {
         println!(

@@ -22,6 +22,26 @@
 //! assert_eq!(params.max_tokens, 256);
 //! # Ok::<(), llm_pool::Error>(())
 //! ```
+//!
+//! The agent fields are checked the same way: a `tool_choice` must name one of the tools, a
+//! schema must be a JSON Schema object, `logprobs` asks for at most 20 alternatives.
+//!
+//! ```
+//! use llm_pool::config::SamplingDefaults;
+//! use llm_pool::request::{GenerateRequest, Grammar, Limits, Tool, ToolChoice};
+//! use llm_pool::text::ChatMessage;
+//! use serde_json::json;
+//!
+//! let defaults = SamplingDefaults::default();
+//! let limits = Limits { model: "smollm2", context: Some(2048), defaults: &defaults };
+//! let ask = || GenerateRequest::chat(vec![ChatMessage::new("user", "Weather in Paris?")]);
+//! let weather = Tool::new("get_weather", json!({"type": "object", "properties": {"city": {"type": "string"}}}));
+//! let wrong = ask().tool(weather.clone()).tool_choice(ToolChoice::Function("get_time".into()));
+//! assert!(wrong.check(&limits).unwrap_err().to_string().contains("tool_choice"));
+//! let not_a_schema = ask().response_format(Grammar::JsonSchema(json!("object")));
+//! assert!(not_a_schema.check(&limits).unwrap_err().to_string().contains("response_format"));
+//! assert!(ask().tool(weather).logprobs(5).check(&limits).is_ok());
+//! ```
 
 use crate::config::SamplingDefaults;
 use crate::engine::{Constrained, GenerateParams};
