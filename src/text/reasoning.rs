@@ -12,6 +12,8 @@
 //!   (as vLLM does): the model ran out of tokens while thinking.
 //! - Without a block, everything is content, leading whitespace included.
 
+use super::tool_calls::partial_suffix;
+
 /// One piece of the split output, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReasoningEvent {
@@ -181,19 +183,6 @@ fn emit(out: &mut Vec<ReasoningEvent>, event: ReasoningEvent) {
     }
 }
 
-/// Length of the longest proper prefix of `marker` that `text` ends with.
-fn partial_suffix(text: &str, marker: &str) -> usize {
-    let max = marker.len().saturating_sub(1).min(text.len());
-    // `get` rather than indexing: a cut inside a multi-byte character is simply no match.
-    (1..=max)
-        .rev()
-        .find(|&k| {
-            text.get(text.len() - k..)
-                .is_some_and(|tail| marker.starts_with(tail))
-        })
-        .unwrap_or(0)
-}
-
 /// Detects from a chat template's source whether the model writes thinking blocks: the tags if
 /// the source mentions both `<think>` and `</think>`.
 pub fn detect_reasoning_tags(template_source: &str) -> Option<(&'static str, &'static str)> {
@@ -277,31 +266,12 @@ mod tests {
             expected,
             "{text:?}"
         );
-        let cuts: Vec<usize> = (0..=text.len())
-            .filter(|&i| text.is_char_boundary(i))
-            .collect();
-        for &i in &cuts {
-            let (a, b) = text.split_at(i);
+        for pieces in crate::text::tool_calls::every_split(text) {
             assert_eq!(
-                run(open, close, started, &[a, b]),
+                run(open, close, started, &pieces),
                 expected,
-                "split at {i}: {text:?}"
+                "pieces {pieces:?}"
             );
-        }
-        let chars: Vec<String> = text.chars().map(String::from).collect();
-        let pieces: Vec<&str> = chars.iter().map(String::as_str).collect();
-        assert_eq!(
-            run(open, close, started, &pieces),
-            expected,
-            "char by char: {text:?}"
-        );
-        if cuts.len() <= 160 {
-            for &i in &cuts {
-                for &j in cuts.iter().filter(|&&j| j >= i) {
-                    let pieces = [&text[..i], &text[i..j], &text[j..]];
-                    assert_eq!(run(open, close, started, &pieces), expected, "cuts {i},{j}");
-                }
-            }
         }
     }
 

@@ -222,8 +222,9 @@ impl Emitter {
 // ---------------------------------------------------------------------------------------------
 
 /// Length of the longest proper prefix of `marker` that `text` ends with: the part of `text`
-/// that must be held back because the next piece might complete the marker.
-fn partial_suffix(text: &str, marker: &str) -> usize {
+/// that must be held back because the next piece might complete the marker. (The reasoning
+/// parser holds back its tags the same way.)
+pub(crate) fn partial_suffix(text: &str, marker: &str) -> usize {
     let max = marker.len().saturating_sub(1).min(text.len());
     // `get` rather than indexing: a cut inside a multi-byte character is simply no match.
     (1..=max)
@@ -1014,6 +1015,30 @@ fn hex4(bytes: &[u8], at: usize) -> Hex {
     Hex::Value(n)
 }
 
+/// Every way the streaming tests feed a text: split once at each character boundary, one
+/// character at a time, and (for texts short enough to keep this quick) split at every pair
+/// of boundaries.
+#[cfg(test)]
+pub(crate) fn every_split(text: &str) -> Vec<Vec<&str>> {
+    let cuts: Vec<usize> = (0..=text.len())
+        .filter(|&i| text.is_char_boundary(i))
+        .collect();
+    let mut splits: Vec<Vec<&str>> = cuts.iter().map(|&i| vec![&text[..i], &text[i..]]).collect();
+    splits.push(
+        text.char_indices()
+            .map(|(i, c)| &text[i..i + c.len_utf8()])
+            .collect(),
+    );
+    if cuts.len() <= 160 {
+        for &i in &cuts {
+            for &j in cuts.iter().filter(|&&j| j >= i) {
+                splits.push(vec![&text[..i], &text[i..j], &text[j..]]);
+            }
+        }
+    }
+    splits
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1054,12 +1079,6 @@ mod tests {
         (content, calls)
     }
 
-    fn boundaries(text: &str) -> Vec<usize> {
-        (0..=text.len())
-            .filter(|&i| text.is_char_boundary(i))
-            .collect()
-    }
-
     /// Checks the whole-output result and that every way of splitting the text gives it too.
     fn check(format: ToolFormat, text: &str, content: &str, calls: &[ParsedToolCall]) {
         let expected = (content.to_string(), calls.to_vec());
@@ -1068,22 +1087,8 @@ mod tests {
     }
 
     fn check_splits(format: ToolFormat, text: &str, expected: &(String, Vec<ParsedToolCall>)) {
-        let cuts = boundaries(text);
-        for &i in &cuts {
-            let (a, b) = text.split_at(i);
-            assert_eq!(&run(format, &[a, b]), expected, "split at {i}: {text:?}");
-        }
-        let chars: Vec<String> = text.chars().map(String::from).collect();
-        let pieces: Vec<&str> = chars.iter().map(String::as_str).collect();
-        assert_eq!(&run(format, &pieces), expected, "char by char: {text:?}");
-        // Every pair of cuts, for texts short enough to keep this quick.
-        if cuts.len() <= 160 {
-            for &i in &cuts {
-                for &j in cuts.iter().filter(|&&j| j >= i) {
-                    let pieces = [&text[..i], &text[i..j], &text[j..]];
-                    assert_eq!(&run(format, &pieces), expected, "cuts {i},{j}: {text:?}");
-                }
-            }
+        for pieces in every_split(text) {
+            assert_eq!(&run(format, &pieces), expected, "pieces {pieces:?}");
         }
     }
 
@@ -1586,7 +1591,9 @@ mod tests {
                 if whole.1.is_empty() && format != ToolFormat::Generic {
                     assert_eq!(whole.0, text, "{format:?} lost text of {text:?}");
                 }
-                let cuts = boundaries(&text);
+                let cuts: Vec<usize> = (0..=text.len())
+                    .filter(|&i| text.is_char_boundary(i))
+                    .collect();
                 for _ in 0..8 {
                     let mut points: Vec<usize> =
                         (0..3).map(|_| cuts[rng.below(cuts.len())]).collect();
