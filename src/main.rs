@@ -5,11 +5,11 @@ use clap::{Parser, Subcommand};
 use llm_pool::config::SamplingDefaults;
 use llm_pool::engine::generate;
 use llm_pool::models::{LoadOptions, Model};
-use llm_pool::request::{GenerateRequest, Limits, Prompt};
-use llm_pool::text::{encode_prompt, ChatMessage, ModelText};
+use llm_pool::request::{GenerateRequest, Grammar, Limits, Prompt};
+use llm_pool::text::{prepare_prompt, ChatMessage, ModelText};
 use llm_pool::DeviceSpec;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -120,6 +120,21 @@ struct GenerateArgs {
     /// Device: cpu, cuda:N or metal:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Constrain the output to JSON valid against the JSON Schema in FILE.
+    #[arg(long, value_name = "FILE", group = "format")]
+    json_schema: Option<PathBuf>,
+    /// Constrain the output to one JSON object.
+    #[arg(long, group = "format")]
+    json_object: bool,
+    /// Constrain the output to match a regular expression.
+    #[arg(long, value_name = "REGEX", group = "format")]
+    regex: Option<String>,
+    /// Constrain the output to the Lark grammar in FILE (llguidance's dialect).
+    #[arg(long, value_name = "FILE", group = "format")]
+    grammar: Option<PathBuf>,
+    /// With --json: each token's log-probability and its N most likely alternatives (0-20).
+    #[arg(long, value_name = "N", requires = "json")]
+    logprobs: Option<usize>,
     /// Print text as it is generated.
     #[arg(long, conflicts_with = "json")]
     stream: bool,
@@ -196,6 +211,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         frequency_penalty: Some(args.frequency_penalty),
         seed: Some(args.seed),
         stop: args.stop.clone(),
+        response_format: output_format(&args)?,
+        logprobs: args.logprobs,
         ..GenerateRequest::ids(Vec::new())
     };
     // The flags to change, where the library's error would name request parameters.
@@ -213,14 +230,26 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     // The same two steps as a pool worker: the prompt through the text layer, then the one
     // resolution of a request against the model's context.
     let name = args.model.display().to_string();
-    let prompt_ids = encode_prompt(&name, text.as_ref(), &request.prompt)?;
+    let prepared = prepare_prompt(
+        &name,
+        text.as_ref(),
+        &request.prompt,
+        &request.chat_options(),
+        request.response_format.as_ref(),
+    )
+    .map_err(flag_error)?;
+    let prompt_ids = prepared.ids;
     let defaults = SamplingDefaults::default();
     let limits = Limits {
         model: &name,
         context: Some(model.info().max_context),
         defaults: &defaults,
     };
-    let params = request.resolve(&limits, prompt_ids.len())?;
+    let mut params = request
+        .resolve(&limits, prompt_ids.len())
+        .map_err(flag_error)?;
+    params.grammar = prepared.grammar;
+    params.output = prepared.output;
     let stream = args.stream;
     let mut stdout = std::io::stdout().lock();
     let output = generate(&mut model, text.as_ref(), &prompt_ids, &params, |event| {
@@ -250,6 +279,14 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             "completion_tokens": output.completion_tokens(),
             "prefill_ms": prefill_s * 1e3,
             "decode_ms": decode_s * 1e3,
+            "logprobs": args.logprobs.map(|_| output.logprobs.iter().map(|t| {
+                let entry = |l: &llm_pool::text::logprobs::Logprob| {
+                    serde_json::json!({"id": l.id, "token": l.token, "logprob": l.logprob})
+                };
+                let mut e = entry(&t.chosen);
+                e["top"] = t.top.iter().map(entry).collect();
+                e
+            }).collect::<Vec<_>>()),
             "prefill_tokens_per_s": rate(output.prompt_tokens, prefill_s),
             "decode_tokens_per_s": rate(decode_tokens, decode_s),
             "peak_rss_bytes": llm_pool::resources::peak_rss_bytes(),
@@ -274,6 +311,41 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The grammar the generate flags ask for, if any.
+fn output_format(args: &GenerateArgs) -> anyhow::Result<Option<Grammar>> {
+    let read = |flag: &str, path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+    };
+    Ok(if let Some(path) = &args.json_schema {
+        let schema = serde_json::from_str(&read("--json-schema", path)?)
+            .with_context(|| format!("--json-schema {}: not JSON", path.display()))?;
+        Some(Grammar::JsonSchema(schema))
+    } else if args.json_object {
+        Some(Grammar::JsonObject)
+    } else if let Some(rx) = &args.regex {
+        Some(Grammar::Regex(rx.clone()))
+    } else if let Some(path) = &args.grammar {
+        Some(Grammar::Lark(read("--grammar", path)?))
+    } else {
+        None
+    })
+}
+
+/// A library error as the CLI's user sees it: the flag instead of the request field.
+fn flag_error(e: llm_pool::Error) -> anyhow::Error {
+    match &e {
+        llm_pool::Error::InvalidParameter { param, message } if param == "response_format" => {
+            anyhow::anyhow!(
+                "the output format (--json-schema, --json-object, --regex or --grammar): {message}"
+            )
+        }
+        llm_pool::Error::InvalidParameter { param, message } if param == "top_logprobs" => {
+            anyhow::anyhow!("--logprobs: {message}")
+        }
+        _ => e.into(),
+    }
 }
 
 async fn run_pool(args: RunArgs) -> anyhow::Result<()> {

@@ -197,3 +197,57 @@ fn help_describes_the_commands() {
         assert!(help.contains(flag), "{flag} missing from generate --help");
     }
 }
+
+#[test]
+fn output_format_flags_constrain_the_output_and_name_themselves_in_errors() {
+    let model = common::real_model(common::SMOLLM2);
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+            "population": {"type": "integer"}}, "required": ["city", "population"],
+            "additionalProperties": false}"#,
+    )
+    .unwrap();
+    let model = model.to_str().unwrap();
+    let base = [
+        "generate",
+        "--model",
+        model,
+        "--chat",
+        "--prompt",
+        "Biggest city in Japan?",
+    ];
+    let mut args = base.to_vec();
+    args.extend([
+        "--json-schema",
+        schema.to_str().unwrap(),
+        "--max-tokens",
+        "60",
+        "--json",
+    ]);
+    args.extend(["--logprobs", "2"]);
+    let json = json_of(&llm_pool(&args));
+    let answer: Value = serde_json::from_str(json["text"].as_str().unwrap()).unwrap();
+    assert!(
+        answer["city"].is_string() && answer["population"].is_i64(),
+        "{answer}"
+    );
+    assert_eq!(answer.as_object().unwrap().len(), 2, "{answer}");
+    let logprobs = json["logprobs"].as_array().unwrap();
+    assert!(!logprobs.is_empty() && logprobs[0]["top"].as_array().unwrap().len() == 2);
+
+    std::fs::write(&schema, r#""an object""#).unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--json-schema", schema.to_str().unwrap()]);
+    let stderr = failure(&llm_pool(&args));
+    assert!(stderr.contains("--json-schema"), "{stderr}");
+    let mut args = base.to_vec();
+    args.extend(["--regex", "[0-9]+", "--json-object"]);
+    let stderr = failure(&llm_pool(&args));
+    assert!(
+        stderr.contains("--json-object") || stderr.contains("--regex"),
+        "{stderr}"
+    );
+}
