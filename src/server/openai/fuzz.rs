@@ -53,6 +53,20 @@ const FIELDS: &[&str] = &[
     "type",
     "text",
     "include_usage",
+    "response_format",
+    "json_schema",
+    "schema",
+    "tools",
+    "function",
+    "name",
+    "parameters",
+    "tool_choice",
+    "parallel_tool_calls",
+    "tool_calls",
+    "tool_call_id",
+    "logprobs",
+    "top_logprobs",
+    "chat_template_kwargs",
 ];
 
 fn scalar() -> impl Strategy<Value = Value> {
@@ -105,6 +119,21 @@ fn valid_chat() -> Value {
         "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
         "repetition_penalty": 1.1, "seed": 7, "stop": ["\n"], "presence_penalty": 0.5,
         "frequency_penalty": 0.5, "n": 1, "stream": true, "stream_options": {"include_usage": true}})
+}
+
+/// A chat body with every agent field: tools, a named choice, a schema, logprobs, and a
+/// conversation with a call and its result.
+fn valid_agent_chat() -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "d",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": false,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        "logprobs": true, "top_logprobs": 3, "chat_template_kwargs": {"enable_thinking": false}})
 }
 
 fn valid_completion() -> Value {
@@ -181,6 +210,11 @@ proptest! {
     }
 
     #[test]
+    fn mutated_agent_bodies_get_typed_errors(v in mutated(valid_agent_chat)) {
+        check(parse_chat(&v))?;
+    }
+
+    #[test]
     fn mutated_completion_bodies_get_typed_errors(v in mutated(valid_completion)) {
         both_routes(&v)?;
     }
@@ -196,6 +230,7 @@ fn the_valid_bodies_are_accepted() {
     };
     for parsed in [
         parse_chat(&valid_chat()),
+        parse_chat(&valid_agent_chat()),
         parse_completion(&valid_completion()),
     ] {
         let parsed = parsed.map_err(|e| e.message).unwrap();
