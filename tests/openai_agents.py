@@ -242,6 +242,12 @@ def _():
     ]
     e = bad_request("tools", model="smollm2-small", messages=hi, tools=big)
     assert "tools" in e.body["message"], e.body
+    for kwargs, param in [({"echo": True, "logprobs": 1}, "echo"), ({"logprobs": 21}, "logprobs")]:
+        try:
+            client.completions.create(model="smollm2", prompt="hi", max_tokens=4, **kwargs)
+            raise AssertionError(f"accepted a bad {param}")
+        except openai.BadRequestError as e:
+            assert e.body and e.body.get("param") == param, (param, e.body)
 
 
 print(f"{passed} passed, 0 failed")

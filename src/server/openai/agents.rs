@@ -32,6 +32,7 @@ pub(super) struct ChatAgentFields {
 pub(super) struct CompletionAgentFields {
     response_format: Option<Value>,
     logprobs: Option<u64>,
+    echo: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +235,14 @@ pub(super) fn apply_completion(
     body: &Value,
 ) -> Result<GenerateRequest, ApiError> {
     let fields: CompletionAgentFields = parse(body)?;
+    if fields.echo == Some(true) {
+        // Evaluation harnesses read the prompt's logprobs from an echo; answering without
+        // them would skew their scores silently.
+        return Err(ApiError::invalid(
+            "echo",
+            "echo is not supported: the engine computes logits for the last prompt position only",
+        ));
+    }
     request.response_format = response_format(fields.response_format.as_ref())?;
     if let Some(n) = fields.logprobs {
         if n > MAX_TOP_LOGPROBS as u64 {
