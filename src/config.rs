@@ -113,6 +113,20 @@ pub enum LoadPolicy {
     Lazy,
 }
 
+/// When a model's vocabulary is indexed for grammars (structured outputs and forced tool
+/// calls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GrammarIndex {
+    /// With the model: the first constrained request does not wait for it.
+    #[default]
+    Load,
+    /// On the first constrained request, which waits for it (up to a second for a 262k-token
+    /// vocabulary); a model never asked for structured output does not hold the index
+    /// (about 15 MiB for a 49k-token vocabulary, 105 MiB for 262k).
+    FirstUse,
+}
+
 /// One model of the catalog.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,6 +175,9 @@ pub struct ModelConfig {
     /// A chat template (Jinja source) to use instead of the model's own.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// `load` or `first_use`: when the vocabulary is indexed for grammars.
+    #[serde(default)]
+    pub grammar_index: GrammarIndex,
     /// Default sampling for requests that do not set their own.
     #[serde(default)]
     pub defaults: SamplingDefaults,
@@ -403,6 +420,7 @@ impl ModelConfig {
             keep_alive: None,
             max_context: 0,
             chat_template: None,
+            grammar_index: GrammarIndex::Load,
             defaults: SamplingDefaults::default(),
         }
     }
@@ -501,6 +519,32 @@ mod tests {
         assert_eq!(
             config.pool.max_loaded_models, 2,
             "the local file overrides the base"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn grammar_index_takes_load_or_first_use() {
+        let dir = std::env::temp_dir().join(format!("llm-pool-grammar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        let weights = dir.join("m.gguf");
+        std::fs::write(&weights, b"").unwrap();
+        let model = format!(
+            "[[models]]\nname = \"m\"\npath = {:?}\nload = \"lazy\"\n",
+            weights.display().to_string()
+        );
+        std::fs::write(&path, format!("{model}grammar_index = \"first_use\"\n")).unwrap();
+        let config = Config::load(&path, None).unwrap();
+        assert_eq!(config.models[0].grammar_index, GrammarIndex::FirstUse);
+        std::fs::write(&path, &model).unwrap();
+        let config = Config::load(&path, None).unwrap();
+        assert_eq!(config.models[0].grammar_index, GrammarIndex::Load);
+        std::fs::write(&path, format!("{model}grammar_index = \"never\"\n")).unwrap();
+        let err = Config::load(&path, None).unwrap_err().to_string();
+        assert!(
+            err.contains("grammar_index") || err.contains("never"),
+            "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -6,7 +6,7 @@ mod common;
 
 use common::{real_model, GEMMA3, SMOLLM2};
 use futures::StreamExt;
-use llm_pool::config::{Config, ModelConfig};
+use llm_pool::config::{Config, GrammarIndex, ModelConfig};
 use llm_pool::engine::FinishReason;
 use llm_pool::pool::{GenerateRequest, GenerationEvent, Pool};
 use llm_pool::request::{Grammar, Tool, ToolChoice};
@@ -15,11 +15,12 @@ use llm_pool::Error;
 use serde_json::{json, Value};
 
 async fn pool() -> Pool {
+    // Gemma indexes its vocabulary on the first constrained request, SmolLM2 at load: both
+    // must serve structured outputs.
+    let mut gemma = ModelConfig::new("gemma3", real_model(GEMMA3));
+    gemma.grammar_index = GrammarIndex::FirstUse;
     let config = Config {
-        models: vec![
-            ModelConfig::new("smollm2", real_model(SMOLLM2)),
-            ModelConfig::new("gemma3", real_model(GEMMA3)),
-        ],
+        models: vec![ModelConfig::new("smollm2", real_model(SMOLLM2)), gemma],
         ..Config::default()
     };
     Pool::start(config).await.unwrap()

@@ -12,6 +12,7 @@
 use super::registry::{dec, inc, Job, ModelHandle};
 use super::supervisor::{ExitCause, Supervisor, WorkerExited};
 use super::{GenerationEvent, GenerationResult};
+use crate::config::GrammarIndex;
 use crate::engine::batch::{Admission, Batcher, Client, Pending};
 use crate::engine::{CacheUse, FinishReason, GenerateOutput, GenerateParams, TokenEvent};
 use crate::error::{Error, Result};
@@ -69,8 +70,11 @@ fn load(handle: &ModelHandle) -> Result<(Model, Option<ModelText>)> {
         model.info(),
         handle.config.chat_template.as_deref(),
     )?;
-    if let Some(text) = &text {
-        index_vocabulary(handle.name(), text);
+    match &text {
+        Some(text) if handle.config.grammar_index == GrammarIndex::Load => {
+            index_vocabulary(handle.name(), text)
+        }
+        _ => {}
     }
     Ok((model, text))
 }
