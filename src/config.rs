@@ -178,6 +178,10 @@ pub struct ModelConfig {
     /// `load` or `first_use`: when the vocabulary is indexed for grammars.
     #[serde(default)]
     pub grammar_index: GrammarIndex,
+    /// Keeps the model loaded: never evicted for `max_loaded_models` or the memory budget, never
+    /// unloaded by `keep_alive`. Only an admin unload (or shutdown) unloads it.
+    #[serde(default)]
+    pub pin: bool,
     /// Default sampling for requests that do not set their own.
     #[serde(default)]
     pub defaults: SamplingDefaults,
@@ -421,6 +425,7 @@ impl ModelConfig {
             max_context: 0,
             chat_template: None,
             grammar_index: GrammarIndex::Load,
+            pin: false,
             defaults: SamplingDefaults::default(),
         }
     }

@@ -422,3 +422,62 @@ async fn the_memory_budget_evicts_an_idle_model_to_make_room() {
     assert_eq!(pool.model("mem-b").unwrap().state, ModelState::Ready);
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_model_is_never_evicted_and_outlives_keep_alive() {
+    // max_loaded_models = 2: a pinned model that is the least recently used stays; the
+    // unpinned one goes instead.
+    let mut c = config(vec![
+        tiny("pin-a", "llama3"),
+        tiny("pin-b", "qwen2"),
+        tiny("pin-c", "mistral"),
+    ]);
+    for m in c.models.iter_mut() {
+        m.load = LoadPolicy::Lazy;
+    }
+    c.models[0].pin = true;
+    c.models[0].keep_alive = Some("100ms".into());
+    c.pool.max_loaded_models = 2;
+    let pool = Pool::start(c).await.unwrap();
+    assert!(pool.model("pin-a").unwrap().pinned);
+    for name in ["pin-a", "pin-b", "pin-c"] {
+        pool.generate(name, GenerateRequest::ids(vec![1, 2]).max_tokens(2))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(pool.model("pin-a").unwrap().state, ModelState::Ready);
+    assert_eq!(pool.model("pin-b").unwrap().state, ModelState::Unloaded);
+    assert_eq!(pool.model("pin-c").unwrap().state, ModelState::Ready);
+    // Its keep_alive (100 ms) has passed many times over: still loaded.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(pool.model("pin-a").unwrap().state, ModelState::Ready);
+    // An explicit unload still unloads it.
+    pool.unload("pin-a").await.unwrap();
+    assert_eq!(pool.model("pin-a").unwrap().state, ModelState::Unloaded);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_models_over_the_memory_budget_fail_to_load_naming_the_pins() {
+    // Each tiny fixture counts about 0.8 MiB (F32 on CPU): two do not fit in 1 MiB, and the
+    // pinned one that is loaded cannot be evicted for the other.
+    let mut c = config(vec![tiny("pinmem-a", "llama3"), tiny("pinmem-b", "qwen2")]);
+    c.models[0].pin = true;
+    c.models[1].pin = true;
+    c.models[1].load = LoadPolicy::Lazy;
+    c.pool.memory_budget_mb = 1;
+    let pool = Pool::start(c).await.unwrap();
+    assert_eq!(pool.model("pinmem-a").unwrap().state, ModelState::Ready);
+    let err = pool
+        .generate("pinmem-b", GenerateRequest::ids(vec![1, 2]).max_tokens(2))
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("memory budget") && message.contains("pinned: pinmem-a"),
+        "{message}"
+    );
+    assert_eq!(pool.model("pinmem-a").unwrap().state, ModelState::Ready);
+    pool.shutdown().await;
+}

@@ -118,6 +118,8 @@ impl ModelState {
 pub struct ModelStatus {
     /// The configured name.
     pub name: String,
+    /// Whether it is pinned (`pin = true`): kept loaded through eviction and keep-alive.
+    pub pinned: bool,
     /// Its state.
     pub state: ModelState,
     /// Its device.
@@ -387,6 +389,7 @@ impl Pool {
             .into_iter()
             .map(|h| ModelStatus {
                 name: h.name().to_string(),
+                pinned: h.config.pin,
                 state: h.state(),
                 device: h.device.to_string(),
                 architecture: h.architecture.lock().ok().and_then(|a| *a),

@@ -2,7 +2,8 @@
 //! workers, restarts a crashed worker at once (with exponential backoff and a cap), marks a
 //! model failed after too many consecutive failures, loads and unloads models on request,
 //! unloads idle models after their keep-alive, and evicts the least recently used idle model
-//! when `max_loaded_models` or the memory budget would be exceeded.
+//! when `max_loaded_models` or the memory budget would be exceeded. Pinned models (`pin = true`)
+//! are never evicted or unloaded by keep-alive; they still count toward both limits.
 //!
 //! actix's own `Supervisor` restarts an actor on `ctx.stop()` but not on a panic (a panic
 //! closes the mailbox), and model compute must not run on the actor's thread anyway: workers
@@ -124,7 +125,7 @@ impl Supervisor {
             }
             let victim = loaded
                 .iter()
-                .filter(|h| h.state() == ModelState::Ready && h.is_idle())
+                .filter(|h| h.state() == ModelState::Ready && h.is_idle() && !h.config.pin)
                 .max_by_key(|h| h.idle_for());
             let Some(victim) = victim else {
                 let limit = if over_count {
@@ -135,9 +136,22 @@ impl Supervisor {
                         self.settings.memory_budget_mb
                     )
                 };
+                let pinned: Vec<&str> = loaded
+                    .iter()
+                    .filter(|h| h.config.pin)
+                    .map(|h| h.name())
+                    .collect();
+                let reason = if pinned.is_empty() {
+                    format!("{limit} and every loaded model is busy; retry later")
+                } else {
+                    format!(
+                        "{limit}; every loaded model is busy or pinned (pinned: {}); retry later, or unpin one",
+                        pinned.join(", ")
+                    )
+                };
                 return Err(Error::Unavailable {
                     model: incoming.name().to_string(),
-                    reason: format!("{limit} and every loaded model is busy; retry later"),
+                    reason,
                 });
             };
             tracing::info!(
@@ -249,6 +263,9 @@ impl Actor for Supervisor {
                 let Ok(Some(keep_alive)) = handle.config.keep_alive() else {
                     continue;
                 };
+                if handle.config.pin {
+                    continue;
+                }
                 if handle.state() == ModelState::Ready
                     && handle.is_idle()
                     && handle.idle_for() >= keep_alive

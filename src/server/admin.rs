@@ -46,6 +46,7 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         .map(|m| {
             json!({
                 "name": m.name,
+                "pinned": m.pinned,
                 "state": m.state.as_str(),
                 "error": match &m.state { crate::pool::ModelState::Failed(e) => Some(e.clone()), _ => None },
                 "device": m.device,
