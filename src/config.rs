@@ -25,6 +25,21 @@ pub struct Config {
     /// Tenants of the HTTP host; none means the host runs open (with a loud warning).
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// What `/metrics` exports besides llm-pool's own series.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+}
+
+/// The `[metrics]` table.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Also export the gauges an inference router scrapes under vLLM's names and meanings
+    /// (`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
+    /// `vllm:cache_config_info`, labelled `model_name`), so that the Kubernetes inference
+    /// gateway's endpoint picker can use its built-in vLLM configuration unchanged.
+    #[serde(default)]
+    pub vllm_compatible_names: bool,
 }
 
 /// A tenant of the HTTP host: its API keys, models and limits.

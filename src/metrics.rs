@@ -79,7 +79,33 @@ pub const ALL: &[&str] = &[
     MODEL_LOAD_DURATION,
 ];
 
+/// vLLM's names for the gauges an inference router scrapes (`[metrics] vllm_compatible_names`),
+/// labelled `model_name` as vLLM labels them.
+pub const VLLM_WAITING: &str = "vllm:num_requests_waiting";
+/// Requests running (vLLM's name).
+pub const VLLM_RUNNING: &str = "vllm:num_requests_running";
+/// KV cache in use, 0 to 1 (vLLM's name).
+pub const VLLM_KV_CACHE_USAGE: &str = "vllm:kv_cache_usage_perc";
+/// The KV cache's shape, for prefix-aware routers: labels `block_size` (1: llm-pool's cache is
+/// token-granular) and `num_gpu_blocks` (the KV budget in tokens); value 1.
+pub const VLLM_CACHE_CONFIG: &str = "vllm:cache_config_info";
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Whether the vLLM-named series are exported (process-wide: the last pool started decides).
+static VLLM_NAMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Applies the `[metrics]` settings.
+pub fn configure(settings: &crate::config::MetricsSettings) {
+    VLLM_NAMES.store(
+        settings.vllm_compatible_names,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+fn vllm_names() -> bool {
+    VLLM_NAMES.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Installs the Prometheus recorder (once per process) and returns its handle. `None` when
 /// another recorder was installed first by the embedding program.
@@ -133,6 +159,24 @@ fn describe_all() {
         QUEUE_WAIT,
         Unit::Seconds,
         "Time spent waiting in the model's queue"
+    );
+    describe_gauge!(
+        VLLM_WAITING,
+        Unit::Count,
+        "Requests waiting (vLLM's name; [metrics] vllm_compatible_names)"
+    );
+    describe_gauge!(
+        VLLM_RUNNING,
+        Unit::Count,
+        "Requests running (vLLM's name; [metrics] vllm_compatible_names)"
+    );
+    describe_gauge!(
+        VLLM_KV_CACHE_USAGE,
+        "KV cache budget in use, 0 to 1 (vLLM's name; [metrics] vllm_compatible_names)"
+    );
+    describe_gauge!(
+        VLLM_CACHE_CONFIG,
+        "KV cache shape: block_size (1 token) and num_gpu_blocks (budget in tokens); value 1"
     );
     describe_gauge!(
         QUEUE_DEPTH,
@@ -228,6 +272,11 @@ pub fn register_model(model: &str) {
     gauge!(RUNNING_REQUESTS, "model" => m.clone()).set(0.0);
     gauge!(WAITING_REQUESTS, "model" => m.clone()).set(0.0);
     gauge!(KV_CACHE_USAGE, "model" => m.clone()).set(0.0);
+    if vllm_names() {
+        for name in [VLLM_WAITING, VLLM_RUNNING, VLLM_KV_CACHE_USAGE] {
+            gauge!(name, "model_name" => m.clone()).set(0.0);
+        }
+    }
     let _ = histogram!(BATCH_SIZE, "model" => m.clone());
     // Histograms appear with their first observation; touching them registers the series.
     let _ = histogram!(REQUEST_DURATION, "model" => m.clone());
@@ -279,6 +328,8 @@ pub struct BatchMetrics {
     running: metrics::Gauge,
     waiting: metrics::Gauge,
     kv_usage: metrics::Gauge,
+    /// The same three under vLLM's names, when they are exported.
+    vllm: Option<[metrics::Gauge; 3]>,
 }
 
 impl BatchMetrics {
@@ -289,7 +340,20 @@ impl BatchMetrics {
             batch_size: histogram!(BATCH_SIZE, "model" => m.clone()),
             running: gauge!(RUNNING_REQUESTS, "model" => m.clone()),
             waiting: gauge!(WAITING_REQUESTS, "model" => m.clone()),
-            kv_usage: gauge!(KV_CACHE_USAGE, "model" => m),
+            kv_usage: gauge!(KV_CACHE_USAGE, "model" => m.clone()),
+            vllm: vllm_names().then(|| {
+                [VLLM_RUNNING, VLLM_WAITING, VLLM_KV_CACHE_USAGE]
+                    .map(|name| gauge!(name, "model_name" => m.clone()))
+            }),
+        }
+    }
+
+    /// Publishes the KV cache's shape (`vllm:cache_config_info`), when vLLM names are on.
+    pub fn cache_config(&self, model: &str, kv_budget_tokens: usize) {
+        if self.vllm.is_some() {
+            gauge!(VLLM_CACHE_CONFIG, "model_name" => model.to_string(), "block_size" => "1",
+                "num_gpu_blocks" => kv_budget_tokens.to_string())
+            .set(1.0);
         }
     }
 
@@ -302,6 +366,11 @@ impl BatchMetrics {
         self.running.set(running as f64);
         self.waiting.set(waiting as f64);
         self.kv_usage.set(kv_usage);
+        if let Some([vllm_running, vllm_waiting, vllm_kv]) = &self.vllm {
+            vllm_running.set(running as f64);
+            vllm_waiting.set(waiting as f64);
+            vllm_kv.set(kv_usage);
+        }
     }
 }
 

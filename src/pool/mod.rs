@@ -186,6 +186,7 @@ impl Pool {
     pub fn new(config: Config) -> Result<Pool> {
         config.validate()?;
         crate::metrics::install();
+        crate::metrics::configure(&config.metrics);
         let registry = Arc::new(Registry::default());
         for model in config.models {
             registry.insert(ModelHandle::new(model)?);

@@ -126,13 +126,15 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "worker ready"
     );
+    // Before the model shows ready: a router that sees it ready finds its cache shape too.
+    let step_metrics = crate::metrics::BatchMetrics::new(handle.name());
+    step_metrics.cache_config(handle.name(), settings.kv_budget_tokens);
     inc(&handle.ready_workers);
     let _ready_guard = ReadyGuard(handle);
     if handle.current_generation() == generation {
         handle.set_state(super::ModelState::Ready);
     }
 
-    let step_metrics = crate::metrics::BatchMetrics::new(handle.name());
     // A request taken from the queue that waits for room in the batch.
     let mut pending: Option<Pending<JobClient<'_>>> = None;
     loop {
