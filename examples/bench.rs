@@ -52,6 +52,10 @@
 //!   mask only when the check refuses it). Then the grammar alone, replaying the constrained
 //!   output: µs per token of the check-and-advance path, of a full mask at every position (the
 //!   worst case), the grammar's compile time per request, and the one-off vocabulary index;
+//! - `scrape`: `GET /metrics` of `llm-pool serve` (with `[metrics] vllm_compatible_names`),
+//!   20 scrapes per second for `--scrape-secs`, first idle, then while the largest of
+//!   `--streams` streams generate without pause: scrape latency p50/p99 (ms) and the streams'
+//!   aggregate tok/s during the scraping;
 //! - `memory` (not part of `all`): the machine's memory bandwidth at this thread count, read
 //!   (a sum over 512 MiB, what a decode step's weight streaming is) and STREAM-like copy, and
 //!   the bytes of weights one decode step of `--model` reads, for the share of bandwidth a
@@ -123,6 +127,9 @@ enum Cmd {
     /// Structured outputs: decode time per token with and without a JSON-schema grammar, and
     /// the grammar's own costs (vocabulary index, compile, check, full mask).
     Structured,
+    /// /metrics scrape latency of `llm-pool serve`, idle and while it generates (20 scrapes/s,
+    /// as an inference router scrapes).
+    Scrape,
 }
 
 #[derive(Args, Clone)]
@@ -179,6 +186,9 @@ struct Opts {
     /// Repetitions of the overhead test [default: 100, smoke: 5].
     #[arg(long, global = true)]
     overhead_reps: Option<usize>,
+    /// Seconds of scraping per phase of `scrape` [default: 10, smoke: 1].
+    #[arg(long, global = true)]
+    scrape_secs: Option<f64>,
     /// The llm-pool binary for `http` [default: llm-pool next to this example's directory].
     #[arg(long, global = true)]
     server_bin: Option<PathBuf>,
@@ -1179,10 +1189,21 @@ fn default_server_bin() -> PathBuf {
 /// Starts `bin serve` on a config with the model `m` (`extra`: TOML lines for its table). Its
 /// stderr goes to a file in the temporary directory, quoted when it does not come up.
 fn start_server(bin: &Path, model: &Path, replicas: usize, extra: &[String]) -> Result<Server> {
+    start_server_with(bin, model, replicas, extra, "")
+}
+
+/// `start_server` with `tables` (TOML) added to the config before the model's table.
+fn start_server_with(
+    bin: &Path,
+    model: &Path,
+    replicas: usize,
+    extra: &[String],
+    tables: &str,
+) -> Result<Server> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("bench.toml");
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n{tables}\n{}",
         model_toml("m", model, replicas, extra)?
     );
     std::fs::write(&config, &text)?;
@@ -1752,6 +1773,7 @@ fn main() -> Result<()> {
             Cmd::Multi,
             Cmd::Http,
             Cmd::Structured,
+            Cmd::Scrape,
         ],
         c => vec![c],
     };
@@ -1769,6 +1791,7 @@ fn main() -> Result<()> {
             Cmd::Memory => bench_memory(&b)?,
             Cmd::Step => bench_step(&b)?,
             Cmd::Structured => bench_structured(&b)?,
+            Cmd::Scrape => rt.block_on(bench_scrape(&b))?,
             Cmd::All => unreachable!(),
         }
     }
@@ -1957,5 +1980,123 @@ fn bench_structured(b: &Bench) -> Result<()> {
         &mask_us,
         extra,
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// /metrics under load: what an inference router's scrapes cost and see
+
+/// Scrapes `/metrics` 20 times a second until `until`; returns each scrape's latency (ms).
+async fn scrape_for(client: &reqwest::Client, url: &str, until: Instant) -> Result<Vec<f64>> {
+    let mut latencies = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while Instant::now() < until {
+        tick.tick().await;
+        let t = Instant::now();
+        let body = client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        latencies.push(ms(t.elapsed()));
+        if !body.contains("vllm:num_requests_running") {
+            bail!("the scrape lacks the router gauges");
+        }
+    }
+    Ok(latencies)
+}
+
+async fn bench_scrape(b: &Bench) -> Result<()> {
+    let name = &b.model_name;
+    let bin = b.o.server_bin.clone().unwrap_or_else(default_server_bin);
+    if !bin.is_file() {
+        b.skip(
+            "llm-pool",
+            "scrape",
+            name,
+            &format!("{} not built", bin.display()),
+        );
+        return Ok(());
+    }
+    let secs_per_phase =
+        b.o.scrape_secs
+            .unwrap_or(if b.o.smoke { 1.0 } else { 10.0 });
+    let phase = Duration::from_secs_f64(secs_per_phase.max(0.1));
+    let server = start_server_with(
+        &bin,
+        &b.o.model,
+        1,
+        &b.o.model_config,
+        "[metrics]\nvllm_compatible_names = true\n",
+    )?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    wait_ready(&client, &server.url).await?;
+    let url = server.url.clone();
+    let idle = scrape_for(&client, &url, Instant::now() + phase).await?;
+
+    // Streams that generate back to back for the whole phase.
+    let streams = b.streams.iter().copied().max().unwrap_or(1);
+    let prompt = b.stream_prompt();
+    let stop = Instant::now() + phase;
+    let generators = (0..streams).map(|_| {
+        let (client, url, prompt) = (client.clone(), url.clone(), prompt.clone());
+        let gen = b.gen;
+        async move {
+            let mut tokens = 0usize;
+            while Instant::now() < stop {
+                tokens += http_run(&client, &url, &prompt, gen, Instant::now())
+                    .await?
+                    .tokens;
+            }
+            Ok::<usize, anyhow::Error>(tokens)
+        }
+    });
+    let started = Instant::now();
+    let (loaded, generated) = futures::future::join(
+        scrape_for(&client, &url, stop),
+        futures::future::join_all(generators),
+    )
+    .await;
+    let wall = started.elapsed();
+    let loaded = loaded?;
+    let tokens: usize = generated
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .sum();
+    let extra = json!({"scrapes_per_s": 20, "secs": secs_per_phase, "streams": streams});
+    b.emit(
+        "llm-pool",
+        "scrape",
+        name,
+        "idle",
+        "ms",
+        &idle,
+        extra.clone(),
+    );
+    b.emit(
+        "llm-pool",
+        "scrape",
+        name,
+        &format!("c{streams}_generating"),
+        "ms",
+        &loaded,
+        extra.clone(),
+    );
+    b.emit(
+        "llm-pool",
+        "scrape",
+        name,
+        &format!("c{streams}_aggregate_while_scraped"),
+        "tok/s",
+        &[tokens as f64 / secs(wall)],
+        extra,
+    );
+    drop(server);
     Ok(())
 }
