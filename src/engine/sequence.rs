@@ -202,18 +202,18 @@ impl Generation {
                 }
                 next = self.sampler.pick(logits);
             }
-            if !self.stop_ids.contains(&next) {
-                constraint.accept(next)?;
-                // A complete grammar allows only the end: stop now rather than spend a
-                // forward on the end-of-sequence token.
-                grammar_complete = constraint.is_finished();
-            }
+        }
+        let is_stop_id = self.stop_ids.contains(&next);
+        if let (Some(constraint), false) = (&mut self.constraint, is_stop_id) {
+            constraint.accept(next)?;
+            // A complete grammar allows only the end: stop now rather than spend a forward on
+            // the end-of-sequence token.
+            grammar_complete = constraint.is_finished();
         }
         self.sampler.accept(next);
         self.token_ids.push(next);
         self.first_token
             .get_or_insert_with(|| self.started.elapsed());
-        let is_stop_id = self.stop_ids.contains(&next);
         let logprobs = match (self.top_logprobs, &self.token_bytes) {
             (Some(top), Some(bytes)) if !is_stop_id => {
                 let lp = token_logprobs(&self.raw_logits, next, top, bytes);

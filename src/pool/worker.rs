@@ -279,12 +279,13 @@ fn prepare(
     )?;
     let mut params = match request.resolve(&handle.limits(), prepared.ids.len()) {
         Ok(params) => params,
-        Err(Error::ContextLength { .. }) if !request.tools.is_empty() => {
+        Err(e @ Error::ContextLength { .. }) if !request.tools.is_empty() => {
             return Err(tools_context_error(
                 handle,
                 text,
                 request,
                 prepared.ids.len(),
+                e,
             ))
         }
         Err(e) => return Err(e),
@@ -301,15 +302,12 @@ fn tools_context_error(
     text: Option<&ModelText>,
     request: &crate::request::GenerateRequest,
     with_tools: usize,
+    original: Error,
 ) -> Error {
     let limits = handle.limits();
     let mut bare = request.clone();
     bare.tools.clear();
     bare.tool_choice = crate::request::ToolChoice::Auto;
-    let original = match request.resolve(&limits, with_tools) {
-        Err(e) => e,
-        Ok(_) => return Error::Tokenizer("context check changed between calls".into()),
-    };
     let without = prepare_prompt(
         handle.name(),
         text,

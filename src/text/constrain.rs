@@ -192,10 +192,7 @@ impl ConstraintEnv {
                 message: format!("cannot be enforced: {}", first_line(&e)),
             });
         }
-        Ok(Constraint {
-            matcher,
-            mask: Vec::new(),
-        })
+        Ok(Constraint { matcher })
     }
 }
 
@@ -206,8 +203,6 @@ fn first_line(s: &str) -> &str {
 /// One generation's grammar state.
 pub struct Constraint {
     matcher: Matcher,
-    /// The last mask, as one bool per id (reused).
-    mask: Vec<bool>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -229,17 +224,11 @@ impl Constraint {
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| Error::Constraint(first_line(&e.to_string()).to_string()))?;
-        self.mask.clear();
-        self.mask.resize(logits.len(), false);
         let mut allowed = 0;
-        vob.iter_set_entries(|i| {
-            if let Some(m) = self.mask.get_mut(i) {
-                *m = true;
+        for (i, l) in logits.iter_mut().enumerate() {
+            if i < vob.len() && vob.is_allowed(i as u32) {
                 allowed += 1;
-            }
-        });
-        for (l, &ok) in logits.iter_mut().zip(&self.mask) {
-            if !ok {
+            } else {
                 *l = f32::NEG_INFINITY;
             }
         }
