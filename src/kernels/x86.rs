@@ -683,17 +683,14 @@ unsafe fn dot_panel<W: PanelWeight>(w: impl Fn(usize) -> W, a: &[PanelBlock]) ->
                 &mut corr0,
             );
         }
-        let sum = _mm512_add_ps(acc0, acc1);
-        // Row r's two lanes summed (both lanes of the pair then hold it), then lanes 0, 2, ….
-        let sum = _mm512_add_ps(sum, _mm512_permute_ps::<0b10_11_00_01>(sum));
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-        let rows = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, sum));
-        let mut out = [0f32; PANEL_ROWS];
-        _mm256_storeu_ps(
-            out.as_mut_ptr(),
-            _mm256_add_ps(rows, _mm256_add_ps(corr0, corr1)),
-        );
-        out
+        // Row r is in lanes 2r and 2r + 1. The pairs are summed through memory: LLVM's x86
+        // instruction selection ran out of memory (over 14 GB) on this reduction written as
+        // in-register shuffles (a permute, a cross-lane permute, a cast), in some builds.
+        let mut lanes = [0f32; 2 * PANEL_ROWS];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_add_ps(acc0, acc1));
+        let mut corr = [0f32; PANEL_ROWS];
+        _mm256_storeu_ps(corr.as_mut_ptr(), _mm256_add_ps(corr0, corr1));
+        std::array::from_fn(|r| lanes[2 * r] + lanes[2 * r + 1] + corr[r])
     }
 }
 
