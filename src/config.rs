@@ -40,6 +40,13 @@ pub struct MetricsSettings {
     /// gateway's endpoint picker can use its built-in vLLM configuration unchanged.
     #[serde(default)]
     pub vllm_compatible_names: bool,
+    /// Also record the request histograms under OpenTelemetry's GenAI semantic-convention
+    /// names (`gen_ai_server_request_duration_seconds`,
+    /// `gen_ai_server_time_to_first_token_seconds`, `gen_ai_server_time_per_output_token_seconds`,
+    /// labelled `gen_ai_request_model` and `gen_ai_operation_name`), for dashboards built on
+    /// those conventions. Off by default: each is a second copy of a histogram.
+    #[serde(default)]
+    pub otel_genai_names: bool,
 }
 
 /// A tenant of the HTTP host: its API keys, models and limits.

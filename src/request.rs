@@ -95,7 +95,58 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Extra chat template variables, such as `enable_thinking` (chat only).
     pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
+    /// How long the model stays loaded once idle after this request, replacing its
+    /// configured `keep_alive` until another request sets one (as Ollama's `keep_alive`).
+    pub keep_alive: Option<KeepAlive>,
 }
+
+/// A request's `keep_alive`, with Ollama's meanings: how long the model stays loaded once it
+/// is idle, counted from its last request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Unload once idle after this long; zero unloads it as soon as it is idle.
+    For(std::time::Duration),
+    /// Keep it loaded (until a later request or an admin unload says otherwise).
+    Forever,
+}
+
+impl KeepAlive {
+    /// Parses Ollama's forms: a duration (`"5m"`, `"30s"`, `"1h"`, `"250ms"`, `"0"`), a
+    /// number of seconds, or any negative value for [`KeepAlive::Forever`].
+    pub fn parse(value: &serde_json::Value) -> Result<KeepAlive> {
+        let invalid = |what: String| Error::InvalidParameter {
+            param: "keep_alive".into(),
+            message: format!(
+                "{what}; allowed: a duration such as \"5m\", \"30s\" or \"1h\", a number of \
+                 seconds, 0 (unload when idle) or a negative value (keep loaded)"
+            ),
+        };
+        match value {
+            serde_json::Value::Number(n) => match n.as_f64() {
+                Some(s) if s < 0.0 => Ok(KeepAlive::Forever),
+                Some(s) if s.is_finite() && s <= MAX_KEEP_ALIVE_SECS => {
+                    Ok(KeepAlive::For(std::time::Duration::from_secs_f64(s)))
+                }
+                _ => Err(invalid(format!("{n} seconds is out of range"))),
+            },
+            serde_json::Value::String(s) => {
+                if let Some(rest) = s.trim().strip_prefix('-') {
+                    crate::config::parse_duration(rest).map_err(invalid)?;
+                    return Ok(KeepAlive::Forever);
+                }
+                let d = crate::config::parse_duration(s).map_err(invalid)?;
+                if d.as_secs_f64() > MAX_KEEP_ALIVE_SECS {
+                    return Err(invalid(format!("{s:?} is out of range")));
+                }
+                Ok(KeepAlive::For(d))
+            }
+            other => Err(invalid(format!("{other} is neither a string nor a number"))),
+        }
+    }
+}
+
+/// The longest finite `keep_alive` a request may ask for (a year); negative is for ever.
+const MAX_KEEP_ALIVE_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// What a request is checked against.
 #[derive(Debug, Clone, Copy)]
@@ -129,6 +180,7 @@ impl GenerateRequest {
             parallel_tool_calls: None,
             logprobs: None,
             chat_template_kwargs: serde_json::Map::new(),
+            keep_alive: None,
         }
     }
 
@@ -163,6 +215,14 @@ impl GenerateRequest {
     /// Asks for log-probabilities with `top` alternatives per token.
     pub fn logprobs(mut self, top: usize) -> Self {
         self.logprobs = Some(top);
+        self
+    }
+
+    /// Sets how long the model stays loaded once idle after this request (Ollama's
+    /// `keep_alive`): it replaces the model's configured `keep_alive` until another request
+    /// sets one. Pinned models stay loaded whatever it says.
+    pub fn keep_alive(mut self, keep_alive: KeepAlive) -> Self {
+        self.keep_alive = Some(keep_alive);
         self
     }
 
@@ -352,6 +412,38 @@ pub fn check_context(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_alive_takes_ollamas_forms() {
+        use serde_json::json;
+        use std::time::Duration;
+        let parse = |v| KeepAlive::parse(&v);
+        assert_eq!(
+            parse(json!("5m")).unwrap(),
+            KeepAlive::For(Duration::from_secs(300))
+        );
+        assert_eq!(
+            parse(json!(30)).unwrap(),
+            KeepAlive::For(Duration::from_secs(30))
+        );
+        assert_eq!(parse(json!(0)).unwrap(), KeepAlive::For(Duration::ZERO));
+        assert_eq!(parse(json!("0")).unwrap(), KeepAlive::For(Duration::ZERO));
+        assert_eq!(parse(json!(-1)).unwrap(), KeepAlive::Forever);
+        assert_eq!(parse(json!("-1m")).unwrap(), KeepAlive::Forever);
+        for bad in [
+            json!("soon"),
+            json!("-x"),
+            json!("5 parsecs"),
+            json!(true),
+            json!(1e300),
+        ] {
+            let e = parse(bad.clone()).unwrap_err().to_string();
+            assert!(
+                e.contains("keep_alive") && e.contains("allowed"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     fn limits(defaults: &SamplingDefaults, context: Option<usize>) -> Limits<'_> {
         Limits {

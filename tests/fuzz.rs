@@ -227,6 +227,11 @@ const CONFIG_KEYS: &[&str] = &[
     "api_key_sha256",
     "tokens_per_minute",
     "max_concurrent_requests",
+    "metrics",
+    "vllm_compatible_names",
+    "otel_genai_names",
+    "pin",
+    "grammar_index",
 ];
 
 fn toml_value() -> impl Strategy<Value = String> {

@@ -194,6 +194,57 @@ async fn lazy_models_load_on_first_request_and_keep_alive_unloads_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_keep_alive_replaces_the_configured_one_until_the_model_unloads() {
+    use llm_pool::pool::KeepAlive;
+    // Configured: never unload. A request's keep_alive 0 (Ollama: unload when idle) wins.
+    let mut m = tiny("ka-req", "llama3");
+    m.load = LoadPolicy::Lazy;
+    // A pinned model ignores a request's keep_alive.
+    let mut pinned = tiny("ka-pin", "qwen2");
+    pinned.pin = true;
+    // Configured: 100 ms. A request's negative keep_alive keeps it loaded.
+    let mut short = tiny("ka-short", "mistral");
+    short.load = LoadPolicy::Lazy;
+    short.keep_alive = Some("100ms".into());
+    let pool = Pool::start(config(vec![m, pinned, short])).await.unwrap();
+    let ask = || GenerateRequest::ids(vec![1, 2, 3]).max_tokens(2);
+    let now = KeepAlive::For(Duration::ZERO);
+    pool.generate("ka-req", ask().keep_alive(now))
+        .await
+        .unwrap();
+    pool.generate("ka-pin", ask().keep_alive(now))
+        .await
+        .unwrap();
+    pool.generate("ka-short", ask().keep_alive(KeepAlive::Forever))
+        .await
+        .unwrap();
+    wait_until("keep_alive 0 unload", || {
+        pool.model("ka-req").unwrap().state == ModelState::Unloaded
+    })
+    .await;
+    // Several supervisor ticks (200 ms) and the 100 ms configured keep-alive over again.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(pool.model("ka-pin").unwrap().state, ModelState::Ready);
+    assert_eq!(pool.model("ka-short").unwrap().state, ModelState::Ready);
+    // Loaded again without a keep_alive, "ka-req" is back to its configured one: it stays.
+    pool.generate("ka-req", ask()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(pool.model("ka-req").unwrap().state, ModelState::Ready);
+    // A later request's keep_alive replaces the earlier one: "ka-short" may go again.
+    pool.generate(
+        "ka-short",
+        ask().keep_alive(KeepAlive::For(Duration::from_millis(50))),
+    )
+    .await
+    .unwrap();
+    wait_until("keep_alive 50ms unload", || {
+        pool.model("ka-short").unwrap().state == ModelState::Unloaded
+    })
+    .await;
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_loaded_models_evicts_the_least_recently_used_idle_model() {
     let mut c = config(vec![
         tiny("lru-a", "llama3"),

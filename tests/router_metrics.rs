@@ -1,6 +1,7 @@
 //! `[metrics] vllm_compatible_names`: the gauges an inference router scrapes, under vLLM's
-//! names and `model_name` label, alongside llm-pool's own. Its own test binary: the switch is
-//! process-wide, and other tests start pools without it.
+//! names and `model_name` label, alongside llm-pool's own; `[metrics] otel_genai_names`: the
+//! request histograms under OpenTelemetry's GenAI names. Its own test binary: the switches are
+//! process-wide, and other tests start pools without them.
 
 mod common;
 
@@ -21,6 +22,7 @@ async fn vllm_names_mirror_our_gauges_per_model() {
         models: vec![ModelConfig::new("rm-llama", common::hf_fixture("llama3"))],
         metrics: MetricsSettings {
             vllm_compatible_names: true,
+            otel_genai_names: true,
         },
         ..Config::default()
     };
@@ -62,6 +64,40 @@ async fn vllm_names_mirror_our_gauges_per_model() {
         assert!(
             theirs.is_some() && theirs == mine,
             "{vllm} {theirs:?} against {ours} {mine:?}"
+        );
+    }
+    // The model's state series: ready, and only ready.
+    for (state, expected) in [("ready", 1.0), ("loading", 0.0), ("failed", 0.0)] {
+        let series = format!("llm_pool_model_state{{model=\"rm-llama\",state=\"{state}\"}}");
+        assert_eq!(
+            value(&after, &series),
+            Some(expected),
+            "{series} in:\n{after}"
+        );
+    }
+    // OpenTelemetry's names record the same observations as ours: one request, the same sums.
+    let otel_labels = "gen_ai_request_model=\"rm-llama\",gen_ai_operation_name=\"text_completion\"";
+    for (otel, ours) in [
+        (
+            "gen_ai_server_request_duration_seconds",
+            "llm_pool_request_duration_seconds",
+        ),
+        (
+            "gen_ai_server_time_to_first_token_seconds",
+            "llm_pool_time_to_first_token_seconds",
+        ),
+        (
+            "gen_ai_server_time_per_output_token_seconds",
+            "llm_pool_time_per_output_token_seconds",
+        ),
+    ] {
+        let count = value(&after, &format!("{otel}_count{{{otel_labels}}}"));
+        assert_eq!(count, Some(1.0), "{otel}_count in:\n{after}");
+        let theirs = value(&after, &format!("{otel}_sum{{{otel_labels}}}"));
+        let mine = value(&after, &format!("{ours}_sum{{model=\"rm-llama\"}}"));
+        assert!(
+            theirs.is_some() && theirs == mine,
+            "{otel} {theirs:?} against {ours} {mine:?}"
         );
     }
     pool.shutdown().await;

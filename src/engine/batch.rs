@@ -232,8 +232,12 @@ impl<'m, C: Client> Batcher<'m, C> {
 
     /// The KV budget in use, as a fraction: tokens in every slot's cache over the budget.
     pub fn kv_usage(&self) -> f64 {
-        let used: usize = self.slots.iter().map(|s| s.tokens.len()).sum();
-        used as f64 / self.settings.kv_budget_tokens as f64
+        self.kv_used_tokens() as f64 / self.settings.kv_budget_tokens as f64
+    }
+
+    /// Tokens the slots hold in the KV cache (of `kv_budget_tokens`).
+    pub fn kv_used_tokens(&self) -> usize {
+        self.slots.iter().map(|s| s.tokens.len()).sum()
     }
 
     /// Starts a sequence in the free slot whose cached tokens share the longest prefix with

@@ -209,7 +209,7 @@ pub enum CachePolicy {
 /// How a generation used the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheUse {
-    /// The cache was reset first, for this reason (`policy`, `new_prompt`, `after_error`).
+    /// The cache was reset first, for this reason (`policy`, `new_prompt`).
     Reset(&'static str),
     /// This many prompt tokens were already in the cache and were not computed again.
     PrefixHit(usize),

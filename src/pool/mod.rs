@@ -24,7 +24,7 @@ mod registry;
 mod supervisor;
 mod worker;
 
-pub use crate::request::{GenerateRequest, Prompt, DEFAULT_MAX_TOKENS};
+pub use crate::request::{GenerateRequest, KeepAlive, Prompt, DEFAULT_MAX_TOKENS};
 
 use crate::config::Config;
 use crate::engine::{CacheUse, FinishReason};
@@ -295,6 +295,9 @@ impl Pool {
                 model: model.to_string(),
                 reason: format!("it failed: {reason}"),
             });
+        }
+        if let Some(keep_alive) = request.keep_alive {
+            handle.set_keep_alive(keep_alive);
         }
         let (events, receiver) = mpsc::unbounded_channel();
         handle

@@ -38,7 +38,12 @@ pub(crate) struct ModelHandle {
     pub consecutive_failures: AtomicU32,
     pub in_flight: AtomicUsize,
     pub ready_workers: AtomicUsize,
+    /// Running, held and KV figures summed over the model's workers, for its gauges.
+    pub load: crate::metrics::ModelLoad,
     pub last_used: Mutex<Instant>,
+    /// The keep-alive the latest request asked for, replacing the configured one until the
+    /// model is unloaded.
+    pub keep_alive_override: Mutex<Option<crate::request::KeepAlive>>,
     pub architecture: Mutex<Option<&'static str>>,
     /// The context a request may use: the loaded model's, capped by the config's
     /// `max_context` (0 until first loaded).
@@ -75,7 +80,9 @@ impl ModelHandle {
             consecutive_failures: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             ready_workers: AtomicUsize::new(0),
+            load: crate::metrics::ModelLoad::default(),
             last_used: Mutex::new(Instant::now()),
+            keep_alive_override: Mutex::new(None),
             architecture: Mutex::new(None),
             max_context: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -92,6 +99,7 @@ impl ModelHandle {
     }
 
     pub fn set_state(&self, state: ModelState) {
+        crate::metrics::model_state(self.name(), state.as_str());
         self.state.send_replace(state);
     }
 
@@ -122,6 +130,24 @@ impl ModelHandle {
     pub fn touch(&self) {
         if let Ok(mut t) = self.last_used.lock() {
             *t = Instant::now();
+        }
+    }
+
+    /// Records a request's `keep_alive` for the model.
+    pub fn set_keep_alive(&self, keep_alive: crate::request::KeepAlive) {
+        if let Ok(mut k) = self.keep_alive_override.lock() {
+            *k = Some(keep_alive);
+        }
+    }
+
+    /// How long the model may stay idle before it is unloaded: the latest request's
+    /// `keep_alive`, else the configured one; `None` keeps it loaded.
+    pub fn effective_keep_alive(&self) -> Option<Duration> {
+        let requested = self.keep_alive_override.lock().ok().and_then(|k| *k);
+        match requested {
+            Some(crate::request::KeepAlive::Forever) => None,
+            Some(crate::request::KeepAlive::For(d)) => Some(d),
+            None => self.config.keep_alive().ok().flatten(),
         }
     }
 
@@ -219,6 +245,7 @@ pub(crate) struct Registry {
 impl Registry {
     pub fn insert(&self, handle: ModelHandle) {
         crate::metrics::register_model(handle.name());
+        crate::metrics::model_state(handle.name(), handle.state().as_str());
         self.models
             .insert(handle.name().to_string(), Arc::new(handle));
     }

@@ -236,6 +236,11 @@ impl Supervisor {
 
     fn stop_model(&self, handle: &ModelHandle, state: ModelState, reason: &str) {
         let was_loaded = matches!(handle.state(), ModelState::Ready | ModelState::Loading);
+        // A request's keep_alive lasts while the model stays loaded; the next load starts
+        // from the configured one again.
+        if let Ok(mut k) = handle.keep_alive_override.lock() {
+            *k = None;
+        }
         handle.next_generation();
         handle.set_state(state);
         if was_loaded {
@@ -260,7 +265,7 @@ impl Actor for Supervisor {
         ctx.run_interval(TICK, |act, _ctx| {
             for handle in act.registry.all() {
                 crate::metrics::queue_depth(handle.name(), handle.queue_rx.len());
-                let Ok(Some(keep_alive)) = handle.config.keep_alive() else {
+                let Some(keep_alive) = handle.effective_keep_alive() else {
                     continue;
                 };
                 if handle.config.pin {

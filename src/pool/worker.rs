@@ -127,7 +127,8 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         "worker ready"
     );
     // Before the model shows ready: a router that sees it ready finds its cache shape too.
-    let step_metrics = crate::metrics::BatchMetrics::new(handle.name());
+    let step_metrics =
+        crate::metrics::BatchMetrics::new(handle.name(), &handle.load, settings.kv_budget_tokens);
     step_metrics.cache_config(handle.name(), settings.kv_budget_tokens);
     inc(&handle.ready_workers);
     let _ready_guard = ReadyGuard(handle);
@@ -159,12 +160,12 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         }));
         match stepped {
             Ok(stats) => {
-                let waiting = handle.queue_rx.len() + usize::from(pending.is_some());
                 step_metrics.step(
                     stats.sequences,
                     batcher.running(),
-                    waiting,
-                    batcher.kv_usage(),
+                    pending.is_some(),
+                    batcher.kv_used_tokens(),
+                    handle.queue_rx.len(),
                 );
             }
             Err(panic) => {
@@ -389,13 +390,20 @@ impl<'h> JobClient<'h> {
             .first_token
             .map(|t| t.duration_since(self.job.enqueued))
             .unwrap_or(total);
+        let operation = match self.job.request.prompt {
+            crate::text::Prompt::Chat(_) => "chat",
+            _ => "text_completion",
+        };
         crate::metrics::generation(
             handle.name(),
-            output.prompt_tokens,
-            output.completion_tokens(),
-            total,
-            ttft,
-            output.decode,
+            crate::metrics::GenerationTimes {
+                prompt_tokens: output.prompt_tokens,
+                generated_tokens: output.completion_tokens(),
+                total,
+                first_token: ttft,
+                decode: output.decode,
+                operation,
+            },
         );
         let outcome = match output.finish_reason {
             FinishReason::Cancelled => "cancelled",

@@ -39,6 +39,9 @@ struct Sampling {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// Ollama's `keep_alive`: a duration string or seconds; 0 unloads when idle, negative
+    /// keeps the model loaded.
+    keep_alive: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +138,10 @@ fn apply_sampling(mut request: GenerateRequest, s: &Sampling) -> Result<Generate
     request.min_p = s.min_p;
     request.repetition_penalty = s.repetition_penalty;
     request.seed = s.seed.map(|v| v as u64);
+    request.keep_alive = match &s.keep_alive {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(crate::request::KeepAlive::parse(v).map_err(ApiError::from)?),
+    };
     request.stop = match &s.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],

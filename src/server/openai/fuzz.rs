@@ -67,6 +67,7 @@ const FIELDS: &[&str] = &[
     "logprobs",
     "top_logprobs",
     "chat_template_kwargs",
+    "keep_alive",
 ];
 
 fn scalar() -> impl Strategy<Value = Value> {
