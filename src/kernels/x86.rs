@@ -260,11 +260,20 @@ impl Unpack for BlockQ8_0 {
         // SAFETY: AVX-512 F by the caller; each read is 8 bytes inside `qs`.
         unsafe {
             std::array::from_fn(|t| {
-                let q = (self.qs.as_ptr().add(8 * t) as *const i64).read_unaligned();
-                _mm512_xor_si512(_mm512_set1_epi64(q), _mm512_set1_epi8(i8::MIN))
+                let q = (self.qs.as_ptr().add(8 * t) as *const u64).read_unaligned();
+                _mm512_set1_epi64(offset_codes(q))
             })
         }
     }
+}
+
+/// Eight signed Q8_0 codes (one per byte) as their unsigned offset form `w + 128`
+/// (`w ^ 0x80`), as one 64-bit lane. Done on the scalar before the broadcast: rustc 1.95's
+/// LLVM looped without end in x86 instruction selection (eating all memory) on the same xor
+/// written on the broadcast vector, in some builds of this crate.
+#[inline(always)]
+fn offset_codes(q: u64) -> i64 {
+    (q ^ 0x8080_8080_8080_8080) as i64
 }
 
 /// Horizontal sum of 8 floats.
@@ -410,6 +419,7 @@ unsafe fn tile<B: Unpack, D: Dot>(
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn tile_avx2<B: Unpack>(
     w: &[B],
@@ -427,6 +437,7 @@ pub(super) unsafe fn tile_avx2<B: Unpack>(
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA, F16C and AVX-VNNI.
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 pub(super) unsafe fn tile_avx_vnni<B: Unpack>(
     w: &[B],
@@ -444,6 +455,7 @@ pub(super) unsafe fn tile_avx_vnni<B: Unpack>(
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI.
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn tile_avx512_vnni<B: Unpack>(
     w: &[B],
@@ -530,8 +542,8 @@ impl PanelWeight for GroupRow<'_, GroupQ8_0> {
         // SAFETY: AVX-512 F by the caller.
         unsafe {
             std::array::from_fn(|t| {
-                let q = i64::from_le_bytes(g.qs[t][r].map(|b| b as u8));
-                _mm512_xor_si512(_mm512_set1_epi64(q), _mm512_set1_epi8(i8::MIN))
+                let q = u64::from_le_bytes(g.qs[t][r].map(|b| b as u8));
+                _mm512_set1_epi64(offset_codes(q))
             })
         }
     }
@@ -683,14 +695,8 @@ unsafe fn dot_panel<W: PanelWeight>(w: impl Fn(usize) -> W, a: &[PanelBlock]) ->
                 &mut corr0,
             );
         }
-        // Row r is in lanes 2r and 2r + 1. The pairs are summed through memory: LLVM's x86
-        // instruction selection ran out of memory (over 14 GB) on this reduction written as
-        // in-register shuffles (a permute, a cross-lane permute, a cast), in some builds.
-        let mut lanes = [0f32; 2 * PANEL_ROWS];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_add_ps(acc0, acc1));
-        let mut corr = [0f32; PANEL_ROWS];
-        _mm256_storeu_ps(corr.as_mut_ptr(), _mm256_add_ps(corr0, corr1));
-        std::array::from_fn(|r| lanes[2 * r] + lanes[2 * r + 1] + corr[r])
+        // Row r is in lanes 2r and 2r + 1.
+        row_sums(_mm512_add_ps(acc0, acc1), _mm256_add_ps(corr0, corr1))
     }
 }
 
@@ -701,6 +707,7 @@ unsafe fn dot_panel<W: PanelWeight>(w: impl Fn(usize) -> W, a: &[PanelBlock]) ->
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI.
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn tile_panels_avx512_vnni<W: PanelWeight>(
     w: impl Fn(usize, usize) -> W,
@@ -744,6 +751,12 @@ pub(super) trait GroupUnpack: Copy {
     /// # Safety
     /// The CPU must have F16C and AVX.
     unsafe fn scales(&self) -> __m256;
+    /// The eight rows' `d`, each twice: row `r`'s in lanes `2r` and `2r + 1`, matching the
+    /// two lane sums `vpdpbusd` leaves per row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, AVX2 and F16C.
+    unsafe fn scale_pairs(&self) -> __m512;
     /// The eight rows' correction coefficients, given their `d`: Q4_1 `m`, Q5_0 `−16·d`,
     /// Q8_0 `−128·d`.
     ///
@@ -771,6 +784,32 @@ unsafe fn f16x8(v: &[half::f16; GROUP]) -> __m256 {
     unsafe { _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i)) }
 }
 
+/// Eight f16 values as sixteen f32, each twice (value `r` in lanes `2r` and `2r + 1`).
+/// Each f16 is widened into a 32-bit lane and copied into its upper half, so one conversion
+/// gives the pairs.
+#[inline(always)]
+unsafe fn f16_pairs(v: &[half::f16; GROUP]) -> __m512 {
+    // SAFETY: AVX-512 F, AVX2 and F16C by the caller; the load is the 16 bytes of `v`.
+    unsafe {
+        let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(v.as_ptr() as *const __m128i));
+        _mm512_cvtph_ps(_mm256_or_si256(wide, _mm256_slli_epi32::<16>(wide)))
+    }
+}
+
+/// The eight row sums of `acc` (row `r` in lanes `2r`, `2r + 1`) plus `corr`: the end of
+/// every AVX-512 kernel that computes eight rows per product.
+#[inline(always)]
+unsafe fn row_sums(acc: __m512, corr: __m256) -> [f32; GROUP] {
+    // SAFETY: AVX-512 F and AVX by the caller; the stores fill two local arrays exactly.
+    unsafe {
+        let mut lanes = [0f32; 2 * GROUP];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut corr_lanes = [0f32; GROUP];
+        _mm256_storeu_ps(corr_lanes.as_mut_ptr(), corr);
+        std::array::from_fn(|r| lanes[2 * r] + lanes[2 * r + 1] + corr_lanes[r])
+    }
+}
+
 impl GroupUnpack for GroupQ4_1 {
     #[inline(always)]
     unsafe fn steps(&self) -> [__m512i; QK / 8] {
@@ -781,6 +820,11 @@ impl GroupUnpack for GroupQ4_1 {
     unsafe fn scales(&self) -> __m256 {
         // SAFETY: as this method's contract.
         unsafe { f16x8(&self.d) }
+    }
+    #[inline(always)]
+    unsafe fn scale_pairs(&self) -> __m512 {
+        // SAFETY: as this method's contract.
+        unsafe { f16_pairs(&self.d) }
     }
     #[inline(always)]
     unsafe fn coefficients(&self, _d: __m256) -> __m256 {
@@ -810,6 +854,11 @@ impl GroupUnpack for GroupQ5_0 {
         unsafe { f16x8(&self.d) }
     }
     #[inline(always)]
+    unsafe fn scale_pairs(&self) -> __m512 {
+        // SAFETY: as this method's contract.
+        unsafe { f16_pairs(&self.d) }
+    }
+    #[inline(always)]
     unsafe fn coefficients(&self, d: __m256) -> __m256 {
         // SAFETY: AVX by the caller.
         unsafe { _mm256_mul_ps(d, _mm256_set1_ps(-16.0)) }
@@ -834,6 +883,11 @@ impl GroupUnpack for GroupQ8_0 {
         unsafe { f16x8(&self.d) }
     }
     #[inline(always)]
+    unsafe fn scale_pairs(&self) -> __m512 {
+        // SAFETY: as this method's contract.
+        unsafe { f16_pairs(&self.d) }
+    }
+    #[inline(always)]
     unsafe fn coefficients(&self, d: __m256) -> __m256 {
         // SAFETY: AVX by the caller.
         unsafe { _mm256_mul_ps(d, _mm256_set1_ps(-128.0)) }
@@ -852,8 +906,6 @@ unsafe fn dot_group<G: GroupUnpack>(g: &[G], a: &[BlockQ8]) -> [f32; GROUP] {
     // SAFETY: the features are guaranteed by the caller; loads are through references to whole
     // fields, and each activation step read is 8 bytes inside the block's 32.
     unsafe {
-        // Row r's scale in lanes 2r and 2r + 1, matching its two lane sums.
-        let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
         let block = |gb: &G, ab: &BlockQ8, acc: &mut __m512, corr: &mut __m256| {
             let steps = gb.steps();
             // Step t of the activation: its bytes 8t..8t + 8 in every lane.
@@ -866,11 +918,9 @@ unsafe fn dot_group<G: GroupUnpack>(g: &[G], a: &[BlockQ8]) -> [f32; GROUP] {
             for (t, step) in steps.iter().enumerate() {
                 dot = _mm512_dpbusd_epi32(dot, *step, av(t));
             }
-            let d = gb.scales();
-            let d16 = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(d));
-            let scale = _mm512_mul_ps(d16, _mm512_set1_ps(ab.d));
+            let scale = _mm512_mul_ps(gb.scale_pairs(), _mm512_set1_ps(ab.d));
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
-            *corr = _mm256_fmadd_ps(gb.coefficients(d), _mm256_set1_ps(ab.s), *corr);
+            *corr = _mm256_fmadd_ps(gb.coefficients(gb.scales()), _mm256_set1_ps(ab.s), *corr);
         };
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let (mut corr0, mut corr1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -882,17 +932,7 @@ unsafe fn dot_group<G: GroupUnpack>(g: &[G], a: &[BlockQ8]) -> [f32; GROUP] {
             let last = g.len() - 1;
             block(&g[last], &a[last], &mut acc0, &mut corr0);
         }
-        let (acc, corr) = ([acc0, acc1], [corr0, corr1]);
-        let sum = _mm512_add_ps(acc[0], acc[1]);
-        let sum = _mm512_add_ps(sum, _mm512_permute_ps::<0b10_11_00_01>(sum));
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-        let rows = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, sum));
-        let mut out = [0f32; GROUP];
-        _mm256_storeu_ps(
-            out.as_mut_ptr(),
-            _mm256_add_ps(rows, _mm256_add_ps(corr[0], corr[1])),
-        );
-        out
+        row_sums(_mm512_add_ps(acc0, acc1), _mm256_add_ps(corr0, corr1))
     }
 }
 
@@ -913,14 +953,12 @@ unsafe fn dot_group_rows<G: GroupUnpack, const R: usize>(
 ) -> [[f32; GROUP]; R] {
     // SAFETY: as `dot_group`.
     unsafe {
-        let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
         let mut acc = [_mm512_setzero_ps(); R];
         let mut corr = [_mm256_setzero_ps(); R];
         for (b, gb) in g.iter().enumerate() {
             let steps = gb.steps();
-            let d = gb.scales();
-            let d16 = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(d));
-            let coef = gb.coefficients(d);
+            let d16 = gb.scale_pairs();
+            let coef = gb.coefficients(gb.scales());
             for r in 0..R {
                 let ab = a[r].get_unchecked(b);
                 let av = |t: usize| {
@@ -935,14 +973,7 @@ unsafe fn dot_group_rows<G: GroupUnpack, const R: usize>(
                 corr[r] = _mm256_fmadd_ps(coef, _mm256_set1_ps(ab.s), corr[r]);
             }
         }
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-        let mut out = [[0f32; GROUP]; R];
-        for r in 0..R {
-            let sum = _mm512_add_ps(acc[r], _mm512_permute_ps::<0b10_11_00_01>(acc[r]));
-            let rows = _mm512_castps512_ps256(_mm512_permutexvar_ps(even, sum));
-            _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(rows, corr[r]));
-        }
-        out
+        std::array::from_fn(|r| row_sums(acc[r], corr[r]))
     }
 }
 
@@ -955,6 +986,7 @@ unsafe fn dot_group_rows<G: GroupUnpack, const R: usize>(
 /// # Safety
 /// The CPU must have AVX2, FMA, F16C, AVX-512 F, BW, VL and VNNI; `a` must hold `m · nb`
 /// blocks.
+#[inline(never)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn tile_groups_avx512_vnni<G: GroupUnpack>(
     groups: &[G],
