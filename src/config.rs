@@ -84,6 +84,10 @@ pub struct PoolSettings {
     pub restart_backoff_max_ms: u64,
     /// Directory that admin loads by relative path may read from (issue-free default: none).
     pub models_dir: Option<PathBuf>,
+    /// Nice value (0-19) of the threads that run models, below the HTTP host's: when compute
+    /// holds every core, `/metrics`, health probes and token streaming are still scheduled
+    /// promptly. 0 runs them at normal priority. Linux only.
+    pub compute_nice: i32,
 }
 
 impl Default for PoolSettings {
@@ -95,6 +99,7 @@ impl Default for PoolSettings {
             restart_backoff_ms: 100,
             restart_backoff_max_ms: 10_000,
             models_dir: None,
+            compute_nice: crate::resources::DEFAULT_COMPUTE_NICE,
         }
     }
 }
@@ -418,6 +423,15 @@ impl Config {
                 ));
             }
         }
+        if !(0..=19).contains(&self.pool.compute_nice) {
+            return Err(Error::config(
+                "pool.compute_nice",
+                format!(
+                    "{} is not allowed; allowed: 0 (normal priority) to 19 (lowest)",
+                    self.pool.compute_nice
+                ),
+            ));
+        }
         if self.pool.max_consecutive_failures == 0 {
             return Err(Error::config(
                 "pool.max_consecutive_failures",
@@ -574,6 +588,26 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn compute_nice_takes_0_to_19() {
+        let check = |nice: i32| {
+            Config::from_toml(&format!("[pool]\ncompute_nice = {nice}\n"))
+                .and_then(|c| c.validate())
+        };
+        assert!(check(0).is_ok() && check(19).is_ok());
+        for bad in [-1, 20] {
+            let err = check(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("pool.compute_nice") && err.contains("0 (normal priority) to 19"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            Config::from_toml("").unwrap().pool.compute_nice,
+            crate::resources::DEFAULT_COMPUTE_NICE
+        );
     }
 
     #[test]

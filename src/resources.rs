@@ -24,3 +24,42 @@ pub fn release_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// The default nice value of the threads that run models (each worker's thread and its
+/// model's compute pool), `[pool] compute_nice`: below the HTTP host's threads, so that
+/// `/metrics`, `/health` and the streaming of tokens are scheduled before more compute when
+/// the cores are all busy. Compute keeps the cores whenever nothing else wants them.
+pub const DEFAULT_COMPUTE_NICE: i32 = 5;
+
+/// The nice value compute threads take (process-wide: the last pool started decides).
+static COMPUTE_NICE: std::sync::atomic::AtomicI32 =
+    std::sync::atomic::AtomicI32::new(DEFAULT_COMPUTE_NICE);
+
+/// Sets the nice value compute threads started from now on take (`[pool] compute_nice`).
+pub fn set_compute_nice(nice: i32) {
+    COMPUTE_NICE.store(nice, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Lowers the calling thread's scheduling priority to the configured compute nice value
+/// (Linux, where nice values are per thread; elsewhere nothing). A failure is logged and
+/// changes nothing else.
+pub fn lower_compute_thread_priority() {
+    let nice = COMPUTE_NICE.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(target_os = "linux")]
+    if nice > 0 {
+        // SAFETY: gettid and setpriority only read and set the calling thread's scheduling
+        // attributes.
+        let result = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+        };
+        if result != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "cannot lower a compute thread's priority"
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}

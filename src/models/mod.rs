@@ -738,6 +738,7 @@ fn cpu_pool(architecture: &str) -> Option<rayon::ThreadPool> {
     match rayon::ThreadPoolBuilder::new()
         .num_threads(candle_core::utils::get_num_threads())
         .thread_name(move |i| format!("{name}-cpu-{i}"))
+        .start_handler(|_| crate::resources::lower_compute_thread_priority())
         .build()
     {
         Ok(pool) => Some(pool),

@@ -187,6 +187,7 @@ impl Pool {
         config.validate()?;
         crate::metrics::install();
         crate::metrics::configure(&config.metrics);
+        crate::resources::set_compute_nice(config.pool.compute_nice);
         let registry = Arc::new(Registry::default());
         for model in config.models {
             registry.insert(ModelHandle::new(model)?);

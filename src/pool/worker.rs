@@ -37,6 +37,7 @@ pub(crate) fn spawn(
 ) -> std::io::Result<()> {
     let name = format!("llm-pool-{}-{replica}", handle.name());
     std::thread::Builder::new().name(name).spawn(move || {
+        crate::resources::lower_compute_thread_priority();
         // `run` catches the panics it expects; this one catches the rest, so that the
         // supervisor always hears of the exit (every request still held was answered by its
         // client's drop).
