@@ -1986,7 +1986,9 @@ fn bench_structured(b: &Bench) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // /metrics under load: what an inference router's scrapes cost and see
 
-/// Scrapes `/metrics` 20 times a second until `until`; returns each scrape's latency (ms).
+/// Scrapes `/metrics` 20 times a second until `until`, over one kept-alive connection (as
+/// Prometheus and the inference gateway's endpoint picker scrape), and returns each scrape's
+/// latency in ms.
 async fn scrape_for(client: &reqwest::Client, url: &str, until: Instant) -> Result<Vec<f64>> {
     let mut latencies = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -2037,38 +2039,55 @@ async fn bench_scrape(b: &Bench) -> Result<()> {
         .build()?;
     wait_ready(&client, &server.url).await?;
     let url = server.url.clone();
-    let idle = scrape_for(&client, &url, Instant::now() + phase).await?;
+    let scraper = reqwest::Client::new();
+    let idle = scrape_for(&scraper, &url, Instant::now() + phase).await?;
 
-    // Streams that generate back to back for the whole phase.
+    // Streams that generate back to back for the whole phase: first without scraping (the
+    // baseline of the same server), then while scraped.
     let streams = b.streams.iter().copied().max().unwrap_or(1);
     let prompt = b.stream_prompt();
-    let stop = Instant::now() + phase;
-    let generators = (0..streams).map(|_| {
+    let generate_until = |stop: Instant| {
         let (client, url, prompt) = (client.clone(), url.clone(), prompt.clone());
-        let gen = b.gen;
-        async move {
-            let mut tokens = 0usize;
-            while Instant::now() < stop {
-                tokens += http_run(&client, &url, &prompt, gen, Instant::now())
-                    .await?
-                    .tokens;
+        let generators = (0..streams).map(move |_| {
+            let (client, url, prompt) = (client.clone(), url.clone(), prompt.clone());
+            let gen = b.gen;
+            async move {
+                let mut tokens = 0usize;
+                while Instant::now() < stop {
+                    tokens += http_run(&client, &url, &prompt, gen, Instant::now())
+                        .await?
+                        .tokens;
+                }
+                Ok::<usize, anyhow::Error>(tokens)
             }
-            Ok::<usize, anyhow::Error>(tokens)
+        });
+        async move {
+            let counts = futures::future::join_all(generators).await;
+            Ok::<usize, anyhow::Error>(
+                counts
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .sum(),
+            )
         }
-    });
+    };
+    // Unscraped phases before and after the scraped one, so that drift over the run hits the
+    // baseline as it hits the measurement.
+    let unscraped_phase = || async {
+        let started = Instant::now();
+        let tokens = generate_until(Instant::now() + phase).await?;
+        Ok::<f64, anyhow::Error>(tokens as f64 / secs(started.elapsed()))
+    };
+    let before = unscraped_phase().await?;
+    let stop = Instant::now() + phase;
     let started = Instant::now();
-    let (loaded, generated) = futures::future::join(
-        scrape_for(&client, &url, stop),
-        futures::future::join_all(generators),
-    )
-    .await;
+    let (loaded, generated) =
+        futures::future::join(scrape_for(&scraper, &url, stop), generate_until(stop)).await;
     let wall = started.elapsed();
     let loaded = loaded?;
-    let tokens: usize = generated
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .sum();
+    let scraped = generated? as f64 / secs(wall);
+    let unscraped = (before + unscraped_phase().await?) / 2.0;
     let extra = json!({"scrapes_per_s": 20, "secs": secs_per_phase, "streams": streams});
     b.emit(
         "llm-pool",
@@ -2092,10 +2111,20 @@ async fn bench_scrape(b: &Bench) -> Result<()> {
         "llm-pool",
         "scrape",
         name,
+        &format!("c{streams}_aggregate_unscraped"),
+        "tok/s",
+        &[unscraped],
+        extra.clone(),
+    );
+    b.emit(
+        "llm-pool",
+        "scrape",
+        name,
         &format!("c{streams}_aggregate_while_scraped"),
         "tok/s",
-        &[tokens as f64 / secs(wall)],
-        extra,
+        &[scraped],
+        json!({"scrapes_per_s": 20, "secs": secs_per_phase, "streams": streams,
+               "vs_unscraped": scraped / unscraped}),
     );
     drop(server);
     Ok(())

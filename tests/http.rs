@@ -392,6 +392,18 @@ async fn bad_requests_get_4xx_naming_the_parameter() {
             Some("messages"),
             "invalid type",
         ),
+        (
+            json!({"model": "tiny", "messages": user, "keep_alive": "5 parsecs"}),
+            400,
+            Some("keep_alive"),
+            "allowed: a duration",
+        ),
+        (
+            json!({"model": "tiny", "messages": user, "keep_alive": [1]}),
+            400,
+            Some("keep_alive"),
+            "neither a string nor a number",
+        ),
     ];
     for (body, status, param, msg) in cases {
         let (s, b) = post(&client, &chat, body.clone()).await;
