@@ -2123,8 +2123,11 @@ async fn bench_scrape(b: &Bench) -> Result<()> {
         &format!("c{streams}_aggregate_while_scraped"),
         "tok/s",
         &[scraped],
-        json!({"scrapes_per_s": 20, "secs": secs_per_phase, "streams": streams,
-               "vs_unscraped": scraped / unscraped}),
+        {
+            let mut extra = extra;
+            extra["vs_unscraped"] = json!(scraped / unscraped);
+            extra
+        },
     );
     drop(server);
     Ok(())

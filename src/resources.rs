@@ -1,5 +1,6 @@
-//! This process's resource use: facts for reports and the memory tests, and giving freed
-//! memory back to the operating system when a model goes.
+//! This process's resource use: facts for reports and the memory tests, giving freed
+//! memory back to the operating system when a model goes, and the scheduling priority of the
+//! threads that compute (`[pool] compute_nice`).
 
 /// Peak resident set size of this process in bytes (`VmHWM` on Linux), when known.
 pub fn peak_rss_bytes() -> Option<u64> {
@@ -25,8 +26,8 @@ pub fn release_freed_memory() {
     }
 }
 
-/// The default nice value of the threads that run models (each worker's thread and its
-/// model's compute pool), `[pool] compute_nice`: below the HTTP host's threads, so that
+/// The default nice value of the threads that run models (each worker's thread, its model's
+/// forward pool and candle's barrier pool), `[pool] compute_nice`: below the HTTP host's threads, so that
 /// `/metrics`, `/health` and the streaming of tokens are scheduled before more compute when
 /// the cores are all busy. Compute keeps the cores whenever nothing else wants them.
 pub const DEFAULT_COMPUTE_NICE: i32 = 5;
@@ -62,4 +63,25 @@ pub fn lower_compute_thread_priority() {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = nice;
+}
+
+/// Lowers the priority of candle's barrier pool threads to the compute nice value, once per
+/// process. Every quantized matmul (ours and candle's) runs on that pool, so those are the
+/// threads that hold the cores; candle starts them without a start hook, so each is handed
+/// this as one piece of work. The calling thread takes part as the pool's last worker and is
+/// left as it is.
+pub fn lower_barrier_pool_priority() {
+    if COMPUTE_NICE.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        return;
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let pool = candle_core::utils::barrier_pool();
+        let workers = pool.n_workers();
+        pool.execute(|thread| {
+            if thread < workers {
+                lower_compute_thread_priority();
+            }
+        });
+    });
 }

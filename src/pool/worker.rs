@@ -38,6 +38,7 @@ pub(crate) fn spawn(
     let name = format!("llm-pool-{}-{replica}", handle.name());
     std::thread::Builder::new().name(name).spawn(move || {
         crate::resources::lower_compute_thread_priority();
+        crate::resources::lower_barrier_pool_priority();
         // `run` catches the panics it expects; this one catches the rest, so that the
         // supervisor always hears of the exit (every request still held was answered by its
         // client's drop).
