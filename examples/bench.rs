@@ -700,7 +700,7 @@ async fn pool_run(
                 return Ok(Timed {
                     ttft: ttft.unwrap_or(total),
                     total,
-                    tokens: r.completion_tokens,
+                    tokens: r.completion_tokens(),
                     end_since: t0.elapsed(),
                 });
             }

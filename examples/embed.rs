@@ -35,8 +35,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let result = pool.generate("smollm2", request).await?;
     println!(
         "generate: {:?} ({} tokens, finish: {})",
-        result.text.unwrap_or_default(),
-        result.completion_tokens,
+        result.text.as_deref().unwrap_or_default(),
+        result.completion_tokens(),
         result.finish_reason.as_str()
     );
 
@@ -56,7 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             GenerationEvent::Done(r) => println!(
                 "\n({} tokens, finish: {})",
-                r.completion_tokens,
+                r.completion_tokens(),
                 r.finish_reason.as_str()
             ),
         }
@@ -76,7 +76,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .response_format(Grammar::JsonSchema(city))
     .max_tokens(64);
     let answer = pool.generate("smollm2", request).await?;
-    let parsed: serde_json::Value = serde_json::from_str(&answer.text.unwrap_or_default())?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(answer.text.as_deref().unwrap_or_default())?;
     println!("json_schema: {parsed}");
 
     // A tool call: with a named tool_choice the call always parses.

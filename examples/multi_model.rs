@@ -34,8 +34,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, result) in [("smollm2", a?), ("gemma3", b?)] {
         println!(
             "{name}: {:?} ({} tokens in {:.2}s)",
-            result.text.unwrap_or_default(),
-            result.completion_tokens,
+            result.text.as_deref().unwrap_or_default(),
+            result.completion_tokens(),
             result.duration.as_secs_f64()
         );
     }

@@ -471,18 +471,6 @@ impl ModelConfig {
         self.max_slots.unwrap_or(self.max_batch_size)
     }
 
-    /// The batching settings of a worker of this model, whose KV cache takes
-    /// `kv_bytes_per_token` per token.
-    pub fn batch_settings(&self, kv_bytes_per_token: usize) -> crate::engine::batch::BatchSettings {
-        let budget = self.kv_cache_mb.saturating_mul(1 << 20);
-        crate::engine::batch::BatchSettings {
-            max_batch_size: self.max_batch_size,
-            max_slots: self.slots(),
-            prefill_chunk: self.prefill_chunk,
-            kv_budget_tokens: budget / kv_bytes_per_token.max(1),
-        }
-    }
-
     /// The parsed device.
     pub fn device_spec(&self) -> Result<DeviceSpec> {
         self.device.parse()

@@ -3,10 +3,10 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use llm_pool::config::SamplingDefaults;
-use llm_pool::engine::generate;
+use llm_pool::engine::run;
 use llm_pool::models::{LoadOptions, Model};
 use llm_pool::request::{GenerateRequest, Grammar, Limits, Prompt};
-use llm_pool::text::{prepare_prompt, ChatMessage, ModelText};
+use llm_pool::text::{ChatMessage, ModelText};
 use llm_pool::DeviceSpec;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -227,32 +227,23 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         ),
         _ => {}
     }
-    // The same two steps as a pool worker: the prompt through the text layer, then the one
-    // resolution of a request against the model's context.
+    // The same two stages as the pool: the request's checks, then the one preparation for the
+    // loaded model that a worker runs.
     let name = args.model.display().to_string();
-    let prepared = prepare_prompt(
-        &name,
-        text.as_ref(),
-        &request.prompt,
-        &request.chat_options(),
-        request.response_format.as_ref(),
-    )
-    .map_err(flag_error)?;
-    let prompt_ids = prepared.ids;
     let defaults = SamplingDefaults::default();
     let limits = Limits {
         model: &name,
         context: Some(model.info().max_context),
         defaults: &defaults,
     };
-    let mut params = request
-        .resolve(&limits, prompt_ids.len())
+    let prepared = request
+        .check(&limits)
+        .and_then(|checked| checked.prepare(&limits, text.as_ref()))
         .map_err(flag_error)?;
-    params.grammar = prepared.grammar;
-    params.output = prepared.output;
+    let prompt_ids = prepared.prompt().to_vec();
     let stream = args.stream;
     let mut stdout = std::io::stdout().lock();
-    let output = generate(&mut model, text.as_ref(), &prompt_ids, &params, |event| {
+    let output = run(&mut model, text.as_ref(), prepared, |event| {
         if stream {
             if event.text.is_empty() && text.is_none() {
                 let _ = write!(stdout, "{} ", event.id);
@@ -420,7 +411,7 @@ async fn run_pool(args: RunArgs) -> anyhow::Result<()> {
                                 "token_ids": r.token_ids,
                                 "finish_reason": r.finish_reason.as_str(),
                                 "prompt_tokens": r.prompt_tokens,
-                                "completion_tokens": r.completion_tokens,
+                                "completion_tokens": r.completion_tokens(),
                                 "time_to_first_token_ms": r.time_to_first_token.as_secs_f64() * 1e3,
                                 "duration_ms": r.duration.as_secs_f64() * 1e3,
                             })
@@ -431,7 +422,7 @@ async fn run_pool(args: RunArgs) -> anyhow::Result<()> {
                             "[{}: {} prompt + {} generated tokens, {}, first token {:.0} ms, total {:.0} ms]",
                             model,
                             r.prompt_tokens,
-                            r.completion_tokens,
+                            r.completion_tokens(),
                             r.finish_reason.as_str(),
                             r.time_to_first_token.as_secs_f64() * 1e3,
                             r.duration.as_secs_f64() * 1e3

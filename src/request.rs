@@ -1,13 +1,18 @@
-//! A generation request, and the one place it is checked and turned into engine settings.
+//! A generation request, and the one place it is checked and prepared for a model.
 //!
-//! Every entry point resolves a request through [`GenerateRequest::resolve`] (or checks it
-//! early with [`GenerateRequest::check`]): the HTTP host and [`Pool`](crate::pool::Pool) before
-//! queueing, the worker once the prompt is tokenized, and the CLI. So the same bad request gets
-//! the same error, naming the same parameter, whether or not its model is loaded yet.
+//! Two stages, each rule in one of them:
+//! - [`GenerateRequest::check`], before the prompt is tokenized (the pool runs it before
+//!   anything is queued or loaded): the model's configured defaults under the request's own
+//!   values, every range, the stop strings, the tools and the grammar's form, `max_tokens`
+//!   against the context when it is known;
+//! - [`CheckedRequest::prepare`], once the model is loaded (its worker, or the CLI): the prompt
+//!   becomes token ids, is checked against the context (the model's own, capped by the
+//!   config's `max_context`), `max_tokens` is defaulted to as much as fits (up to
+//!   [`DEFAULT_MAX_TOKENS`]), the seed is drawn, and the grammar is compiled. The result is the
+//!   engine's [`Prepared`], which the engine runs without checking again.
 //!
-//! What is resolved here: the model's configured defaults under the request's own values, the
-//! context (the model's own, capped by the config's `max_context`), `max_tokens` (explicit,
-//! defaulted, or as much as fits up to [`DEFAULT_MAX_TOKENS`]), and every range check.
+//! So the same bad request gets the same error, naming the same parameter, whether or not its
+//! model is loaded yet.
 //!
 //! ```
 //! use llm_pool::config::SamplingDefaults;
@@ -18,8 +23,8 @@
 //! let request = GenerateRequest::text("Once upon a time").max_tokens(4096);
 //! let err = request.check(&limits).unwrap_err();
 //! assert!(err.to_string().contains("max_tokens"));
-//! let params = GenerateRequest::text("Hi").resolve(&limits, 2)?;
-//! assert_eq!(params.max_tokens, 256);
+//! let prepared = GenerateRequest::ids(vec![1, 2]).check(&limits)?.prepare(&limits, None)?;
+//! assert_eq!(prepared.params().max_tokens, 256);
 //! # Ok::<(), llm_pool::Error>(())
 //! ```
 //!
@@ -44,13 +49,13 @@
 //! ```
 
 use crate::config::SamplingDefaults;
-use crate::engine::{Constrained, GenerateParams};
+use crate::engine::{check_context, GenerateParams, Prepared};
 use crate::error::{Error, Result};
 pub use crate::text::constrain::Grammar;
 use crate::text::output::OutputFormat;
 use crate::text::sampling::SamplingParams;
 pub use crate::text::tools::{ChatOptions, Tool, ToolChoice};
-use crate::text::ChatMessage;
+use crate::text::{prepare_prompt, ChatMessage, ModelText};
 
 pub use crate::text::Prompt;
 
@@ -272,38 +277,11 @@ impl GenerateRequest {
     }
 
     /// Checks everything that can be checked before the prompt is tokenized: every range, the
-    /// stop strings, and `max_tokens` against the context when the context is known.
-    pub fn check(&self, limits: &Limits<'_>) -> Result<()> {
-        self.settings(limits, None).map(|_| ())
-    }
-
-    /// Resolves the request into engine settings for a prompt of `prompt_tokens` tokens: what
-    /// [`check`](Self::check) does, plus the prompt against the context, and `max_tokens`
-    /// defaulted to as much as fits (up to [`DEFAULT_MAX_TOKENS`]) when nothing sets it.
-    pub fn resolve(&self, limits: &Limits<'_>, prompt_tokens: usize) -> Result<GenerateParams> {
-        self.settings(limits, Some(prompt_tokens))
-    }
-
-    fn settings(
-        &self,
-        limits: &Limits<'_>,
-        prompt_tokens: Option<usize>,
-    ) -> Result<GenerateParams> {
+    /// stop strings, the tools and the grammar's form, and `max_tokens` against the context
+    /// when the context is known. The pool runs it before anything is queued or loaded; the
+    /// checked request is what [`CheckedRequest::prepare`] takes.
+    pub fn check(self, limits: &Limits<'_>) -> Result<CheckedRequest> {
         let defaults = limits.defaults;
-        let sampling = SamplingParams {
-            temperature: self.temperature.or(defaults.temperature).unwrap_or(0.0),
-            top_k: self.top_k.or(defaults.top_k).unwrap_or(0),
-            top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
-            min_p: self.min_p.or(defaults.min_p).unwrap_or(0.0),
-            repetition_penalty: self
-                .repetition_penalty
-                .or(defaults.repetition_penalty)
-                .unwrap_or(1.0),
-            presence_penalty: self.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-            // Drawn once here, so a resolved request is reproducible from its settings.
-            seed: self.seed.unwrap_or_else(rand::random),
-        };
         let empty = match &self.prompt {
             Prompt::Text(t) => t.is_empty().then_some("the prompt must not be empty"),
             Prompt::Ids(ids) => ids.is_empty().then_some("the prompt must not be empty"),
@@ -335,78 +313,179 @@ impl GenerateRequest {
             }
         }
         self.chat_options().check()?;
-        let explicit = self.max_tokens.or(defaults.max_tokens);
-        let mut params = GenerateParams {
-            max_tokens: explicit.unwrap_or(1),
-            sampling,
+        let max_tokens = self.max_tokens.or(defaults.max_tokens);
+        let params = GenerateParams {
+            // Unset: as much as fits, worked out once the prompt's length is known.
+            max_tokens: max_tokens.unwrap_or(1),
+            sampling: SamplingParams {
+                temperature: self.temperature.or(defaults.temperature).unwrap_or(0.0),
+                top_k: self.top_k.or(defaults.top_k).unwrap_or(0),
+                top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
+                min_p: self.min_p.or(defaults.min_p).unwrap_or(0.0),
+                repetition_penalty: self
+                    .repetition_penalty
+                    .or(defaults.repetition_penalty)
+                    .unwrap_or(1.0),
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                // Drawn at preparation when the request sets none (see `prepare`).
+                seed: self.seed.unwrap_or(0),
+            },
             stop: self.stop.clone(),
             extra_stop_ids: Vec::new(),
-            // The chat plan may replace it (a forced tool call); checked here either way.
-            grammar: self.response_format.clone().map(|grammar| Constrained {
-                grammar,
-                param: "response_format".into(),
-            }),
+            // Which grammar applies (the request's, or the one a chat's tools call for) is
+            // decided when the prompt is prepared; its form is checked below.
+            grammar: None,
             logprobs: self.logprobs,
             output: OutputFormat::default(),
         };
-        // Ranges, stop strings and a zero max_tokens: the engine's own checks, run here first.
+        // Ranges, stop strings and a zero max_tokens: the engine's rules.
         params.validate()?;
+        if let Some(grammar) = &self.response_format {
+            grammar.check("response_format")?;
+        }
+        if let (Some(context), Some(m)) = (limits.context, max_tokens) {
+            check_context(limits.model, self.prompt.param(), None, Some(m), context)?;
+        }
+        Ok(CheckedRequest {
+            request: self,
+            params,
+            max_tokens,
+        })
+    }
+}
+
+/// A request that passed [`GenerateRequest::check`], with its settings resolved against the
+/// model's defaults. Reading it reads the request (it dereferences to [`GenerateRequest`]).
+#[derive(Debug, Clone)]
+pub struct CheckedRequest {
+    request: GenerateRequest,
+    /// The settings; the grammar and output format are decided by [`prepare`](Self::prepare).
+    params: GenerateParams,
+    /// `max_tokens` as the request or the model's config set it (`None`: as much as fits).
+    max_tokens: Option<usize>,
+}
+
+impl std::ops::Deref for CheckedRequest {
+    type Target = GenerateRequest;
+
+    fn deref(&self) -> &GenerateRequest {
+        &self.request
+    }
+}
+
+impl CheckedRequest {
+    /// The one preparation of a request for a loaded model, used by the pool's workers and
+    /// the CLI: the prompt becomes token ids (through the chat template with the request's
+    /// tools), the prompt is checked against the context, an unset `max_tokens` becomes as
+    /// much as fits (up to [`DEFAULT_MAX_TOKENS`]), an unset seed is drawn, and the grammar
+    /// (the request's, or the one its tools call for) is compiled. What [`check`]
+    /// (GenerateRequest::check) checked is not checked again.
+    ///
+    /// `text` is the model's text side (`None` for a model without a tokenizer, which takes
+    /// only token ids); `limits.context` is the context the request may use.
+    ///
+    /// ```no_run
+    /// use llm_pool::config::SamplingDefaults;
+    /// use llm_pool::models::{LoadOptions, Model};
+    /// use llm_pool::request::{GenerateRequest, Limits};
+    /// use llm_pool::text::{ChatMessage, ModelText};
+    ///
+    /// let path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    /// let mut model = Model::load(path, &LoadOptions::cpu())?;
+    /// let text = ModelText::load(path, model.info(), None)?;
+    /// let defaults = SamplingDefaults::default();
+    /// let limits = Limits { model: "smollm2", context: Some(2048), defaults: &defaults };
+    /// let request = GenerateRequest::chat(vec![ChatMessage::new("user", "Hi!")]).max_tokens(8);
+    /// let prepared = request.check(&limits)?.prepare(&limits, text.as_ref())?;
+    /// let output = llm_pool::engine::run(&mut model, text.as_ref(), prepared, |_| true)?;
+    /// println!("{:?}", output.text);
+    /// # Ok::<(), llm_pool::Error>(())
+    /// ```
+    pub fn prepare(&self, limits: &Limits<'_>, text: Option<&ModelText>) -> Result<Prepared> {
+        let request = &self.request;
+        let prompt = prepare_prompt(
+            limits.model,
+            text,
+            &request.prompt,
+            &request.chat_options(),
+            request.response_format.as_ref(),
+        )?;
+        let mut params = self
+            .settings_for(limits, prompt.ids.len())
+            .map_err(|e| self.tools_context_error(limits, text, prompt.ids.len(), e))?;
+        params.grammar = prompt.grammar;
+        params.output = prompt.output;
+        Prepared::checked(text, prompt.ids, params)
+    }
+
+    /// The settings for a prompt of `prompt_tokens` tokens: the prompt checked against the
+    /// context, `max_tokens` defaulted to what fits, the seed drawn when none is set.
+    fn settings_for(&self, limits: &Limits<'_>, prompt_tokens: usize) -> Result<GenerateParams> {
+        let mut params = self.params.clone();
         params.max_tokens = match limits.context {
             Some(context) => {
                 check_context(
                     limits.model,
-                    self.prompt.param(),
-                    prompt_tokens,
-                    explicit,
+                    self.request.prompt.param(),
+                    Some(prompt_tokens),
+                    self.max_tokens,
                     context,
                 )?;
-                match (explicit, prompt_tokens) {
-                    (Some(n), _) => n,
-                    // Unset: as much as fits, up to a default.
-                    (None, Some(p)) => DEFAULT_MAX_TOKENS.min(context - p),
-                    (None, None) => DEFAULT_MAX_TOKENS.min(context - 1),
-                }
+                // Unset: as much as fits, up to a default.
+                self.max_tokens
+                    .unwrap_or(DEFAULT_MAX_TOKENS.min(context - prompt_tokens))
             }
-            None => explicit.unwrap_or(DEFAULT_MAX_TOKENS),
+            None => self.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         };
+        // Drawn once here, so a prepared request is reproducible from its settings.
+        params.sampling.seed = self.request.seed.unwrap_or_else(rand::random);
         Ok(params)
     }
-}
 
-/// The one context rule. A request fits when at least one prompt token and `max_tokens` new
-/// ones fit in `context`:
-/// - `max_tokens` alone that leaves no room for a prompt names `max_tokens` (the same error
-///   whether or not the prompt is known yet);
-/// - a prompt that leaves no room for one new token, or for `max_tokens` of them, names the
-///   prompt's parameter (`prompt` or `messages`).
-///
-/// `prompt_tokens` is `None` before tokenization; `max_tokens` is `None` when it will be
-/// defaulted to what fits.
-pub fn check_context(
-    model: &str,
-    prompt_param: &'static str,
-    prompt_tokens: Option<usize>,
-    max_tokens: Option<usize>,
-    context: usize,
-) -> Result<()> {
-    let error = |param: &'static str| Error::ContextLength {
-        model: model.to_string(),
-        param,
-        prompt_tokens,
-        max_tokens,
-        context,
-    };
-    if let Some(m) = max_tokens {
-        if m >= context {
-            return Err(error("max_tokens"));
+    /// A prompt over the context with tools names `tools` when the conversation alone would
+    /// fit, so the client knows what to cut; any other error is returned as it is.
+    fn tools_context_error(
+        &self,
+        limits: &Limits<'_>,
+        text: Option<&ModelText>,
+        with_tools: usize,
+        original: Error,
+    ) -> Error {
+        let request = &self.request;
+        let Some(context) = limits.context else {
+            return original;
+        };
+        if request.tools.is_empty() || !matches!(original, Error::ContextLength { .. }) {
+            return original;
+        }
+        let mut bare = request.chat_options();
+        bare.tools.clear();
+        bare.tool_choice = ToolChoice::Auto;
+        let without =
+            prepare_prompt(limits.model, text, &request.prompt, &bare, None).map(|p| p.ids.len());
+        match without {
+            Ok(n)
+                if check_context(
+                    limits.model,
+                    request.prompt.param(),
+                    Some(n),
+                    self.max_tokens,
+                    context,
+                )
+                .is_ok() =>
+            {
+                Error::InvalidParameter {
+                    param: "tools".into(),
+                    message: format!(
+                        "the tools take {} of the prompt's {with_tools} tokens, and with them the request does not fit: {original}",
+                        with_tools.saturating_sub(n)
+                    ),
+                }
+            }
+            _ => original,
         }
     }
-    if let Some(p) = prompt_tokens {
-        if p.saturating_add(max_tokens.unwrap_or(1)) > context {
-            return Err(error(prompt_param));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -453,6 +532,18 @@ mod tests {
         }
     }
 
+    /// The settings a request gets for a prompt of `prompt_tokens` tokens.
+    fn resolve(
+        request: &GenerateRequest,
+        limits: &Limits<'_>,
+        prompt_tokens: usize,
+    ) -> Result<GenerateParams> {
+        request
+            .clone()
+            .check(limits)?
+            .settings_for(limits, prompt_tokens)
+    }
+
     fn param_of(e: Error) -> String {
         match e {
             Error::ContextLength { param, .. } => param.to_string(),
@@ -465,8 +556,13 @@ mod tests {
     fn oversized_max_tokens_names_max_tokens_before_and_after_tokenization() {
         let d = SamplingDefaults::default();
         let request = GenerateRequest::chat(vec![ChatMessage::new("user", "hi")]).max_tokens(100);
-        let early = request.check(&limits(&d, Some(100))).unwrap_err();
-        let late = request.resolve(&limits(&d, Some(100)), 5).unwrap_err();
+        // Checked with the context known, and with it unknown until the model has loaded.
+        let early = request.clone().check(&limits(&d, Some(100))).unwrap_err();
+        let late = request
+            .check(&limits(&d, None))
+            .unwrap()
+            .settings_for(&limits(&d, Some(100)), 5)
+            .unwrap_err();
         assert_eq!(param_of(early), "max_tokens");
         assert_eq!(param_of(late), "max_tokens");
     }
@@ -476,12 +572,12 @@ mod tests {
         let d = SamplingDefaults::default();
         let chat = GenerateRequest::chat(vec![ChatMessage::new("user", "hi")]).max_tokens(10);
         assert_eq!(
-            param_of(chat.resolve(&limits(&d, Some(100)), 95).unwrap_err()),
+            param_of(resolve(&chat, &limits(&d, Some(100)), 95).unwrap_err()),
             "messages"
         );
         let text = GenerateRequest::text("hi");
         assert_eq!(
-            param_of(text.resolve(&limits(&d, Some(100)), 100).unwrap_err()),
+            param_of(resolve(&text, &limits(&d, Some(100)), 100).unwrap_err()),
             "prompt"
         );
     }
@@ -491,11 +587,11 @@ mod tests {
         let d = SamplingDefaults::default();
         let r = GenerateRequest::text("hi");
         assert_eq!(
-            r.resolve(&limits(&d, Some(100)), 90).unwrap().max_tokens,
+            resolve(&r, &limits(&d, Some(100)), 90).unwrap().max_tokens,
             10
         );
         assert_eq!(
-            r.resolve(&limits(&d, Some(4096)), 90).unwrap().max_tokens,
+            resolve(&r, &limits(&d, Some(4096)), 90).unwrap().max_tokens,
             256
         );
         let d = SamplingDefaults {
@@ -503,13 +599,9 @@ mod tests {
             temperature: Some(0.5),
             ..SamplingDefaults::default()
         };
-        let p = r.resolve(&limits(&d, Some(4096)), 90).unwrap();
+        let p = resolve(&r, &limits(&d, Some(4096)), 90).unwrap();
         assert_eq!((p.max_tokens, p.sampling.temperature), (7, 0.5));
-        let p = r
-            .clone()
-            .temperature(0.0)
-            .resolve(&limits(&d, Some(4096)), 90)
-            .unwrap();
+        let p = resolve(&r.clone().temperature(0.0), &limits(&d, Some(4096)), 90).unwrap();
         assert_eq!(p.sampling.temperature, 0.0);
     }
 
@@ -519,6 +611,11 @@ mod tests {
         let mut r = GenerateRequest::text("hi");
         r.min_p = Some(3.0);
         assert_eq!(param_of(r.check(&limits(&d, None)).unwrap_err()), "min_p");
+        // A request without a seed gets one drawn at preparation, not at its check.
+        let checked = GenerateRequest::text("hi")
+            .check(&limits(&d, None))
+            .unwrap();
+        assert_eq!(checked.params.sampling.seed, 0);
         let r = GenerateRequest::text("hi").max_tokens(0);
         assert_eq!(
             param_of(r.check(&limits(&d, None)).unwrap_err()),

@@ -77,7 +77,7 @@ async fn json_schema_output_parses_and_validates_on_both_models() {
                 .seed(seed)
                 .max_tokens(120);
             let result = pool.generate(model, request).await.unwrap();
-            let text = result.text.unwrap();
+            let text = result.text.clone().unwrap();
             eprintln!("{model} seed {seed}: {text}");
             let v: Value = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("{model} seed {seed}: not JSON ({e}): {text:?}"));
@@ -111,6 +111,7 @@ async fn json_object_and_regex_formats_hold() {
         .generate("smollm2", request)
         .await
         .unwrap()
+        .output
         .text
         .unwrap();
     // Cut by max_tokens it may be unfinished; when it finished it must be an object.
@@ -126,6 +127,7 @@ async fn json_object_and_regex_formats_hold() {
         .generate("gemma3", request)
         .await
         .unwrap()
+        .output
         .text
         .unwrap();
     assert_eq!(text.len(), 6, "{text:?}");
@@ -192,7 +194,7 @@ async fn logprobs_agree_with_greedy_choices() {
             .max_tokens(8);
         let result = pool.generate(model, request).await.unwrap();
         let eos_end = usize::from(result.finish_reason == FinishReason::Stop);
-        assert_eq!(result.logprobs.len() + eos_end, result.completion_tokens);
+        assert_eq!(result.logprobs.len() + eos_end, result.completion_tokens());
         for (lp, &id) in result.logprobs.iter().zip(&result.token_ids) {
             assert_eq!(lp.chosen.id, id);
             assert_eq!(lp.top.len(), 5);
@@ -208,7 +210,7 @@ async fn logprobs_agree_with_greedy_choices() {
             .iter()
             .flat_map(|lp| lp.chosen.bytes.clone())
             .collect();
-        assert_eq!(String::from_utf8_lossy(&bytes), result.text.unwrap());
+        assert_eq!(String::from_utf8_lossy(&bytes), result.output.text.unwrap());
     }
     pool.shutdown().await;
 }
@@ -371,7 +373,7 @@ async fn reasoning_is_split_off_and_enable_thinking_turns_it_off() {
         .generate("smollm2-hermes", thinking.clone())
         .await
         .unwrap();
-    let reasoning = r.reasoning.expect("no reasoning");
+    let reasoning = r.reasoning.clone().expect("no reasoning");
     assert!(!reasoning.is_empty());
     assert_eq!(r.text.as_deref(), Some(""));
     // Streamed, the deltas add up to the same split.
@@ -396,6 +398,6 @@ async fn reasoning_is_split_off_and_enable_thinking_turns_it_off() {
         .max_tokens(12);
     let r = pool.generate("smollm2-hermes", off).await.unwrap();
     assert_eq!(r.reasoning, None);
-    assert!(!r.text.unwrap().is_empty());
+    assert!(!r.output.text.unwrap().is_empty());
     pool.shutdown().await;
 }

@@ -75,7 +75,7 @@ async fn concurrent_requests_to_two_models_all_complete_correctly() {
                 .generate(model, GenerateRequest::ids(p.clone()).max_tokens(8))
                 .await
                 .unwrap();
-            (fixture, p, r.token_ids)
+            (fixture, p, r.output.token_ids)
         }));
     }
     for t in tasks {

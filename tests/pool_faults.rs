@@ -77,7 +77,7 @@ async fn a_crash_restarts_the_worker_and_loses_no_queued_request() {
             .expect("a request hung after the crash");
         match answered.unwrap() {
             Ok(r) => {
-                assert_eq!(r.completion_tokens, 4);
+                assert_eq!(r.completion_tokens(), 4);
                 completed += 1;
             }
             Err(Error::WorkerRestarted { model, cause }) => {
@@ -246,13 +246,13 @@ async fn unload_answers_queued_requests_and_a_later_request_reloads() {
         .await
         .unwrap()
         .expect("the request in flight completes");
-    assert_eq!(done.completion_tokens, 3);
+    assert_eq!(done.completion_tokens(), 3);
     fail::cfg("llm_pool_worker_generate_fx-unload", "off").unwrap();
     let again = pool
         .generate("fx-unload", GenerateRequest::ids(vec![1, 9]).max_tokens(2))
         .await
         .expect("a request after the unload loads the model again");
-    assert_eq!(again.completion_tokens, 2);
+    assert_eq!(again.completion_tokens(), 2);
     assert_eq!(pool.model("fx-unload").unwrap().state, ModelState::Ready);
 }
 
@@ -348,7 +348,7 @@ async fn a_load_during_an_unload_keeps_the_finishing_worker() {
         .generate("fx-churn", GenerateRequest::ids(vec![1, 3]).max_tokens(2))
         .await
         .expect("served by the worker that was finishing");
-    assert_eq!(after.completion_tokens, 2);
+    assert_eq!(after.completion_tokens(), 2);
     running
         .await
         .unwrap()

@@ -20,7 +20,7 @@
 //!
 //! ```no_run
 //! use llm_pool::engine::batch::{Admission, BatchSettings, Batcher, Client, Pending};
-//! use llm_pool::engine::{CacheUse, GenerateOutput, GenerateParams, TokenEvent};
+//! use llm_pool::engine::{CacheUse, GenerateOutput, GenerateParams, Prepared, TokenEvent};
 //! use llm_pool::models::{LoadOptions, Model};
 //!
 //! /// Prints each sequence's tokens as they come.
@@ -38,10 +38,12 @@
 //!
 //! let mut model = Model::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &LoadOptions::cpu())?;
 //! let settings = BatchSettings { max_batch_size: 4, max_slots: 4, prefill_chunk: 256, kv_budget_tokens: 8192 };
+//! let info = model.info().clone();
 //! let mut batcher = Batcher::new(&mut model, None, settings)?;
 //! for (i, prompt) in [vec![1, 4093, 198], vec![1, 22, 7]].into_iter().enumerate() {
 //!     let params = GenerateParams { max_tokens: 8, ..GenerateParams::default() };
-//!     assert!(matches!(batcher.admit(Pending { prompt, params, client: Printer(i) }), Admission::Running));
+//!     let prepared = Prepared::new(&info, None, prompt, params)?;
+//!     assert!(matches!(batcher.admit(Pending { prepared, client: Printer(i) }), Admission::Running));
 //! }
 //! while !batcher.is_empty() {
 //!     batcher.step(); // both sequences advance in one batched forward
@@ -50,7 +52,7 @@
 //! ```
 
 use super::sequence::Generation;
-use super::{CacheUse, FinishReason, GenerateOutput, GenerateParams, TokenEvent};
+use super::{CacheUse, FinishReason, GenerateOutput, Prepared, TokenEvent};
 use crate::error::{Error, Result};
 use crate::models::{Model, SequenceChunk};
 use crate::text::ModelText;
@@ -119,12 +121,10 @@ pub trait Client {
     fn on_done(self, result: Result<(GenerateOutput, CacheUse)>);
 }
 
-/// A request ready to run: its prompt's tokens, its resolved parameters, and its client.
+/// A request ready to run: its checked input, and its client.
 pub struct Pending<C> {
-    /// The prompt's tokens.
-    pub prompt: Vec<u32>,
-    /// Resolved generation parameters.
-    pub params: GenerateParams,
+    /// The prompt's tokens and settings, checked against the model.
+    pub prepared: Prepared,
     /// Who the sequence reports to.
     pub client: C,
 }
@@ -244,15 +244,16 @@ impl<'m, C: Client> Batcher<'m, C> {
     /// its prompt, if a slot is free and its prompt plus `max_tokens` fit in the KV budget
     /// (dropping idle slots' kept tokens, least recently used first, to make room).
     pub fn admit(&mut self, pending: Pending<C>) -> Admission<C> {
-        let need = pending.prompt.len() + pending.params.max_tokens;
+        let prompt = pending.prepared.prompt();
+        let need = prompt.len() + pending.prepared.params().max_tokens;
         let budget = self.settings.kv_budget_tokens;
         if need > budget {
             let error = Error::InvalidParameter {
                 param: "max_tokens".into(),
                 message: format!(
                     "the prompt ({} tokens) plus max_tokens ({}) need {need} tokens of KV cache, more than this model's whole KV budget of {budget} tokens (kv_cache_mb); lower max_tokens or shorten the prompt",
-                    pending.prompt.len(),
-                    pending.params.max_tokens
+                    prompt.len(),
+                    pending.prepared.params().max_tokens
                 ),
             };
             return Admission::Refused(pending.client, error);
@@ -260,25 +261,14 @@ impl<'m, C: Client> Batcher<'m, C> {
         if !self.has_room() {
             return Admission::Full(Box::new(pending));
         }
-        let Some(slot) = self.pick_slot(&pending.prompt) else {
+        let Some(slot) = self.pick_slot(prompt) else {
             return Admission::Full(Box::new(pending));
         };
         if !self.make_room(slot, need) {
             return Admission::Full(Box::new(pending));
         }
-        // Only once it can run: a request waiting for room is offered again after every step.
-        let generation = match Generation::new(
-            self.model.info(),
-            self.text,
-            &pending.prompt,
-            &pending.params,
-        ) {
-            Ok(g) => g,
-            Err(e) => return Admission::Refused(pending.client, e),
-        };
         // A prompt must leave at least one token to compute, for the logits of its last.
-        let shared =
-            common_prefix(&self.slots[slot].tokens, &pending.prompt).min(pending.prompt.len() - 1);
+        let shared = common_prefix(&self.slots[slot].tokens, prompt).min(prompt.len() - 1);
         let reuse = match shared {
             0 => 0,
             n => match self.model.truncate_slot(slot, n) {
@@ -294,6 +284,8 @@ impl<'m, C: Client> Batcher<'m, C> {
                 return Admission::Refused(pending.client, e);
             }
         }
+        // Only once it can run: a request waiting for room is offered again after every step.
+        let (generation, prompt) = Generation::new(self.model.info(), self.text, pending.prepared);
         let s = &mut self.slots[slot];
         s.tokens.truncate(reuse);
         s.busy = true;
@@ -304,7 +296,7 @@ impl<'m, C: Client> Batcher<'m, C> {
         };
         self.running.push(Running {
             slot,
-            prompt: pending.prompt,
+            prompt,
             fed: reuse,
             next: None,
             generation,

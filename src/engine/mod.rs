@@ -12,12 +12,13 @@ pub mod sequence;
 
 use crate::error::{Error, Result};
 use crate::models::{LanguageModel, Model};
-use crate::text::constrain::Grammar;
+pub use crate::text::constrain::Constrained;
 use crate::text::logprobs::{TokenLogprobs, MAX_TOP_LOGPROBS};
 use crate::text::output::{OutputFormat, ToolCall};
 use crate::text::sampling::SamplingParams;
 use crate::text::ModelText;
 use sequence::Generation;
+pub use sequence::Prepared;
 use std::time::Duration;
 
 /// The most stop strings one request may give (OpenAI allows 4; llama.cpp more).
@@ -41,15 +42,6 @@ pub struct GenerateParams {
     pub logprobs: Option<usize>,
     /// How to split the text into answer, reasoning and tool calls.
     pub output: OutputFormat,
-}
-
-/// A grammar, and the request field it came from (named when it cannot be enforced).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Constrained {
-    /// The grammar.
-    pub grammar: Grammar,
-    /// The request field: `response_format`, `tool_choice`, `tools`.
-    pub param: String,
 }
 
 impl Default for GenerateParams {
@@ -104,6 +96,42 @@ impl GenerateParams {
         }
         Ok(())
     }
+}
+
+/// The one context rule. A request fits when at least one prompt token and `max_tokens` new
+/// ones fit in `context`:
+/// - `max_tokens` alone that leaves no room for a prompt names `max_tokens` (the same error
+///   whether or not the prompt is known yet);
+/// - a prompt that leaves no room for one new token, or for `max_tokens` of them, names the
+///   prompt's parameter (`prompt` or `messages`).
+///
+/// `prompt_tokens` is `None` before tokenization; `max_tokens` is `None` when it will be
+/// defaulted to what fits.
+pub fn check_context(
+    model: &str,
+    prompt_param: &'static str,
+    prompt_tokens: Option<usize>,
+    max_tokens: Option<usize>,
+    context: usize,
+) -> Result<()> {
+    let error = |param: &'static str| Error::ContextLength {
+        model: model.to_string(),
+        param,
+        prompt_tokens,
+        max_tokens,
+        context,
+    };
+    if let Some(m) = max_tokens {
+        if m >= context {
+            return Err(error("max_tokens"));
+        }
+    }
+    if let Some(p) = prompt_tokens {
+        if p.saturating_add(max_tokens.unwrap_or(1)) > context {
+            return Err(error(prompt_param));
+        }
+    }
+    Ok(())
 }
 
 /// Why a generation ended.
@@ -184,6 +212,8 @@ impl GenerateOutput {
 ///
 /// `text` (the model's tokenizer and stop set) is needed for text output and stop strings.
 /// `on_token` sees each token with its text delta and returns `false` to cancel.
+/// The settings are checked against the model ([`Prepared::new`]); [`run`] takes input checked
+/// already.
 pub fn generate(
     model: &mut Model,
     text: Option<&ModelText>,
@@ -191,9 +221,21 @@ pub fn generate(
     params: &GenerateParams,
     on_token: impl FnMut(TokenEvent<'_>) -> bool,
 ) -> Result<GenerateOutput> {
+    let prepared = Prepared::new(model.info(), text, prompt.to_vec(), params.clone())?;
+    run(model, text, prepared, on_token)
+}
+
+/// Generates from a checked input (from `request::prepare`, say) after resetting the model's
+/// cache.
+pub fn run(
+    model: &mut Model,
+    text: Option<&ModelText>,
+    prepared: Prepared,
+    on_token: impl FnMut(TokenEvent<'_>) -> bool,
+) -> Result<GenerateOutput> {
     let mut session = Session::new(model);
     session.policy = CachePolicy::AlwaysReset;
-    session.generate(text, prompt, params, on_token)
+    session.generate(text, prepared, on_token)
 }
 
 /// Whether a session may keep its KV cache between generations.
@@ -261,17 +303,17 @@ impl<'m> Session<'m> {
         self.model.reset_cache()
     }
 
-    /// Generates from `prompt`, reusing the cache where the policy and the prompt allow.
+    /// Generates from a checked input, reusing the cache where the policy and the prompt
+    /// allow.
     pub fn generate(
         &mut self,
         text: Option<&ModelText>,
-        prompt: &[u32],
-        params: &GenerateParams,
+        prepared: Prepared,
         on_token: impl FnMut(TokenEvent<'_>) -> bool,
     ) -> Result<GenerateOutput> {
         // Whatever happens below, the cache contents are only known again on success.
         let previous = std::mem::take(&mut self.cached);
-        let result = self.generate_inner(&previous, text, prompt, params, on_token);
+        let result = self.generate_inner(&previous, text, prepared, on_token);
         if result.is_err() {
             // A failed forward can leave partial state; the next request starts clean, or, if
             // even the reset fails, the session is poisoned and its owner must reload.
@@ -284,12 +326,12 @@ impl<'m> Session<'m> {
         &mut self,
         previous: &[u32],
         text: Option<&ModelText>,
-        prompt: &[u32],
-        params: &GenerateParams,
+        prepared: Prepared,
         mut on_token: impl FnMut(TokenEvent<'_>) -> bool,
     ) -> Result<GenerateOutput> {
         let model = &mut *self.model;
-        let mut generation = Generation::new(model.info(), text, prompt, params)?;
+        let (mut generation, prompt) = Generation::new(model.info(), text, prepared);
+        let prompt = prompt.as_slice();
         // Reuse the cache only when it holds a proper prefix of the prompt and the model's own
         // count agrees: at least one new token is needed to get logits.
         let reuse = match self.policy {

@@ -4,7 +4,7 @@
 //! reasoning and tool calls. [`Session`](super::Session) drives one alone; the
 //! [`Batcher`](super::batch::Batcher) drives many, each on its row of a batched step's logits.
 
-use super::{FinishReason, GenerateOutput, GenerateParams, TokenEvent};
+use super::{check_context, FinishReason, GenerateOutput, GenerateParams, TokenEvent};
 use crate::error::{Error, Result};
 use crate::models::ModelInfo;
 use crate::text::constrain::Constraint;
@@ -88,15 +88,26 @@ pub struct Generation {
     first_token: Option<Duration>,
 }
 
-impl Generation {
-    /// Checks the request against the model (parameters, context, stop strings without a
-    /// tokenizer), compiles its grammar, and sets up its sampler and stop conditions. The clock
-    /// for the time to the first token starts here.
+/// A generation's whole input, checked against its model: the prompt's ids, its settings, its
+/// grammar compiled, and the vocabulary's bytes when logprobs are asked for. The engine runs
+/// only this, so what was checked once is not checked again: [`Prepared::new`] checks raw
+/// settings for programs that drive a model themselves; `request::prepare` builds one from a
+/// request it has checked (the pool's workers and the CLI).
+pub struct Prepared {
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    constraint: Option<Constraint>,
+    token_bytes: Option<Arc<TokenBytes>>,
+}
+
+impl Prepared {
+    /// Checks `params` (every range, stop strings, the grammar's form) and the prompt against
+    /// the model's own context, then compiles what the generation needs.
     pub fn new(
         info: &ModelInfo,
         text: Option<&ModelText>,
-        prompt: &[u32],
-        params: &GenerateParams,
+        prompt: Vec<u32>,
+        params: GenerateParams,
     ) -> Result<Self> {
         params.validate()?;
         if prompt.is_empty() {
@@ -105,15 +116,24 @@ impl Generation {
                 message: "the prompt has no tokens".into(),
             });
         }
-        // The same rule the pool applies with the configured cap; here against the model's
-        // own context, for callers that drive the engine directly.
-        crate::request::check_context(
+        check_context(
             info.architecture,
             "prompt",
             Some(prompt.len()),
             Some(params.max_tokens),
             info.max_context,
         )?;
+        Self::checked(text, prompt, params)
+    }
+
+    /// Builds the input of settings already checked (by `request::prepare`): what only the
+    /// model's text side can tell (a tokenizer for stop strings, grammars and logprobs) is
+    /// checked here, and the grammar is compiled.
+    pub(crate) fn checked(
+        text: Option<&ModelText>,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+    ) -> Result<Self> {
         let needs_tokenizer = |param: &str, what: &str| Error::InvalidParameter {
             param: param.into(),
             message: format!("{what} need a tokenizer, and this model has none"),
@@ -137,6 +157,35 @@ impl Generation {
                     .map_err(|e| unsupported("logprobs", e))?,
             ),
         };
+        Ok(Prepared {
+            prompt,
+            params,
+            constraint,
+            token_bytes,
+        })
+    }
+
+    /// The prompt's token ids.
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    /// The settings.
+    pub fn params(&self) -> &GenerateParams {
+        &self.params
+    }
+}
+
+impl Generation {
+    /// Sets up a generation's sampler and stop conditions from its checked input, and hands
+    /// back the prompt's ids. The clock for the time to the first token starts here.
+    pub fn new(info: &ModelInfo, text: Option<&ModelText>, prepared: Prepared) -> (Self, Vec<u32>) {
+        let Prepared {
+            prompt,
+            params,
+            constraint,
+            token_bytes,
+        } = prepared;
         let mut stop_ids = info.eos_token_ids.clone();
         let mut kept_specials = Vec::new();
         if let Some(t) = text {
@@ -152,8 +201,8 @@ impl Generation {
         stop_ids.extend_from_slice(&params.extra_stop_ids);
         let output = (!params.output.is_plain() && text.is_some())
             .then(|| OutputParser::new(&params.output));
-        Ok(Generation {
-            sampler: Sampler::new(params.sampling.clone(), prompt),
+        let generation = Generation {
+            sampler: Sampler::new(params.sampling, &prompt),
             detokenizer: StreamDecoder::new(),
             stops: StopMatcher::new(&params.stop),
             stop_ids,
@@ -173,7 +222,8 @@ impl Generation {
             prompt_tokens: prompt.len(),
             started: Instant::now(),
             first_token: None,
-        })
+        };
+        (generation, prompt)
     }
 
     /// Picks the next token from the last position's `logits` (changed in place by the

@@ -27,7 +27,7 @@ mod worker;
 pub use crate::request::{GenerateRequest, KeepAlive, Prompt, DEFAULT_MAX_TOKENS};
 
 use crate::config::Config;
-use crate::engine::{CacheUse, FinishReason};
+use crate::engine::{CacheUse, GenerateOutput};
 use crate::error::{Error, Result};
 pub use crate::text::logprobs::TokenLogprobs;
 pub use crate::text::output::ToolCall;
@@ -60,32 +60,27 @@ pub enum GenerationEvent {
     Done(GenerationResult),
 }
 
-/// A finished generation.
+/// A finished generation: the engine's output (read through this result: `result.text`,
+/// `result.token_ids`, ...), and what the pool adds, its times from enqueue and its use of the
+/// KV cache.
 #[derive(Debug, Clone)]
 pub struct GenerationResult {
-    /// The answer's text (when the model has a tokenizer), without a thinking block or tool
-    /// calls.
-    pub text: Option<String>,
-    /// The thinking block's text, when the model wrote one.
-    pub reasoning: Option<String>,
-    /// The tool calls the model made ([`FinishReason::ToolCalls`] when it made any).
-    pub tool_calls: Vec<ToolCall>,
-    /// Per generated token, when the request asked for logprobs.
-    pub logprobs: Vec<TokenLogprobs>,
-    /// Generated token ids.
-    pub token_ids: Vec<u32>,
-    /// Why it ended.
-    pub finish_reason: FinishReason,
-    /// Prompt length in tokens.
-    pub prompt_tokens: usize,
-    /// Generated tokens.
-    pub completion_tokens: usize,
+    /// What the engine generated.
+    pub output: GenerateOutput,
     /// From enqueue to the first token.
     pub time_to_first_token: Duration,
     /// From enqueue to the end.
     pub duration: Duration,
     /// Whether the KV cache was reused or reset.
     pub cache: CacheUse,
+}
+
+impl std::ops::Deref for GenerationResult {
+    type Target = GenerateOutput;
+
+    fn deref(&self) -> &GenerateOutput {
+        &self.output
+    }
 }
 
 /// A model's lifecycle state.
@@ -286,8 +281,8 @@ impl Pool {
     ) -> Result<GenerationStream> {
         let handle = self.inner.registry.get(model)?;
         // Every check that does not need the prompt's tokens, before anything is queued or
-        // loaded: the same function the worker applies once the prompt is tokenized.
-        request.check(&handle.limits()).inspect_err(|_| {
+        // loaded; the worker prepares the checked request once the model is there.
+        let request = request.check(&handle.limits()).inspect_err(|_| {
             crate::metrics::request(model, "invalid");
         })?;
         if let ModelState::Failed(reason) = handle.state() {

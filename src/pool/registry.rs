@@ -2,10 +2,11 @@
 //! model (its bounded queue) and everything an operator sees (state, restarts, queue depth).
 //! The queue belongs to the handle, not to a worker, so requests survive worker restarts.
 
-use super::{GenerateRequest, GenerationEvent, ModelState};
+use super::{GenerationEvent, ModelState};
 use crate::config::ModelConfig;
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
+use crate::request::CheckedRequest;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -15,7 +16,8 @@ use tokio::sync::{mpsc, watch};
 
 /// A request waiting for a worker.
 pub(crate) struct Job {
-    pub request: GenerateRequest,
+    /// Checked before it was queued; the worker prepares it for its model.
+    pub request: CheckedRequest,
     /// Send an event per token; otherwise only the final result (no per-token wake-ups of the
     /// caller's runtime while candle's threads are busy).
     pub stream: bool,

@@ -12,12 +12,12 @@
 use super::registry::{dec, inc, Job, ModelHandle};
 use super::supervisor::{ExitCause, Supervisor, WorkerExited};
 use super::{GenerationEvent, GenerationResult};
-use crate::config::GrammarIndex;
-use crate::engine::batch::{Admission, Batcher, Client, Pending};
-use crate::engine::{CacheUse, FinishReason, GenerateOutput, GenerateParams, TokenEvent};
+use crate::config::{GrammarIndex, ModelConfig};
+use crate::engine::batch::{Admission, BatchSettings, Batcher, Client, Pending};
+use crate::engine::{CacheUse, FinishReason, GenerateOutput, Prepared, TokenEvent};
 use crate::error::{Error, Result};
 use crate::models::{LoadOptions, Model};
-use crate::text::{prepare_prompt, ModelText};
+use crate::text::ModelText;
 use actix::Addr;
 use crossbeam_channel::{RecvTimeoutError, TryRecvError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -110,9 +110,7 @@ fn run(handle: &ModelHandle, generation: u64) -> ExitCause {
         cap => cap.min(model.info().max_context),
     };
     handle.max_context.store(context, Ordering::SeqCst);
-    let settings = handle
-        .config
-        .batch_settings(model.info().kv_bytes_per_token);
+    let settings = batch_settings(&handle.config, model.info().kv_bytes_per_token);
     let architecture = model.info().architecture;
     let mut batcher = match Batcher::new(&mut model, text.as_ref(), settings) {
         Ok(b) => b,
@@ -229,11 +227,7 @@ fn admit<'h>(
                 let prepared =
                     catch_unwind(AssertUnwindSafe(|| prepare(handle, text, &client.job)));
                 match prepared {
-                    Ok(Ok((prompt, params))) => Pending {
-                        prompt,
-                        params,
-                        client,
-                    },
+                    Ok(Ok(prepared)) => Pending { prepared, client },
                     Ok(Err(e)) => {
                         client.on_done(Err(e));
                         continue;
@@ -264,71 +258,23 @@ fn admit<'h>(
     Ok(())
 }
 
-/// Tokenizes a request's prompt and resolves its parameters against the model.
-fn prepare(
-    handle: &ModelHandle,
-    text: Option<&ModelText>,
-    job: &Job,
-) -> Result<(Vec<u32>, GenerateParams)> {
-    #[cfg(feature = "failpoints")]
-    fail::fail_point!(&format!("llm_pool_worker_generate_{}", handle.name()));
-    let request = &job.request;
-    let prepared = prepare_prompt(
-        handle.name(),
-        text,
-        &request.prompt,
-        &request.chat_options(),
-        request.response_format.as_ref(),
-    )?;
-    let mut params = match request.resolve(&handle.limits(), prepared.ids.len()) {
-        Ok(params) => params,
-        Err(e @ Error::ContextLength { .. }) if !request.tools.is_empty() => {
-            return Err(tools_context_error(
-                handle,
-                text,
-                request,
-                prepared.ids.len(),
-                e,
-            ))
-        }
-        Err(e) => return Err(e),
-    };
-    params.grammar = prepared.grammar;
-    params.output = prepared.output;
-    Ok((prepared.ids, params))
+/// The batching settings of a worker of this model, whose KV cache takes `kv_bytes_per_token`
+/// per token: the config's limits, and its `kv_cache_mb` in tokens.
+fn batch_settings(config: &ModelConfig, kv_bytes_per_token: usize) -> BatchSettings {
+    let budget = config.kv_cache_mb.saturating_mul(1 << 20);
+    BatchSettings {
+        max_batch_size: config.max_batch_size,
+        max_slots: config.slots(),
+        prefill_chunk: config.prefill_chunk,
+        kv_budget_tokens: budget / kv_bytes_per_token.max(1),
+    }
 }
 
-/// A prompt over the context with tools: names `tools` when the conversation alone would
-/// fit, so the client knows what to cut.
-fn tools_context_error(
-    handle: &ModelHandle,
-    text: Option<&ModelText>,
-    request: &crate::request::GenerateRequest,
-    with_tools: usize,
-    original: Error,
-) -> Error {
-    let limits = handle.limits();
-    let mut bare = request.clone();
-    bare.tools.clear();
-    bare.tool_choice = crate::request::ToolChoice::Auto;
-    let without = prepare_prompt(
-        handle.name(),
-        text,
-        &bare.prompt,
-        &bare.chat_options(),
-        None,
-    )
-    .map(|p| p.ids.len());
-    match without {
-        Ok(n) if bare.resolve(&limits, n).is_ok() => Error::InvalidParameter {
-            param: "tools".into(),
-            message: format!(
-                "the tools take {} of the prompt's {with_tools} tokens, and with them the request does not fit: {original}",
-                with_tools.saturating_sub(n)
-            ),
-        },
-        _ => original,
-    }
+/// Prepares a queued request for the model: the one preparation every entry point shares.
+fn prepare(handle: &ModelHandle, text: Option<&ModelText>, job: &Job) -> Result<Prepared> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(&format!("llm_pool_worker_generate_{}", handle.name()));
+    job.request.prepare(&handle.limits(), text)
 }
 
 /// Decrements the ready-worker count however the thread ends.
@@ -421,14 +367,7 @@ impl<'h> JobClient<'h> {
             .job
             .events
             .send(Ok(GenerationEvent::Done(GenerationResult {
-                completion_tokens: output.completion_tokens(),
-                text: output.text,
-                reasoning: output.reasoning,
-                tool_calls: output.tool_calls,
-                logprobs: output.logprobs,
-                token_ids: output.token_ids,
-                finish_reason: output.finish_reason,
-                prompt_tokens: output.prompt_tokens,
+                output,
                 time_to_first_token: ttft,
                 duration: total,
                 cache,

@@ -116,7 +116,8 @@ impl From<Error> for ApiError {
                     .code("worker_restarted")
                     .retry_after(1)
             }
-            Error::Tokenizer(_) => ApiError::invalid("messages", message),
+            // A prompt the tokenizer refuses arrives as an invalid parameter naming `prompt` or
+            // `messages`; a tokenizer error here is the server's own (decoding its output).
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message),
         }
     }

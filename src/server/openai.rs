@@ -364,8 +364,8 @@ fn finish_str(f: FinishReason) -> &'static str {
 fn usage(r: &GenerationResult) -> Value {
     json!({
         "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
-        "total_tokens": r.prompt_tokens + r.completion_tokens,
+        "completion_tokens": r.completion_tokens(),
+        "total_tokens": r.prompt_tokens + r.completion_tokens(),
     })
 }
 
@@ -404,7 +404,7 @@ async fn respond(
         })?;
         permit
             .tenant
-            .record_tokens((r.prompt_tokens + r.completion_tokens) as u64);
+            .record_tokens((r.prompt_tokens + r.completion_tokens()) as u64);
         let text = r.text.clone().unwrap_or_default();
         let choice = match kind {
             Kind::Chat => {
@@ -641,7 +641,7 @@ impl Stream for SseStream {
                     }
                     if let Some(p) = self.permit.take() {
                         p.tenant
-                            .record_tokens((r.prompt_tokens + r.completion_tokens) as u64);
+                            .record_tokens((r.prompt_tokens + r.completion_tokens()) as u64);
                     }
                     self.finished = true;
                     self.pending

@@ -36,6 +36,25 @@ pub enum Grammar {
     Regex(String),
 }
 
+/// A grammar, and the request field it came from (named when it cannot be enforced).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Constrained {
+    /// The grammar.
+    pub grammar: Grammar,
+    /// The request field: `response_format`, `tool_choice`, `tools`.
+    pub param: String,
+}
+
+impl Constrained {
+    /// A request's own `response_format`.
+    pub fn response_format(grammar: &Grammar) -> Self {
+        Constrained {
+            grammar: grammar.clone(),
+            param: "response_format".into(),
+        }
+    }
+}
+
 impl Grammar {
     /// The JSON options every JSON grammar is compiled with: compact separators, no free
     /// whitespace.

@@ -3,11 +3,10 @@
 //! template. The worker and the CLI both call [`encode_prompt`], so a prompt means the same
 //! tokens whichever way it arrives.
 
-use super::constrain::Grammar;
+use super::constrain::{Constrained, Grammar};
 use super::output::OutputFormat;
 use super::tools::{plan_chat, ChatOptions};
 use super::{ChatMessage, ModelText};
-use crate::engine::Constrained;
 use crate::error::{Error, Result};
 
 /// What to generate from.
@@ -76,22 +75,22 @@ pub fn prepare_prompt(
         param: prompt.param().into(),
         message: format!("model {model} has no tokenizer; send token ids instead of text"),
     };
-    let mut grammar = response_format.map(|g| Constrained {
-        grammar: g.clone(),
-        param: "response_format".into(),
-    });
+    // The request's own grammar, unless the chat's tools call for theirs.
+    let mut grammar = response_format.map(Constrained::response_format);
     let mut output = OutputFormat::default();
+    // A prompt the tokenizer refuses is the request's fault: the error names its parameter.
+    let unencodable = |e: Error| Error::InvalidParameter {
+        param: prompt.param().into(),
+        message: format!("model {model} cannot tokenize it: {e}"),
+    };
     let ids = match prompt {
         Prompt::Ids(ids) => ids.clone(),
-        Prompt::Text(s) => text.ok_or_else(no_tokenizer)?.encode(s, true)?,
+        Prompt::Text(s) => text
+            .ok_or_else(no_tokenizer)?
+            .encode(s, true)
+            .map_err(unencodable)?,
         Prompt::Chat(messages) => {
             let text = text.ok_or_else(no_tokenizer)?;
-            if messages.is_empty() {
-                return Err(Error::InvalidParameter {
-                    param: "messages".into(),
-                    message: "at least one message is needed".into(),
-                });
-            }
             let plan = plan_chat(text, "messages", messages, options, response_format).map_err(
                 |e| match e {
                     Error::InvalidParameter { param, message }
@@ -102,13 +101,20 @@ pub fn prepare_prompt(
                             message: format!("model {model}: {message}"),
                         }
                     }
+                    // The template failed on these messages, the request's only input to it.
+                    Error::Tokenizer(message) => Error::InvalidParameter {
+                        param: "messages".into(),
+                        message: format!("model {model}: {message}"),
+                    },
                     other => other,
                 },
             )?;
-            grammar = plan.grammar;
+            if plan.tool_grammar.is_some() {
+                grammar = plan.tool_grammar;
+            }
             output = plan.output;
             // The template writes BOS itself; encoding must not add another.
-            text.encode(&plan.prompt, false)?
+            text.encode(&plan.prompt, false).map_err(unencodable)?
         }
     };
     if ids.is_empty() {

@@ -14,12 +14,11 @@
 //! in the conversation are written in the same JSON, as ordinary assistant and user turns.
 
 use super::chat::ChatMessage;
-use super::constrain::Grammar;
+use super::constrain::{Constrained, Grammar};
 use super::output::{OutputFormat, ReasoningTags};
 use super::reasoning::{detect_reasoning_tags, prompt_opens_block};
 use super::tool_calls::ToolFormat;
 use super::ModelText;
-use crate::engine::Constrained;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -168,9 +167,10 @@ impl ChatOptions {
 pub struct ChatPlan {
     /// The rendered prompt.
     pub prompt: String,
-    /// The grammar the output must follow (tools in the generic format, a forced call, or
-    /// the request's `response_format`).
-    pub grammar: Option<Constrained>,
+    /// The grammar the tools call for (tools in the generic format, a forced call), which
+    /// takes the place of the request's own `response_format`; `None` when the tools call
+    /// for none.
+    pub tool_grammar: Option<Constrained>,
     /// How the output is read back.
     pub output: OutputFormat,
 }
@@ -206,19 +206,14 @@ pub fn plan_chat(
     let native = ToolFormat::detect(source);
     let callable = options.callable();
     let offering = !callable.is_empty();
-    let mut grammar = response_format.map(|g| Constrained {
-        grammar: g.clone(),
-        param: "response_format".into(),
-    });
+    let mut tool_grammar = None;
     let mut tools_format = None;
     let rendered = if native != ToolFormat::Generic {
         let tools: Option<Value> =
             offering.then(|| callable.iter().map(|t| t.template_value()).collect());
         if offering {
             tools_format = Some(native);
-            if let Some(forced) = forced_native_grammar(text, native, &callable, options)? {
-                grammar = Some(forced);
-            }
+            tool_grammar = forced_native_grammar(text, native, &callable, options)?;
         }
         template.render_with(
             messages,
@@ -230,7 +225,7 @@ pub fn plan_chat(
         let mut messages = generic_history(messages);
         if offering {
             tools_format = Some(ToolFormat::Generic);
-            grammar = Some(Constrained {
+            tool_grammar = Some(Constrained {
                 grammar: Grammar::JsonSchema(generic_schema(&callable, options, response_format)),
                 param: "tools".into(),
             });
@@ -241,7 +236,7 @@ pub fn plan_chat(
     // A thinking block is split off when the template writes one and the output is free text
     // (a constrained output has no room for one).
     let reasoning = detect_reasoning_tags(source)
-        .filter(|_| grammar.is_none())
+        .filter(|_| tool_grammar.is_none() && response_format.is_none())
         .map(|(open, close)| ReasoningTags {
             open: open.into(),
             close: close.into(),
@@ -249,7 +244,7 @@ pub fn plan_chat(
         });
     Ok(ChatPlan {
         prompt: rendered,
-        grammar,
+        tool_grammar,
         output: OutputFormat {
             reasoning,
             tools: tools_format,

@@ -146,7 +146,8 @@ fn response_format(value: Option<&Value>) -> Result<Option<Grammar>, ApiError> {
             ))
         }
     };
-    grammar.check("response_format").map_err(ApiError::from)?;
+    // Its form (a schema is an object, a grammar is not empty) is checked with the rest of
+    // the request before it is queued; it is compiled when the request is prepared.
     Ok(Some(grammar))
 }
 

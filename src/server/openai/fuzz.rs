@@ -161,7 +161,7 @@ fn check(parsed: Result<Parsed, ApiError>) -> Result<(), TestCaseError> {
     };
     let error = match parsed {
         Ok(p) => match p.request.check(&limits) {
-            Ok(()) => return Ok(()),
+            Ok(_) => return Ok(()),
             Err(e) => super::api_error(e, &p.sampling),
         },
         Err(e) => e,
