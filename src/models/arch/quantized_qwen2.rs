@@ -1,12 +1,12 @@
 //! Qwen2 and Qwen2.5 GGUF files (`general.architecture = qwen2`).
 //!
 //! This is our own implementation, adapted from candle's `quantized_qwen2` (same tensors, same
-//! arithmetic; a unit test below checks equal logits), because candle's model cannot be reset
-//! to its freshly loaded state: its `ModelWeights` is not `Clone`, so there is no pristine copy
-//! to swap in, and its `clear_kv_cache` drops the KV cache but not the causal-mask cache, which
-//! keeps one mask per `(prompt length, cache length)` pair for the life of the model (a single
-//! 8k-token prompt leaves 64 MiB behind). Reloading the file on every reset would be the only
-//! other complete reset.
+//! arithmetic; `qwen2_matches_candle` in `tests/quantized_gguf.rs` checks equal logits),
+//! because candle's model cannot be reset to its freshly loaded state: its `ModelWeights` is
+//! not `Clone`, so there is no pristine copy to swap in, and its `clear_kv_cache` drops the KV
+//! cache but not the causal-mask cache, which keeps one mask per `(prompt length, cache
+//! length)` pair for the life of the model (a single 8k-token prompt leaves 64 MiB behind).
+//! Reloading the file on every reset would be the only other complete reset.
 //!
 //! Here the network is the shared pre-norm [`Decoder`] read from the GGUF tensors: the only
 //! mutable state is the per-layer KV cache, held apart from the weights, so the reset empties
