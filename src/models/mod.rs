@@ -14,8 +14,10 @@
 //!
 //! 1. Write one module, say `src/models/arch/falcon.rs`, with a unit struct `Falcon` that
 //!    implements [`Architecture`]: its name, format and detection names, its network type, and
-//!    `load` (map config.json with [`hf::HfConfig`] or GGUF metadata with [`gguf::GgufFile`],
-//!    build the network from [`layers`], return an [`Adapter`]).
+//!    `load` (map config.json with [`hf::HfConfig`], build the network from [`layers`], return
+//!    an [`Adapter`]). A GGUF architecture implements [`GgufArchitecture`] instead (its names,
+//!    the mapping of the [`gguf::GgufFile`] metadata, and the shared decoder read from its
+//!    tensors), which gives it its [`Architecture`].
 //! 2. Declare it in `arch/mod.rs` (`pub mod falcon;`) and register it with one line
 //!    `Falcon => falcon::Falcon,` in the `register_architectures!` list below.
 //!
@@ -45,7 +47,7 @@ pub mod layers;
 mod registry;
 mod runtime;
 
-pub use adapter::{Adapter, BatchItem, Network, SequenceInput};
+pub use adapter::{Adapter, BatchItem, GgufArchitecture, Network, SequenceInput};
 pub use registry::{architecture, ArchitectureEntry};
 pub use runtime::{Model, SequenceChunk};
 
