@@ -324,17 +324,18 @@ impl<A: SelfAttention> Decoder<A> {
     }
 
     /// A Hugging Face checkpoint's decoder: `model.embed_tokens`, the layers `layer` builds
-    /// from `model.layers.{i}`, the final `norm` (whose name and kind vary), and `lm_head`, or
-    /// the embedding matrix when `tied`.
+    /// from `model.layers.{i}`, the final norm `model.norm` (of the kind `norm` reads), and
+    /// `lm_head`, or the embedding matrix when `tied`.
     pub fn load_hf(
         vb: &VarBuilder,
         (dims, tied): (&Dims, bool),
         mut layer: impl FnMut(usize, VarBuilder) -> Result<DecoderLayer<A>>,
-        norm: Norm,
+        norm: impl FnOnce(VarBuilder) -> Result<Norm>,
         rotaries: Vec<Rotary>,
     ) -> Result<Self> {
         let (vocab, hidden, num_layers) =
             (dims.vocab_size, dims.hidden_size, dims.num_hidden_layers);
+        let norm = norm(vb.pp("model.norm"))?;
         let embed = Embedding::load(vb.pp("model.embed_tokens"), vocab, hidden)?;
         let lm_head = match tied {
             true => embed.tied_head(None)?,
