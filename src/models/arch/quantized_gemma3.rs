@@ -55,8 +55,6 @@ use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "gemma3";
-/// The longest context run here: Gemma 3 is trained for 128k (the 270M and 1B for 32k).
-pub const MAX_CONTEXT: usize = 131_072;
 /// llama.cpp's sliding-window pattern for Gemma 3: layer `i` is global when `(i + 1) % 6 == 0`.
 const DEFAULT_SLIDING_PATTERN: usize = 6;
 /// llama.cpp's RoPE base for the sliding layers (the file's `rope.freq_base` is the global one).
@@ -99,8 +97,7 @@ impl GgufArchitecture for QuantizedGemma3 {
 
     fn config(file: &GgufFile) -> Result<Config> {
         let head_dim = |_| file.key_length(ARCH);
-        let decoder =
-            GgufDecoderConfig::from_gguf(file, (ARCH, MAX_CONTEXT), head_dim, NormKind::Rms)?;
+        let decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Rms)?;
         let Dims {
             hidden_size: hidden,
             num_hidden_layers: layers,

@@ -40,8 +40,6 @@ use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "llama";
-/// The longest context run here (Llama 3.1 declares 131072).
-pub const MAX_CONTEXT: usize = 131_072;
 /// The per-pair RoPE divisors of Llama 3.1-style scaling, as llama.cpp's converter writes them.
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
@@ -72,8 +70,7 @@ impl GgufArchitecture for QuantizedLlama {
 
     fn config(file: &GgufFile) -> Result<Config> {
         let head_dim = |heads| file.rope_head_dim(ARCH, heads);
-        let decoder =
-            GgufDecoderConfig::from_gguf(file, (ARCH, MAX_CONTEXT), head_dim, NormKind::Rms)?;
+        let decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Rms)?;
         // llama.cpp rotates whole heads for this architecture; a file that says otherwise is
         // corrupt (or a partial rotation nothing here implements).
         file.rope_whole_head(ARCH, decoder.dims.heads.head_dim)?;

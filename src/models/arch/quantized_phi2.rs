@@ -39,8 +39,6 @@ use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "phi2";
-/// The longest context run here (Phi-2 declares 2048).
-pub const MAX_CONTEXT: usize = 131_072;
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
@@ -61,8 +59,7 @@ impl GgufArchitecture for QuantizedPhi2 {
 
     fn config(file: &GgufFile) -> Result<Config> {
         let head_dim = |heads| file.derived_head_dim(ARCH, heads);
-        let limits = (ARCH, MAX_CONTEXT);
-        let decoder = GgufDecoderConfig::from_gguf(file, limits, head_dim, NormKind::Layer)?;
+        let decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Layer)?;
         // llama.cpp's Phi-2 always has its own output projection (with a bias).
         file.check_vocab(decoder.dims.vocab_size, false)?;
         Ok(Config {

@@ -49,9 +49,6 @@ use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "phi3";
-/// The longest context run here (Phi-3 files declare 4k without LongRoPE, 128k with it,
-/// which runs here up to its original 4k; see the module docs).
-pub const MAX_CONTEXT: usize = 131_072;
 /// LongRoPE's per-pair divisors for contexts up to the original length.
 const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 /// LongRoPE's per-pair divisors for longer contexts (not used; see the module docs).
@@ -78,8 +75,7 @@ impl GgufArchitecture for QuantizedPhi3 {
 
     fn config(file: &GgufFile) -> Result<Config> {
         let head_dim = |heads| file.derived_head_dim(ARCH, heads);
-        let limits = (ARCH, MAX_CONTEXT);
-        let mut decoder = GgufDecoderConfig::from_gguf(file, limits, head_dim, NormKind::Rms)?;
+        let mut decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Rms)?;
         // The output projection may be tied to the embeddings.
         file.check_vocab(decoder.dims.vocab_size, true)?;
         let tensors = &file.content.tensor_infos;

@@ -28,9 +28,6 @@ use crate::models::{GgufArchitecture, Names};
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "qwen2";
-/// The longest context run here. Qwen2 and Qwen2.5 declare 32k (131k only with YaRN scaling,
-/// which is refused).
-pub const MAX_CONTEXT: usize = 131_072;
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
@@ -49,8 +46,7 @@ impl GgufArchitecture for QuantizedQwen2 {
 
     fn config(file: &GgufFile) -> Result<Config> {
         let head_dim = |heads| file.rope_head_dim(ARCH, heads);
-        let decoder =
-            GgufDecoderConfig::from_gguf(file, (ARCH, MAX_CONTEXT), head_dim, NormKind::Rms)?;
+        let decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Rms)?;
         file.rope_scaling(ARCH, &["none"])?;
         Ok(Config {
             decoder,

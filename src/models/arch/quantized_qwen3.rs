@@ -41,8 +41,6 @@ use crate::models::{GgufArchitecture, Names};
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "qwen3";
-/// The longest context run here (Qwen3 files declare 32k or 40k; 128k needs YaRN, refused).
-pub const MAX_CONTEXT: usize = 131_072;
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
@@ -64,8 +62,7 @@ impl GgufArchitecture for QuantizedQwen3 {
         // so `key_length` is required: llama.cpp's converter always writes it for Qwen3, and
         // deriving it from a file that lost it would only fail later, at a tensor's shape.
         let head_dim = |_| file.key_length(ARCH);
-        let decoder =
-            GgufDecoderConfig::from_gguf(file, (ARCH, MAX_CONTEXT), head_dim, NormKind::Rms)?;
+        let decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Rms)?;
         // llama.cpp asserts this architecture's rotation covers the whole head.
         file.rope_whole_head(ARCH, decoder.dims.heads.head_dim)?;
         // The output projection may be tied to the embeddings.

@@ -106,18 +106,24 @@ pub struct GgufDecoderConfig {
 }
 
 impl GgufDecoderConfig {
+    /// The longest context a GGUF model runs here: 128k tokens, as far as the longest-trained
+    /// of these families go (Llama 3.1, Gemma 3 4B and larger, Phi-3's 128k files); a file that
+    /// declares more is capped. Most declare less (Phi-2 2k, Qwen2 and Qwen3 32k or 40k, their
+    /// 128k needing YaRN, which is refused), and run their own.
+    pub const MAX_CONTEXT: usize = 131_072;
+
     /// Reads the [`Dims`] of architecture `arch` (`head_dim` works out the head size from the
     /// query heads, by the file's rule), the epsilon of its norms (of `norm`'s kind), and its
-    /// required context length, capped at `max_context`.
+    /// required context length, capped at [`GgufDecoderConfig::MAX_CONTEXT`].
     pub fn from_gguf(
         file: &GgufFile,
-        (arch, max_context): (&str, usize),
+        arch: &str,
         head_dim: impl FnOnce(usize) -> Result<usize>,
         norm: NormKind,
     ) -> Result<Self> {
         Ok(GgufDecoderConfig {
             dims: Dims::from_gguf(file, arch, head_dim)?,
-            max_context: file.context_length(arch, max_context)?,
+            max_context: file.context_length(arch, Self::MAX_CONTEXT)?,
             norm: GgufNorm::from_gguf(file, arch, norm)?,
         })
     }
