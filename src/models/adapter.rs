@@ -45,9 +45,8 @@ pub trait Network: Send + 'static {
     /// One step over several sequences, each with its own cache, position and new tokens:
     /// `(n, vocab)` logits, one row per sequence, of its last position, in any dtype.
     ///
-    /// By default each sequence runs [`Network::forward`] alone. The shared
-    /// [`Decoder`](super::layers::decoder::Decoder) runs them together, every linear layer one
-    /// matmul over all their tokens.
+    /// By default each sequence runs [`Network::forward`] alone. The shared [`Decoder`] runs
+    /// them together, every linear layer one matmul over all their tokens.
     fn forward_batch(&self, batch: &mut [SequenceInput<'_, Self::Cache>]) -> Result<Tensor> {
         let rows = batch
             .iter_mut()
