@@ -14,9 +14,11 @@
 use super::common::{self, last_position_f32};
 use super::gguf::GgufFile;
 use super::hf::HfConfig;
-use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource};
+use super::layers::decoder::Decoder;
+use super::layers::gguf_weights::GgufWeights;
+use super::{Architecture, LanguageModel, LoadOptions, ModelInfo, ModelSource, Names};
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 /// An architecture's computation: read-only weights, run over a separate, mutable cache.
@@ -43,9 +45,8 @@ pub trait Network: Send + 'static {
     /// One step over several sequences, each with its own cache, position and new tokens:
     /// `(n, vocab)` logits, one row per sequence, of its last position, in any dtype.
     ///
-    /// By default each sequence runs [`Network::forward`] alone. The shared
-    /// [`Decoder`](super::layers::decoder::Decoder) runs them together, every linear layer one
-    /// matmul over all their tokens.
+    /// By default each sequence runs [`Network::forward`] alone. The shared [`Decoder`] runs
+    /// them together, every linear layer one matmul over all their tokens.
     fn forward_batch(&self, batch: &mut [SequenceInput<'_, Self::Cache>]) -> Result<Tensor> {
         let rows = batch
             .iter_mut()
@@ -161,20 +162,18 @@ impl<A: Architecture> Adapter<A> {
     }
 
     /// Loads a GGUF file: `config` checks and maps the metadata, `build` reads the tensors onto
-    /// the device (it gets the file itself). GGUF models compute in F32 whatever their
-    /// quantization.
+    /// the device the options ask for. GGUF models compute in F32 whatever their quantization.
     pub fn load_gguf<C>(
         source: ModelSource,
         options: &LoadOptions,
-        config: impl FnOnce(&mut GgufFile) -> Result<C>,
-        build: impl FnOnce(GgufFile, &C, &Device) -> Result<Loaded<A::Network>>,
+        config: impl FnOnce(&GgufFile) -> Result<C>,
+        build: impl FnOnce(&C, &mut GgufWeights) -> Result<Loaded<A::Network>>,
     ) -> Result<Self> {
         let mut file = source.into_gguf(A::NAME)?;
-        let cfg = config(&mut file)?;
-        // The special ids first: the builder consumes the file.
+        let cfg = config(&file)?;
         let eos_token_ids = common::token_set(file.eos_token_ids()?);
         let bos_token_id = file.bos_token_id()?;
-        let loaded = build(file, &cfg, &options.device)?;
+        let loaded = build(&cfg, &mut GgufWeights::new(&mut file, &options.device))?;
         let info = ModelInfo {
             architecture: A::NAME,
             vocab_size: loaded.vocab_size,
@@ -190,6 +189,32 @@ impl<A: Architecture> Adapter<A> {
     /// The network, for tests that inspect what was loaded.
     pub fn network(&self) -> &A::Network {
         &self.network
+    }
+}
+
+/// A GGUF architecture: its names, the mapping of its metadata, and the network it reads from
+/// the file's tensors, which is always the shared [`Decoder`]. Its [`Architecture`] follows
+/// from these (every GGUF architecture loads through [`Adapter::load_gguf`] the same way).
+pub trait GgufArchitecture: Sized + 'static {
+    /// Its registered name and the `general.architecture` it answers to.
+    const NAMES: Names;
+
+    /// Its hyperparameters, all read and checked before any tensor is.
+    type Config;
+
+    /// Maps the GGUF metadata, refusing what the implementation cannot compute.
+    fn config(file: &GgufFile) -> Result<Self::Config>;
+
+    /// Reads the network from the file's tensors.
+    fn network(cfg: &Self::Config, w: &mut GgufWeights) -> Result<Loaded<Decoder>>;
+}
+
+impl<A: GgufArchitecture> Architecture for A {
+    const NAMES: Names = <A as GgufArchitecture>::NAMES;
+    type Network = Decoder;
+
+    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
+        Adapter::load_gguf(source, options, A::config, A::network)
     }
 }
 

@@ -326,6 +326,21 @@ impl GgufFile {
         }
     }
 
+    /// Checks that `{arch}.rope.dimension_count`, when the file states it, is the whole head
+    /// (`head_dim`): llama.cpp rotates whole heads for the architectures that call this (and
+    /// asserts as much), so anything else is a corrupt file or a partial rotation nothing here
+    /// implements.
+    pub fn rope_whole_head(&self, arch: &str, head_dim: usize) -> Result<()> {
+        let key = format!("{arch}.rope.dimension_count");
+        match self.opt_u64(&key)? {
+            Some(rope_dim) if rope_dim != head_dim as u64 => Err(self.config_error(
+                &key,
+                format!("is {rope_dim}, but {arch} rotates the whole head ({head_dim} dimensions)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// `{arch}.rope.dimension_count`: how many dimensions of each head RoPE rotates (Phi's
     /// partial rotary), even (RoPE rotates pairs) and at most the head size.
     pub fn rope_dimension_count(&self, arch: &str, head_dim: usize) -> Result<usize> {
@@ -362,12 +377,10 @@ impl GgufFile {
         Ok(vocab)
     }
 
-    /// `{arch}.context_length`, capped by what the candle implementation can address.
+    /// `{arch}.context_length`, which llama.cpp requires, capped by what the implementation
+    /// can address.
     pub fn context_length(&self, arch: &str, implementation_limit: usize) -> Result<usize> {
-        let declared = self
-            .opt_u64(&format!("{arch}.context_length"))?
-            .map(|n| n as usize)
-            .unwrap_or(implementation_limit);
+        let declared = self.count(&format!("{arch}.context_length"))?;
         Ok(declared.min(implementation_limit))
     }
 

@@ -501,7 +501,8 @@ fn routing(moe: &MoeConfig) -> Routing {
 /// The decoder with DeepSeek-V2's weights: latent attention, dense MLPs in the first
 /// `first_k_dense_replace` layers, mixtures of experts after.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder<LatentAttention>>> {
-    let (h, eps) = (cfg.dims.hidden_size, cfg.rms_norm_eps);
+    let h = cfg.dims.hidden_size;
+    let norm = |vb: VarBuilder| Norm::rms(h, cfg.rms_norm_eps, vb);
     let layer = |i: usize, vb: VarBuilder| {
         let mlp = vb.pp("mlp");
         let ffn = match &cfg.moe {
@@ -516,13 +517,12 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder<LatentAttentio
             )?),
         };
         let attention = LatentAttention::load(cfg, vb.pp("self_attn"))?;
-        DecoderLayer::load_pre_norm(&vb, attention, ffn, |vb| Norm::rms(h, eps, vb))
+        DecoderLayer::load_pre_norm(&vb, attention, ffn, norm)
     };
     let inv_freq: Vec<f32> = cfg.rope.inv_freq.iter().map(|&f| f as f32).collect();
     let rotary = Rotary::new(inv_freq, vb.device())?
         .with_attention_factor(cfg.rope.attention_factor)
         .with_pairing(Pairing::Interleaved);
-    let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
     let tied = cfg.tie_word_embeddings;
     let decoder = Decoder::load_hf(&vb, (&cfg.dims, tied), layer, norm, vec![rotary])?;
     Ok(decoder.loaded(cfg.dims.vocab_size, cfg.max_position_embeddings))

@@ -14,9 +14,9 @@
 //! an `Option<(Tensor, Tensor)>` that is replaced (by `Tensor::cat`), never written in place, so
 //! a clone taken at load time shares the weights and stays the freshly loaded model.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::models::adapter::{Loaded, Pristine};
-use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::hf::HfConfig;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::Activation;
 use candle_transformers::models::gemma as candle_gemma;
@@ -31,17 +31,13 @@ fn gemma_config(c: &HfConfig) -> Result<candle_gemma::Config> {
     // checkpoints were trained with); transformers rewrites it the same way.
     c.activation(&["gelu", "gelu_pytorch_tanh"], "gelu_pytorch_tanh")?;
     let act = Activation::GeluPytorchTanh;
-    let rope = c.rope(None, 10_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
-        return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
-    }
+    let rope_theta = c.plain_rope(None, 10_000.0, FAMILY)?;
     // candle's Gemma always ties the output head to the embeddings.
     c.require_bool("tie_word_embeddings", true, FAMILY)?;
     c.require_bool("use_bidirectional_attention", false, FAMILY)?;
-    let num_attention_heads = c.usize("num_attention_heads")?;
+    // Grouped-query attention needs whole groups; candle would divide and silently truncate.
+    let (num_attention_heads, num_key_value_heads) = c.heads(None, None)?;
     let hidden_size = c.usize("hidden_size")?;
-    let num_key_value_heads = c.usize_or("num_key_value_heads", num_attention_heads)?;
-    check_heads(num_attention_heads, num_key_value_heads)?;
     let head_dim = match c.opt_usize("head_dim")? {
         Some(hd) => hd,
         None => c.require_derived_head_dim()?,
@@ -57,21 +53,10 @@ fn gemma_config(c: &HfConfig) -> Result<candle_gemma::Config> {
         num_hidden_layers: c.usize("num_hidden_layers")?,
         num_key_value_heads,
         rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
-        rope_theta: rope.theta,
+        rope_theta,
         vocab_size: c.usize("vocab_size")?,
         max_position_embeddings: c.usize_or("max_position_embeddings", 8192)?,
     })
-}
-
-/// Grouped-query attention needs whole groups; candle would divide and silently truncate.
-fn check_heads(heads: usize, kv_heads: usize) -> Result<()> {
-    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-        return Err(Error::config(
-            "num_key_value_heads",
-            format!("{kv_heads} must be positive and divide num_attention_heads {heads}"),
-        ));
-    }
-    Ok(())
 }
 
 impl Architecture for Gemma {

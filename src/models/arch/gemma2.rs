@@ -201,7 +201,7 @@ pub(super) fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
             rotary: if sliding { local } else { 0 },
         })
     };
-    let norm = Norm::gemma_rms(h, eps, vb.pp("model.norm"))?;
+    let norm = |vb: VarBuilder| Norm::gemma_rms(h, eps, vb);
     Ok(
         Decoder::load_hf(&vb, (&cfg.dims, true), layer, norm, rotaries)?
             .with_embed_scale((h as f64).sqrt())

@@ -21,7 +21,7 @@
 use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::common::attention_mask;
-use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::hf::HfConfig;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_core::{Module, Tensor};
 use candle_nn::{Activation, VarBuilder};
@@ -48,20 +48,14 @@ pub(crate) struct MistralSettings {
 pub(crate) fn settings_from_hf(c: &HfConfig) -> Result<MistralSettings> {
     const FAMILY: &str = "mistral";
     let hidden_size = c.usize("hidden_size")?;
-    let num_attention_heads = c.usize_or("num_attention_heads", 32)?;
-    let num_key_value_heads = c.usize_or("num_key_value_heads", 8)?;
-    check_heads(c, hidden_size, num_attention_heads, num_key_value_heads)?;
-    // transformers: `head_dim or hidden_size // num_attention_heads`; candle honours an
-    // explicit head_dim (Mistral NeMo's 128 with hidden_size 5120 and 32 heads).
-    let head_dim = match c.opt_usize("head_dim")? {
-        Some(0) | None => None,
-        Some(hd) => Some(hd),
-    };
+    let (num_attention_heads, num_key_value_heads) = c.heads(Some(32), Some(8))?;
+    // transformers: `head_dim or hidden_size // num_attention_heads`, checked here; candle
+    // honours an explicit head_dim (Mistral NeMo's 128 with hidden_size 5120 and 32 heads)
+    // and derives it otherwise.
+    c.head_dim(hidden_size, num_attention_heads)?;
+    let head_dim = c.opt_usize("head_dim")?.filter(|&hd| hd > 0);
     c.activation(&["silu"], "silu")?;
-    let rope = c.rope(None, 10_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
-        return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
-    }
+    let rope_theta = c.plain_rope(None, 10_000.0, FAMILY)?;
     // transformers' MistralConfig: an absent sliding_window means 4096, an explicit null none.
     let sliding_window = match c.value().get("sliding_window") {
         None => Some(4096),
@@ -88,7 +82,7 @@ pub(crate) fn settings_from_hf(c: &HfConfig) -> Result<MistralSettings> {
         // transformers' MistralConfig default.
         max_position_embeddings: c.usize_or("max_position_embeddings", 4096 * 32)?,
         rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
-        rope_theta: rope.theta,
+        rope_theta,
         sliding_window,
         use_flash_attn: false,
     };
@@ -96,22 +90,6 @@ pub(crate) fn settings_from_hf(c: &HfConfig) -> Result<MistralSettings> {
         config,
         tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
     })
-}
-
-fn check_heads(c: &HfConfig, hidden: usize, heads: usize, kv_heads: usize) -> Result<()> {
-    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-        return Err(Error::config(
-            "num_key_value_heads",
-            format!("{kv_heads} must be positive and divide num_attention_heads {heads}"),
-        ));
-    }
-    if c.opt_usize("head_dim")?.unwrap_or(0) == 0 && !hidden.is_multiple_of(heads) {
-        return Err(Error::config(
-            "num_attention_heads",
-            format!("{heads} must divide hidden_size {hidden} when head_dim is not given"),
-        ));
-    }
-    Ok(())
 }
 
 impl Architecture for Mistral {

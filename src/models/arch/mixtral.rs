@@ -94,31 +94,19 @@ impl Architecture for Mixtral {
 
 /// The pre-norm decoder with Mixtral's weights: no biases, a mixture of experts per layer.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let (h, eps) = (cfg.dims.hidden_size, cfg.rms_norm_eps);
+    let (dims, h) = (cfg.dims, cfg.dims.hidden_size);
+    let norm = |vb: VarBuilder| Norm::rms(h, cfg.rms_norm_eps, vb);
     let layer = |_: usize, vb: VarBuilder| {
-        let attention = Attention::load(
-            &vb.pp("self_attn"),
-            h,
-            cfg.dims.heads,
-            (false, false),
-            "o_proj",
-        )?;
+        let attention =
+            Attention::load(&vb.pp("self_attn"), h, dims.heads, (false, false), "o_proj")?;
         let moe = FeedForward::Moe(Box::new(experts(cfg, vb.pp("block_sparse_moe"))?));
-        let layer = DecoderLayer::load_pre_norm(&vb, attention, moe, |vb| Norm::rms(h, eps, vb))?;
+        let layer = DecoderLayer::load_pre_norm(&vb, attention, moe, norm)?;
         Ok(layer.with_window(cfg.sliding_window))
     };
-    let inv_freq = inv_freq(
-        cfg.dims.heads.head_dim,
-        cfg.rope_theta,
-        Rounding::F32Inverse,
-    );
+    let inv_freq = inv_freq(dims.heads.head_dim, cfg.rope_theta, Rounding::F32Inverse);
     let rotaries = vec![Rotary::new(inv_freq, vb.device())?];
-    let (norm, head) = (
-        Norm::rms(h, eps, vb.pp("model.norm"))?,
-        (&cfg.dims, cfg.tie_word_embeddings),
-    );
-    let decoder = Decoder::load_hf(&vb, head, layer, norm, rotaries)?;
-    Ok(decoder.loaded(cfg.dims.vocab_size, cfg.max_position_embeddings))
+    let decoder = Decoder::load_hf(&vb, (&dims, cfg.tie_word_embeddings), layer, norm, rotaries)?;
+    Ok(decoder.loaded(dims.vocab_size, cfg.max_position_embeddings))
 }
 
 /// The routed MLP: `gate` routes, each expert is a SwiGLU MLP (`w1` gate, `w3` up, `w2` down).

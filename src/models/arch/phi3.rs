@@ -171,8 +171,9 @@ fn rotary(cfg: &RopeConfig, vb: &VarBuilder) -> Result<Rotary> {
 
 /// The pre-norm decoder with Phi-3's fused projections.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let (dims, eps) = (cfg.dims, cfg.rms_norm_eps);
+    let dims = cfg.dims;
     let (h, i, heads) = (dims.hidden_size, dims.intermediate_size, dims.heads);
+    let norm = |vb: VarBuilder| Norm::rms(h, cfg.rms_norm_eps, vb);
     let q_dim = heads.num_heads * heads.head_dim;
     let qkv_dim = q_dim + 2 * heads.num_kv_heads * heads.head_dim;
     let layer = |_: usize, vb: VarBuilder| {
@@ -185,12 +186,11 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
             intermediate: i,
         });
         let attention = Attention::fused(qkv_proj, o_proj, heads);
-        let layer = DecoderLayer::load_pre_norm(&vb, attention, mlp, |vb| Norm::rms(h, eps, vb))?;
+        let layer = DecoderLayer::load_pre_norm(&vb, attention, mlp, norm)?;
         Ok(layer.with_window(cfg.sliding_window))
     };
     let rotaries = vec![rotary(&cfg.rope, &vb)?];
     let tied = cfg.tie_word_embeddings;
-    let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
     let decoder = Decoder::load_hf(&vb, (&dims, tied), layer, norm, rotaries)?;
     // A LongRoPE model reports only the context computed exactly (see the module docs).
     Ok(decoder.loaded(dims.vocab_size, cfg.max_context))

@@ -44,18 +44,17 @@ use crate::error::Result;
 use crate::models::adapter::Loaded;
 use crate::models::gguf::GgufFile;
 use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, Dims, FeedForward};
-use crate::models::layers::gguf_weights::GgufWeights;
+use crate::models::layers::decoder::{
+    Block, Decoder, DecoderLayer, Dims, FeedForward, GgufDecoderConfig,
+};
+use crate::models::layers::gguf_weights::{GgufWeights, NormKind};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
-use candle_core::Device;
+use crate::models::{GgufArchitecture, Names};
 use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "gemma3";
-/// The longest context run here: Gemma 3 is trained for 128k (the 270M and 1B for 32k).
-pub const MAX_CONTEXT: usize = 131_072;
 /// llama.cpp's sliding-window pattern for Gemma 3: layer `i` is global when `(i + 1) % 6 == 0`.
 const DEFAULT_SLIDING_PATTERN: usize = 6;
 /// llama.cpp's RoPE base for the sliding layers (the file's `rope.freq_base` is the global one).
@@ -68,9 +67,8 @@ const LAYERS_27B: usize = 62;
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Vocabulary, widths, layers and heads.
-    dims: Dims,
-    eps: f64,
+    /// Sizes, norms and context.
+    decoder: GgufDecoderConfig,
     /// Keys a sliding layer's query sees, itself included.
     window: usize,
     /// Layer `i` is global when `(i + 1) % pattern == 0`.
@@ -82,52 +80,6 @@ pub struct Config {
     attn_scale: f64,
     /// The MLP's activation: GELU with the tanh approximation.
     act: Activation,
-    max_context: usize,
-}
-
-/// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
-pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let dims = Dims::from_gguf(file, ARCH, |_| file.key_length(ARCH))?;
-    let Dims {
-        hidden_size: hidden,
-        num_hidden_layers: layers,
-        heads: Heads {
-            num_heads: heads,
-            head_dim,
-            ..
-        },
-        ..
-    } = dims;
-    file.count("gemma3.context_length")?;
-    let pattern = match file.opt_u64("gemma3.attention.sliding_window_type")? {
-        None => DEFAULT_SLIDING_PATTERN,
-        Some(0) => {
-            return Err(
-                file.config_error("gemma3.attention.sliding_window_type", "must be at least 1")
-            )
-        }
-        Some(n) => n as usize,
-    };
-    file.rope_scaling(ARCH, &["none", "linear"])?;
-    let global_rope_scale = 1.0 / file.positive("gemma3.rope.scaling.factor", Some(1.0))?;
-    let attn_scale = if layers == LAYERS_27B {
-        1.0 / ((hidden / heads) as f64).sqrt()
-    } else {
-        1.0 / (head_dim as f64).sqrt()
-    };
-    Ok(Config {
-        dims,
-        eps: file.positive("gemma3.attention.layer_norm_rms_epsilon", None)?,
-        window: file.count("gemma3.attention.sliding_window")?,
-        pattern,
-        local_rope_base: file
-            .positive("gemma3.rope.local_freq_base", Some(DEFAULT_LOCAL_ROPE_BASE))?,
-        global_rope_base: file.positive("gemma3.rope.freq_base", Some(DEFAULT_GLOBAL_ROPE_BASE))?,
-        global_rope_scale,
-        attn_scale,
-        act: Activation::GeluPytorchTanh,
-        max_context: file.context_length(ARCH, MAX_CONTEXT)?,
-    })
 }
 
 impl Config {
@@ -139,58 +91,95 @@ impl Config {
 /// Quantized Gemma 3, as registered.
 pub struct QuantizedGemma3;
 
-impl Architecture for QuantizedGemma3 {
+impl GgufArchitecture for QuantizedGemma3 {
     const NAMES: Names = Names::gguf("quantized_gemma3", &[ARCH]);
-    type Network = Decoder;
+    type Config = Config;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
-    }
-}
-
-/// The Gemma decoder with llama.cpp's Gemma 3 tensors (whose norms already hold
-/// `1 + weight`): sandwich norms, q/k norms, scaled embeddings, local and global RoPE.
-fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
-    let (dims, eps) = (cfg.dims, cfg.eps);
-    let (h, hd) = (dims.hidden_size, dims.heads.head_dim);
-    let mut w = GgufWeights::new(&mut file, device);
-    // Tied embeddings (every Gemma 3): the one quantized tensor serves both.
-    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
-    let norm = w.rms_norm("output_norm.weight", h, eps)?;
-    // Two RoPE variants shared by all layers: 0 local (sliding layers), 1 global.
-    let rotaries = vec![
-        Rotary::new(inv_freq(hd, cfg.local_rope_base, Rounding::F32), device)?,
-        Rotary::new(inv_freq(hd, cfg.global_rope_base, Rounding::F32), device)?
-            .with_position_scale(cfg.global_rope_scale),
-    ];
-    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
-    for i in 0..dims.num_hidden_layers {
-        let prefix = format!("blk.{i}");
-        let mut norm = |name: &str, size| w.rms_norm(&format!("{prefix}.{name}.weight"), size, eps);
-        let (q_norm, k_norm) = (norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?);
-        let block = Block::Sequential {
-            attn_norm: norm("attn_norm", h)?,
-            post_attn_norm: Some(norm("post_attention_norm", h)?),
-            ffn_norm: norm("ffn_norm", h)?,
-            post_ffn_norm: Some(norm("post_ffw_norm", h)?),
+    fn config(file: &GgufFile) -> Result<Config> {
+        let head_dim = |_| file.key_length(ARCH);
+        let decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Rms)?;
+        let Dims {
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            heads:
+                Heads {
+                    num_heads: heads,
+                    head_dim,
+                    ..
+                },
+            ..
+        } = decoder.dims;
+        let pattern = match file.opt_u64("gemma3.attention.sliding_window_type")? {
+            None => DEFAULT_SLIDING_PATTERN,
+            Some(0) => {
+                return Err(
+                    file.config_error("gemma3.attention.sliding_window_type", "must be at least 1")
+                )
+            }
+            Some(n) => n as usize,
         };
-        let attention = Attention::from_gguf(&mut w, &prefix, h, dims.heads, false)?
-            .with_qk_norms(q_norm, k_norm)
-            .with_scale(cfg.attn_scale);
-        let mlp = Mlp::gated_from_gguf(&mut w, &prefix, (h, dims.intermediate_size), cfg.act)?;
-        let sliding = cfg.is_sliding(i);
-        layers.push(DecoderLayer {
-            attention,
-            ffn: FeedForward::Mlp(mlp),
-            block,
-            window: sliding.then_some(cfg.window),
-            rotary: if sliding { 0 } else { 1 },
-        });
+        file.rope_scaling(ARCH, &["none", "linear"])?;
+        let global_rope_scale = 1.0 / file.positive("gemma3.rope.scaling.factor", Some(1.0))?;
+        let attn_scale = if layers == LAYERS_27B {
+            1.0 / ((hidden / heads) as f64).sqrt()
+        } else {
+            1.0 / (head_dim as f64).sqrt()
+        };
+        Ok(Config {
+            decoder,
+            window: file.count("gemma3.attention.sliding_window")?,
+            pattern,
+            local_rope_base: file
+                .positive("gemma3.rope.local_freq_base", Some(DEFAULT_LOCAL_ROPE_BASE))?,
+            global_rope_base: file
+                .positive("gemma3.rope.freq_base", Some(DEFAULT_GLOBAL_ROPE_BASE))?,
+            global_rope_scale,
+            attn_scale,
+            act: Activation::GeluPytorchTanh,
+        })
     }
-    let decoder = Decoder::new(embed, layers, norm, output, rotaries);
-    Ok(decoder
-        .with_embed_scale((h as f64).sqrt())
-        .loaded(dims.vocab_size, cfg.max_context))
+
+    /// The Gemma decoder with llama.cpp's Gemma 3 tensors (whose norms already hold
+    /// `1 + weight`): sandwich norms, q/k norms, scaled embeddings, local and global RoPE. Every
+    /// Gemma 3 ties its embeddings: the one quantized tensor serves the lookup and the head.
+    fn network(cfg: &Config, w: &mut GgufWeights) -> Result<Loaded<Decoder>> {
+        let GgufDecoderConfig { dims, norm, .. } = cfg.decoder;
+        let (h, hd) = (dims.hidden_size, dims.heads.head_dim);
+        // Two RoPE variants shared by all layers: 0 local (sliding layers), 1 global.
+        let rotaries = vec![
+            Rotary::new(inv_freq(hd, cfg.local_rope_base, Rounding::F32), w.device())?,
+            Rotary::new(
+                inv_freq(hd, cfg.global_rope_base, Rounding::F32),
+                w.device(),
+            )?
+            .with_position_scale(cfg.global_rope_scale),
+        ];
+        let decoder = Decoder::from_gguf(w, &cfg.decoder, rotaries, |w, i, blk| {
+            let (q_norm, k_norm) = w.qk_norms(blk, hd, norm)?;
+            let mut norm_of = |name: &str| w.norm(norm, &format!("{blk}.{name}"), h);
+            let block = Block::Sequential {
+                attn_norm: norm_of("attn_norm")?,
+                post_attn_norm: Some(norm_of("post_attention_norm")?),
+                ffn_norm: norm_of("ffn_norm")?,
+                post_ffn_norm: Some(norm_of("post_ffw_norm")?),
+            };
+            let attention = Attention::from_gguf(w, blk, h, dims.heads, false)?
+                .with_qk_norms(q_norm, k_norm)
+                .with_scale(cfg.attn_scale);
+            let mlp = Mlp::gated_from_gguf(w, blk, (h, dims.intermediate_size), cfg.act)?;
+            let sliding = cfg.is_sliding(i);
+            Ok(DecoderLayer {
+                attention,
+                ffn: FeedForward::Mlp(mlp),
+                block,
+                window: sliding.then_some(cfg.window),
+                rotary: if sliding { 0 } else { 1 },
+            })
+        })?;
+        Ok(decoder
+            .with_embed_scale((h as f64).sqrt())
+            .loaded(dims.vocab_size, cfg.decoder.max_context))
+    }
 }
 
 /// The tiny GGUF writers of the integration tests, shared so both test the same files.
@@ -202,9 +191,9 @@ mod fixtures;
 mod tests {
     use super::fixtures;
     use super::*;
-    use crate::models::LanguageModel;
+    use crate::models::{Adapter, Architecture, LanguageModel, LoadOptions, ModelSource};
     use candle_core::quantized::gguf_file::Value;
-    use candle_core::Tensor;
+    use candle_core::{Device, Tensor};
     use candle_transformers::models::quantized_gemma3 as candle_gemma3;
 
     fn tiny(dir: &std::path::Path) -> std::path::PathBuf {
@@ -230,13 +219,14 @@ mod tests {
         edit: impl FnOnce(&mut Config),
     ) -> Adapter<QuantizedGemma3> {
         let file = open(path, overrides);
-        let config = |file: &mut GgufFile| {
-            let mut cfg = config_from_gguf(file)?;
+        let config = |file: &GgufFile| {
+            let mut cfg = QuantizedGemma3::config(file)?;
             edit(&mut cfg);
             Ok(cfg)
         };
         let source = ModelSource::Gguf(file);
-        Adapter::load_gguf(source, &LoadOptions::cpu(), config, network).unwrap()
+        let options = LoadOptions::cpu();
+        Adapter::load_gguf(source, &options, config, QuantizedGemma3::network).unwrap()
     }
 
     fn ids(ids: &[u32]) -> Tensor {
@@ -303,7 +293,7 @@ mod tests {
         let model = load(&path, &[]);
         let layers = model.network().layers();
         let windows: Vec<Option<usize>> = layers.iter().map(|l| l.window).collect();
-        let w = config_from_gguf(&open(&path, &[])).unwrap().window;
+        let w = QuantizedGemma3::config(&open(&path, &[])).unwrap().window;
         assert_eq!(windows, [Some(w), Some(w), Some(w), Some(w), Some(w), None]);
         // Sliding layers share one RoPE, global layers another: no per-layer copies (and no
         // table: the angles are computed per forward).

@@ -30,19 +30,16 @@ use crate::error::{Error, Result};
 use crate::models::adapter::Loaded;
 use crate::models::gguf::{GgufFile, RopeSettings};
 use crate::models::layers::attention::{Attention, Heads};
-use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
-use crate::models::layers::gguf_weights::GgufWeights;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward, GgufDecoderConfig};
+use crate::models::layers::gguf_weights::{GgufWeights, NormKind};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::moe::{Router, Routing, SparseMoe};
 use crate::models::layers::rotary::{inv_freq, Pairing, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
-use candle_core::Device;
+use crate::models::{GgufArchitecture, Names};
 use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "llama";
-/// The longest context run here (Llama 3.1 declares 131072).
-pub const MAX_CONTEXT: usize = 131_072;
 /// The per-pair RoPE divisors of Llama 3.1-style scaling, as llama.cpp's converter writes them.
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
@@ -56,133 +53,87 @@ struct Experts {
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Vocabulary, widths, layers and heads.
-    dims: Dims,
-    eps: f64,
+    /// Sizes, norms and context.
+    decoder: GgufDecoderConfig,
     /// Base, linear scaling (ignored when the type says `none`, as llama.cpp does) and
     /// attention factor.
     rope: RopeSettings,
     experts: Option<Experts>,
-    max_context: usize,
-}
-
-/// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
-pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let dims = Dims::from_gguf(file, ARCH, |heads| file.rope_head_dim(ARCH, heads))?;
-    // llama.cpp rotates whole heads for this architecture; a file that says otherwise is
-    // corrupt (or a partial rotation nothing here implements).
-    let key = "llama.rope.dimension_count";
-    if let Some(rope_dim) = file.opt_u64(key)? {
-        let head_dim = dims.heads.head_dim;
-        if rope_dim != head_dim as u64 {
-            return Err(file.config_error(
-                key,
-                format!(
-                    "is {rope_dim}, but the head size (embedding_length / head_count) is {head_dim}"
-                ),
-            ));
-        }
-    }
-    file.count("llama.context_length")?;
-    // llama.cpp's default base too when the key is absent.
-    let rope = file.rope_settings(ARCH, 10_000.0)?;
-    let experts = match file.opt_u64("llama.expert_count")? {
-        None | Some(0) | Some(1) => None,
-        Some(_) => {
-            let count = file.count("llama.expert_count")?;
-            let used = file.count("llama.expert_used_count")?;
-            if used > count {
-                return Err(file.config_error(
-                    "llama.expert_used_count",
-                    format!("is {used}, more than llama.expert_count ({count})"),
-                ));
-            }
-            Some(Experts { count, used })
-        }
-    };
-    Ok(Config {
-        dims,
-        eps: file.positive("llama.attention.layer_norm_rms_epsilon", None)?,
-        rope,
-        experts,
-        max_context: file.context_length(ARCH, MAX_CONTEXT)?,
-    })
 }
 
 /// Quantized Llama, as registered.
 pub struct QuantizedLlama;
 
-impl Architecture for QuantizedLlama {
+impl GgufArchitecture for QuantizedLlama {
     const NAMES: Names = Names::gguf("quantized_llama", &[ARCH]);
-    type Network = Decoder;
+    type Config = Config;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
-    }
-}
-
-/// The pre-norm decoder with llama.cpp's Llama tensors: SwiGLU (or Mixtral's experts),
-/// interleaved RoPE.
-fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
-    let (dims, eps) = (cfg.dims, cfg.eps);
-    let (h, ff) = (dims.hidden_size, dims.intermediate_size);
-    let mut w = GgufWeights::new(&mut file, device);
-    let rotary = rotary(&mut w, cfg, dims.heads, device)?;
-    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
-    let norm = w.rms_norm("output_norm.weight", h, eps)?;
-    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
-    for i in 0..dims.num_hidden_layers {
-        let prefix = format!("blk.{i}");
-        let attention = Attention::from_gguf(&mut w, &prefix, h, dims.heads, false)?;
-        let ffn = match cfg.experts {
-            None => FeedForward::Mlp(Mlp::gated_from_gguf(
-                &mut w,
-                &prefix,
-                (h, ff),
-                Activation::Silu,
-            )?),
-            Some(experts) => FeedForward::Moe(Box::new(mixture(&mut w, &prefix, cfg, experts)?)),
+    fn config(file: &GgufFile) -> Result<Config> {
+        let head_dim = |heads| file.rope_head_dim(ARCH, heads);
+        let decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Rms)?;
+        // llama.cpp rotates whole heads for this architecture; a file that says otherwise is
+        // corrupt (or a partial rotation nothing here implements).
+        file.rope_whole_head(ARCH, decoder.dims.heads.head_dim)?;
+        let experts = match file.opt_u64("llama.expert_count")? {
+            None | Some(0) | Some(1) => None,
+            Some(_) => {
+                let count = file.count("llama.expert_count")?;
+                let used = file.count("llama.expert_used_count")?;
+                if used > count {
+                    return Err(file.config_error(
+                        "llama.expert_used_count",
+                        format!("is {used}, more than llama.expert_count ({count})"),
+                    ));
+                }
+                Some(Experts { count, used })
+            }
         };
-        layers.push(DecoderLayer::pre_norm_from_gguf(
-            &mut w,
-            &prefix,
-            (attention, ffn),
-            h,
-            eps,
-        )?);
+        Ok(Config {
+            decoder,
+            // llama.cpp's default base too when the key is absent.
+            rope: file.rope_settings(ARCH, 10_000.0)?,
+            experts,
+        })
     }
-    let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
-    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
+
+    /// The pre-norm decoder with llama.cpp's Llama tensors: SwiGLU (or Mixtral's experts),
+    /// interleaved RoPE.
+    fn network(cfg: &Config, w: &mut GgufWeights) -> Result<Loaded<Decoder>> {
+        let dims = cfg.decoder.dims;
+        let rotary = rotary(w, cfg, dims.heads)?;
+        let decoder = Decoder::from_gguf(w, &cfg.decoder, vec![rotary], |w, _, blk| {
+            let attention = Attention::from_gguf(w, blk, dims.hidden_size, dims.heads, false)?;
+            match cfg.experts {
+                None => DecoderLayer::swiglu_from_gguf(w, blk, attention, &cfg.decoder),
+                Some(experts) => {
+                    let moe = FeedForward::Moe(Box::new(mixture(w, blk, cfg, experts)?));
+                    DecoderLayer::pre_norm_from_gguf(w, blk, (attention, moe), &cfg.decoder)
+                }
+            }
+        })?;
+        Ok(decoder.loaded(dims.vocab_size, cfg.decoder.max_context))
+    }
 }
 
 /// Interleaved RoPE with the file's base, its linear scaling and attention factor, and Llama
 /// 3.1's per-pair divisors when the file has them.
-fn rotary(w: &mut GgufWeights, cfg: &Config, heads: Heads, device: &Device) -> Result<Rotary> {
+fn rotary(w: &mut GgufWeights, cfg: &Config, heads: Heads) -> Result<Rotary> {
     let mut freqs = inv_freq(heads.head_dim, cfg.rope.base, Rounding::F32);
-    if w.file().content.tensor_infos.contains_key(ROPE_FREQS) {
-        let divisors = w.vector(ROPE_FREQS, freqs.len())?.to_vec1::<f32>()?;
-        if let Some(bad) = divisors.iter().find(|d| !(d.is_finite() && **d > 0.0)) {
-            return Err(Error::model_file(
-                &w.file().path,
-                format!("{ROPE_FREQS} holds {bad}; RoPE divisors must be positive"),
-            ));
-        }
-        for (f, d) in freqs.iter_mut().zip(divisors) {
-            *f /= d;
-        }
+    if w.has(ROPE_FREQS) {
+        w.divide_frequencies(&mut freqs, ROPE_FREQS)?;
     }
-    Ok(Rotary::new(freqs, device)?
+    Ok(Rotary::new(freqs, w.device())?
         .with_pairing(Pairing::Interleaved)
-        .with_position_scale(cfg.rope.position_scale)
-        .with_attention_factor(cfg.rope.attention_factor))
+        .with_settings(&cfg.rope))
 }
 
 /// Mixtral's experts, one tensor each, routed as Mixtral routes: softmax, top-k, weights
 /// renormalised over the chosen experts.
 fn mixture(w: &mut GgufWeights, prefix: &str, cfg: &Config, experts: Experts) -> Result<SparseMoe> {
-    let (h, ff) = (cfg.dims.hidden_size, cfg.dims.intermediate_size);
+    let dims = cfg.decoder.dims;
+    let (h, ff) = (dims.hidden_size, dims.intermediate_size);
     let stacked = format!("{prefix}.ffn_gate_exps.weight");
-    if w.file().content.tensor_infos.contains_key(&stacked) {
+    if w.has(&stacked) {
         return Err(Error::model_file(
             &w.file().path,
             format!(

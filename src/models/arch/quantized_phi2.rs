@@ -30,95 +30,69 @@ use crate::error::Result;
 use crate::models::adapter::Loaded;
 use crate::models::gguf::{GgufFile, RopeSettings};
 use crate::models::layers::attention::Attention;
-use crate::models::layers::decoder::{Block, Decoder, DecoderLayer, Dims, FeedForward};
-use crate::models::layers::gguf_weights::GgufWeights;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward, GgufDecoderConfig};
+use crate::models::layers::gguf_weights::{GgufWeights, NormKind};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
-use candle_core::Device;
+use crate::models::{GgufArchitecture, Names};
 use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "phi2";
-/// The longest context run here (Phi-2 declares 2048).
-pub const MAX_CONTEXT: usize = 131_072;
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Vocabulary, widths, layers and heads.
-    dims: Dims,
-    eps: f64,
+    /// Sizes, norms (LayerNorms) and context.
+    decoder: GgufDecoderConfig,
     /// Dimensions of each head that RoPE rotates.
     rope_dim: usize,
     rope: RopeSettings,
-    max_context: usize,
-}
-
-/// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
-pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let dims = Dims::from_gguf(file, ARCH, |heads| file.derived_head_dim(ARCH, heads))?;
-    let rope_dim = file.rope_dimension_count(ARCH, dims.heads.head_dim)?;
-    file.count("phi2.context_length")?;
-    // llama.cpp's Phi-2 always has its own output projection (with a bias).
-    file.check_vocab(dims.vocab_size, false)?;
-    Ok(Config {
-        dims,
-        eps: file.positive("phi2.attention.layer_norm_epsilon", None)?,
-        rope_dim,
-        rope: file.rope_settings(ARCH, 10_000.0)?,
-        max_context: file.context_length(ARCH, MAX_CONTEXT)?,
-    })
 }
 
 /// Quantized Phi-2, as registered.
 pub struct QuantizedPhi2;
 
-impl Architecture for QuantizedPhi2 {
+impl GgufArchitecture for QuantizedPhi2 {
     const NAMES: Names = Names::gguf("quantized_phi2", &[ARCH]);
-    type Network = Decoder;
+    type Config = Config;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
+    fn config(file: &GgufFile) -> Result<Config> {
+        let head_dim = |heads| file.derived_head_dim(ARCH, heads);
+        let decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Layer)?;
+        // llama.cpp's Phi-2 always has its own output projection (with a bias).
+        file.check_vocab(decoder.dims.vocab_size, false)?;
+        Ok(Config {
+            rope_dim: file.rope_dimension_count(ARCH, decoder.dims.heads.head_dim)?,
+            rope: file.rope_settings(ARCH, 10_000.0)?,
+            decoder,
+        })
     }
-}
 
-/// The decoder with llama.cpp's Phi-2 tensors: parallel blocks over one LayerNorm, biases
-/// everywhere, a GELU MLP, partial NEOX RoPE.
-fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
-    let (dims, eps) = (cfg.dims, cfg.eps);
-    let (h, ff) = (dims.hidden_size, dims.intermediate_size);
-    let mut w = GgufWeights::new(&mut file, device);
-    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
-    let output = output.with_bias(w.vector("output.bias", dims.vocab_size)?);
-    let norm = w.layer_norm("output_norm", h, eps)?;
-    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
-    for i in 0..dims.num_hidden_layers {
-        let prefix = format!("blk.{i}");
-        let attention =
-            Attention::from_gguf_any_layout(&mut w, &prefix, h, dims.heads, (true, true))?;
-        let mut linear = |name: &str, (rows, cols): (usize, usize)| -> Result<_> {
-            let weight = w.linear(&format!("{prefix}.{name}.weight"), [rows, cols])?;
-            Ok(weight.with_bias(w.vector(&format!("{prefix}.{name}.bias"), rows)?))
-        };
-        let mlp = Mlp::Plain {
-            fc1: linear("ffn_up", (ff, h))?,
-            fc2: linear("ffn_down", (h, ff))?,
-            act: Activation::NewGelu,
-        };
-        layers.push(DecoderLayer {
-            attention,
-            ffn: FeedForward::Mlp(mlp),
-            block: Block::Parallel {
-                norm: w.layer_norm(&format!("{prefix}.attn_norm"), h, eps)?,
-            },
-            window: None,
-            rotary: 0,
-        });
+    /// The decoder with llama.cpp's Phi-2 tensors: parallel blocks over one LayerNorm, biases
+    /// everywhere, a GELU MLP, partial NEOX RoPE.
+    fn network(cfg: &Config, w: &mut GgufWeights) -> Result<Loaded<Decoder>> {
+        let GgufDecoderConfig { dims, norm, .. } = cfg.decoder;
+        let (h, ff) = (dims.hidden_size, dims.intermediate_size);
+        let freqs = inv_freq(cfg.rope_dim, cfg.rope.base, Rounding::F32);
+        let rotary = Rotary::new(freqs, w.device())?.with_settings(&cfg.rope);
+        let decoder = Decoder::from_gguf(w, &cfg.decoder, vec![rotary], |w, _, blk| {
+            let attention = Attention::from_gguf_any_layout(w, blk, h, dims.heads, (true, true))?;
+            let mut linear = |name: &str, (rows, cols): (usize, usize)| -> Result<_> {
+                let weight = w.linear(&format!("{blk}.{name}.weight"), [rows, cols])?;
+                Ok(weight.with_bias(w.vector(&format!("{blk}.{name}.bias"), rows)?))
+            };
+            let mlp = FeedForward::Mlp(Mlp::Plain {
+                fc1: linear("ffn_up", (ff, h))?,
+                fc2: linear("ffn_down", (h, ff))?,
+                act: Activation::NewGelu,
+            });
+            let input_norm = w.norm(norm, &format!("{blk}.attn_norm"), h)?;
+            Ok(DecoderLayer::parallel(attention, mlp, input_norm))
+        })?;
+        let head_bias = w.vector("output.bias", dims.vocab_size)?;
+        Ok(decoder
+            .with_head_bias(head_bias)
+            .loaded(dims.vocab_size, cfg.decoder.max_context))
     }
-    let rotary = Rotary::new(inv_freq(cfg.rope_dim, cfg.rope.base, Rounding::F32), device)?
-        .with_position_scale(cfg.rope.position_scale)
-        .with_attention_factor(cfg.rope.attention_factor);
-    let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
-    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }

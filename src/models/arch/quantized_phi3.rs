@@ -36,23 +36,19 @@
 //! Phi-3-mini-4k), and so does this: results match llama.cpp's, not a windowed reference,
 //! past the window.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::models::adapter::Loaded;
 use crate::models::gguf::{GgufFile, RopeSettings};
 use crate::models::layers::attention::Attention;
-use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
-use crate::models::layers::gguf_weights::GgufWeights;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, FeedForward, GgufDecoderConfig};
+use crate::models::layers::gguf_weights::{GgufWeights, NormKind};
 use crate::models::layers::mlp::Mlp;
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
-use candle_core::Device;
+use crate::models::{GgufArchitecture, Names};
 use candle_nn::Activation;
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "phi3";
-/// The longest context run here (Phi-3 files declare 4k without LongRoPE, 128k with it,
-/// which runs here up to its original 4k; see the module docs).
-pub const MAX_CONTEXT: usize = 131_072;
 /// LongRoPE's per-pair divisors for contexts up to the original length.
 const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 /// LongRoPE's per-pair divisors for longer contexts (not used; see the module docs).
@@ -61,109 +57,73 @@ const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Vocabulary, widths, layers and heads.
-    dims: Dims,
-    eps: f64,
+    /// Sizes, norms and context (with LongRoPE, at most the original context).
+    decoder: GgufDecoderConfig,
     /// Dimensions of each head that RoPE rotates.
     rope_dim: usize,
     rope: RopeSettings,
     /// Whether the frequencies are divided by LongRoPE's short factors.
     short_factors: bool,
-    max_context: usize,
-}
-
-/// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
-pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    let dims = Dims::from_gguf(file, ARCH, |heads| file.derived_head_dim(ARCH, heads))?;
-    let rope_dim = file.rope_dimension_count(ARCH, dims.heads.head_dim)?;
-    file.count("phi3.context_length")?;
-    // The output projection may be tied to the embeddings.
-    file.check_vocab(dims.vocab_size, true)?;
-    let tensors = &file.content.tensor_infos;
-    let longrope =
-        tensors.contains_key(ROPE_FACTORS_SHORT) || tensors.contains_key(ROPE_FACTORS_LONG);
-    let mut max_context = file.context_length(ARCH, MAX_CONTEXT)?;
-    if longrope {
-        // llama.cpp's default for the original length is the trained context.
-        let key = "phi3.rope.scaling.original_context_length";
-        if file.get(key).is_some() {
-            max_context = max_context.min(file.count(key)?);
-        }
-    }
-    Ok(Config {
-        dims,
-        eps: file.positive("phi3.attention.layer_norm_rms_epsilon", None)?,
-        rope_dim,
-        rope: file.rope_settings(ARCH, 10_000.0)?,
-        short_factors: tensors.contains_key(ROPE_FACTORS_SHORT),
-        max_context,
-    })
 }
 
 /// Quantized Phi-3, as registered.
 pub struct QuantizedPhi3;
 
-impl Architecture for QuantizedPhi3 {
+impl GgufArchitecture for QuantizedPhi3 {
     const NAMES: Names = Names::gguf("quantized_phi3", &[ARCH]);
-    type Network = Decoder;
+    type Config = Config;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
+    fn config(file: &GgufFile) -> Result<Config> {
+        let head_dim = |heads| file.derived_head_dim(ARCH, heads);
+        let mut decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Rms)?;
+        // The output projection may be tied to the embeddings.
+        file.check_vocab(decoder.dims.vocab_size, true)?;
+        let tensors = &file.content.tensor_infos;
+        let longrope =
+            tensors.contains_key(ROPE_FACTORS_SHORT) || tensors.contains_key(ROPE_FACTORS_LONG);
+        if longrope {
+            // llama.cpp's default for the original length is the trained context.
+            let key = "phi3.rope.scaling.original_context_length";
+            if file.get(key).is_some() {
+                decoder.max_context = decoder.max_context.min(file.count(key)?);
+            }
+        }
+        Ok(Config {
+            rope_dim: file.rope_dimension_count(ARCH, decoder.dims.heads.head_dim)?,
+            rope: file.rope_settings(ARCH, 10_000.0)?,
+            short_factors: tensors.contains_key(ROPE_FACTORS_SHORT),
+            decoder,
+        })
     }
-}
 
-/// The pre-norm decoder with llama.cpp's Phi-3 tensors: fused q/k/v, fused gate/up (SwiGLU),
-/// partial NEOX RoPE.
-fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
-    let (dims, eps) = (cfg.dims, cfg.eps);
-    let (h, ff) = (dims.hidden_size, dims.intermediate_size);
-    let mut w = GgufWeights::new(&mut file, device);
-    let rotary = rotary(&mut w, cfg, device)?;
-    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
-    let norm = w.rms_norm("output_norm.weight", h, eps)?;
-    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
-    for i in 0..dims.num_hidden_layers {
-        let prefix = format!("blk.{i}");
-        let attention =
-            Attention::from_gguf_any_layout(&mut w, &prefix, h, dims.heads, (false, false))?;
-        let mut linear = |name: &str, shape| w.linear(&format!("{prefix}.{name}.weight"), shape);
-        let mlp = Mlp::FusedGated {
-            gate_up: linear("ffn_up", [2 * ff, h])?,
-            down: linear("ffn_down", [h, ff])?,
-            act: Activation::Silu,
-            intermediate: ff,
-        };
-        layers.push(DecoderLayer::pre_norm_from_gguf(
-            &mut w,
-            &prefix,
-            (attention, FeedForward::Mlp(mlp)),
-            h,
-            eps,
-        )?);
+    /// The pre-norm decoder with llama.cpp's Phi-3 tensors: fused q/k/v, fused gate/up (SwiGLU),
+    /// partial NEOX RoPE.
+    fn network(cfg: &Config, w: &mut GgufWeights) -> Result<Loaded<Decoder>> {
+        let dims = cfg.decoder.dims;
+        let (h, ff) = (dims.hidden_size, dims.intermediate_size);
+        let rotary = rotary(w, cfg)?;
+        let decoder = Decoder::from_gguf(w, &cfg.decoder, vec![rotary], |w, _, blk| {
+            let attention = Attention::from_gguf_any_layout(w, blk, h, dims.heads, (false, false))?;
+            let mut linear = |name: &str, shape| w.linear(&format!("{blk}.{name}.weight"), shape);
+            let mlp = Mlp::FusedGated {
+                gate_up: linear("ffn_up", [2 * ff, h])?,
+                down: linear("ffn_down", [h, ff])?,
+                act: Activation::Silu,
+                intermediate: ff,
+            };
+            let parts = (attention, FeedForward::Mlp(mlp));
+            DecoderLayer::pre_norm_from_gguf(w, blk, parts, &cfg.decoder)
+        })?;
+        Ok(decoder.loaded(dims.vocab_size, cfg.decoder.max_context))
     }
-    let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
-    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }
 
 /// NEOX RoPE over the first `rope_dim` dimensions, with the file's base, linear scaling and
 /// attention factor, the frequencies divided by LongRoPE's short factors when there are any.
-fn rotary(w: &mut GgufWeights, cfg: &Config, device: &Device) -> Result<Rotary> {
+fn rotary(w: &mut GgufWeights, cfg: &Config) -> Result<Rotary> {
     let mut freqs = inv_freq(cfg.rope_dim, cfg.rope.base, Rounding::F32);
     if cfg.short_factors {
-        let factors = w
-            .vector(ROPE_FACTORS_SHORT, freqs.len())?
-            .to_vec1::<f32>()?;
-        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
-            return Err(Error::model_file(
-                &w.file().path,
-                format!("{ROPE_FACTORS_SHORT} holds {bad}; RoPE factors must be positive"),
-            ));
-        }
-        for (f, d) in freqs.iter_mut().zip(factors) {
-            *f /= d;
-        }
+        w.divide_frequencies(&mut freqs, ROPE_FACTORS_SHORT)?;
     }
-    Ok(Rotary::new(freqs, device)?
-        .with_position_scale(cfg.rope.position_scale)
-        .with_attention_factor(cfg.rope.attention_factor))
+    Ok(Rotary::new(freqs, w.device())?.with_settings(&cfg.rope))
 }

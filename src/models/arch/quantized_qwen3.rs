@@ -34,102 +34,59 @@ use crate::error::Result;
 use crate::models::adapter::Loaded;
 use crate::models::gguf::{GgufFile, RopeSettings};
 use crate::models::layers::attention::Attention;
-use crate::models::layers::decoder::{Decoder, DecoderLayer, Dims, FeedForward};
-use crate::models::layers::gguf_weights::GgufWeights;
-use crate::models::layers::mlp::Mlp;
+use crate::models::layers::decoder::{Decoder, DecoderLayer, GgufDecoderConfig};
+use crate::models::layers::gguf_weights::{GgufWeights, NormKind};
 use crate::models::layers::rotary::{inv_freq, Rotary, Rounding};
-use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
-use candle_core::Device;
-use candle_nn::Activation;
+use crate::models::{GgufArchitecture, Names};
 
 /// `general.architecture` of the files this adapter loads.
 const ARCH: &str = "qwen3";
-/// The longest context run here (Qwen3 files declare 32k or 40k; 128k needs YaRN, refused).
-pub const MAX_CONTEXT: usize = 131_072;
 
 /// The hyperparameters, all read and checked before any tensor is.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Vocabulary, widths, layers and heads.
-    dims: Dims,
-    eps: f64,
+    /// Sizes, norms and context.
+    decoder: GgufDecoderConfig,
     rope: RopeSettings,
-    max_context: usize,
-}
-
-/// Maps the GGUF metadata to [`Config`], refusing what this implementation cannot compute.
-pub fn config_from_gguf(file: &GgufFile) -> Result<Config> {
-    // Qwen3's head size is its own setting (128 in every released size), not hidden / heads,
-    // so `key_length` is required: llama.cpp's converter always writes it for Qwen3, and
-    // deriving it from a file that lost it would only fail later, at a tensor's shape.
-    let dims = Dims::from_gguf(file, ARCH, |_| file.key_length(ARCH))?;
-    // llama.cpp rotates whole heads for this architecture (it asserts n_rot == head size).
-    let key = "qwen3.rope.dimension_count";
-    if let Some(rope_dim) = file.opt_u64(key)? {
-        let head_dim = dims.heads.head_dim;
-        if rope_dim != head_dim as u64 {
-            return Err(file.config_error(
-                key,
-                format!("is {rope_dim}, but Qwen3 rotates the whole head ({head_dim})"),
-            ));
-        }
-    }
-    file.count("qwen3.context_length")?;
-    // The output projection may be tied to the embeddings.
-    file.check_vocab(dims.vocab_size, true)?;
-    Ok(Config {
-        dims,
-        eps: file.positive("qwen3.attention.layer_norm_rms_epsilon", None)?,
-        rope: file.rope_settings(ARCH, 10_000.0)?,
-        max_context: file.context_length(ARCH, MAX_CONTEXT)?,
-    })
 }
 
 /// Quantized Qwen3, as registered.
 pub struct QuantizedQwen3;
 
-impl Architecture for QuantizedQwen3 {
+impl GgufArchitecture for QuantizedQwen3 {
     const NAMES: Names = Names::gguf("quantized_qwen3", &[ARCH]);
-    type Network = Decoder;
+    type Config = Config;
 
-    fn load(source: ModelSource, options: &LoadOptions) -> Result<Adapter<Self>> {
-        Adapter::load_gguf(source, options, |file| config_from_gguf(file), network)
+    fn config(file: &GgufFile) -> Result<Config> {
+        // Qwen3's head size is its own setting (128 in every released size), not hidden / heads,
+        // so `key_length` is required: llama.cpp's converter always writes it for Qwen3, and
+        // deriving it from a file that lost it would only fail later, at a tensor's shape.
+        let head_dim = |_| file.key_length(ARCH);
+        let decoder = GgufDecoderConfig::from_gguf(file, ARCH, head_dim, NormKind::Rms)?;
+        // llama.cpp asserts this architecture's rotation covers the whole head.
+        file.rope_whole_head(ARCH, decoder.dims.heads.head_dim)?;
+        // The output projection may be tied to the embeddings.
+        file.check_vocab(decoder.dims.vocab_size, true)?;
+        Ok(Config {
+            decoder,
+            rope: file.rope_settings(ARCH, 10_000.0)?,
+        })
     }
-}
 
-/// The pre-norm decoder with llama.cpp's Qwen3 tensors: per-head q/k RMSNorms, SwiGLU.
-fn network(mut file: GgufFile, cfg: &Config, device: &Device) -> Result<Loaded<Decoder>> {
-    let (dims, eps) = (cfg.dims, cfg.eps);
-    let (h, hd) = (dims.hidden_size, dims.heads.head_dim);
-    let mut w = GgufWeights::new(&mut file, device);
-    let (embed, output) = w.embeddings_and_head(dims.vocab_size, h)?;
-    let norm = w.rms_norm("output_norm.weight", h, eps)?;
-    let mut layers = Vec::with_capacity(dims.num_hidden_layers);
-    for i in 0..dims.num_hidden_layers {
-        let prefix = format!("blk.{i}");
-        let mut norm = |name: &str, size| w.rms_norm(&format!("{prefix}.{name}.weight"), size, eps);
-        let (q_norm, k_norm) = (norm("attn_q_norm", hd)?, norm("attn_k_norm", hd)?);
-        let attention = Attention::from_gguf(&mut w, &prefix, h, dims.heads, false)?
-            .with_qk_norms(q_norm, k_norm);
-        let mlp = Mlp::gated_from_gguf(
-            &mut w,
-            &prefix,
-            (h, dims.intermediate_size),
-            Activation::Silu,
-        )?;
-        layers.push(DecoderLayer::pre_norm_from_gguf(
-            &mut w,
-            &prefix,
-            (attention, FeedForward::Mlp(mlp)),
-            h,
-            eps,
-        )?);
+    /// The Llama block with llama.cpp's Qwen3 tensors: per-head q/k RMSNorms, no q/k/v biases.
+    fn network(cfg: &Config, w: &mut GgufWeights) -> Result<Loaded<Decoder>> {
+        let GgufDecoderConfig { dims, norm, .. } = cfg.decoder;
+        let head_dim = dims.heads.head_dim;
+        // candle's quantized_qwen3 rounds the frequencies this way; llama.cpp's f32 computation
+        // differs from it by an ulp at most.
+        let freqs = inv_freq(head_dim, cfg.rope.base, Rounding::F32Inverse);
+        let rotary = Rotary::new(freqs, w.device())?.with_settings(&cfg.rope);
+        let decoder = Decoder::from_gguf(w, &cfg.decoder, vec![rotary], |w, _, blk| {
+            let (q_norm, k_norm) = w.qk_norms(blk, head_dim, norm)?;
+            let attention = Attention::from_gguf(w, blk, dims.hidden_size, dims.heads, false)?
+                .with_qk_norms(q_norm, k_norm);
+            DecoderLayer::swiglu_from_gguf(w, blk, attention, &cfg.decoder)
+        })?;
+        Ok(decoder.loaded(dims.vocab_size, cfg.decoder.max_context))
     }
-    // candle's quantized_qwen3 rounds the frequencies this way; llama.cpp's f32 computation
-    // differs from it by an ulp at most.
-    let rotary = Rotary::new(inv_freq(hd, cfg.rope.base, Rounding::F32Inverse), device)?
-        .with_position_scale(cfg.rope.position_scale)
-        .with_attention_factor(cfg.rope.attention_factor);
-    let decoder = Decoder::new(embed, layers, norm, output, vec![rotary]);
-    Ok(decoder.loaded(dims.vocab_size, cfg.max_context))
 }

@@ -107,21 +107,19 @@ impl Architecture for Qwen2 {
 
 /// The pre-norm decoder with Qwen2's weights.
 fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
-    let (dims, eps) = (cfg.dims, cfg.rms_norm_eps);
+    let dims = cfg.dims;
     let h = dims.hidden_size;
+    let norm = |vb: VarBuilder| Norm::rms(h, cfg.rms_norm_eps, vb);
     let layer = |i: usize, vb: VarBuilder| {
         // Qwen2 has biases on q, k and v, none on o.
         let attention =
             Attention::load(&vb.pp("self_attn"), h, dims.heads, (true, false), "o_proj")?;
         let mlp = Mlp::load_gated(&vb.pp("mlp"), h, dims.intermediate_size, Activation::Silu)?;
-        let layer = DecoderLayer::load_pre_norm(&vb, attention, FeedForward::Mlp(mlp), |vb| {
-            Norm::rms(h, eps, vb)
-        })?;
+        let layer = DecoderLayer::load_pre_norm(&vb, attention, FeedForward::Mlp(mlp), norm)?;
         Ok(layer.with_window(cfg.layer_windows[i]))
     };
     let inv_freq = inv_freq(dims.heads.head_dim, cfg.rope_theta, Rounding::F32Inverse);
     let rotaries = vec![Rotary::new(inv_freq, vb.device())?];
-    let norm = Norm::rms(h, eps, vb.pp("model.norm"))?;
     let decoder = Decoder::load_hf(&vb, (&dims, cfg.tie_word_embeddings), layer, norm, rotaries)?;
     Ok(decoder.loaded(dims.vocab_size, cfg.max_position_embeddings))
 }

@@ -21,7 +21,7 @@
 
 use crate::error::{Error, Result};
 use crate::models::adapter::{Loaded, Pristine};
-use crate::models::hf::{HfConfig, RopeScaling};
+use crate::models::hf::HfConfig;
 use crate::models::{Adapter, Architecture, LoadOptions, ModelSource, Names};
 use candle_nn::Activation;
 use candle_transformers::models::qwen3 as candle_qwen3;
@@ -34,19 +34,7 @@ pub struct Qwen3;
 pub(crate) fn config_from_hf(c: &HfConfig) -> Result<candle_qwen3::Config> {
     const FAMILY: &str = "qwen3";
     let num_hidden_layers = c.usize("num_hidden_layers")?;
-    let num_attention_heads = c.usize("num_attention_heads")?;
-    let num_key_value_heads = c.usize_or("num_key_value_heads", num_attention_heads)?;
-    if num_attention_heads == 0
-        || num_key_value_heads == 0
-        || !num_attention_heads.is_multiple_of(num_key_value_heads)
-    {
-        return Err(Error::config(
-            "num_key_value_heads",
-            format!(
-                "{num_key_value_heads} must be positive and divide num_attention_heads {num_attention_heads}"
-            ),
-        ));
-    }
+    let (num_attention_heads, num_key_value_heads) = c.heads(None, None)?;
     // Qwen3's head_dim is its own setting (128 in every released size), not derived from
     // hidden_size; transformers' default is 128 too.
     let head_dim = c.usize_or("head_dim", 128)?;
@@ -57,10 +45,7 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<candle_qwen3::Config> {
         ));
     }
     c.activation(&["silu"], "silu")?;
-    let rope = c.rope(None, 10_000.0)?;
-    if rope.scaling != RopeScaling::None || rope.partial_rotary_factor.is_some_and(|f| f != 1.0) {
-        return Err(c.unsupported_rope(&rope, FAMILY, &["default"]));
-    }
+    let rope_theta = c.plain_rope(None, 10_000.0, FAMILY)?;
     let max_window_layers = c.usize_or("max_window_layers", 28)?;
     if let Some(layer) = first_sliding_layer(c, num_hidden_layers, max_window_layers)? {
         return Err(Error::config(
@@ -84,7 +69,7 @@ pub(crate) fn config_from_hf(c: &HfConfig) -> Result<candle_qwen3::Config> {
         sliding_window: None,
         max_window_layers,
         tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
-        rope_theta: rope.theta,
+        rope_theta,
         rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
         use_sliding_window: false,
         hidden_act: Activation::Silu,

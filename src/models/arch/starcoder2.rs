@@ -84,40 +84,28 @@ fn network(cfg: &Config, vb: VarBuilder) -> Result<Loaded<Decoder>> {
     let Dims {
         hidden_size: h,
         intermediate_size: i,
+        heads,
         ..
     } = cfg.dims;
     // StarCoder2 uses LayerNorm with a bias (not RMSNorm), whatever `use_bias` says.
-    let (eps, bias) = (cfg.norm_epsilon, cfg.use_bias);
+    let norm = |vb: VarBuilder| Norm::layer(h, cfg.norm_epsilon, vb);
+    let bias = cfg.use_bias;
     let layer = |_: usize, vb: VarBuilder| {
-        let attention = Attention::load(
-            &vb.pp("self_attn"),
-            h,
-            cfg.dims.heads,
-            (bias, bias),
-            "o_proj",
-        )?;
+        let attention = Attention::load(&vb.pp("self_attn"), h, heads, (bias, bias), "o_proj")?;
         let mlp = FeedForward::Mlp(Mlp::Plain {
             fc1: Linear::load(vb.pp("mlp.c_fc"), h, i, bias)?,
             fc2: Linear::load(vb.pp("mlp.c_proj"), i, h, bias)?,
             act: cfg.hidden_act,
         });
-        let layer = DecoderLayer::load_pre_norm(&vb, attention, mlp, |vb| Norm::layer(h, eps, vb))?;
+        let layer = DecoderLayer::load_pre_norm(&vb, attention, mlp, norm)?;
         Ok(layer.with_window(cfg.sliding_window))
     };
-    let inv_freq = inv_freq(
-        cfg.dims.heads.head_dim,
-        cfg.rope_theta,
-        Rounding::F32Inverse,
-    );
-    let norm = Norm::layer(h, eps, vb.pp("model.norm"))?;
-    let head = (&cfg.dims, cfg.tie_word_embeddings);
-    let decoder = Decoder::load_hf(
-        &vb,
-        head,
-        layer,
-        norm,
-        vec![Rotary::new(inv_freq, vb.device())?],
+    let rotary = Rotary::new(
+        inv_freq(heads.head_dim, cfg.rope_theta, Rounding::F32Inverse),
+        vb.device(),
     )?;
+    let head = (&cfg.dims, cfg.tie_word_embeddings);
+    let decoder = Decoder::load_hf(&vb, head, layer, norm, vec![rotary])?;
     Ok(decoder.loaded(cfg.dims.vocab_size, cfg.max_position_embeddings))
 }
 

@@ -19,7 +19,7 @@
 //! is an emptied cache.
 
 use super::attention::{Attention, Heads, Masks, Positions, SelfAttention, Span};
-use super::gguf_weights::GgufWeights;
+use super::gguf_weights::{GgufNorm, GgufWeights, NormKind};
 use super::kv_cache::KvCache;
 use super::linear::{Embedding, Linear};
 use super::mlp::Mlp;
@@ -32,7 +32,7 @@ use crate::models::gguf::GgufFile;
 use crate::models::hf::HfConfig;
 use crate::models::Network;
 use candle_core::Tensor;
-use candle_nn::VarBuilder;
+use candle_nn::{Activation, VarBuilder};
 
 /// The sizes every decoder's config states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +88,43 @@ impl Dims {
             intermediate_size: file.count(&format!("{arch}.feed_forward_length"))?,
             num_hidden_layers: file.count(&format!("{arch}.block_count"))?,
             heads: Heads::new(heads, kv_heads, head_dim(heads)?),
+        })
+    }
+}
+
+/// What the metadata of every llama.cpp decoder states, read and checked before any tensor is:
+/// the sizes, the norms and the context.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GgufDecoderConfig {
+    /// Vocabulary, widths, layers and heads.
+    pub dims: Dims,
+    /// The norms' kind and epsilon.
+    pub norm: GgufNorm,
+    /// The longest sequence: the file's `{arch}.context_length`, capped at what the
+    /// implementation runs.
+    pub max_context: usize,
+}
+
+impl GgufDecoderConfig {
+    /// The longest context a GGUF model runs here: 128k tokens, as far as the longest-trained
+    /// of these families go (Llama 3.1, Gemma 3 4B and larger, Phi-3's 128k files); a file that
+    /// declares more is capped. Most declare less (Phi-2 2k, Qwen2 and Qwen3 32k or 40k, their
+    /// 128k needing YaRN, which is refused), and run their own.
+    pub const MAX_CONTEXT: usize = 131_072;
+
+    /// Reads the [`Dims`] of architecture `arch` (`head_dim` works out the head size from the
+    /// query heads, by the file's rule), the epsilon of its norms (of `norm`'s kind), and its
+    /// required context length, capped at [`GgufDecoderConfig::MAX_CONTEXT`].
+    pub fn from_gguf(
+        file: &GgufFile,
+        arch: &str,
+        head_dim: impl FnOnce(usize) -> Result<usize>,
+        norm: NormKind,
+    ) -> Result<Self> {
+        Ok(GgufDecoderConfig {
+            dims: Dims::from_gguf(file, arch, head_dim)?,
+            max_context: file.context_length(arch, Self::MAX_CONTEXT)?,
+            norm: GgufNorm::from_gguf(file, arch, norm)?,
         })
     }
 }
@@ -178,19 +215,44 @@ impl<A: SelfAttention> DecoderLayer<A> {
         Ok(Self::pre_norm(attention, attn_norm, ffn, ffn_norm))
     }
 
-    /// A pre-norm layer in llama.cpp's GGUF layout: the RMS norms `{prefix}.attn_norm` (before
-    /// the attention) and `{prefix}.ffn_norm` (before the feed-forward part), each `hidden`
-    /// wide with epsilon `eps`.
+    /// A pre-norm layer in llama.cpp's GGUF layout: the norms `{prefix}.attn_norm` (before the
+    /// attention) and `{prefix}.ffn_norm` (before the feed-forward part), of the model's kind.
     pub fn pre_norm_from_gguf(
         w: &mut GgufWeights,
         prefix: &str,
         (attention, ffn): (A, FeedForward),
-        hidden: usize,
-        eps: f64,
+        cfg: &GgufDecoderConfig,
     ) -> Result<Self> {
-        let attn_norm = w.rms_norm(&format!("{prefix}.attn_norm.weight"), hidden, eps)?;
-        let ffn_norm = w.rms_norm(&format!("{prefix}.ffn_norm.weight"), hidden, eps)?;
+        let hidden = cfg.dims.hidden_size;
+        let attn_norm = w.norm(cfg.norm, &format!("{prefix}.attn_norm"), hidden)?;
+        let ffn_norm = w.norm(cfg.norm, &format!("{prefix}.ffn_norm"), hidden)?;
         Ok(Self::pre_norm(attention, attn_norm, ffn, ffn_norm))
+    }
+
+    /// [`DecoderLayer::pre_norm_from_gguf`] around `attention` with llama.cpp's SwiGLU MLP
+    /// (`{prefix}.ffn_gate`, `ffn_up`, `ffn_down`): the Llama block, which Qwen2 and Qwen3
+    /// keep.
+    pub fn swiglu_from_gguf(
+        w: &mut GgufWeights,
+        prefix: &str,
+        attention: A,
+        cfg: &GgufDecoderConfig,
+    ) -> Result<Self> {
+        let sizes = (cfg.dims.hidden_size, cfg.dims.intermediate_size);
+        let mlp = Mlp::gated_from_gguf(w, prefix, sizes, Activation::Silu)?;
+        Self::pre_norm_from_gguf(w, prefix, (attention, FeedForward::Mlp(mlp)), cfg)
+    }
+
+    /// Phi's parallel layer (attention and feed-forward part both read `norm`'s output) with
+    /// full attention and the first RoPE variant.
+    pub fn parallel(attention: A, ffn: FeedForward, norm: Norm) -> Self {
+        DecoderLayer {
+            attention,
+            ffn,
+            block: Block::Parallel { norm },
+            window: None,
+            rotary: 0,
+        }
     }
 
     /// The same layer with a sliding window.
@@ -268,17 +330,18 @@ impl<A: SelfAttention> Decoder<A> {
     }
 
     /// A Hugging Face checkpoint's decoder: `model.embed_tokens`, the layers `layer` builds
-    /// from `model.layers.{i}`, the final `norm` (whose name and kind vary), and `lm_head`, or
-    /// the embedding matrix when `tied`.
+    /// from `model.layers.{i}`, the final norm `model.norm` (of the kind `norm` reads), and
+    /// `lm_head`, or the embedding matrix when `tied`.
     pub fn load_hf(
         vb: &VarBuilder,
         (dims, tied): (&Dims, bool),
         mut layer: impl FnMut(usize, VarBuilder) -> Result<DecoderLayer<A>>,
-        norm: Norm,
+        norm: impl FnOnce(VarBuilder) -> Result<Norm>,
         rotaries: Vec<Rotary>,
     ) -> Result<Self> {
         let (vocab, hidden, num_layers) =
             (dims.vocab_size, dims.hidden_size, dims.num_hidden_layers);
+        let norm = norm(vb.pp("model.norm"))?;
         let embed = Embedding::load(vb.pp("model.embed_tokens"), vocab, hidden)?;
         let lm_head = match tied {
             true => embed.tied_head(None)?,
@@ -288,6 +351,36 @@ impl<A: SelfAttention> Decoder<A> {
             .map(|i| layer(i, vb.pp("model.layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Decoder::new(embed, layers, norm, lm_head, rotaries))
+    }
+
+    /// A llama.cpp GGUF file's decoder: `token_embd.weight` (kept quantized), the layers `layer`
+    /// reads from the tensors of `blk.{i}` (given `i` and that prefix), the final norm
+    /// `output_norm`, and the head `output.weight`, or the embedding table when the file ties
+    /// them.
+    pub fn from_gguf(
+        w: &mut GgufWeights,
+        cfg: &GgufDecoderConfig,
+        rotaries: Vec<Rotary>,
+        mut layer: impl FnMut(&mut GgufWeights, usize, &str) -> Result<DecoderLayer<A>>,
+    ) -> Result<Self> {
+        let Dims {
+            vocab_size,
+            hidden_size,
+            num_hidden_layers,
+            ..
+        } = cfg.dims;
+        let (embed, lm_head) = w.embeddings_and_head(vocab_size, hidden_size)?;
+        let norm = w.norm(cfg.norm, "output_norm", hidden_size)?;
+        let layers = (0..num_hidden_layers)
+            .map(|i| layer(w, i, &format!("blk.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Decoder::new(embed, layers, norm, lm_head, rotaries))
+    }
+
+    /// Adds `bias` to the output head (Phi-2's `output.bias`).
+    pub fn with_head_bias(mut self, bias: Tensor) -> Self {
+        self.lm_head = self.lm_head.with_bias(bias);
+        self
     }
 
     /// Multiplies the token embeddings by `scale`.

@@ -11,6 +11,40 @@ use crate::models::gguf::GgufFile;
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
 
+/// The normalisation a llama.cpp architecture uses throughout (llama.cpp's `LLM_NORM_RMS` and
+/// `LLM_NORM`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// RMSNorm over `{name}.weight`, its epsilon `{arch}.attention.layer_norm_rms_epsilon`.
+    Rms,
+    /// LayerNorm over `{name}.weight` and `{name}.bias` (Phi-2), its epsilon
+    /// `{arch}.attention.layer_norm_epsilon`.
+    Layer,
+}
+
+/// A llama.cpp architecture's norms: their kind and the file's epsilon.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GgufNorm {
+    /// RMSNorm or LayerNorm.
+    pub kind: NormKind,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+impl GgufNorm {
+    /// The norms of `kind`, with the epsilon the file states under llama.cpp's key for it.
+    pub fn from_gguf(file: &GgufFile, arch: &str, kind: NormKind) -> Result<Self> {
+        let key = match kind {
+            NormKind::Rms => format!("{arch}.attention.layer_norm_rms_epsilon"),
+            NormKind::Layer => format!("{arch}.attention.layer_norm_epsilon"),
+        };
+        Ok(GgufNorm {
+            kind,
+            eps: file.positive(&key, None)?,
+        })
+    }
+}
+
 /// A GGUF file being read onto a device.
 pub struct GgufWeights<'a> {
     file: &'a mut GgufFile,
@@ -21,6 +55,11 @@ impl<'a> GgufWeights<'a> {
     /// Reads from `file` onto `device`.
     pub fn new(file: &'a mut GgufFile, device: &'a Device) -> Self {
         GgufWeights { file, device }
+    }
+
+    /// The device the blocks are read onto.
+    pub fn device(&self) -> &Device {
+        self.device
     }
 
     /// The file, for checks on its metadata and tensor directory.
@@ -84,20 +123,49 @@ impl<'a> GgufWeights<'a> {
         Ok(tensor.dequantize(self.device)?)
     }
 
-    /// RMSNorm over the weight `name` of `size` values (GGUF files store Gemma's `1 + weight`
-    /// already, so every RMSNorm reads as a plain one).
-    pub fn rms_norm(&mut self, name: &str, size: usize, eps: f64) -> Result<Norm> {
-        Ok(Norm::Rms(candle_nn::RmsNorm::new(
-            self.vector(name, size)?,
-            eps,
-        )))
+    /// The norm `name` over `size` values: RMSNorm over `{name}.weight` (GGUF files store
+    /// Gemma's `1 + weight` already, so every RMSNorm reads as a plain one), or LayerNorm over
+    /// `{name}.weight` and `{name}.bias`.
+    pub fn norm(&mut self, norm: GgufNorm, name: &str, size: usize) -> Result<Norm> {
+        let weight = self.vector(&format!("{name}.weight"), size)?;
+        Ok(match norm.kind {
+            NormKind::Rms => Norm::Rms(candle_nn::RmsNorm::new(weight, norm.eps)),
+            NormKind::Layer => {
+                let bias = self.vector(&format!("{name}.bias"), size)?;
+                Norm::Layer(candle_nn::LayerNorm::new(weight, bias, norm.eps))
+            }
+        })
     }
 
-    /// LayerNorm over `{name}.weight` and `{name}.bias` of `size` values (Phi-2).
-    pub fn layer_norm(&mut self, name: &str, size: usize, eps: f64) -> Result<Norm> {
-        let weight = self.vector(&format!("{name}.weight"), size)?;
-        let bias = self.vector(&format!("{name}.bias"), size)?;
-        Ok(Norm::Layer(candle_nn::LayerNorm::new(weight, bias, eps)))
+    /// The per-head query and key norms `{prefix}.attn_q_norm` and `{prefix}.attn_k_norm`, each
+    /// over `head_dim` values (Qwen3, Gemma 3).
+    pub fn qk_norms(
+        &mut self,
+        prefix: &str,
+        head_dim: usize,
+        norm: GgufNorm,
+    ) -> Result<(Norm, Norm)> {
+        Ok((
+            self.norm(norm, &format!("{prefix}.attn_q_norm"), head_dim)?,
+            self.norm(norm, &format!("{prefix}.attn_k_norm"), head_dim)?,
+        ))
+    }
+
+    /// Divides RoPE's inverse frequencies by the per-pair divisors of the tensor `name` (Llama
+    /// 3.1's `rope_freqs.weight`, LongRoPE's `rope_factors_short.weight`), as llama.cpp does;
+    /// a divisor that is not a positive number is an error naming the tensor.
+    pub fn divide_frequencies(&mut self, freqs: &mut [f32], name: &str) -> Result<()> {
+        let divisors = self.vector(name, freqs.len())?.to_vec1::<f32>()?;
+        if let Some(bad) = divisors.iter().find(|d| !(d.is_finite() && **d > 0.0)) {
+            return Err(Error::model_file(
+                &self.file.path,
+                format!("{name} holds {bad}; RoPE divisors must be positive"),
+            ));
+        }
+        for (f, d) in freqs.iter_mut().zip(divisors) {
+            *f /= d;
+        }
+        Ok(())
     }
 
     /// Whether the file has a tensor named `name` (for layouts that vary between files).

@@ -12,6 +12,7 @@
 //! YaRN's attention factor), partial rotation (Phi) and interleaved pairs (DeepSeek).
 
 use crate::error::Result;
+use crate::models::gguf::RopeSettings;
 use candle_core::{DType, Device, Tensor, D};
 
 /// How the inverse frequencies `1 / theta^(2i / dim)` are rounded to F32. They agree to an
@@ -103,6 +104,13 @@ impl Rotary {
     pub fn with_attention_factor(mut self, factor: f64) -> Self {
         self.attention_factor = factor;
         self
+    }
+
+    /// Applies the scaling a GGUF file states ([`RopeSettings`]): its position scale and
+    /// its attention factor.
+    pub fn with_settings(self, rope: &RopeSettings) -> Self {
+        self.with_position_scale(rope.position_scale)
+            .with_attention_factor(rope.attention_factor)
     }
 
     /// Rotates interleaved pairs instead of halves.
