@@ -34,17 +34,25 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         let (mut r_tps, mut p_tps, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         let reps = if b.o.smoke { 1 } else { b.reps.max(5) };
         for run in 0..b.warmup + reps {
+            // Both of a pair get the same prompt; a prefill's is fresh every run, since a slot
+            // keeps the last prompt's cache (pool_run fails on any reuse). tg's one token
+            // cannot be reused and stays the same.
+            let prompt = if prompt_len == 1 {
+                b.tg_prompt()?
+            } else {
+                b.fresh_prompt(&ids[..prompt_len])?
+            };
             let mut pair = [0.0f64; 2];
             for k in 0..2 {
                 if (run + k) % 2 == 1 {
-                    let r = pool_run(&pool, "m", &ids[..prompt_len], gen, Instant::now()).await?;
+                    let r = pool_run(&pool, "m", &prompt, gen, Instant::now()).await?;
                     // One forward per generated token (the prompt's, then all but the last).
                     let work = if gen == 1 { prompt_len } else { r.tokens };
                     pair[1] = work as f64 / secs(r.total);
                 } else {
                     let mut m = raw.clone();
                     let t = Instant::now();
-                    let mut tok = m.step(&ids[..prompt_len], 0)?;
+                    let mut tok = m.step(&prompt, 0)?;
                     for pos in prompt_len..prompt_len + gen - 1 {
                         tok = m.step(&[tok], pos)?;
                     }

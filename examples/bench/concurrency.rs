@@ -2,7 +2,7 @@
 //! replica and (unless `--no-replica-match`) with N replicas: aggregate tok/s of the burst, TTFT
 //! and per-stream tok/s.
 
-use crate::harness::{model_config_with, ms, pool_run, secs, start_pool, Bench};
+use crate::harness::{model_config_with, ms, pool_run, secs, start_pool, Bench, Fingerprint};
 use anyhow::Result;
 use serde_json::json;
 use std::time::Instant;
@@ -35,10 +35,15 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         for n in streams {
             let (mut agg, mut ttft, mut per_stream) = (Vec::new(), Vec::new(), Vec::new());
             let mut generated = 0usize;
+            let mut sent = Fingerprint::default();
             for run in 0..b.runs() {
+                // Each stream of each burst its own prompt: a repeated one would be served
+                // from a slot's cache but for its last token (pool_run fails on any reuse).
+                let prompts = b.stream_prompts(&prompt, n, run)?;
+                sent.add_all(&prompts);
                 let t0 = Instant::now();
                 let runs = futures::future::join_all(
-                    (0..n).map(|_| pool_run(&pool, "m", &prompt, b.gen, t0)),
+                    prompts.iter().map(|p| pool_run(&pool, "m", p, b.gen, t0)),
                 )
                 .await;
                 let wall = t0.elapsed();
@@ -62,6 +67,8 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
                 "tok/s",
                 &agg,
                 json!({"streams": n, "replicas": replicas, "gen": b.gen, "prompt_ids": prompt,
+                       "prompts": "fresh first id per stream and burst",
+                       "prompts_fingerprint": sent.hex(),
                        "tokens_per_stream": generated as f64 / ttft.len().max(1) as f64,
                        "model_config": b.o.model_config}),
             );

@@ -5,15 +5,17 @@
 
 use crate::Opts;
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file;
 use futures::StreamExt;
 use llm_pool::config::{Config, ModelConfig};
-use llm_pool::engine::GenerateParams;
+use llm_pool::engine::{CacheUse, GenerateParams};
 use llm_pool::pool::{GenerateRequest, GenerationEvent, Pool};
 use llm_pool::text::sampling::SamplingParams;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Resolved settings.
@@ -28,6 +30,10 @@ pub(crate) struct Bench {
     pub(crate) gen: usize,
     pub(crate) streams: Vec<usize>,
     pub(crate) overhead_reps: usize,
+    /// The vocabulary size of `--model`, when its file says: prompt ids are checked against it.
+    pub(crate) vocab: Option<usize>,
+    /// Fresh prompts handed out so far (see [`Bench::fresh_prompt`]).
+    prompts: AtomicUsize,
 }
 
 impl Bench {
@@ -52,13 +58,94 @@ impl Bench {
                 .overhead_reps
                 .unwrap_or(if smoke { 5 } else { 100 })
                 .max(1),
+            vocab: vocab_size(&o.model),
+            prompts: AtomicUsize::new(0),
             o,
         }
     }
 
-    /// The prompt of each concurrent stream: `--prompt-ids`, or 8 fixed ids.
+    /// The base of each concurrent stream's prompt: `--prompt-ids`, or 8 fixed ids. Every
+    /// timed stream sends it through [`Bench::fresh_prompt`], so with its own first token.
     pub(crate) fn stream_prompt(&self) -> Vec<u32> {
         self.o.prompt_ids.clone().unwrap_or_else(|| prompt_ids(8))
+    }
+
+    /// The tg prompt: the first fixed id alone, the same in every run and implementation. A
+    /// 1-token prompt cannot be served from a cache (at least its one token is computed, for
+    /// the logits), so it needs no fresh first token, and a fixed one keeps tg generating the
+    /// same tokens run after run.
+    pub(crate) fn tg_prompt(&self) -> Result<Vec<u32>> {
+        let p = prompt_ids(1);
+        self.check_vocab(&p)?;
+        Ok(p)
+    }
+
+    /// `base` with its first token replaced by one that no earlier prompt of this process
+    /// started with. The pool's batcher reuses the cached prefix a free slot shares with a new
+    /// prompt (all but its last token when the prompt repeats), and llama-server does the same
+    /// per slot, so a repeated prompt would time the prefill of one token; a new first token
+    /// shares no prefix with anything a slot holds. Deterministic: the k-th fresh prompt is the
+    /// same in every process that asks in the same order, so llm-pool, raw candle and
+    /// llama-server get the same prompts.
+    pub(crate) fn fresh_prompt(&self, base: &[u32]) -> Result<Vec<u32>> {
+        // k = 0 is the tg prompt's first id; the stream prompts have their own range.
+        let k = self.prompts.fetch_add(1, Ordering::Relaxed) + 1;
+        if k >= STREAM_FIRST_IDS {
+            bail!(
+                "more than {} fresh prompts in one run: their first ids would repeat",
+                STREAM_FIRST_IDS - 1
+            );
+        }
+        self.with_first_id(base, k)
+    }
+
+    /// The prompts of the `n` concurrent streams of burst `run` (warm-up bursts included): `base`
+    /// with a first id of their own, as in [`Bench::fresh_prompt`], but chosen by (n, run,
+    /// stream) alone, so that a sweep over several stream counts in one process (llm-pool) and
+    /// one process per stream count (llama-server with as many slots as streams) send the same
+    /// prompts. Bursts of n streams take ids `runs * (1 + 2 + ... + (n - 1))` onwards in a range
+    /// of their own, so no two (n, run, stream) share one.
+    pub(crate) fn stream_prompts(
+        &self,
+        base: &[u32],
+        n: usize,
+        run: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let start = STREAM_FIRST_IDS + self.runs() * n * n.saturating_sub(1) / 2 + run * n;
+        if start + n > DISTINCT_FIRST_IDS {
+            bail!(
+                "{n} streams x {} bursts need more distinct first ids than there are ({})",
+                self.runs(),
+                DISTINCT_FIRST_IDS - STREAM_FIRST_IDS
+            );
+        }
+        (start..start + n)
+            .map(|k| self.with_first_id(base, k))
+            .collect()
+    }
+
+    fn with_first_id(&self, base: &[u32], k: usize) -> Result<Vec<u32>> {
+        let mut p = base.to_vec();
+        match p.first_mut() {
+            Some(first) => *first = first_id(k),
+            None => p.push(first_id(k)),
+        }
+        self.check_vocab(&p)?;
+        Ok(p)
+    }
+
+    /// Fails on an id outside `--model`'s vocabulary (when its file says how large it is): a
+    /// model would index past its embeddings, and a server would refuse the request.
+    pub(crate) fn check_vocab(&self, ids: &[u32]) -> Result<()> {
+        if let Some(vocab) = self.vocab {
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                bail!(
+                    "prompt id {id} is outside the vocabulary of {} ({vocab} tokens)",
+                    self.o.model.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn runs(&self) -> usize {
@@ -174,10 +261,69 @@ pub(crate) fn label_of(path: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-/// Fixed, deterministic prompt ids (inside every supported vocabulary), the same for all
-/// implementations. The first one alone is the tg prompt.
+/// How many distinct ids [`first_id`] gives: 7919 is prime to 20000, so `k * 7919 % 20000`
+/// takes every value once for k below it.
+const DISTINCT_FIRST_IDS: usize = 20000;
+
+/// Where the first ids of [`Bench::stream_prompts`] begin; those of [`Bench::fresh_prompt`]
+/// end before.
+const STREAM_FIRST_IDS: usize = 10000;
+
+/// The k-th id of the fixed sequence, in [1000, 21000): inside every supported vocabulary
+/// (and checked against the model's, see [`Bench::check_vocab`]).
+fn first_id(k: usize) -> u32 {
+    1000 + ((k % DISTINCT_FIRST_IDS) * 7919 % DISTINCT_FIRST_IDS) as u32
+}
+
+/// Fixed, deterministic prompt ids, the same for all implementations: the base of the pp
+/// prompts (each run gives it a fresh first id, see [`Bench::fresh_prompt`]); the first one
+/// alone is the tg prompt.
 pub(crate) fn prompt_ids(n: usize) -> Vec<u32> {
-    (0..n).map(|i| 1000 + ((i as u32 * 7919) % 20000)).collect()
+    (0..n).map(first_id).collect()
+}
+
+/// A fingerprint (FNV-1a, 64 bits) of every prompt a sweep sent, in order: equal in the rows of
+/// two implementations when both got the same prompts.
+#[derive(Default)]
+pub(crate) struct Fingerprint(Option<u64>);
+
+impl Fingerprint {
+    pub(crate) fn add(&mut self, prompt: &[u32]) {
+        let mut h = self.0.unwrap_or(0xcbf2_9ce4_8422_2325);
+        // The length first, so that two splits of the same ids differ.
+        for x in std::iter::once(prompt.len() as u32).chain(prompt.iter().copied()) {
+            for byte in x.to_le_bytes() {
+                h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        self.0 = Some(h);
+    }
+
+    pub(crate) fn add_all(&mut self, prompts: &[Vec<u32>]) {
+        for p in prompts {
+            self.add(p);
+        }
+    }
+
+    pub(crate) fn hex(&self) -> String {
+        format!("{:016x}", self.0.unwrap_or(0))
+    }
+}
+
+/// The vocabulary size a GGUF file declares (its token list, else its embedding's rows);
+/// `None` for other formats or an unreadable file (loading it then fails with the reason).
+fn vocab_size(path: &Path) -> Option<usize> {
+    if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        return None;
+    }
+    let mut file = std::fs::File::open(path).ok()?;
+    let content = gguf_file::Content::read(&mut file).ok()?;
+    if let Some(gguf_file::Value::Array(tokens)) = content.metadata.get("tokenizer.ggml.tokens") {
+        return Some(tokens.len());
+    }
+    // The embedding is hidden x vocab; the vocabulary is the larger side in every model here.
+    let embedding = content.tensor_infos.get("token_embd.weight")?;
+    embedding.shape.dims().iter().copied().max()
 }
 
 pub(crate) fn secs(d: Duration) -> f64 {
@@ -293,6 +439,15 @@ pub(crate) async fn pool_run(
             }
             GenerationEvent::Done(r) => {
                 let total = started.elapsed();
+                // Every request timed here times its prompt too: see `Bench::fresh_prompt`.
+                if let CacheUse::PrefixHit(n) = r.cache {
+                    bail!(
+                        "the pool reused {n} cached tokens of a {}-token prompt ({:?}...): a \
+                         timed prefill must compute its whole prompt",
+                        prompt.len(),
+                        &prompt[..prompt.len().min(4)]
+                    );
+                }
                 return Ok(Timed {
                     ttft: ttft.unwrap_or(total),
                     total,
@@ -327,30 +482,24 @@ pub(crate) fn default_server_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/release/llm-pool"))
 }
 
-/// Starts `bin serve` on a config with the model `m` (`extra`: TOML lines for its table). Its
+/// Starts `bin serve` on a config with `--model` as `m` (plus the `--model-config` lines). Its
 /// stderr goes to a file in the temporary directory, quoted when it does not come up.
-pub(crate) fn start_server(
-    bin: &Path,
-    model: &Path,
-    replicas: usize,
-    extra: &[String],
-) -> Result<Server> {
-    start_server_with(bin, model, replicas, extra, "")
+pub(crate) fn start_server(b: &Bench, bin: &Path, replicas: usize) -> Result<Server> {
+    start_server_with(b, bin, replicas, "")
 }
 
 /// `start_server` with `tables` (TOML) added to the config before the model's table.
 pub(crate) fn start_server_with(
+    b: &Bench,
     bin: &Path,
-    model: &Path,
     replicas: usize,
-    extra: &[String],
     tables: &str,
 ) -> Result<Server> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("bench.toml");
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n{tables}\n{}",
-        model_toml("m", model, replicas, extra)?
+        model_toml("m", &b.o.model, replicas, &b.o.model_config)?
     );
     std::fs::write(&config, &text)?;
     let log_path = dir.path().join("server.log");
@@ -418,16 +567,25 @@ pub(crate) struct HttpRun {
     pub(crate) total: Duration,
     pub(crate) tokens: usize,
     pub(crate) end_since: Duration,
+    /// Whether the server said how many prompt tokens it served from its cache (it said 0:
+    /// more is an error).
+    pub(crate) cache_reported: bool,
 }
 
 /// One streamed /v1/completions request: the time of the first non-empty text chunk, of the
 /// end, and the completion tokens (from `usage`, or llama-server's `timings`, or chunks counted).
+/// Fails when the server reports prompt tokens served from its cache (OpenAI's
+/// `usage.prompt_tokens_details.cached_tokens`, which llm-pool, vLLM and llama-server send, or
+/// llama-server's `timings.cache_n`): a timed prefill must compute its whole prompt. With
+/// `require_cache_report` (an `llm-pool serve` this run started) a response without the field
+/// fails too: the check would be empty, and the binary is not a build of this tree.
 pub(crate) async fn http_run(
     client: &reqwest::Client,
     url: &str,
     prompt: &[u32],
     max_tokens: usize,
     t0: Instant,
+    require_cache_report: bool,
 ) -> Result<HttpRun> {
     let body = json!({
         "model": "m",
@@ -454,6 +612,7 @@ pub(crate) async fn http_run(
     let mut body = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
     let (mut first, mut chunks, mut usage) = (None, 0usize, None);
+    let mut cached: Option<u64> = None;
     while let Some(bytes) = body.next().await {
         buf.extend_from_slice(&bytes?);
         while let Some(nl) = buf.iter().position(|&c| c == b'\n') {
@@ -482,14 +641,38 @@ pub(crate) async fn http_run(
             if let Some(n) = v["timings"]["predicted_n"].as_u64() {
                 usage.get_or_insert(n as usize);
             }
+            for n in [
+                &v["usage"]["prompt_tokens_details"]["cached_tokens"],
+                &v["timings"]["cache_n"],
+            ]
+            .iter()
+            .filter_map(|n| n.as_u64())
+            {
+                cached = Some(cached.unwrap_or(0).max(n));
+            }
         }
     }
     let total = started.elapsed();
+    if require_cache_report && cached.is_none() {
+        bail!(
+            "{url} reported no usage.prompt_tokens_details.cached_tokens: is the llm-pool binary \
+             a build of this tree?"
+        );
+    }
+    if let Some(n) = cached.filter(|&n| n > 0) {
+        bail!(
+            "{url} served {n} tokens of a {}-token prompt ({:?}...) from its cache: a timed \
+             prefill must compute its whole prompt",
+            prompt.len(),
+            &prompt[..prompt.len().min(4)]
+        );
+    }
     Ok(HttpRun {
         ttft: first.unwrap_or(total),
         total,
         tokens: usage.unwrap_or(chunks),
         end_since: t0.elapsed(),
+        cache_reported: cached.is_some(),
     })
 }
 

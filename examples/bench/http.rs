@@ -5,7 +5,7 @@
 //! streams, and the server's peak RSS.
 
 use crate::harness::{
-    default_server_bin, http_run, ms, prompt_ids, secs, start_server, vm_hwm, wait_ready, Bench,
+    default_server_bin, http_run, ms, secs, start_server, vm_hwm, wait_ready, Bench, Fingerprint,
 };
 use anyhow::Result;
 use serde_json::{json, Value};
@@ -30,7 +30,7 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
                 );
                 return Ok(());
             }
-            let s = start_server(&bin, &b.o.model, b.o.server_replicas, &b.o.model_config)?;
+            let s = start_server(b, &bin, b.o.server_replicas)?;
             let (url, pid) = (s.url.clone(), s.child.id());
             (Some(s), url, Some(pid))
         }
@@ -57,14 +57,24 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
     for &n in &b.streams {
         let (mut agg, mut ttft, mut per_stream) = (vec![], vec![], vec![]);
         let mut generated = 0usize;
+        let mut sent = Fingerprint::default();
+        let mut checked = true;
         for run in 0..b.runs() {
+            // Each stream of each burst its own prompt, the same for every server and however
+            // the sweep is split into processes: a repeated one would be served from a slot's
+            // cache but for its last token (http_run fails when the server reports any reuse).
+            let prompts = b.stream_prompts(&prompt, n, run)?;
+            sent.add_all(&prompts);
             let t0 = Instant::now();
             let runs = futures::future::join_all(
-                (0..n).map(|_| http_run(&client, &url, &prompt, b.gen, t0)),
+                prompts
+                    .iter()
+                    .map(|p| http_run(&client, &url, p, b.gen, t0, b.o.url.is_none())),
             )
             .await;
             let wall = t0.elapsed();
             let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
+            checked &= runs.iter().all(|r| r.cache_reported);
             if run >= b.warmup {
                 let tokens: usize = runs.iter().map(|r| r.tokens).sum();
                 generated += tokens;
@@ -79,6 +89,10 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         e["streams"] = json!(n);
         e["gen"] = json!(b.gen);
         e["prompt_ids"] = json!(prompt);
+        e["prompts"] = json!("fresh first id per stream and burst");
+        e["prompts_fingerprint"] = json!(sent.hex());
+        // Whether the server reported its cached prompt tokens for every request (all 0).
+        e["prefix_cache_checked"] = json!(checked);
         e["tokens_per_stream"] = json!(generated as f64 / ttft.len().max(1) as f64);
         b.emit(
             &imp,
@@ -124,11 +138,14 @@ async fn single(
     extra: &Value,
 ) -> Result<()> {
     let name = &b.model_name;
-    let one = prompt_ids(1);
+    let one = b.tg_prompt()?;
     let (mut ttft, mut decode, mut tps) = (vec![], vec![], vec![]);
     let mut tokens = 0;
+    let mut checked = true;
     for run in 0..b.runs() {
-        let r = http_run(client, url, &one, b.tg, Instant::now()).await?;
+        // One token cannot be served from a cache, so it may repeat (http_run checks anyway).
+        let r = http_run(client, url, &one, b.tg, Instant::now(), b.o.url.is_none()).await?;
+        checked &= r.cache_reported;
         tokens = r.tokens;
         if run >= b.warmup {
             ttft.push(ms(r.ttft));
@@ -139,6 +156,8 @@ async fn single(
         }
     }
     let tg = format!("tg{}", b.tg);
+    let mut extra = extra.clone();
+    extra["prefix_cache_checked"] = json!(checked);
     let mut e = extra.clone();
     e["tokens"] = json!(tokens);
     b.emit(imp, "http", name, &tg, "tok/s", &tps, e);
@@ -151,14 +170,6 @@ async fn single(
         &decode,
         extra.clone(),
     );
-    b.emit(
-        imp,
-        "http",
-        name,
-        &format!("ttft_{tg}"),
-        "ms",
-        &ttft,
-        extra.clone(),
-    );
+    b.emit(imp, "http", name, &format!("ttft_{tg}"), "ms", &ttft, extra);
     Ok(())
 }

@@ -3,13 +3,34 @@
 //! detokenization), tg and pp tok/s each, so that a cost shows in the layer that adds it.
 
 use crate::harness::{greedy, prompt_ids, secs, Bench};
-use anyhow::Result;
-use llm_pool::engine::generate;
+use anyhow::{bail, Result};
+use llm_pool::engine::{CachePolicy, CacheUse, GenerateOutput, GenerateParams, Session};
 use llm_pool::models::{LanguageModel, LoadOptions, Model};
 use llm_pool::text::sampling::argmax;
 use llm_pool::text::ModelText;
 use serde_json::json;
 use std::time::Instant;
+
+/// `engine::generate` as it is written (a session that resets the cache first), with the
+/// session's own account of the cache checked: a timed prefill must compute its whole prompt.
+fn generate(
+    model: &mut Model,
+    text: Option<&ModelText>,
+    prompt: &[u32],
+    params: &GenerateParams,
+) -> Result<GenerateOutput> {
+    let mut session = Session::new(model);
+    session.policy = CachePolicy::AlwaysReset;
+    let out = session.generate(text, prompt, params, |_| true)?;
+    if let Some(CacheUse::PrefixHit(n)) = session.last_cache_use {
+        bail!(
+            "the session reused {n} cached tokens of a {}-token prompt: a timed prefill must \
+             compute its whole prompt",
+            prompt.len()
+        );
+    }
+    Ok(out)
+}
 
 pub(crate) fn run(b: &Bench) -> Result<()> {
     let name = &b.model_name;
@@ -22,13 +43,14 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
     };
     let text = ModelText::load(&b.o.model, model.info(), None)?;
     let ids = prompt_ids(b.pp.iter().copied().max().unwrap_or(1).max(1));
+    let one = b.tg_prompt()?;
 
     // Model::forward_ids + argmax over the returned Vec<f32>.
     let mut tps = Vec::new();
     for run in 0..b.runs() {
         model.reset_cache()?;
         let t = Instant::now();
-        let mut tok = argmax(&model.forward_ids(&ids[..1], 0)?);
+        let mut tok = argmax(&model.forward_ids(&one, 0)?);
         for pos in 1..b.tg {
             tok = argmax(&model.forward_ids(&[tok], pos)?);
         }
@@ -49,9 +71,12 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
     for &n in &b.pp {
         let mut tps = Vec::new();
         for run in 0..b.runs() {
+            // The cache is reset, so nothing can be reused; a fresh prompt all the same, the
+            // one the other layers get in the same order.
+            let prompt = b.fresh_prompt(&ids[..n])?;
             model.reset_cache()?;
             let t = Instant::now();
-            argmax(&model.forward_ids(&ids[..n], 0)?);
+            argmax(&model.forward_ids(&prompt, 0)?);
             let dt = t.elapsed();
             if run >= b.warmup {
                 tps.push(n as f64 / secs(dt));
@@ -74,7 +99,7 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
         let mut tokens = 0;
         for run in 0..b.runs() {
             let t = Instant::now();
-            let out = generate(&mut model, text, &ids[..1], &greedy(b.tg), |_| true)?;
+            let out = generate(&mut model, text, &one, &greedy(b.tg))?;
             let dt = t.elapsed();
             tokens = out.completion_tokens();
             if run >= b.warmup {
@@ -94,8 +119,9 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
         for &n in &b.pp {
             let mut tps = Vec::new();
             for run in 0..b.runs() {
+                let prompt = b.fresh_prompt(&ids[..n])?;
                 let t = Instant::now();
-                generate(&mut model, text, &ids[..n], &greedy(1), |_| true)?;
+                generate(&mut model, text, &prompt, &greedy(1))?;
                 let dt = t.elapsed();
                 if run >= b.warmup {
                     tps.push(n as f64 / secs(dt));

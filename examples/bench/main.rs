@@ -28,28 +28,20 @@
 //! `[[models]]` table, for `concurrency` (the in-process pool) and `http` (the config of the
 //! `llm-pool serve` it starts), e.g. batching settings; unknown keys fail as the config does.
 //!
-//! Subcommands:
+//! Subcommands (each in its own module):
 //! - `raw`: candle-transformers directly (`ModelWeights::from_gguf`, `forward`, argmax);
 //! - `layers`: llm-pool's `Model::forward_ids` loop, `engine::generate` without and with the
 //!   tokenizer (streamed detokenization), to attribute costs layer by layer;
 //! - `pool`: the in-process `Pool` API (one model, one replica, greedy, token-id prompts);
 //! - `overhead`: a 1-token prompt with `max_tokens = 1` through the pool against a direct
 //!   `Model::forward_ids` call and a raw candle forward (per-request routing and actor hops);
+//! - `compare`: raw candle and the `Pool` alternately in one process: paired throughput ratios;
 //! - `concurrency`: 1, 4 and 8 concurrent streams to one model (or `--streams`), replicas 1 and
 //!   replicas = streams (`--no-replica-match`: replicas 1 only);
 //! - `multi`: two models generating at once in one pool, against each alone;
 //! - `http`: `llm-pool serve` (started with a temporary config on port 0) or any server given by
 //!   `--url`, streamed `/v1/completions`: TTFT, decode tok/s (skipped with `--no-single`),
 //!   aggregate tok/s under concurrency;
-//! - `all`: every one of the above in this process;
-//! - `kernels` (not part of `all`): our quantized matmul kernels against candle's `QMatMul` on
-//!   the same random tensors, per type (Q4_1, Q5_0, Q8_0) and dispatch level: GB/s of weights
-//!   at m = 1, GOP/s at m = 64 and 512, and the ratio to candle (time of candle / ours);
-//! - `step` (not part of `all`): the model's batched decode step alone (`--streams` sequences,
-//!   default 1,2,4,8,16, each prefilled with the stream prompt, then `--gen` steps of one token
-//!   per sequence through `Model::forward_batch_into`): aggregate tok/s per batch size and the
-//!   ratio to one sequence, the ceiling continuous batching can reach before sampling, queues
-//!   and HTTP;
 //! - `structured`: constrained decoding. `engine::generate` from the same prompt, free and
 //!   constrained to a JSON schema, alternately: decode ms per token of each and their ratio (the
 //!   grammar's cost per token as the engine pays it: one check of the sampled token, a full
@@ -60,14 +52,30 @@
 //!   20 scrapes per second for `--scrape-secs`, first idle, then while the largest of
 //!   `--streams` streams generate without pause: scrape latency p50/p99 (ms) and the streams'
 //!   aggregate tok/s during the scraping;
-//! - `memory` (not part of `all`): the machine's memory bandwidth at this thread count, read
-//!   (a sum over 512 MiB, what a decode step's weight streaming is) and STREAM-like copy, and
-//!   the bytes of weights one decode step of `--model` reads, for the share of bandwidth a
-//!   decode rate reaches (`scripts/bench` puts them together).
+//! - `step`: the model's batched decode step alone (`--streams` sequences, default
+//!   1,2,4,8,16, each prefilled with the stream prompt, then `--gen` steps of one token per
+//!   sequence through `Model::forward_batch_into`): aggregate tok/s per batch size and the
+//!   ratio to one sequence, the ceiling continuous batching can reach before sampling, queues
+//!   and HTTP;
+//! - `kernels`: our quantized matmul kernels against candle's `QMatMul` on the same random
+//!   tensors, per type (Q4_1, Q5_0, Q8_0) and dispatch level: GB/s of weights at m = 1, GOP/s
+//!   at m = 64 and 512, and the ratio to candle (time of candle / ours);
+//! - `memory`: the machine's memory bandwidth at this thread count, read (a sum over 512 MiB,
+//!   what a decode step's weight streaming is) and STREAM-like copy, and the bytes of weights
+//!   one decode step of `--model` reads, for the share of bandwidth a decode rate reaches
+//!   (`scripts/bench` puts them together);
+//! - `all`: every one of the above but `step`, `kernels` and `memory`, in this process.
 //!
 //! Test names follow llama-bench: `tg128` generates 128 tokens (128 single-token forwards from a
 //! 1-token prompt), `pp64` / `pp512` run one prompt of 64 / 512 tokens. Prompts are fixed,
-//! deterministic token ids, the same for every implementation.
+//! deterministic token ids, the same for every implementation, inside every supported
+//! vocabulary and checked against the model's. A timed prompt must be computed whole: the pool
+//! reuses the cached prefix a slot shares with a new prompt (and llama-server does the same per
+//! slot), so every prompt longer than one token starts with an id no earlier prompt of the run
+//! started with (the fixed ids after it), and a run fails when the pool's result
+//! (`CacheUse::PrefixHit`), a session, or a server's `usage.prompt_tokens_details.cached_tokens`
+//! / `timings.cache_n` reports a reused token. A 1-token prompt (tg, `overhead`, `multi`)
+//! cannot be reused, since one token is always computed for the logits.
 
 mod compare;
 mod concurrency;
@@ -177,9 +185,11 @@ struct Opts {
     /// Concurrency: only replicas = 1 (skip replicas = streams).
     #[arg(long, global = true)]
     no_replica_match: bool,
-    /// The prompt of each concurrent stream of `concurrency` and `http`, as token ids
-    /// [default: 8 fixed ids]. Greedy decoding from the default ends at once (end of sequence)
-    /// for Gemma-3, so scripts/bench-concurrency gives it the ids of a short text.
+    /// The base of each concurrent stream's prompt in `concurrency`, `http` and `scrape` (and
+    /// of `step`'s), as token ids [default: 8 fixed ids]; every stream of every burst sends it
+    /// with its first id replaced by one no earlier prompt of the run started with. Greedy
+    /// decoding from the default ends at once (end of sequence) for Gemma-3, so
+    /// scripts/bench-concurrency gives it the ids of a short text.
     #[arg(long, global = true, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
     /// HTTP: skip the single-stream test (TTFT and decode of tg tokens); only concurrent streams.

@@ -22,11 +22,14 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
     };
     let mut model = Model::load(&b.o.model, &LoadOptions::cpu())?;
     let raw = RawModel::load(&b.o.model).ok();
-    let tok = prompt_ids(1);
+    let base = prompt_ids(1);
     let (mut direct, mut via_pool, mut raw_us) = (Vec::new(), Vec::new(), Vec::new());
     let warm = 5.max(b.warmup);
     // Interleaved, so that drift (other load, frequency) hits all three alike.
     for run in 0..warm + b.overhead_reps {
+        // One token, so nothing can be reused; a new one each run all the same, so that no run
+        // differs from another in what a slot holds.
+        let tok = b.fresh_prompt(&base)?;
         let t = Instant::now();
         model.reset_cache()?;
         argmax(&model.forward_ids(&tok, 0)?);

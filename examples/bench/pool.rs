@@ -17,10 +17,11 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         }
     };
     let ids = prompt_ids(b.pp.iter().copied().max().unwrap_or(1).max(1));
+    let one = b.tg_prompt()?;
     let (mut tps, mut ttft, mut decode) = (Vec::new(), Vec::new(), Vec::new());
     let mut tokens = 0;
     for run in 0..b.runs() {
-        let r = pool_run(&pool, "m", &ids[..1], b.tg, Instant::now()).await?;
+        let r = pool_run(&pool, "m", &one, b.tg, Instant::now()).await?;
         tokens = r.tokens;
         if run >= b.warmup {
             tps.push(r.tokens as f64 / secs(r.total));
@@ -61,7 +62,10 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
     for &n in &b.pp {
         let (mut tps, mut ttft) = (Vec::new(), Vec::new());
         for run in 0..b.runs() {
-            let r = pool_run(&pool, "m", &ids[..n], 1, Instant::now()).await?;
+            // A slot keeps the last prompt's cache: the same prompt again would prefill one
+            // token (pool_run fails on any reuse).
+            let prompt = b.fresh_prompt(&ids[..n])?;
+            let r = pool_run(&pool, "m", &prompt, 1, Instant::now()).await?;
             if run >= b.warmup {
                 tps.push(n as f64 / secs(r.total));
                 ttft.push(ms(r.ttft));

@@ -67,12 +67,13 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
         }
     };
     let ids = prompt_ids(b.pp.iter().copied().max().unwrap_or(1).max(1));
+    let one = b.tg_prompt()?;
     // tg: b.tg single-token forwards from a 1-token prompt (a fresh KV cache each run).
     let mut tps = Vec::new();
     for run in 0..b.runs() {
         let mut m = pristine.clone();
         let t = Instant::now();
-        let mut tok = m.step(&ids[..1], 0)?;
+        let mut tok = m.step(&one, 0)?;
         for pos in 1..b.tg {
             tok = m.step(&[tok], pos)?;
         }
@@ -94,9 +95,12 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
         let mut tps = Vec::new();
         let mut ttft = Vec::new();
         for run in 0..b.runs() {
+            // A fresh KV cache each run already; a fresh prompt too, so that these are the
+            // prompts the pool and llama-server get in the same order.
+            let prompt = b.fresh_prompt(&ids[..n])?;
             let mut m = pristine.clone();
             let t = Instant::now();
-            m.step(&ids[..n], 0)?;
+            m.step(&prompt, 0)?;
             let dt = t.elapsed();
             if run >= b.warmup {
                 tps.push(n as f64 / secs(dt));

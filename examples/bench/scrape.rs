@@ -50,13 +50,7 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         b.o.scrape_secs
             .unwrap_or(if b.o.smoke { 1.0 } else { 10.0 });
     let phase = Duration::from_secs_f64(secs_per_phase.max(0.1));
-    let server = start_server_with(
-        &bin,
-        &b.o.model,
-        1,
-        &b.o.model_config,
-        "[metrics]\nvllm_compatible_names = true\n",
-    )?;
+    let server = start_server_with(b, &bin, 1, "[metrics]\nvllm_compatible_names = true\n")?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;
@@ -77,7 +71,10 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
             async move {
                 let mut tokens = 0usize;
                 while Instant::now() < stop {
-                    tokens += http_run(&client, &url, &prompt, gen, Instant::now())
+                    // A fresh prompt per request, as everywhere a prompt is timed: a repeated
+                    // one would be served from a slot's cache (http_run fails on that).
+                    let prompt = b.fresh_prompt(&prompt)?;
+                    tokens += http_run(&client, &url, &prompt, gen, Instant::now(), true)
                         .await?
                         .tokens;
                 }

@@ -13,7 +13,9 @@ use std::time::Instant;
 pub(crate) fn run(b: &Bench) -> Result<()> {
     use llm_pool::models::SequenceChunk;
     let mut model = Model::load(&b.o.model, &LoadOptions::cpu())?;
+    // Every slot is reset before its prefill, which is not timed: one prompt serves them all.
     let prompt = b.stream_prompt();
+    b.check_vocab(&prompt)?;
     let sizes = b.o.streams.clone().unwrap_or(if b.o.smoke {
         vec![1, 2]
     } else {
