@@ -14,17 +14,11 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
     let name = &b.model_name;
     let raw = match RawModel::load(&b.o.model) {
         Ok(m) => m,
-        Err(e) => {
-            b.skip("llm-pool", "compare", name, &format!("{e:#}"));
-            return Ok(());
-        }
+        Err(e) => return b.skip("llm-pool", "compare", name, &format!("{e:#}")),
     };
     let pool = match start_pool(vec![model_config("m", &b.o.model, 1)]).await {
         Ok(p) => p,
-        Err(e) => {
-            b.skip("llm-pool", "compare", name, &format!("{e:#}"));
-            return Ok(());
-        }
+        Err(e) => return b.skip("llm-pool", "compare", name, &format!("{e:#}")),
     };
     let pp = b.pp.iter().copied().min().unwrap_or(64).max(1);
     let ids = prompt_ids(pp);

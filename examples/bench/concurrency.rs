@@ -22,10 +22,7 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         let config = model_config_with("m", &b.o.model, replicas, &b.o.model_config)?;
         let pool = match start_pool(vec![config]).await {
             Ok(p) => p,
-            Err(e) => {
-                b.skip("llm-pool", "concurrency", name, &format!("{e:#}"));
-                return Ok(());
-            }
+            Err(e) => return b.skip("llm-pool", "concurrency", name, &format!("{e:#}")),
         };
         let streams: Vec<usize> = if replicas == 1 {
             b.streams.clone()

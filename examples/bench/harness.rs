@@ -205,13 +205,22 @@ impl Bench {
         }
     }
 
-    pub(crate) fn skip(&self, imp: &str, bench: &str, model: &str, reason: &str) {
+    /// Reports a part that cannot run here: a JSON line with `skipped`, a text line. Under
+    /// `--smoke` it is an error, printed with its reason: the smoke run exists to prove that
+    /// every part still runs, and a skip that exits 0 would hide the part that broke.
+    pub(crate) fn skip(&self, imp: &str, bench: &str, model: &str, reason: &str) -> Result<()> {
         println!(
             "{}",
             json!({"impl": imp, "bench": bench, "model": model, "threads": self.threads,
                    "skipped": reason, "smoke": self.o.smoke})
         );
         eprintln!("{imp:<10} {bench:<11} {model:<26} skipped: {reason}");
+        if self.o.smoke {
+            bail!(
+                "{bench} ({imp}, {model}) skipped under --smoke, which runs every part: {reason}"
+            );
+        }
+        Ok(())
     }
 }
 

@@ -19,7 +19,7 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         None => {
             let bin = b.o.server_bin.clone().unwrap_or_else(default_server_bin);
             if !bin.is_file() {
-                b.skip(
+                return b.skip(
                     &imp,
                     "http",
                     name,
@@ -28,7 +28,6 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
                         bin.display()
                     ),
                 );
-                return Ok(());
             }
             let s = start_server(b, &bin, b.o.server_replicas)?;
             let (url, pid) = (s.url.clone(), s.child.id());
@@ -41,8 +40,7 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         .pool_max_idle_per_host(0)
         .build()?;
     if let Err(e) = wait_ready(&client, &url).await {
-        b.skip(&imp, "http", name, &format!("{e:#}"));
-        return Ok(());
+        return b.skip(&imp, "http", name, &format!("{e:#}"));
     }
     let extra = if b.o.url.is_some() {
         json!({"server_replicas": Value::Null})

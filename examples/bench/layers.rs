@@ -36,10 +36,7 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
     let name = &b.model_name;
     let mut model = match Model::load(&b.o.model, &LoadOptions::cpu()) {
         Ok(m) => m,
-        Err(e) => {
-            b.skip("llm-pool", "layers", name, &e.to_string());
-            return Ok(());
-        }
+        Err(e) => return b.skip("llm-pool", "layers", name, &e.to_string()),
     };
     let text = ModelText::load(&b.o.model, model.info(), None)?;
     let ids = prompt_ids(b.pp.iter().copied().max().unwrap_or(1).max(1));

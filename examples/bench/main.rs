@@ -64,7 +64,13 @@
 //!   what a decode step's weight streaming is) and STREAM-like copy, and the bytes of weights
 //!   one decode step of `--model` reads, for the share of bandwidth a decode rate reaches
 //!   (`scripts/bench` puts them together);
-//! - `all`: every one of the above but `step`, `kernels` and `memory`, in this process.
+//! - `all`: every one of the above in this process (`kernels` and `memory` take minutes at
+//!   full size; `--smoke` shrinks them with the rest).
+//!
+//! `--smoke`: few tokens, small sizes, one repetition, to prove that every part still runs. A
+//! part that cannot run here (a model that does not load, no `llm-pool` binary next to this
+//! example's directory) is a skip, a JSON line with `skipped`; under `--smoke` a skip is an
+//! error, so that the smoke run cannot pass by skipping.
 //!
 //! Test names follow llama-bench: `tg128` generates 128 tokens (128 single-token forwards from a
 //! 1-token prompt), `pp64` / `pp512` run one prompt of 64 / 512 tokens. Prompts are fixed,
@@ -128,7 +134,7 @@ enum Cmd {
     Multi,
     /// Streamed /v1/completions over HTTP (llm-pool serve, or --url).
     Http,
-    /// Everything above, in this process.
+    /// Every subcommand, in this process.
     All,
     /// Our quantized kernels against candle's QMatMul, per type and dispatch level.
     Kernels,
@@ -161,7 +167,8 @@ struct Opts {
     /// The second model of `multi` (falls back to a second copy of --model if it fails to load).
     #[arg(long, global = true, default_value = "models/gemma-3-270m-q4_k_m.gguf")]
     model2: PathBuf,
-    /// Few tokens, one repetition: everything in well under a minute.
+    /// Few tokens, small sizes, one repetition: everything in about a minute (release). A part
+    /// that cannot run (a skip) is then an error.
     #[arg(long, global = true)]
     smoke: bool,
     /// Measured repetitions per figure [default: 5, smoke: 1].
@@ -242,6 +249,9 @@ fn main() -> Result<()> {
             Cmd::Http,
             Cmd::Structured,
             Cmd::Scrape,
+            Cmd::Step,
+            Cmd::Kernels,
+            Cmd::Memory,
         ],
         c => vec![c],
     };

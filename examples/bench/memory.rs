@@ -10,10 +10,11 @@ use serde_json::json;
 /// ranges over this run's thread count (as our kernels split a matmul), and the weight bytes
 /// per decode step of the model.
 pub(crate) fn run(b: &Bench) -> Result<()> {
-    const BYTES: usize = 512 << 20;
+    // Smoke: 16 MiB, which the caches may hold; it proves the part runs, not the bandwidth.
+    let bytes: usize = if b.o.smoke { 16 << 20 } else { 512 << 20 };
     let threads = b.threads.max(1);
-    let src: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
-    let mut dst = vec![0u64; BYTES / 8];
+    let src: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let mut dst = vec![0u64; bytes / 8];
     let chunk = src.len().div_ceil(threads);
     let read = time_runs(b, || {
         let total: u64 = std::thread::scope(|s| {
@@ -43,7 +44,7 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
         "-",
         "read",
         "GB/s",
-        &gbs(&read, BYTES),
+        &gbs(&read, bytes),
         json!({}),
     );
     // STREAM counts a copy's bytes read and written.
@@ -53,7 +54,7 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
         "-",
         "copy",
         "GB/s",
-        &gbs(&copy, 2 * BYTES),
+        &gbs(&copy, 2 * bytes),
         json!({}),
     );
     if let Some(bytes) = decode_weight_bytes(&b.o.model)? {

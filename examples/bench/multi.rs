@@ -22,7 +22,7 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
                 "multi",
                 &name_b,
                 &format!("second model fails to load ({e:#}); using two copies of {name_a}"),
-            );
+            )?;
             name_b = format!("{name_a} (2nd copy)");
             start_pool(vec![
                 model_config("a", &b.o.model, 1),

@@ -15,13 +15,17 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
     let name = &b.model_name;
     let pool = match start_pool(vec![model_config("m", &b.o.model, 1)]).await {
         Ok(p) => p,
-        Err(e) => {
-            b.skip("llm-pool", "overhead", name, &format!("{e:#}"));
-            return Ok(());
-        }
+        Err(e) => return b.skip("llm-pool", "overhead", name, &format!("{e:#}")),
     };
     let mut model = Model::load(&b.o.model, &LoadOptions::cpu())?;
-    let raw = RawModel::load(&b.o.model).ok();
+    // Without candle's own model for the file, the other two rows are still measured.
+    let raw = match RawModel::load(&b.o.model) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            b.skip("candle", "overhead", name, &format!("{e:#}"))?;
+            None
+        }
+    };
     let base = prompt_ids(1);
     let (mut direct, mut via_pool, mut raw_us) = (Vec::new(), Vec::new(), Vec::new());
     let warm = 5.max(b.warmup);

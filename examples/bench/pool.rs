@@ -11,10 +11,7 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
     let name = &b.model_name;
     let pool = match start_pool(vec![model_config("m", &b.o.model, 1)]).await {
         Ok(p) => p,
-        Err(e) => {
-            b.skip("llm-pool", "pool", name, &format!("{e:#}"));
-            return Ok(());
-        }
+        Err(e) => return b.skip("llm-pool", "pool", name, &format!("{e:#}")),
     };
     let ids = prompt_ids(b.pp.iter().copied().max().unwrap_or(1).max(1));
     let one = b.tg_prompt()?;

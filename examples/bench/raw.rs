@@ -61,10 +61,7 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
     let name = &b.model_name;
     let pristine = match RawModel::load(&b.o.model) {
         Ok(m) => m,
-        Err(e) => {
-            b.skip("candle", "raw", name, &format!("{e:#}"));
-            return Ok(());
-        }
+        Err(e) => return b.skip("candle", "raw", name, &format!("{e:#}")),
     };
     let ids = prompt_ids(b.pp.iter().copied().max().unwrap_or(1).max(1));
     let one = b.tg_prompt()?;

@@ -38,13 +38,12 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
     let name = &b.model_name;
     let bin = b.o.server_bin.clone().unwrap_or_else(default_server_bin);
     if !bin.is_file() {
-        b.skip(
+        return b.skip(
             "llm-pool",
             "scrape",
             name,
             &format!("{} not built", bin.display()),
         );
-        return Ok(());
     }
     let secs_per_phase =
         b.o.scrape_secs

@@ -34,8 +34,7 @@ pub(crate) fn run(b: &Bench) -> Result<()> {
     let name = &b.model_name;
     let mut model = Model::load(&b.o.model, &LoadOptions::cpu())?;
     let Some(text) = ModelText::load(&b.o.model, model.info(), None)? else {
-        b.skip("llm-pool", "structured", name, "the model has no tokenizer");
-        return Ok(());
+        return b.skip("llm-pool", "structured", name, "the model has no tokenizer");
     };
     let request =
         "Write a report about the sea, with a title, a long summary, tags, a score and the mood.";
