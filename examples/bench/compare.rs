@@ -16,7 +16,7 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         Ok(m) => m,
         Err(e) => return b.skip("llm-pool", "compare", name, &format!("{e:#}")),
     };
-    let pool = match start_pool(vec![model_config("m", &b.o.model, 1)]).await {
+    let pool = match start_pool(b, vec![model_config("m", &b.o.model, 1)]).await {
         Ok(p) => p,
         Err(e) => return b.skip("llm-pool", "compare", name, &format!("{e:#}")),
     };

@@ -20,7 +20,7 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
     }
     for replicas in replica_sets {
         let config = model_config_with("m", &b.o.model, replicas, &b.o.model_config)?;
-        let pool = match start_pool(vec![config]).await {
+        let pool = match start_pool(b, vec![config]).await {
             Ok(p) => p,
             Err(e) => return b.skip("llm-pool", "concurrency", name, &format!("{e:#}")),
         };

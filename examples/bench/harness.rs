@@ -148,6 +148,14 @@ impl Bench {
         Ok(())
     }
 
+    /// The `[pool] compute_nice` of the pools and servers this run starts: `--compute-nice`
+    /// (or `LLM_POOL__POOL__COMPUTE_NICE`), else llm-pool's default.
+    pub(crate) fn compute_nice(&self) -> i32 {
+        self.o
+            .compute_nice
+            .unwrap_or(llm_pool::resources::DEFAULT_COMPUTE_NICE)
+    }
+
     pub(crate) fn runs(&self) -> usize {
         self.warmup + self.reps
     }
@@ -182,6 +190,9 @@ impl Bench {
             "p99": s.p99,
             "n": samples.len(),
             "smoke": self.o.smoke,
+            // Part of every row: llm-pool's compute threads run at this nice value, and so do
+            // candle's barrier pool threads (raw candle's too) once a pool has started.
+            "compute_nice": self.compute_nice(),
         });
         if let (Some(m), Value::Object(e)) = (line.as_object_mut(), extra) {
             m.extend(e);
@@ -410,11 +421,13 @@ pub(crate) fn model_config_with(
         .ok_or_else(|| anyhow!("no [[models]] table in\n{toml}"))
 }
 
-pub(crate) async fn start_pool(models: Vec<ModelConfig>) -> Result<Pool> {
-    let config = Config {
+/// A pool of `models` with this run's `[pool] compute_nice`.
+pub(crate) async fn start_pool(b: &Bench, models: Vec<ModelConfig>) -> Result<Pool> {
+    let mut config = Config {
         models,
         ..Config::default()
     };
+    config.pool.compute_nice = b.compute_nice();
     Ok(Pool::start(config).await?)
 }
 
@@ -491,8 +504,9 @@ pub(crate) fn default_server_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/release/llm-pool"))
 }
 
-/// Starts `bin serve` on a config with `--model` as `m` (plus the `--model-config` lines). Its
-/// stderr goes to a file in the temporary directory, quoted when it does not come up.
+/// Starts `bin serve` on a config with `--model` as `m` (plus the `--model-config` lines) and
+/// this run's compute nice value. Its stderr goes to a file in the temporary directory, quoted
+/// when it does not come up.
 pub(crate) fn start_server(b: &Bench, bin: &Path, replicas: usize) -> Result<Server> {
     start_server_with(b, bin, replicas, "")
 }
@@ -517,6 +531,9 @@ pub(crate) fn start_server_with(
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
+        // The environment overrides the config file, so an inherited value cannot differ from
+        // the one this run reports.
+        .env("LLM_POOL__POOL__COMPUTE_NICE", b.compute_nice().to_string())
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()

@@ -43,7 +43,8 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
         return b.skip(&imp, "http", name, &format!("{e:#}"));
     }
     let extra = if b.o.url.is_some() {
-        json!({"server_replicas": Value::Null})
+        // Another server: neither llm-pool's replicas nor its compute priority apply.
+        json!({"server_replicas": Value::Null, "compute_nice": Value::Null})
     } else {
         json!({"server_replicas": b.o.server_replicas, "model_config": b.o.model_config})
     };

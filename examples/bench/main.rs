@@ -27,6 +27,8 @@
 //! `--model-config KEY=VALUE` (repeatable) adds TOML lines to the benchmarked model's
 //! `[[models]]` table, for `concurrency` (the in-process pool) and `http` (the config of the
 //! `llm-pool serve` it starts), e.g. batching settings; unknown keys fail as the config does.
+//! `--compute-nice N` (or `LLM_POOL__POOL__COMPUTE_NICE`) sets `[pool] compute_nice` of every
+//! pool and server the run starts; each result row records it (null for a `--url` server).
 //!
 //! Subcommands (each in its own module):
 //! - `raw`: candle-transformers directly (`ModelWeights::from_gguf`, `forward`, argmax);
@@ -64,6 +66,8 @@
 //!   what a decode step's weight streaming is) and STREAM-like copy, and the bytes of weights
 //!   one decode step of `--model` reads, for the share of bandwidth a decode rate reaches
 //!   (`scripts/bench` puts them together);
+//! - `context`: not a measurement; the context one sequence gets in llm-pool, which
+//!   `scripts/bench-concurrency` gives each llama-server slot;
 //! - `all`: every one of the above in this process (`kernels` and `memory` take minutes at
 //!   full size; `--smoke` shrinks them with the rest).
 //!
@@ -85,6 +89,7 @@
 
 mod compare;
 mod concurrency;
+mod context;
 mod harness;
 mod http;
 mod kernels;
@@ -150,6 +155,9 @@ enum Cmd {
     /// /metrics scrape latency of `llm-pool serve`, idle and while it generates (20 scrapes/s,
     /// as an inference router scrapes).
     Scrape,
+    /// Not a measurement: the context one sequence of --model gets in llm-pool (for sizing
+    /// llama-server's -c to its -np slots).
+    Context,
 }
 
 #[derive(Args, Clone)]
@@ -227,6 +235,15 @@ struct Opts {
     /// The implementation's label for `http` results [default: llm-pool].
     #[arg(long, global = true)]
     label: Option<String>,
+    /// `[pool] compute_nice` (0-19) of the in-process pools and of the `llm-pool serve` this
+    /// run starts [default: llm-pool's, 5]; recorded in every result row.
+    #[arg(
+        long,
+        global = true,
+        env = "LLM_POOL__POOL__COMPUTE_NICE",
+        value_parser = clap::value_parser!(i32).range(0..=19)
+    )]
+    compute_nice: Option<i32>,
 }
 
 fn main() -> Result<()> {
@@ -252,6 +269,7 @@ fn main() -> Result<()> {
             Cmd::Step,
             Cmd::Kernels,
             Cmd::Memory,
+            Cmd::Context,
         ],
         c => vec![c],
     };
@@ -270,6 +288,7 @@ fn main() -> Result<()> {
             Cmd::Step => step::run(&b)?,
             Cmd::Structured => structured::run(&b)?,
             Cmd::Scrape => rt.block_on(scrape::run(&b))?,
+            Cmd::Context => context::run(&b)?,
             // Expanded above.
             Cmd::All => {}
         }

@@ -9,10 +9,13 @@ use std::time::Instant;
 pub(crate) async fn run(b: &Bench) -> Result<()> {
     let name_a = b.model_name.clone();
     let mut name_b = label_of(&b.o.model2);
-    let pool = match start_pool(vec![
-        model_config("a", &b.o.model, 1),
-        model_config("b", &b.o.model2, 1),
-    ])
+    let pool = match start_pool(
+        b,
+        vec![
+            model_config("a", &b.o.model, 1),
+            model_config("b", &b.o.model2, 1),
+        ],
+    )
     .await
     {
         Ok(p) => p,
@@ -24,10 +27,13 @@ pub(crate) async fn run(b: &Bench) -> Result<()> {
                 &format!("second model fails to load ({e:#}); using two copies of {name_a}"),
             )?;
             name_b = format!("{name_a} (2nd copy)");
-            start_pool(vec![
-                model_config("a", &b.o.model, 1),
-                model_config("b", &b.o.model, 1),
-            ])
+            start_pool(
+                b,
+                vec![
+                    model_config("a", &b.o.model, 1),
+                    model_config("b", &b.o.model, 1),
+                ],
+            )
             .await?
         }
     };

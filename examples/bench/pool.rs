@@ -9,7 +9,7 @@ use std::time::Instant;
 
 pub(crate) async fn run(b: &Bench) -> Result<()> {
     let name = &b.model_name;
-    let pool = match start_pool(vec![model_config("m", &b.o.model, 1)]).await {
+    let pool = match start_pool(b, vec![model_config("m", &b.o.model, 1)]).await {
         Ok(p) => p,
         Err(e) => return b.skip("llm-pool", "pool", name, &format!("{e:#}")),
     };
