@@ -22,7 +22,8 @@
 //!
 //! `scripts/bench` runs the whole comparison (with llama.cpp) and writes docs/BENCHMARKS.md;
 //! `scripts/bench-concurrency` sweeps concurrent streams (`concurrency` and `http` against
-//! `llm-pool serve` and `llama-server -np 4`) and writes its section of it and docs/concurrency.png.
+//! `llm-pool serve` and `llama-server` with as many slots as streams) and writes its section of
+//! it and docs/concurrency.png.
 //!
 //! `--model-config KEY=VALUE` (repeatable) adds TOML lines to the benchmarked model's
 //! `[[models]]` table, for `concurrency` (the in-process pool) and `http` (the config of the
