@@ -255,6 +255,81 @@ async fn openai_routes_and_operations_endpoints() {
     assert_eq!(r.status(), 404);
 }
 
+/// The usage object of a streamed response (the chunk with `usage`), as sent.
+async fn streamed_usage(client: &reqwest::Client, url: &str, body: Value) -> Value {
+    let text = client
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|c| c["usage"].is_object())
+        .unwrap_or_else(|| panic!("no usage chunk in {text}"))["usage"]
+        .clone()
+}
+
+#[tokio::test]
+async fn usage_reports_the_prompt_tokens_served_from_the_prefix_cache() {
+    // OpenAI's usage.prompt_tokens_details.cached_tokens, as vLLM and llama.cpp report it:
+    // benchmarks read it to prove that a timed prefill computed its whole prompt.
+    let server = Server::start(&tiny_models(), "");
+    let client = reqwest::Client::new();
+    let completions = server.url("/v1/completions");
+    let cached = |usage: &Value| {
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no cached_tokens in {usage}"))
+    };
+    let prompt = json!([5, 9, 23, 42, 7, 11]);
+    let (status, body) = post(
+        &client,
+        &completions,
+        json!({"model": "tiny", "prompt": prompt, "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cached(&body["usage"]), 0, "a first prompt: {body}");
+    // The same prompt again: a slot holds it, so all but its last token are reused.
+    let (_, body) = post(
+        &client,
+        &completions,
+        json!({"model": "tiny", "prompt": prompt, "max_tokens": 3}),
+    )
+    .await;
+    let reused = cached(&body["usage"]);
+    assert!(reused > 0, "a repeated prompt: {body}");
+    assert!(
+        reused < body["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{body}"
+    );
+    // A prompt no slot shares a first token with: nothing reused, in the streamed usage too.
+    let usage = streamed_usage(
+        &client,
+        &completions,
+        json!({"model": "tiny", "prompt": [8, 6, 4, 2, 13, 17], "max_tokens": 3, "stream": true,
+               "stream_options": {"include_usage": true}}),
+    )
+    .await;
+    assert_eq!(cached(&usage), 0, "{usage}");
+    // Chat, non-streamed then streamed: the repeated conversation reuses its prompt.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story"}],
+                      "max_tokens": 2});
+    let (status, body) = post(&client, &server.url("/v1/chat/completions"), chat.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    cached(&body["usage"]);
+    let mut streamed = chat;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let usage = streamed_usage(&client, &server.url("/v1/chat/completions"), streamed).await;
+    assert!(cached(&usage) > 0, "a repeated conversation: {usage}");
+}
+
 #[tokio::test]
 async fn bad_requests_get_4xx_naming_the_parameter() {
     let server = Server::start(&tiny_models(), "");

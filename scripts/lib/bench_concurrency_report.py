@@ -3,7 +3,7 @@
 
 Usage: bench_concurrency_report.py OUT_DIR REPORT_MD CHART_PNG [BASELINE_DIR]
 
-OUT_DIR holds results.jsonl (JSON lines of examples/bench.rs), meta.json and commands (written
+OUT_DIR holds results.jsonl (JSON lines of examples/bench), meta.json and commands (written
 by scripts/bench-concurrency). The section goes into REPORT_MD between "<!-- concurrency:begin -->"
 and "<!-- concurrency:end -->": replaced when the markers are there, else inserted before
 "<!-- analysis:begin -->", else appended. BASELINE_DIR (optional, another run's OUT_DIR) adds its
@@ -17,12 +17,20 @@ BEGIN, END = "<!-- concurrency:begin -->", "<!-- concurrency:end -->"
 NAMES = {"smollm2": "SmolLM2-135M Q4_1", "gemma3": "Gemma-3-270M Q4_K_M"}
 # Prompts that scripts/bench-concurrency gives as the ids of a text.
 PROMPT_TEXT = {"gemma3": '"<bos>The history of the Roman Empire begins"; the default ids get end of sequence at once'}
-# (key, label, in the chart: colour)
+# (key, label, in the chart: colour, line style). The first three are the headline: llm-pool at
+# compute_nice 0 (the priority llama-server's threads run at) and llama-server with as many
+# slots as streams. The last two are secondary: llm-pool HTTP at its default compute_nice 5, and
+# llama-server with 4 slots whatever the streams.
 IMPLS = [
-    ("inproc", "llm-pool in-process", "tab:blue"),
-    ("http", "llm-pool HTTP", "tab:orange"),
-    ("llama", "llama-server -np 4", "tab:green"),
+    ("inproc", "llm-pool in-process", "tab:blue", "-"),
+    ("http", "llm-pool HTTP", "tab:orange", "-"),
+    ("llama", "llama-server -np N", "tab:green", "-"),
+    ("http5", "llm-pool HTTP, compute_nice 5", "tab:orange", ":"),
+    ("llama4", "llama-server -np 4", "tab:green", ":"),
 ]
+# results.jsonl's `impl` of each HTTP key.
+HTTP_IMPLS = {"llm-pool-r1": "http", "llm-pool-r1-nice5": "http5", "llama-server": "llama",
+              "llama-server-np4": "llama4"}
 
 
 def load(out):
@@ -38,7 +46,7 @@ def load(out):
 
 def figures(rows, model):
     """{impl key: {streams: {"agg": row, "ttft": row}}} for one model."""
-    res = {k: {} for k, _, _ in IMPLS}
+    res = {k: {} for k, _, _, _ in IMPLS}
     for r in rows:
         if r.get("model") != model or "median" not in r or "streams" not in r:
             continue
@@ -46,10 +54,8 @@ def figures(rows, model):
         if r.get("bench") == "concurrency" and r.get("impl") == "llm-pool" and r.get("replicas") == 1:
             key = "inproc"
             test = test.replace("_r1_", "_")
-        elif r.get("bench") == "http" and r.get("impl") == "llm-pool-r1":
-            key = "http"
-        elif r.get("bench") == "http" and r.get("impl") == "llama-server-np4":
-            key = "llama"
+        elif r.get("bench") == "http" and r.get("impl") in HTTP_IMPLS:
+            key = HTTP_IMPLS[r["impl"]]
         else:
             continue
         if test == f"c{n}_aggregate":
@@ -95,8 +101,9 @@ def ratio(a, b):
 
 
 def other_cpu(out):
-    """{(model, impl key): (mean, max, attempts)}: the CPU share of other processes during the
-    (last attempt of the) sweep, and how many attempts there were."""
+    """{(model, sweep key): (mean, max, attempts)}: the CPU share of other processes during the
+    (last attempt of the) sweep, and how many attempts there were. Sweep keys are the IMPLS keys,
+    but llama-server with as many slots as streams runs one sweep per streams value, `llamaN`."""
     try:
         samples = [line.split() for line in open(os.path.join(out, "cpu-other.log"))]
         phases = [line.split() for line in open(os.path.join(out, "phases"))]
@@ -127,19 +134,22 @@ def chart(path, models, figs, before, meta):
     for row, m in enumerate(models):
         f = figs[m]
         ax_t, ax_l = axes[row]
-        for key, label, colour in IMPLS:
+        for key, label, colour, style in IMPLS:
+            secondary = style != "-"
             ns = sorted(n for n in f[key] if "agg" in f[key][n])
             if ns:
-                ax_t.plot(ns, [agg(f, key, n) for n in ns], "o-", color=colour, label=label)
+                ax_t.plot(ns, [agg(f, key, n) for n in ns], "o" + style, color=colour, label=label,
+                          alpha=0.6 if secondary else 1.0)
             ns = sorted(n for n in f[key] if "ttft" in f[key][n])
-            if ns:
+            # The TTFT panel keeps to the headline, which is readable at five lines' worth.
+            if ns and not secondary:
                 ax_l.plot(ns, [ttft(f, key, n, "median") for n in ns], "o-", color=colour,
                           label=f"{label} p50")
                 ax_l.plot(ns, [ttft(f, key, n, "p99") for n in ns], "s--", color=colour,
                           alpha=0.7, label=f"{label} p99")
         if before:
             b = before[m]
-            for key, label, colour in IMPLS[:2]:
+            for key, label, colour, _ in IMPLS[:2]:
                 ns = sorted(n for n in b[key] if "agg" in b[key][n])
                 if ns:
                     ax_t.plot(ns, [agg(b, key, n) for n in ns], ":", color=colour, alpha=0.6,
@@ -163,8 +173,9 @@ def chart(path, models, figs, before, meta):
         ax_l.set_ylabel("TTFT ms (log)")
         ax_l.set_title(f"{NAMES.get(m, m)}: time to first token")
         ax_l.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{meta['threads']} threads each, {meta['gen']} tokens per stream, 8-token prompt "
-                 f"({meta['cpu']})", fontsize=10)
+    fig.suptitle(f"{meta['threads']} threads each, {meta['gen']} tokens per stream, 8-token prompts "
+                 f"of their own, llm-pool at compute_nice 0 unless labelled ({meta['cpu']})",
+                 fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -185,29 +196,55 @@ def section(out, report, chart_path, meta, models, figs, rows, before, baseline)
     A("")
     A(f"- Machine: {meta['cpu']} ({meta['nproc']} logical cores); load average (1/5/15 min) at start / end: "
       f"{meta['loadavg_start_end']}.")
+    nice = meta.get("compute_nice", {"headline": 0, "secondary": 5})
     A(f"- Both at **{t} threads**: llm-pool with `CANDLE_NUM_THREADS={t} RAYON_NUM_THREADS={t}`, "
       f"llama.cpp with `llama-server -t {t}`. The benchmark client runs on the same cores.")
+    A(f"- **Both at the same priority in the headline columns**: llm-pool with `[pool] compute_nice = "
+      f"{nice['headline']}` (`bench --compute-nice {nice['headline']}`), so its compute threads run at the "
+      "nice value llama-server's run at. By default llm-pool runs them at nice 5 below its HTTP threads, "
+      "and a benchmark client on the same cores then preempts llm-pool's compute but not llama-server's. "
+      f"The secondary column `llm-pool HTTP, compute_nice {nice['secondary']}` is the default.")
+    ctx = meta.get("context", {})
     A(f"- llm-pool commit {meta['commit']}{' (with uncommitted changes)' if meta['dirty'] else ''}, one replica"
       + (", with model config " + ", ".join(f"`{c}`" for c in meta["model_config"]) if meta["model_config"] else "")
-      + f"; llama.cpp {meta['llama_cpp_source']} ({meta['llama_cpp_version']}), `-np 4` (4 slots, continuous batching).")
+      + f"; llama.cpp {meta['llama_cpp_source']} ({meta['llama_cpp_version']}). **llama-server gets as many "
+      "slots as streams** in the headline (`-np N` for N streams, one server per streams value), each slot "
+      "with the context llm-pool gives one sequence: `-c` = N x "
+      + (", ".join(f"{c} ({NAMES.get(m, m)})" for m, c in ctx.items()) if ctx else "that context")
+      + " (`bench context`), since llama-server divides `-c` among its slots. The secondary column "
+      "`llama-server -np 4` is one server with 4 slots (`-c` = 4 x the same) for every streams value, "
+      "so streams beyond 4 wait for a free slot.")
     if os.path.exists(os.path.join(out, "llama-cpp-note")):
         A("- llama.cpp ran with weight repacking off (`--no-repack`): its native build dies with SIGILL on "
           "AMX instructions on this VM (see the main report).")
     prompts = []
     for m in models:
-        ps = {json.dumps(r["prompt_ids"]) for r in rows
-              if r.get("model") == m and str(r.get("test", "")).endswith("_aggregate") and "prompt_ids" in r}
+        aggs = [r for r in rows if r.get("model") == m and str(r.get("test", "")).endswith("_aggregate")]
+        ps = {json.dumps(r["prompt_ids"]) for r in aggs if "prompt_ids" in r}
+        # Every implementation must have sent the same prompts for the same streams value.
+        sent = {}
+        for r in aggs:
+            if "prompts_fingerprint" in r:
+                sent.setdefault(r.get("streams"), set()).add(r["prompts_fingerprint"])
+        differ = sorted(n for n, fps in sent.items() if len(fps) > 1)
         if len(ps) == 1:
             ids = json.loads(ps.pop())
             prompts.append(f"{NAMES.get(m, m)} `{','.join(map(str, ids))}`" + (f" ({PROMPT_TEXT[m]})" if m in PROMPT_TEXT else ""))
         elif ps:
             prompts.append(f"{NAMES.get(m, m)}: **different prompts across implementations** ({', '.join(sorted(ps))})")
-    A(f"- Method: N concurrent streamed requests, each the same prompt of token ids per model, the same for every "
-      f"implementation ({'; '.join(prompts)}), with `max_tokens` {meta['gen']}, temperature 0. **Aggregate tok/s** = all generated tokens / wall time "
+        if differ:
+            prompts.append(f"{NAMES.get(m, m)}: **different prompts across implementations at {differ} streams**")
+    A(f"- Method: N concurrent streamed requests, each with **a prompt of its own**: the model's 8-token base "
+      f"({'; '.join(prompts)}) with its first id replaced by one that no other request of the run starts with, chosen "
+      "by streams value, burst and stream, so that every implementation gets the same prompts (checked by a "
+      "fingerprint of every prompt sent) and no prompt shares a prefix with another. **No prefill is served from a "
+      "prefix cache**: the run fails when llm-pool (`CacheUse::PrefixHit`, `usage.prompt_tokens_details.cached_tokens`) "
+      "or llama-server (`cached_tokens`, `timings.cache_n`) reports a reused prompt token. "
+      f"`max_tokens` {meta['gen']}, temperature 0. **Aggregate tok/s** = all generated tokens / wall time "
       f"of the burst, the median over {meta['reps']} bursts after 1 warm-up burst (min-max in brackets). "
       "**TTFT** p50 / p99 in ms over every stream of every measured burst, from sending the request to "
       "the first token (in-process: the first `Token` event; HTTP: the first non-empty text chunk). "
-      "`in-process` is the `Pool` API (`Pool::generate_stream`); the two HTTP columns use the same client "
+      "`in-process` is the `Pool` API (`Pool::generate_stream`); the HTTP columns use the same client "
       "(`bench http`, streamed `/v1/completions`, a new connection per request) against `llm-pool serve` and "
       "`llama-server`.")
     w = meta.get("waited_s")
@@ -226,8 +263,10 @@ def section(out, report, chart_path, meta, models, figs, rows, before, baseline)
         A(f"### {NAMES.get(m, m)}")
         A("")
         head = ["streams", "llm-pool in-process tok/s", "TTFT p50 / p99", "llm-pool HTTP tok/s", "TTFT p50 / p99",
-                "llama-server -np 4 tok/s", "TTFT p50 / p99", "llm-pool HTTP / llama-server",
-                "llm-pool HTTP N / 1"]
+                "llama-server -np N tok/s", "TTFT p50 / p99", "llm-pool HTTP / llama-server",
+                "llm-pool HTTP N / 1",
+                f"secondary: llm-pool HTTP, compute_nice {nice['secondary']}, tok/s", "TTFT p50 / p99",
+                "secondary: llama-server -np 4 tok/s", "TTFT p50 / p99"]
         if before:
             head += ["in-process / before", "HTTP / before"]
         A("| " + " | ".join(head) + " |")
@@ -236,7 +275,9 @@ def section(out, report, chart_path, meta, models, figs, rows, before, baseline)
         for n in ns:
             cells = [str(n), cell_agg(f, "inproc", n), cell_ttft(f, "inproc", n), cell_agg(f, "http", n),
                      cell_ttft(f, "http", n), cell_agg(f, "llama", n), cell_ttft(f, "llama", n),
-                     ratio(agg(f, "http", n), agg(f, "llama", n)), ratio(agg(f, "http", n), agg(f, "http", 1))]
+                     ratio(agg(f, "http", n), agg(f, "llama", n)), ratio(agg(f, "http", n), agg(f, "http", 1)),
+                     cell_agg(f, "http5", n), cell_ttft(f, "http5", n), cell_agg(f, "llama4", n),
+                     cell_ttft(f, "llama4", n)]
             if before:
                 b = before[m]
                 cells += [ratio(agg(f, "inproc", n), agg(b, "inproc", n)), ratio(agg(f, "http", n), agg(b, "http", n))]
@@ -252,7 +293,16 @@ def section(out, report, chart_path, meta, models, figs, rows, before, baseline)
               + ", ".join(short) + ". Aggregate tok/s counts the tokens actually generated.")
             A("")
         oc = other_cpu(out)
-        shares = [(label, oc[(m, key)]) for key, label, _ in IMPLS if (m, key) in oc]
+        labels = {key: label for key, label, _, _ in IMPLS}
+        shares = []
+        for (om, key), share in oc.items():
+            if om != m:
+                continue
+            if key.startswith("llama") and key[5:].isdigit():
+                label = f"llama-server -np {key[5:]}"
+            else:
+                label = labels.get(key, key)
+            shares.append((label, share))
         if shares:
             bad = any(mean > 0.05 for _, (mean, _, _) in shares)
             A(("**Other work on the machine disturbed these figures**: " if bad else "")

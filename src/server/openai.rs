@@ -6,7 +6,7 @@ use super::body::{parse, read_value};
 use super::errors::ApiError;
 use super::tenants::{Permit, Tenant};
 use super::AppState;
-use crate::engine::FinishReason;
+use crate::engine::{CacheUse, FinishReason};
 use crate::pool::{GenerateRequest, GenerationEvent, GenerationResult, Prompt};
 use crate::text::ChatMessage;
 use actix_web::http::StatusCode;
@@ -361,11 +361,20 @@ fn finish_str(f: FinishReason) -> &'static str {
     }
 }
 
+/// The `usage` object of a response. `prompt_tokens_details.cached_tokens` is OpenAI's field
+/// for prompt tokens served from a cache (vLLM and llama.cpp report it too): here, the tokens
+/// of the prompt whose keys and values a slot already held, which were not computed again.
+/// Benchmarks read it to prove that a timed prefill computed its whole prompt.
 fn usage(r: &GenerationResult) -> Value {
+    let cached = match r.cache {
+        CacheUse::PrefixHit(n) => n,
+        CacheUse::Reset(_) => 0,
+    };
     json!({
         "prompt_tokens": r.prompt_tokens,
         "completion_tokens": r.completion_tokens(),
         "total_tokens": r.prompt_tokens + r.completion_tokens(),
+        "prompt_tokens_details": {"cached_tokens": cached},
     })
 }
 
