@@ -391,7 +391,7 @@ impl CheckedRequest {
     /// use llm_pool::request::{GenerateRequest, Limits};
     /// use llm_pool::text::{ChatMessage, ModelText};
     ///
-    /// let path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    /// let path = std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     /// let mut model = Model::load(path, &LoadOptions::cpu())?;
     /// let text = ModelText::load(path, model.info(), None)?;
     /// let defaults = SamplingDefaults::default();

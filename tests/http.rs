@@ -277,8 +277,9 @@ async fn streamed_usage(client: &reqwest::Client, url: &str, body: Value) -> Val
 #[tokio::test]
 async fn usage_reports_the_prompt_tokens_served_from_the_prefix_cache() {
     // OpenAI's usage.prompt_tokens_details.cached_tokens, as vLLM and llama.cpp report it:
-    // benchmarks read it to prove that a timed prefill computed its whole prompt.
-    let server = Server::start(&tiny_models(), "");
+    // benchmarks read it to prove that a timed prefill computed its whole prompt. SmolLM2, since
+    // a GGUF model's cache can be cut back to a shared prefix (the tiny HF fixtures' cannot).
+    let server = Server::start(&smollm2_models(), "");
     let client = reqwest::Client::new();
     let completions = server.url("/v1/completions");
     let cached = |usage: &Value| {
@@ -290,7 +291,7 @@ async fn usage_reports_the_prompt_tokens_served_from_the_prefix_cache() {
     let (status, body) = post(
         &client,
         &completions,
-        json!({"model": "tiny", "prompt": prompt, "max_tokens": 3}),
+        json!({"model": "smollm2", "prompt": prompt, "max_tokens": 3}),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -299,7 +300,7 @@ async fn usage_reports_the_prompt_tokens_served_from_the_prefix_cache() {
     let (_, body) = post(
         &client,
         &completions,
-        json!({"model": "tiny", "prompt": prompt, "max_tokens": 3}),
+        json!({"model": "smollm2", "prompt": prompt, "max_tokens": 3}),
     )
     .await;
     let reused = cached(&body["usage"]);
@@ -312,13 +313,13 @@ async fn usage_reports_the_prompt_tokens_served_from_the_prefix_cache() {
     let usage = streamed_usage(
         &client,
         &completions,
-        json!({"model": "tiny", "prompt": [8, 6, 4, 2, 13, 17], "max_tokens": 3, "stream": true,
+        json!({"model": "smollm2", "prompt": [8, 6, 4, 2, 13, 17], "max_tokens": 3, "stream": true,
                "stream_options": {"include_usage": true}}),
     )
     .await;
     assert_eq!(cached(&usage), 0, "{usage}");
     // Chat, non-streamed then streamed: the repeated conversation reuses its prompt.
-    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story"}],
+    let chat = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story"}],
                       "max_tokens": 2});
     let (status, body) = post(&client, &server.url("/v1/chat/completions"), chat.clone()).await;
     assert_eq!(status, 200, "{body}");

@@ -14,7 +14,7 @@
 //! config.models.push(ModelConfig::new("smollm2", "models/SmolLM2-135M-Instruct.Q4_1.gguf"));
 //! let pool = Pool::start(config).await?;
 //! let result = pool.generate("smollm2", GenerateRequest::text("Once upon a time").max_tokens(16)).await?;
-//! println!("{}", result.text.unwrap_or_default());
+//! println!("{}", result.text.as_deref().unwrap_or_default());
 //! pool.shutdown().await;
 //! # Ok(())
 //! # }
